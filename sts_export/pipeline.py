@@ -1,0 +1,121 @@
+"""Pipeline: image + prompt in, answer out, with STS pruning, on any backend."""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Callable, Sequence
+
+import numpy as np
+import torch
+from PIL import Image
+
+from .budget import check_method, parse_budget
+from .checkpoint import Source, load_model, resolve
+from .errors import StsError
+from .model import Llava, build_graphs
+from .preprocess import check_pixel_values, load_image, preprocess_image
+from .recipe import Recipe
+from .runtime import Backend, Generation, Plan, TorchBackend, generate
+from .selection import ANCHORS
+from .tokenizer import Prompt, TextTokenizer, split_ids
+
+DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+NP_DTYPES = {"fp32": "float32", "fp16": "float16", "bf16": "float32"}
+
+
+class Pipeline:
+    """Preprocess, run the graphs through a backend, decode greedily."""
+
+    def __init__(self, recipe: Recipe, backend: Backend, plan: Plan, tokenizer: TextTokenizer | None,
+                 anchor: str, source: str, model: Llava | None = None) -> None:
+        self.recipe, self.backend, self.plan, self.tokenizer = recipe, backend, plan, tokenizer
+        self.anchor, self.source, self.model = anchor, source, model
+
+    @classmethod
+    def from_pretrained(
+        cls,
+        path_or_id: str | os.PathLike,
+        budget: int | str = "full",
+        method: str = "sts",
+        backend: str = "torch",
+        *,
+        recipe: str | None = None,
+        anchor: str | None = None,
+        dtype: str = "fp32",
+        device: str = "cpu",
+        random_weights: bool = False,
+        compile: bool = False,
+    ) -> "Pipeline":
+        """Load a model (recipe name, local dir or cached HF id) and build its pruned graphs.
+
+        backend "torch" runs our PyTorch modules; "onnxruntime"/"ort" and "tensorrt" take an export directory.
+        """
+        check_method(method)
+        budget = parse_budget(budget)
+        if backend in ("onnxruntime", "ort", "tensorrt", "trt"):
+            from .run import load_export_pipeline  # export directories (issue: export)
+
+            return load_export_pipeline(Path(path_or_id), backend=backend, device=device)
+        if backend != "torch":
+            raise StsError(f"unknown backend '{backend}'; choose torch, onnxruntime or tensorrt")
+        if dtype not in DTYPES:
+            raise StsError(f"unknown dtype '{dtype}'; choose one of {', '.join(DTYPES)}")
+        if anchor is not None and anchor not in ANCHORS:
+            raise StsError(f"unknown anchor '{anchor}'; choose one of {', '.join(ANCHORS)}")
+        src: Source = resolve(str(path_or_id), recipe, random_weights)
+        rec = src.recipe
+        plan = Plan.create(rec, method, budget, NP_DTYPES[dtype])
+        model = load_model(src, DTYPES[dtype]).to(device)
+        anchor = anchor or rec.pruning.anchor
+        graphs = build_graphs(model, method, budget, anchor)
+        tok = None
+        if src.path is not None and (src.path / "tokenizer.json").is_file():
+            tok = TextTokenizer(src.path, rec)
+        return cls(rec, TorchBackend(graphs, plan, device, compile), plan, tok, anchor, src.description, model)
+
+    # ------------------------------------------------------------------ inputs
+    def pixel_values(self, images: Image.Image | str | os.PathLike | Sequence) -> np.ndarray:
+        """One image or a list -> pixel_values [B, 3, H, W] float32, as the model's HF processor."""
+        items = images if isinstance(images, (list, tuple)) else [images]
+        if not items:
+            raise StsError("no image given")
+        pv = np.stack([preprocess_image(load_image(im), self.recipe.image_processor) for im in items])
+        check_pixel_values(pv, self.recipe.vision.image_size)
+        return pv
+
+    def encode(self, prompt: str | None = None, input_ids: Sequence[int] | None = None) -> Prompt:
+        """A prompt string (templated, tokenized) or raw ids holding one image token."""
+        if input_ids is not None:
+            return split_ids(np.asarray(input_ids), self.recipe)
+        if self.tokenizer is None:
+            raise StsError("this model has no tokenizer.json; pass input ids (one image token) instead of a prompt")
+        return self.tokenizer.encode_prompt(prompt or "")
+
+    # ------------------------------------------------------------------ run
+    def generate(
+        self,
+        image: Image.Image | str | os.PathLike | Sequence | np.ndarray,
+        prompt: str | None = None,
+        *,
+        input_ids: Sequence[int] | None = None,
+        max_new_tokens: int = 32,
+        on_token: Callable[[np.ndarray], None] | None = None,
+    ) -> Generation:
+        """Prefill + greedy decode. `image` may be a path, PIL image(s) or pixel_values [B,3,H,W]."""
+        if isinstance(image, np.ndarray):
+            pv = image.astype(np.float32)
+            check_pixel_values(pv, self.recipe.vision.image_size)
+        else:
+            pv = self.pixel_values(image)
+        if max_new_tokens < 0:
+            raise StsError("max_new_tokens must be >= 0")
+        pr = self.encode(prompt, input_ids)
+        if pr.image_start + self.plan.k_pre + len(pr.suffix) + max_new_tokens > self.recipe.max_context:
+            raise StsError(f"prompt + {max_new_tokens} new tokens exceed max_context={self.recipe.max_context}")
+        sync = getattr(self.backend, "synchronize", None)
+        return generate(self.backend, self.plan, pv, pr, max_new_tokens, on_token, sync)
+
+    def decode(self, ids: Sequence[int] | np.ndarray) -> str:
+        if self.tokenizer is None:
+            return " ".join(str(int(i)) for i in ids)
+        return self.tokenizer.decode(ids)

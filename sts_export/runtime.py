@@ -1,0 +1,179 @@
+"""Backends that run a graph by name, and the one generation loop that drives any of them.
+
+A backend has `run(graph, feeds) -> outputs` (dicts keyed by DESIGN.md's IO names) plus three
+array helpers (`from_numpy`, `to_numpy`, `concat`), so KV caches stay in the backend's own
+memory (torch tensors, ORT values, TensorRT device buffers) between steps.
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Any, Callable, Protocol
+
+import numpy as np
+import torch
+
+from .budget import has_stage2, prune_layer_for, split_budget
+from .model import graph_io
+from .recipe import Recipe
+from .tokenizer import Prompt
+
+
+class Backend(Protocol):
+    name: str
+
+    def run(self, graph: str, feeds: dict[str, Any]) -> dict[str, Any]: ...
+    def from_numpy(self, x: np.ndarray) -> Any: ...
+    def to_numpy(self, x: Any) -> np.ndarray: ...
+    def concat(self, xs: list[Any], axis: int) -> Any: ...
+
+
+@dataclass(frozen=True)
+class Plan:
+    """What the generation loop needs to know about an export configuration."""
+
+    method: str
+    budget: int | str
+    k_pre: int
+    k_post: int
+    prune_layer: int
+    num_layers: int
+    num_kv_heads: int
+    head_dim: int
+    has_prune: bool
+    eos_token_id: int
+    dtype: str = "float32"  # numpy dtype name of hidden states and KV caches
+
+    @classmethod
+    def create(cls, recipe: Recipe, method: str, budget: int | str, dtype: str = "float32") -> "Plan":
+        k_pre, k_post = split_budget(budget, recipe, method)
+        t = recipe.text
+        return cls(method, budget, k_pre, k_post, prune_layer_for(method, recipe), t.num_layers, t.num_kv_heads,
+                   t.head_dim, has_stage2(method, budget), recipe.eos_token_id, dtype)
+
+    @property
+    def segment_layers(self) -> dict[str, list[int]]:
+        return {"segment1": list(range(self.prune_layer)), "segment2": list(range(self.prune_layer, self.num_layers))}
+
+    def io(self, graph: str) -> tuple[list[str], list[str]]:
+        return graph_io(graph, self.segment_layers.get(graph))
+
+
+class TorchBackend:
+    """Runs the torch graph modules (eager, or torch.compile'd) on a device."""
+
+    name = "torch"
+
+    def __init__(self, graphs: dict[str, torch.nn.Module], plan: Plan, device: str = "cpu", compile: bool = False) -> None:
+        self.plan, self.device = plan, torch.device(device)
+        self.graphs = {k: (torch.compile(m, dynamic=True) if compile else m) for k, m in graphs.items()}
+
+    def run(self, graph: str, feeds: dict[str, Any]) -> dict[str, Any]:
+        inputs, outputs = self.plan.io(graph)
+        with torch.inference_mode():
+            outs = self.graphs[graph](*[feeds[n] for n in inputs])
+        outs = outs if isinstance(outs, tuple) else (outs,)
+        return dict(zip(outputs, outs))
+
+    def from_numpy(self, x: np.ndarray) -> torch.Tensor:
+        return torch.from_numpy(np.ascontiguousarray(x)).to(self.device)
+
+    def to_numpy(self, x: torch.Tensor) -> np.ndarray:
+        return x.detach().cpu().numpy()
+
+    def concat(self, xs: list[torch.Tensor], axis: int) -> torch.Tensor:
+        return torch.cat(xs, dim=axis)
+
+    def synchronize(self) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+
+
+@dataclass
+class Generation:
+    """Result of one prefill + greedy decode."""
+
+    tokens: np.ndarray  # [B, n] generated ids (rows padded with eos after they finish)
+    keep_pre: np.ndarray  # [B, K] kept vision tokens (ascending)
+    keep_post: np.ndarray | None  # [B, K'] indices into keep_pre (None without Stage 2)
+    first_logits: np.ndarray  # [B, V] logits of the prefill's last position
+    s1: int  # prompt length entering the decoder
+    s2: int  # prompt length after Stage 2
+    cache_lengths: dict[str, int] = field(default_factory=dict)  # per segment: KV entries after prefill
+    timings: dict[str, float] = field(default_factory=dict)  # seconds: vision, prefill, ttft, decode (per token)
+
+
+def _past(backend: Backend, plan: Plan, batch: int, layers: list[int]) -> dict[str, Any]:
+    empty = np.zeros((batch, plan.num_kv_heads, 0, plan.head_dim), dtype=plan.dtype)
+    return {f"past_{kv}_{i}": backend.from_numpy(empty) for i in layers for kv in ("key", "value")}
+
+
+def _presents_as_past(out: dict[str, Any]) -> dict[str, Any]:
+    return {k.replace("present_", "past_"): v for k, v in out.items() if k.startswith("present_")}
+
+
+def generate(
+    backend: Backend,
+    plan: Plan,
+    pixel_values: np.ndarray,
+    prompt: Prompt,
+    max_new_tokens: int = 32,
+    on_token: Callable[[np.ndarray], None] | None = None,
+    sync: Callable[[], None] | None = None,
+) -> Generation:
+    """Prefill (vision, embed, segment1, prune, segment2) then greedy decode with per-segment KV caches."""
+    sync = sync or (lambda: None)
+    b = pixel_values.shape[0]
+    t0 = time.perf_counter()
+    vis = backend.run("vision", {"pixel_values": backend.from_numpy(pixel_values)})
+    sync()
+    t_vis = time.perf_counter()
+
+    def embeds(ids: np.ndarray) -> Any:
+        return backend.run("embed", {"input_ids": backend.from_numpy(np.tile(ids, (b, 1)))})["inputs_embeds"]
+
+    pieces = [embeds(prompt.prefix)] if len(prompt.prefix) else []  # prefix ids + image + suffix ids
+    pieces += [vis["image_embeds"]] + ([embeds(prompt.suffix)] if len(prompt.suffix) else [])
+    hidden = backend.concat(pieces, axis=1)  # [B, S1, Hd]
+    s1 = len(prompt.prefix) + plan.k_pre + len(prompt.suffix)
+    pos = backend.from_numpy(np.tile(np.arange(s1, dtype=np.int64), (b, 1)))
+    seg = plan.segment_layers
+    o1 = backend.run("segment1", {"hidden": hidden, "position_ids": pos, **_past(backend, plan, b, seg["segment1"])})
+    cache1 = _presents_as_past(o1)
+    hidden, keep_post = o1["hidden_out"], None
+    if plan.has_prune:
+        pr = backend.run("prune", {"hidden": hidden, "position_ids": pos,
+                                   "image_start": backend.from_numpy(np.array(len(prompt.prefix), dtype=np.int64))})
+        hidden, pos, keep_post = pr["hidden_out"], pr["position_ids_out"], backend.to_numpy(pr["keep_post"])
+    o2 = backend.run("segment2", {"hidden": hidden, "position_ids": pos, **_past(backend, plan, b, seg["segment2"])})
+    cache2 = _presents_as_past(o2)
+    logits = backend.to_numpy(o2["logits"]).astype(np.float32)  # [B, V]
+    t_first = time.perf_counter()
+    s2 = s1 - plan.k_pre + plan.k_post if plan.has_prune else s1
+    # entries each segment's KV cache holds after prefill, read off the returned tensors
+    lengths = {name: int(next(iter(c.values())).shape[2]) for name, c in (("segment1", cache1), ("segment2", cache2)) if c}
+
+    tokens = np.zeros((b, 0), dtype=np.int64)
+    done = np.zeros(b, dtype=bool)
+    step_logits = logits
+    for t in range(max_new_tokens):
+        nxt = np.where(done, plan.eos_token_id, step_logits.argmax(-1)).astype(np.int64)  # [B]
+        tokens = np.concatenate([tokens, nxt[:, None]], axis=1)
+        if on_token is not None:
+            on_token(nxt)
+        done |= nxt == plan.eos_token_id
+        if done.all() or t == max_new_tokens - 1:
+            break
+        h = backend.run("embed", {"input_ids": backend.from_numpy(nxt[:, None])})["inputs_embeds"]
+        p = backend.from_numpy(np.full((b, 1), s1 + t, dtype=np.int64))
+        o1 = backend.run("segment1", {"hidden": h, "position_ids": p, **cache1})
+        o2 = backend.run("segment2", {"hidden": o1["hidden_out"], "position_ids": p, **cache2})
+        cache1, cache2 = _presents_as_past(o1), _presents_as_past(o2)
+        step_logits = backend.to_numpy(o2["logits"]).astype(np.float32)
+    t_end = time.perf_counter()
+    n_dec = max(tokens.shape[1] - 1, 1)
+    return Generation(
+        tokens=tokens, keep_pre=backend.to_numpy(vis["keep_pre"]), keep_post=keep_post, first_logits=logits,
+        s1=s1, s2=s2, cache_lengths=lengths,
+        timings={"vision": t_vis - t0, "prefill": t_first - t_vis, "ttft": t_first - t0, "decode": (t_end - t_first) / n_dec},
+    )

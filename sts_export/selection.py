@@ -1,0 +1,143 @@
+"""Token selection: Stage 1 selectors (before the LLM) and Stage 2 relevance (inside it).
+
+Everything here is export-friendly: fixed iteration counts, masking instead of data-dependent
+shapes, no Python branching on tensor values. Stage 1 math runs in float32 whatever the input
+dtype. Ties always go to the lower index (torch.argmin/argmax return the first extremum, and
+the ONNX ArgMin/ArgMax/TopK defaults do the same).
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+
+from .errors import StsError
+
+ANCHORS = ("mean", "first", "saliency")
+STAGE1_METHODS = ("sts", "sts-s", "divprune", "cls", "none")
+EPS = 1e-6
+
+
+def sorted_indices(mask: torch.Tensor, k: int) -> torch.Tensor:
+    """Ascending indices of the k True entries of mask [B, N] -> [B, k] int64."""
+    n = mask.shape[-1]
+    idx = torch.arange(n, device=mask.device).expand_as(mask)
+    # kept tokens get their index, dropped ones N; the k smallest are the kept ones, ascending
+    keyed = torch.where(mask, idx, torch.full_like(idx, n))
+    return torch.sort(keyed, dim=-1, stable=True).values[:, :k]
+
+
+def pairwise_sq_dist(v: torch.Tensor) -> torch.Tensor:
+    """D[i,j] = max(|v_i|^2 + |v_j|^2 - 2 v_i.v_j, 0) for v [B, N, C] -> [B, N, N] (one matmul)."""
+    sq = (v * v).sum(-1)  # [B, N]
+    return (sq[:, :, None] + sq[:, None, :] - 2.0 * (v @ v.transpose(1, 2))).clamp_min(0.0)
+
+
+def anchor_index(v: torch.Tensor, anchor: str, cls_attention: torch.Tensor | None = None) -> torch.Tensor:
+    """First pick of Stage 1: [B, N, C] -> [B] int64."""
+    if anchor == "mean":
+        return ((v - v.mean(dim=1, keepdim=True)) ** 2).sum(-1).argmin(dim=-1)  # [B]
+    if anchor == "first":
+        return torch.zeros(v.shape[0], dtype=torch.int64, device=v.device)
+    if anchor == "saliency":
+        if cls_attention is None:
+            raise StsError("anchor 'saliency' needs the CLS attention of the feature layer")
+        return cls_attention.float().argmax(dim=-1)
+    raise StsError(f"unknown anchor '{anchor}'; choose one of {', '.join(ANCHORS)}")
+
+
+def potential_energy_select(
+    features: torch.Tensor, k: int, anchor: str = "mean", cls_attention: torch.Tensor | None = None
+) -> torch.Tensor:
+    """STS Stage 1 (paper Algorithm 1): greedy potential-energy minimisation.
+
+    features [B, N, C] -> keep_pre [B, k] int64, ascending. Exactly k picks in a fixed loop.
+    """
+    v = features.float()
+    b, n, _ = v.shape
+    d = pairwise_sq_dist(v)  # [B, N, N]
+    ar = torch.arange(n, device=v.device)  # [N]
+    pick = anchor_index(v, anchor, cls_attention)  # [B]
+    picked = torch.zeros(b, n, dtype=torch.bool, device=v.device)  # [B, N]
+    r = torch.zeros(b, n, dtype=torch.float32, device=v.device)  # [B, N] repulsive potential
+    inf = torch.full_like(r, math.inf)
+    for step in range(k):
+        if step > 0:
+            pick = torch.where(picked, inf, r).argmin(dim=-1)  # [B]; ties -> lower index
+        picked = picked | (ar[None, :] == pick[:, None])
+        row = torch.gather(d, 1, pick[:, None, None].expand(b, 1, n)).squeeze(1)  # [B, N] = D[i*, :]
+        r = r + 1.0 / (row + EPS)
+    return sorted_indices(picked, k)
+
+
+def divprune_select(projected: torch.Tensor, k: int) -> torch.Tensor:
+    """DivPrune: greedy max-min cosine distance on projected embeddings [B, N, H] -> [B, k]."""
+    x = projected.float()
+    x = x / x.norm(dim=-1, keepdim=True).clamp_min(1e-12)
+    b, n, _ = x.shape
+    dist = 1.0 - x @ x.transpose(1, 2)  # [B, N, N] cosine distance
+    ar = torch.arange(n, device=x.device)
+    eye = ar[:, None] == ar[None, :]
+    inf = torch.tensor(math.inf, device=x.device)
+    nn_dist = torch.where(eye, inf, dist).amin(dim=-1)  # [B, N] nearest-neighbour distance
+    pick = nn_dist.argmax(dim=-1)  # [B] seed: the most isolated token
+    picked = torch.zeros(b, n, dtype=torch.bool, device=x.device)
+    min_d = torch.full((b, n), math.inf, device=x.device)  # distance to the kept set
+    for step in range(k):
+        if step > 0:
+            pick = torch.where(picked, -inf, min_d).argmax(dim=-1)
+        picked = picked | (ar[None, :] == pick[:, None])
+        row = torch.gather(dist, 1, pick[:, None, None].expand(b, 1, n)).squeeze(1)  # [B, N]
+        min_d = torch.minimum(min_d, row)
+    return sorted_indices(picked, k)
+
+
+def topk_ascending(scores: torch.Tensor, k: int) -> torch.Tensor:
+    """Indices of the k largest scores [B, N] (ties -> lower index), returned ascending [B, k]."""
+    order = torch.sort(scores.float(), dim=-1, descending=True, stable=True).indices[:, :k]
+    return torch.sort(order, dim=-1).values
+
+
+def select_tokens(
+    method: str,
+    features: torch.Tensor,
+    k: int,
+    *,
+    anchor: str = "mean",
+    cls_attention: torch.Tensor | None = None,
+    projected: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Stage 1: keep k of the N vision tokens. features [B, N, C] -> keep_pre [B, k] int64 ascending.
+
+    `sts`/`sts-s`: potential-energy selection on `features` (pre-projector).
+    `divprune`: max-min cosine diversity on `projected` (defaults to `features`).
+    `cls`: top-k of `cls_attention` [B, N] (CLS head-mean attention at the feature layer).
+    `none`/`fastv`: all N tokens.
+    """
+    if features.dim() != 3:
+        raise StsError(f"features must be [B, N, C], got shape {tuple(features.shape)}")
+    b, n, _ = features.shape
+    if not 1 <= k <= n:
+        raise StsError(f"k must be in 1..{n}, got {k}")
+    if method in ("sts", "sts-s"):
+        return potential_energy_select(features, k, anchor, cls_attention)
+    if method == "divprune":
+        return divprune_select(features if projected is None else projected, k)
+    if method == "cls":
+        if cls_attention is None:
+            raise StsError("method 'cls' needs cls_attention [B, N]")
+        return topk_ascending(cls_attention, k)
+    if method in ("none", "fastv"):
+        return torch.arange(n, device=features.device).expand(b, n)[:, :k].contiguous()
+    raise StsError(f"unknown method '{method}'; choose one of {', '.join(STAGE1_METHODS + ('fastv',))}")
+
+
+def last_token_relevance(q_last: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
+    """Stage 2 relevance: mean over heads of softmax(q_last . k^T / sqrt(d)).
+
+    q_last [B, H, 1, d] (RoPE applied), k [B, H, S, d] (KV heads already repeated) -> [B, S].
+    The last token attends to every position, so no causal mask is needed.
+    """
+    scale = 1.0 / math.sqrt(q_last.shape[-1])
+    att = torch.softmax((q_last.float() @ k.float().transpose(-1, -2)) * scale, dim=-1)  # [B, H, 1, S]
+    return att.mean(dim=1).squeeze(1)  # [B, S]

@@ -1,0 +1,103 @@
+"""Prompts and tokens with the `tokenizers` library only (no transformers needed at run time)."""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from .errors import StsError
+from .recipe import Recipe
+
+SPECIALS = ["<unk>", "<s>", "</s>", "<pad>", "<image>"]  # ids 0..4 in synthetic tokenizers
+_CORPUS = """
+What is shown in this image? Describe the image in detail. How many people are in the picture?
+What color is the car? Is there a dog in the image? Answer the question using a single word or phrase.
+The image shows a cat sitting on a wooden table next to a cup of coffee. A man is riding a bicycle
+down a busy street in the city. There are two red apples and a banana in a bowl. The sky is blue and
+the grass is green. A group of children are playing football in the park on a sunny afternoon.
+Where is the train going? What is the woman holding? Is the light on or off? Which animal is larger?
+Yes. No. One. Two. Three. Left. Right. Red, green, blue, yellow, black, white. USER: ASSISTANT:
+"""
+
+
+def build_synthetic_tokenizer(recipe: Recipe, out: Path) -> None:
+    """Train a small byte-level BPE tokenizer on a fixed corpus; specials at ids 0..4 (SYNTHETIC)."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+
+    tok = Tokenizer(models.BPE(unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    vocab = min(recipe.text.vocab_size, 1024)
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab, special_tokens=SPECIALS, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False
+    )
+    tok.train_from_iterator([_CORPUS] * 4, trainer=trainer)
+    ids = {s: tok.token_to_id(s) for s in SPECIALS}
+    want = {"<s>": recipe.bos_token_id, "</s>": recipe.eos_token_id, "<pad>": recipe.pad_token_id, "<image>": recipe.image_token_id}
+    if any(ids[k] != v for k, v in want.items()):
+        raise StsError(f"synthetic tokenizer special ids {ids} do not match recipe {want}")
+    tok.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", recipe.bos_token_id)])
+    tok.save(str(out / "tokenizer.json"))
+    (out / "tokenizer_config.json").write_text(json.dumps({
+        "tokenizer_class": "PreTrainedTokenizerFast", "bos_token": "<s>", "eos_token": "</s>",
+        "unk_token": "<unk>", "pad_token": "<pad>", "extra_special_tokens": {"image_token": "<image>"},
+        "model_max_length": recipe.max_context,
+    }, indent=2))
+
+
+@dataclass
+class Prompt:
+    """A tokenized single-image prompt: prefix ids, the image slot, suffix ids."""
+
+    prefix: np.ndarray  # [P] int64 (BOS + text before <image>)
+    suffix: np.ndarray  # [T] int64 (text after <image>)
+
+    @property
+    def image_start(self) -> int:
+        return len(self.prefix)
+
+
+class TextTokenizer:
+    """Wraps tokenizer.json; encodes prompts around the single <image> token and decodes answers."""
+
+    def __init__(self, path: Path, recipe: Recipe) -> None:
+        from tokenizers import Tokenizer
+
+        f = Path(path) / "tokenizer.json"
+        if not f.is_file():
+            raise StsError(f"{path}: no tokenizer.json; pass token ids with --input-ids instead of --prompt")
+        self.tok = Tokenizer.from_file(str(f))
+        self.recipe = recipe
+        if self.tok.token_to_id("<image>") != recipe.image_token_id:
+            raise StsError(
+                f"{f}: <image> token id {self.tok.token_to_id('<image>')} differs from the recipe's {recipe.image_token_id}"
+            )
+
+    def encode_prompt(self, text: str) -> Prompt:
+        """Apply the recipe's template and split the ids at the image token."""
+        if not text or not text.strip():
+            raise StsError("the prompt is empty; pass a question about the image")
+        if "<image>" in text:
+            raise StsError("the prompt must not contain '<image>'; the image is placed by the template")
+        ids = np.asarray(self.tok.encode(self.recipe.prompt_template.format(prompt=text)).ids, dtype=np.int64)
+        return split_ids(ids, self.recipe)
+
+    def decode(self, ids: list[int] | np.ndarray) -> str:
+        return self.tok.decode([int(i) for i in ids], skip_special_tokens=True)
+
+
+def split_ids(ids: np.ndarray, recipe: Recipe) -> Prompt:
+    """Split a token sequence holding exactly one image token into prefix/suffix."""
+    ids = np.asarray(ids, dtype=np.int64).reshape(-1)
+    where = np.flatnonzero(ids == recipe.image_token_id)
+    if len(where) != 1:
+        raise StsError(f"the input ids must hold exactly one image token (id {recipe.image_token_id}), found {len(where)}")
+    if len(ids) - 1 + recipe.num_image_tokens > recipe.max_prompt_tokens:
+        raise StsError(
+            f"prompt too long: {len(ids) - 1} text tokens + {recipe.num_image_tokens} image tokens exceed "
+            f"max_prompt_tokens={recipe.max_prompt_tokens} of recipe '{recipe.name}'; shorten the prompt"
+        )
+    i = int(where[0])
+    return Prompt(prefix=ids[:i], suffix=ids[i + 1:])
