@@ -20,7 +20,7 @@ from torch import nn
 
 from .budget import has_stage2, prune_layer_for, split_budget
 from .recipe import Recipe, TextConfig, VisionConfig
-from .selection import divprune_select, potential_energy_select, sorted_indices, topk_ascending
+from .selection import divprune_select, potential_energy_select, topk_ascending
 from .selection import last_token_relevance
 
 
@@ -342,15 +342,16 @@ class PruneGraph(nn.Module):
         b, s1, hd = hidden.shape
         q, k = self.attn.qk(self.norm(hidden), position_ids)  # [B,h,S1,d], [B,kvh,S1,d]
         rel = last_token_relevance(q[:, :, -1:], repeat_kv(k, self.n_rep))  # [B, S1]
-        pos = torch.arange(s1, device=hidden.device)  # [S1]
         offs = torch.arange(self.k_pre, device=hidden.device)  # [K]
         rel_img = torch.gather(rel, 1, (image_start + offs).expand(b, -1))  # [B, K]
         keep_post = topk_ascending(rel_img, self.k_post)  # [B, K']
-        chosen = (offs[None, None, :] == keep_post[:, :, None]).any(dim=1)  # [B, K] bool
-        in_img = (pos >= image_start) & (pos < image_start + self.k_pre)  # [S1]
-        rel_pos = (pos - image_start).clamp(0, self.k_pre - 1)  # [S1]
-        keep_mask = ~in_img[None] | torch.gather(chosen, 1, rel_pos.expand(b, -1))  # [B, S1]
-        idx = sorted_indices(keep_mask, s1 - self.k_pre + self.k_post)  # [B, S2]
+        # source index of each of the S2 output slots: prefix text, kept image tokens, suffix text
+        s2 = s1 - self.k_pre + self.k_post
+        j = torch.arange(s2, device=hidden.device)[None].expand(b, -1)  # [B, S2]
+        slot = j - image_start  # [B, S2] slot among the kept image tokens (valid where 0 <= slot < K')
+        slot = torch.where(slot < 0, 0, torch.where(slot > self.k_post - 1, self.k_post - 1, slot))  # no INT64 Clip (TensorRT)
+        img = image_start + torch.gather(keep_post, 1, slot)
+        idx = torch.where(j < image_start, j, torch.where(j < image_start + self.k_post, img, j + self.k_pre - self.k_post))
         hidden_out = torch.gather(hidden, 1, idx[..., None].expand(-1, -1, hd))
         return hidden_out, torch.gather(position_ids.expand(b, -1), 1, idx), keep_post
 
@@ -370,17 +371,3 @@ def build_graphs(model: Llava, method: str, budget: int | str, anchor: str | Non
         graphs["prune"] = PruneGraph(model, pl, k_pre, k_post)
     return graphs
 
-
-def graph_io(name: str, layers: list[int] | None = None) -> tuple[list[str], list[str]]:
-    """Input and output names of a graph (DESIGN.md); `layers` = global indices of a segment's layers."""
-    if name == "vision":
-        return ["pixel_values"], ["image_embeds", "keep_pre"]
-    if name == "embed":
-        return ["input_ids"], ["inputs_embeds"]
-    if name == "prune":
-        return ["hidden", "position_ids", "image_start"], ["hidden_out", "position_ids_out", "keep_post"]
-    if name in ("segment1", "segment2"):
-        past = [f"past_{kv}_{i}" for i in layers or [] for kv in ("key", "value")]
-        present = [f"present_{kv}_{i}" for i in layers or [] for kv in ("key", "value")]
-        return ["hidden", "position_ids", *past], ["hidden_out" if name == "segment1" else "logits", *present]
-    raise ValueError(f"unknown graph {name}")

@@ -6,20 +6,16 @@ from pathlib import Path
 from typing import Callable, Sequence
 
 import numpy as np
-import torch
 from PIL import Image
 
 from .budget import check_method, parse_budget
-from .checkpoint import Source, load_model, resolve
 from .errors import StsError
-from .model import Llava, build_graphs
 from .preprocess import check_pixel_values, load_image, preprocess_image
-from .recipe import Recipe
+from .recipe import ANCHORS, Recipe
 from .runtime import Backend, Generation, Plan, TorchBackend, generate
-from .selection import ANCHORS
 from .tokenizer import Prompt, TextTokenizer, split_ids
 
-DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+DTYPES = ("fp32", "fp16", "bf16")
 NP_DTYPES = {"fp32": "float32", "fp16": "float16", "bf16": "float32"}
 
 
@@ -27,7 +23,7 @@ class Pipeline:
     """Preprocess, run the graphs through a backend, decode greedily."""
 
     def __init__(self, recipe: Recipe, backend: Backend, plan: Plan, tokenizer: TextTokenizer | None,
-                 anchor: str, source: str, model: Llava | None = None) -> None:
+                 anchor: str, source: str, model: "Llava | None" = None) -> None:
         self.recipe, self.backend, self.plan, self.tokenizer = recipe, backend, plan, tokenizer
         self.anchor, self.source, self.model = anchor, source, model
 
@@ -58,14 +54,19 @@ class Pipeline:
             return load_export_pipeline(Path(path_or_id), backend=backend, device=device)
         if backend != "torch":
             raise StsError(f"unknown backend '{backend}'; choose torch, onnxruntime or tensorrt")
+        import torch
+
+        from .checkpoint import load_model, resolve
+        from .model import build_graphs
+
         if dtype not in DTYPES:
             raise StsError(f"unknown dtype '{dtype}'; choose one of {', '.join(DTYPES)}")
         if anchor is not None and anchor not in ANCHORS:
             raise StsError(f"unknown anchor '{anchor}'; choose one of {', '.join(ANCHORS)}")
-        src: Source = resolve(str(path_or_id), recipe, random_weights)
+        src = resolve(str(path_or_id), recipe, random_weights)
         rec = src.recipe
         plan = Plan.create(rec, method, budget, NP_DTYPES[dtype])
-        model = load_model(src, DTYPES[dtype]).to(device)
+        model = load_model(src, getattr(torch, {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16"}[dtype])).to(device)
         anchor = anchor or rec.pruning.anchor
         graphs = build_graphs(model, method, budget, anchor)
         tok = None

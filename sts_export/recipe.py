@@ -18,6 +18,7 @@ from .errors import StsError
 
 RECIPE_DIR = Path(os.environ.get("STS_RECIPES", Path(__file__).resolve().parent.parent / "recipes"))
 LLAVA_TEMPLATE = "USER: <image>\n{prompt} ASSISTANT:"
+ANCHORS = ("mean", "first", "saliency")  # Stage 1 first pick
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 
@@ -172,7 +173,7 @@ def _check(obj: Any, where: str) -> None:
     if isinstance(obj, VisionConfig) and obj.image_size % obj.patch_size:
         raise StsError(f"{where}: image_size must be a multiple of patch_size")
     if isinstance(obj, PruningConfig):
-        if obj.anchor not in ("mean", "first", "saliency"):
+        if obj.anchor not in ANCHORS:
             raise StsError(f"{where}.anchor: '{obj.anchor}' is not one of mean, first, saliency")
         if not 0.0 < obj.post_ratio <= 1.0:
             raise StsError(f"{where}.post_ratio must be in (0, 1], got {obj.post_ratio}")

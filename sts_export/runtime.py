@@ -11,12 +11,25 @@ from dataclasses import dataclass, field
 from typing import Any, Callable, Protocol
 
 import numpy as np
-import torch
 
 from .budget import has_stage2, prune_layer_for, split_budget
-from .model import graph_io
 from .recipe import Recipe
 from .tokenizer import Prompt
+
+
+def graph_io(name: str, layers: list[int] | None = None) -> tuple[list[str], list[str]]:
+    """Input and output names of a graph (DESIGN.md); `layers` = global indices of a segment's layers."""
+    if name == "vision":
+        return ["pixel_values"], ["image_embeds", "keep_pre"]
+    if name == "embed":
+        return ["input_ids"], ["inputs_embeds"]
+    if name == "prune":
+        return ["hidden", "position_ids", "image_start"], ["hidden_out", "position_ids_out", "keep_post"]
+    if name in ("segment1", "segment2"):
+        past = [f"past_{kv}_{i}" for i in layers or [] for kv in ("key", "value")]
+        present = [f"present_{kv}_{i}" for i in layers or [] for kv in ("key", "value")]
+        return ["hidden", "position_ids", *past], ["hidden_out" if name == "segment1" else "logits", *present]
+    raise ValueError(f"unknown graph {name}")
 
 
 class Backend(Protocol):
@@ -64,28 +77,38 @@ class TorchBackend:
 
     name = "torch"
 
-    def __init__(self, graphs: dict[str, torch.nn.Module], plan: Plan, device: str = "cpu", compile: bool = False) -> None:
+    def __init__(self, graphs: dict[str, "torch.nn.Module"], plan: Plan, device: str = "cpu", compile: bool = False) -> None:
+        import torch
+
         self.plan, self.device = plan, torch.device(device)
         self.graphs = {k: (torch.compile(m, dynamic=True) if compile else m) for k, m in graphs.items()}
 
     def run(self, graph: str, feeds: dict[str, Any]) -> dict[str, Any]:
+        import torch
+
         inputs, outputs = self.plan.io(graph)
         with torch.inference_mode():
             outs = self.graphs[graph](*[feeds[n] for n in inputs])
         outs = outs if isinstance(outs, tuple) else (outs,)
         return dict(zip(outputs, outs))
 
-    def from_numpy(self, x: np.ndarray) -> torch.Tensor:
+    def from_numpy(self, x: np.ndarray) -> "torch.Tensor":
+        import torch
+
         return torch.from_numpy(np.ascontiguousarray(x)).to(self.device)
 
-    def to_numpy(self, x: torch.Tensor) -> np.ndarray:
+    def to_numpy(self, x: "torch.Tensor") -> np.ndarray:
         return x.detach().cpu().numpy()
 
-    def concat(self, xs: list[torch.Tensor], axis: int) -> torch.Tensor:
+    def concat(self, xs: list["torch.Tensor"], axis: int) -> "torch.Tensor":
+        import torch
+
         return torch.cat(xs, dim=axis)
 
     def synchronize(self) -> None:
         if self.device.type == "cuda":
+            import torch
+
             torch.cuda.synchronize(self.device)
 
 

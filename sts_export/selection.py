@@ -12,19 +12,20 @@ import math
 import torch
 
 from .errors import StsError
+from .recipe import ANCHORS
 
-ANCHORS = ("mean", "first", "saliency")
 STAGE1_METHODS = ("sts", "sts-s", "divprune", "cls", "none")
 EPS = 1e-6
 
 
 def sorted_indices(mask: torch.Tensor, k: int) -> torch.Tensor:
-    """Ascending indices of the k True entries of mask [B, N] -> [B, k] int64."""
+    """Ascending indices of the k True entries of mask [B, N] -> [B, k] int64 (mask holds exactly k)."""
     n = mask.shape[-1]
     idx = torch.arange(n, device=mask.device).expand_as(mask)
-    # kept tokens get their index, dropped ones N; the k smallest are the kept ones, ascending
+    # kept tokens are keyed by their (distinct) index, dropped ones by N: the k smallest keys are
+    # the kept indices, ascending. TopK with a constant k (no sort op: exports to ONNX/TensorRT)
     keyed = torch.where(mask, idx, torch.full_like(idx, n))
-    return torch.sort(keyed, dim=-1, stable=True).values[:, :k]
+    return torch.topk(keyed, k, dim=-1, largest=False, sorted=True).values
 
 
 def pairwise_sq_dist(v: torch.Tensor) -> torch.Tensor:
@@ -93,9 +94,17 @@ def divprune_select(projected: torch.Tensor, k: int) -> torch.Tensor:
 
 
 def topk_ascending(scores: torch.Tensor, k: int) -> torch.Tensor:
-    """Indices of the k largest scores [B, N] (ties -> lower index), returned ascending [B, k]."""
-    order = torch.sort(scores.float(), dim=-1, descending=True, stable=True).indices[:, :k]
-    return torch.sort(order, dim=-1).values
+    """Indices of the k largest scores [B, N], ties -> lower index, returned ascending [B, k].
+
+    Exact tie-breaking without a stable sort: everything above the k-th largest value is kept,
+    and of the entries equal to it, the lowest-indexed ones fill the remaining slots.
+    """
+    s = scores.float()
+    kth = torch.topk(s, k, dim=-1).values[:, -1:]  # [B, 1] the k-th largest value
+    above, tied = s > kth, s == kth  # [B, N]
+    need = k - above.float().sum(-1, keepdim=True)  # [B, 1] slots left for tied entries
+    take = tied & (torch.cumsum(tied.float(), dim=-1) <= need)
+    return sorted_indices(above | take, k)
 
 
 def select_tokens(

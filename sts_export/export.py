@@ -1,0 +1,202 @@
+"""Export: the graphs of DESIGN.md to ONNX (torch.onnx.export, dynamo=True), one directory per export.
+
+    <out>/vision.onnx embed.onnx segment1.onnx [prune.onnx] segment2.onnx  (+ *.onnx.data above 2 GB)
+          manifest.json  recipe.yaml  tokenizer.json ...  validation.json
+
+Written into a temporary sibling directory and renamed when complete, so an interrupted export
+never leaves a directory that looks valid. Graphs are exported one at a time.
+"""
+from __future__ import annotations
+
+import gc
+import json
+import os
+import platform
+import shutil
+import tempfile
+import time
+import warnings
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+import torch
+import yaml
+
+from . import __version__
+from .budget import check_method, parse_budget, prune_layer_for, split_budget
+from .checkpoint import Source, load_model, resolve
+from .errors import StsError
+from .manifest import FORMAT_VERSION, sha256, write_manifest
+from .model import Llava, build_graphs
+from .recipe import Recipe
+from .runtime import Plan
+
+GRAPH_ORDER = ("vision", "embed", "segment1", "prune", "segment2")
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "preprocessor_config.json",
+                   "generation_config.json", "chat_template.json")
+TORCH_DTYPES = {"fp32": torch.float32, "fp16": torch.float16}
+TWO_GB = 2 * 1024**3
+
+
+def example_inputs(graph: str, plan: Plan, recipe: Recipe, dtype: torch.dtype) -> tuple[tuple, tuple]:
+    """(example args, dynamic shapes) for one graph. Dynamic dims get examples >= 2 (0/1 would specialise)."""
+    from torch.export import Dim
+
+    b, s, p = 2, 5, 3
+    batch = Dim("B", min=1, max=256)
+    t = recipe.text
+    if graph == "vision":
+        size = recipe.vision.image_size
+        return (torch.randn(b, 3, size, size),), ({0: batch},)
+    if graph == "embed":
+        return (torch.randint(0, t.vocab_size, (b, s)),), ({0: batch, 1: Dim("S", min=1, max=recipe.max_context)},)
+    if graph == "prune":
+        s1 = plan.k_pre + 8
+        seq = Dim("S1", min=plan.k_pre + 1, max=recipe.max_prompt_tokens)
+        args = (torch.randn(b, s1, t.hidden_size, dtype=dtype), torch.arange(s1).expand(b, s1).contiguous(),
+                torch.tensor(3, dtype=torch.int64))
+        return args, ({0: batch, 1: seq}, {0: batch, 1: seq}, None)
+    layers = plan.segment_layers[graph]
+    seq = Dim("S", min=1, max=recipe.max_context)
+    past = Dim("P", min=0, max=recipe.max_context)
+    # a distinct tensor per past slot: aliased example inputs would be merged into one graph input
+    kv = tuple(torch.randn(b, t.num_kv_heads, p, t.head_dim, dtype=dtype) for _ in range(2 * len(layers)))
+    args = (torch.randn(b, s, t.hidden_size, dtype=dtype), torch.arange(p, p + s).expand(b, s).contiguous(), *kv)
+    # forward(hidden, position_ids, *past): torch.export sees *past as one nested argument
+    shapes = ({0: batch, 1: seq}, {0: batch, 1: seq}, tuple([{0: batch, 2: past}] * (2 * len(layers))))
+    return args, shapes
+
+
+def _io_spec(path: Path) -> dict[str, list[dict[str, Any]]]:
+    """Names, dtypes and shapes (ints or symbolic names) of a saved ONNX graph's inputs and outputs."""
+    import onnx
+
+    m = onnx.load(str(path), load_external_data=False)
+
+    def info(v: Any) -> dict[str, Any]:
+        tt = v.type.tensor_type
+        dims = [d.dim_value if d.HasField("dim_value") else (d.dim_param or "?") for d in tt.shape.dim]
+        return {"name": v.name, "dtype": onnx.helper.tensor_dtype_to_np_dtype(tt.elem_type).name, "shape": dims}
+
+    return {"inputs": [info(v) for v in m.graph.input], "outputs": [info(v) for v in m.graph.output]}
+
+
+def export_graph(module: torch.nn.Module, graph: str, plan: Plan, recipe: Recipe, dtype: torch.dtype,
+                 path: Path, opset: int) -> None:
+    """torch.onnx.export one graph with dynamic batch/sequence/past axes and DESIGN.md's IO names."""
+    args, shapes = example_inputs(graph, plan, recipe, dtype)
+    inputs, outputs = plan.io(graph)
+    with warnings.catch_warnings(), torch.inference_mode(False), torch.no_grad():
+        warnings.simplefilter("ignore")
+        prog = torch.onnx.export(module, args, dynamo=True, input_names=inputs, output_names=outputs,
+                                 dynamic_shapes=shapes, opset_version=opset, optimize=True, verbose=False)
+    n_bytes = sum(p.numel() * p.element_size() for p in module.parameters())
+    prog.save(str(path), external_data=n_bytes > TWO_GB - 64 * 1024**2)
+    del prog
+
+
+def manifest_for(recipe: Recipe, source: Source, method: str, budget: int | str, plan: Plan, anchor: str,
+                 dtype: str, out: Path, graphs: list[str], opset: int) -> dict[str, Any]:
+    files = {}
+    for g in graphs:
+        entry = {"onnx": f"{g}.onnx", "sha256": sha256(out / f"{g}.onnx"), **_io_spec(out / f"{g}.onnx")}
+        data = out / f"{g}.onnx.data"
+        if data.exists():
+            entry["external_data"] = {"file": data.name, "sha256": sha256(data)}
+        files[g] = entry
+    return {
+        "format_version": FORMAT_VERSION,
+        "tool": "sts-export", "tool_version": __version__,
+        "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "model": {"source": source.recipe.source if source.path is None else str(source.path),
+                  "revision": source.revision, "random_weights": source.path is None,
+                  "synthetic": recipe.synthetic},
+        "recipe": recipe.to_dict(),
+        "method": method, "budget": budget, "k_pre": plan.k_pre, "k_post": plan.k_post,
+        "prune_layer": plan.prune_layer, "anchor": anchor, "dtype": dtype, "opset": opset,
+        "torch_version": torch.__version__, "host": platform.platform(),
+        "graphs": files,
+    }
+
+
+def default_out(model: str, method: str, budget: int | str) -> Path:
+    name = Path(model).name if Path(model).exists() else model.replace("/", "--")
+    return Path("exports") / f"{name}-{method}-b{budget}"
+
+
+def export(
+    model: str,
+    *,
+    budget: int | str = 64,
+    method: str = "sts",
+    out: str | os.PathLike | None = None,
+    recipe: str | None = None,
+    dtype: str = "fp32",
+    anchor: str | None = None,
+    random_weights: bool = False,
+    opset: int = 18,
+    validate: bool = True,
+    force: bool = False,
+    progress: Callable[[str], None] = print,
+) -> Path:
+    """Export a model's pruned graphs to an ONNX directory; returns its path. Validates with ORT unless told not to."""
+    check_method(method)
+    budget = parse_budget(budget)
+    if dtype not in TORCH_DTYPES:
+        raise StsError(f"--dtype must be fp32 or fp16 for ONNX export, got '{dtype}'")
+    out = Path(out) if out else default_out(model, method, budget)
+    if out.exists() and not force:
+        raise StsError(f"output directory {out} already exists; pass --force to replace it or choose --out")
+    src = resolve(model, recipe, random_weights)
+    rec = src.recipe
+    split_budget(budget, rec, method)  # range check before any heavy work
+    anchor = anchor or rec.pruning.anchor
+    plan = Plan.create(rec, method, budget, "float16" if dtype == "fp16" else "float32")
+    progress(f"model: {src.description} | recipe {rec.name} | method {method} budget {budget} -> "
+             f"K={plan.k_pre} K'={plan.k_post} prune_layer={prune_layer_for(method, rec)} | {dtype}")
+    t0 = time.perf_counter()
+    net: Llava = load_model(src, TORCH_DTYPES[dtype])
+    progress(f"loaded weights in {time.perf_counter() - t0:.1f} s")
+    graphs = build_graphs(net, method, budget, anchor)
+    names = [g for g in GRAPH_ORDER if g in graphs]
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    try:
+        for i, g in enumerate(names, 1):
+            t = time.perf_counter()
+            progress(f"[{i}/{len(names)}] exporting {g} ...")
+            export_graph(graphs[g], g, plan, rec, TORCH_DTYPES[dtype], tmp / f"{g}.onnx", opset)
+            size = sum(f.stat().st_size for f in tmp.glob(f"{g}.onnx*"))
+            progress(f"[{i}/{len(names)}] {g}: {time.perf_counter() - t:.1f} s, {size / 1e6:.1f} MB")
+            gc.collect()
+        if src.path is not None:
+            copied = [f for f in TOKENIZER_FILES if (src.path / f).is_file()]
+            for f in copied:
+                shutil.copy2(src.path / f, tmp / f)
+            if "tokenizer.json" not in copied:
+                warnings.warn(f"{src.path} has no tokenizer.json: the runner will need --input-ids", stacklevel=2)
+                progress("warning: no tokenizer.json in the checkpoint; run with --input-ids")
+        (tmp / "recipe.yaml").write_text(yaml.safe_dump(json.loads(json.dumps(rec.to_dict())), sort_keys=False))
+        manifest = manifest_for(rec, src, method, budget, plan, anchor, dtype, tmp, names, opset)
+        write_manifest(tmp, manifest)
+        if validate:
+            from .validate import validate_export
+
+            progress("validating: ONNX Runtime vs torch, per graph and end to end ...")
+            report = validate_export(tmp, graphs, plan, rec, TORCH_DTYPES[dtype])
+            (tmp / "validation.json").write_text(json.dumps(report, indent=2))
+            progress(f"validation: {'PASS' if report['passed'] else 'FAIL'} (see validation.json)")
+            if not report["passed"]:
+                failed = tmp.with_name(out.name + ".failed")
+                shutil.rmtree(failed, ignore_errors=True)
+                os.replace(tmp, failed)
+                raise StsError(f"validation failed: {report['summary']}; the graphs are kept in {failed} for inspection")
+        if out.exists():
+            shutil.rmtree(out)
+        os.replace(tmp, out)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+    progress(f"wrote {out} in {time.perf_counter() - t0:.1f} s")
+    return out

@@ -1,0 +1,75 @@
+"""manifest.json of an export directory: written atomically, read with every file checked.
+
+Torch-free, so the Jetson engine build (tensorrt + numpy only) can use it.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+from .errors import StsError
+from .recipe import Recipe, _build
+from .runtime import Plan
+
+
+def sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 24), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def write_manifest(export_dir: Path, manifest: dict[str, Any]) -> None:
+    """Write manifest.json via a temporary file and an atomic rename."""
+    tmp = export_dir / ".manifest.json.tmp"
+    tmp.write_text(json.dumps(manifest, indent=2))
+    os.replace(tmp, export_dir / "manifest.json")
+
+
+FORMAT_VERSION = 1
+
+
+def read_manifest(export_dir: Path, verify: bool = True) -> dict[str, Any]:
+    """manifest.json of an export directory, with every graph present and matching its sha256."""
+    path = export_dir / "manifest.json"
+    if not export_dir.is_dir():
+        raise StsError(f"export directory {export_dir} does not exist")
+    if not path.is_file():
+        raise StsError(f"{export_dir} is not an export directory (no manifest.json); run export.py first")
+    try:
+        m = json.loads(path.read_text())
+    except json.JSONDecodeError:
+        raise StsError(f"{path} is corrupted (not JSON); re-export") from None
+    fmt = m.get("format_version")
+    if not isinstance(fmt, int) or fmt > FORMAT_VERSION:
+        raise StsError(f"{path} has format version {fmt}, newer than this sts-export reads ({FORMAT_VERSION}); upgrade sts-export")
+    for name, g in m.get("graphs", {}).items():
+        files = [(g["onnx"], g["sha256"])] + ([(g["external_data"]["file"], g["external_data"]["sha256"])] if "external_data" in g else [])
+        for fname, digest in files:
+            f = export_dir / fname
+            if not f.is_file():
+                raise StsError(f"graph '{name}' is missing ({f.name}); copy the whole export directory again or re-export")
+            if verify and sha256(f) != digest:
+                raise StsError(f"{f.name} differs from the manifest's sha256 (corrupted or edited); copy it again or re-export")
+    needed = {"vision", "embed", "segment1", "segment2"} | ({"prune"} if m.get("k_post", 0) < m.get("k_pre", 0) or m.get("method") in ("sts", "fastv") and m.get("budget") != "full" else set())
+    missing = sorted(needed - set(m.get("graphs", {})))
+    if missing:
+        raise StsError(f"{path} lists no graph(s) {', '.join(missing)}; re-export")
+    return m
+
+
+def manifest_recipe(m: dict[str, Any]) -> Recipe:
+    return _build(Recipe, m["recipe"], "manifest.recipe")
+
+
+def manifest_plan(m: dict[str, Any], recipe: Recipe) -> Plan:
+    plan = Plan.create(recipe, m["method"], m["budget"], "float16" if m["dtype"] == "fp16" else "float32")
+    if (plan.k_pre, plan.k_post, plan.prune_layer) != (m["k_pre"], m["k_post"], m["prune_layer"]):
+        raise StsError("manifest K/K'/prune_layer disagree with its recipe; the export directory is inconsistent")
+    return plan
+
+

@@ -1,0 +1,201 @@
+"""ONNX export + ONNX Runtime backend against the torch Pipeline, the graph contract, CLI errors."""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+
+from sts_export import Pipeline, StsError
+from sts_export.export import export
+from sts_export.run import load_export_pipeline
+from tests.conftest import make_image
+
+ROOT = Path(__file__).resolve().parent.parent
+PROMPT = "What is shown in this image?"
+CASES = [("tiny-llava", "none", "full"), ("tiny-llava", "sts", 64), ("tiny-llava", "sts-s", 64),
+         ("tiny-llava", "fastv", 300), ("tiny-llava", "divprune", 64), ("tiny-llava", "cls", 64),
+         ("tiny-llava-gqa", "sts", 32), ("tiny-llava-gqa", "sts-s", 48), ("tiny-llava-gqa", "fastv", 300),
+         ("tiny-llava-gqa", "divprune", 64), ("tiny-llava-gqa", "cls", 64), ("tiny-llava-gqa", "none", "full")]
+_EXPORTS: dict[tuple, Path] = {}
+
+
+def exported(tmp_root: Path, name: str, method: str, budget: int | str) -> Path:
+    key = (name, method, budget)
+    if key not in _EXPORTS:
+        # validation is exercised for one case (test_validation_report); the others compare 16 tokens below
+        _EXPORTS[key] = export(name, budget=budget, method=method, out=tmp_root / f"{name}-{method}-{budget}",
+                               validate=False, progress=lambda s: None)
+    return _EXPORTS[key]
+
+
+@pytest.fixture(scope="module")
+def tmp_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return tmp_path_factory.mktemp("exports")
+
+
+@pytest.mark.parametrize("name,method,budget", CASES)
+def test_ort_generation_equals_torch(tmp_root: Path, name: str, method: str, budget: int | str) -> None:
+    d = exported(tmp_root, name, method, budget)
+    ref = Pipeline.from_pretrained(name, budget=budget, method=method)
+    ort_pipe = load_export_pipeline(d, backend="onnxruntime", device="cpu")
+    img = make_image(seed=21)
+    a = ref.generate(img, PROMPT, max_new_tokens=16)
+    b = ort_pipe.generate(img, PROMPT, max_new_tokens=16)
+    assert b.tokens.tolist() == a.tokens.tolist()
+    assert b.keep_pre.tolist() == a.keep_pre.tolist()
+    assert (a.keep_post is None) == (b.keep_post is None)
+    if a.keep_post is not None:
+        assert b.keep_post.tolist() == a.keep_post.tolist()
+    assert np.abs(a.first_logits - b.first_logits).max() <= ref.recipe.tolerance.fp32
+    assert (b.s1, b.s2) == (a.s1, a.s2)
+
+
+EXPECTED = {
+    "vision": (["pixel_values"], ["image_embeds", "keep_pre"]),
+    "embed": (["input_ids"], ["inputs_embeds"]),
+    "prune": (["hidden", "position_ids", "image_start"], ["hidden_out", "position_ids_out", "keep_post"]),
+}
+
+
+@pytest.mark.parametrize("name,method,budget", [("tiny-llava-gqa", "sts", 32), ("tiny-llava", "none", "full")])
+def test_graph_io_contract(tmp_root: Path, name: str, method: str, budget: int | str) -> None:
+    """Names, dtypes and ranks of the ONNX files as DESIGN.md says (read from the files)."""
+    d = exported(tmp_root, name, method, budget)
+    m = json.loads((d / "manifest.json").read_text())
+    pl, layers = m["prune_layer"], m["recipe"]["text"]["num_layers"]
+    files = sorted(p.stem for p in d.glob("*.onnx"))
+    assert files == sorted(["vision", "embed", "segment1", "segment2"] + (["prune"] if method == "sts" else []))
+    T = onnx.TensorProto
+    for g in files:
+        model = onnx.load(str(d / f"{g}.onnx"), load_external_data=False)
+        ins = {v.name: (v.type.tensor_type.elem_type, len(v.type.tensor_type.shape.dim)) for v in model.graph.input}
+        outs = {v.name: (v.type.tensor_type.elem_type, len(v.type.tensor_type.shape.dim)) for v in model.graph.output}
+        if g in EXPECTED:
+            assert list(ins) == EXPECTED[g][0] and list(outs) == EXPECTED[g][1]
+        if g == "vision":
+            assert ins["pixel_values"] == (T.FLOAT, 4)
+            assert outs["image_embeds"] == (T.FLOAT, 3) and outs["keep_pre"] == (T.INT64, 2)
+        if g == "embed":
+            assert ins["input_ids"] == (T.INT64, 2) and outs["inputs_embeds"] == (T.FLOAT, 3)
+        if g == "prune":
+            assert ins["hidden"] == (T.FLOAT, 3) and ins["position_ids"] == (T.INT64, 2) and ins["image_start"] == (T.INT64, 0)
+            assert outs["keep_post"] == (T.INT64, 2) and outs["position_ids_out"] == (T.INT64, 2)
+        if g.startswith("segment"):
+            idx = range(0, pl) if g == "segment1" else range(pl, layers)
+            past = [f"past_{kv}_{i}" for i in idx for kv in ("key", "value")]
+            assert list(ins) == ["hidden", "position_ids", *past]
+            assert ins["hidden"] == (T.FLOAT, 3) and ins["position_ids"] == (T.INT64, 2)
+            assert all(ins[p] == (T.FLOAT, 4) for p in past)
+            first = "hidden_out" if g == "segment1" else "logits"
+            assert list(outs) == [first, *[p.replace("past_", "present_") for p in past]]
+            assert outs[first][1] == (3 if g == "segment1" else 2)
+    assert m["graphs"]["vision"]["outputs"][0]["shape"][1] == m["k_pre"]  # K fixed per export
+
+
+def test_validation_report_and_tokenizer(tmp_path: Path) -> None:
+    d = export("tiny-llava", budget=64, method="sts", out=tmp_path / "v", progress=lambda s: None)
+    rep = json.loads((d / "validation.json").read_text())
+    assert rep["passed"] is True
+    assert {"vision/prefill", "prune/prefill", "segment1/decode", "segment2/decode"} <= set(rep["graphs"])
+    for rows in rep["graphs"].values():
+        for r in rows:
+            assert r["ok"] and ("max_abs" in r or r.get("identical") is True)
+    assert rep["end_to_end"]["batch2"]["tokens_identical"]
+    for f in ("manifest.json", "tokenizer.json", "recipe.yaml", "vision.onnx"):
+        assert (d / f).is_file()
+    assert not list(tmp_path.glob(".v.tmp-*"))  # no temporary directory left behind
+
+
+def test_fp16_export_validates(tmp_path: Path) -> None:
+    """fp16 graphs: Stage 1 still selects in float32 (casts in the graph), indices identical to torch fp16."""
+    d = export("tiny-llava-gqa", budget=32, method="sts", dtype="fp16", out=tmp_path / "h", progress=lambda s: None)
+    rep = json.loads((d / "validation.json").read_text())
+    assert rep["passed"] and rep["dtype"] == "float16"
+    vis = onnx.load(str(d / "vision.onnx"), load_external_data=False)
+    assert any(n.op_type == "Cast" and any(a.name == "to" and a.i == onnx.TensorProto.FLOAT for a in n.attribute)
+               for n in vis.graph.node)
+
+
+def test_out_exists_refused_and_budget_range(tmp_path: Path) -> None:
+    (tmp_path / "x").mkdir()
+    with pytest.raises(StsError, match="already exists.*--force"):
+        export("tiny-llava", out=tmp_path / "x")
+    with pytest.raises(StsError, match="valid budgets are"):
+        export("tiny-llava", budget=5000, out=tmp_path / "y")
+    assert not (tmp_path / "y").exists()
+
+
+def test_runtime_rejects_bad_directories(tmp_root: Path, tmp_path: Path) -> None:
+    src = exported(tmp_root, "tiny-llava", "sts", 64)
+    d = tmp_path / "copy"
+    shutil.copytree(src, d)
+    with open(d / "segment2.onnx", "ab") as f:
+        f.write(b"\0")
+    with pytest.raises(StsError, match="segment2.onnx differs from the manifest's sha256"):
+        load_export_pipeline(d)
+    (d / "segment2.onnx").unlink()
+    with pytest.raises(StsError, match="graph 'segment2' is missing"):
+        load_export_pipeline(d)
+    shutil.copy(src / "segment2.onnx", d)
+    m = json.loads((d / "manifest.json").read_text())
+    m["format_version"] = 99
+    (d / "manifest.json").write_text(json.dumps(m))
+    with pytest.raises(StsError, match="format version 99, newer"):
+        load_export_pipeline(d)
+    with pytest.raises(StsError, match="not an export directory"):
+        load_export_pipeline(tmp_path)
+
+
+def run_cli(*args: str, cwd: Path = ROOT) -> subprocess.CompletedProcess:
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    return subprocess.run([sys.executable, *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=600)
+
+
+def test_cli_export_and_run(tmp_path: Path) -> None:
+    out = tmp_path / "cli-export"
+    r = run_cli("export.py", "--model", "tiny-llava", "--budget", "64", "--out", str(out))
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert "[1/5] exporting vision" in r.stdout and "validation: PASS" in r.stdout
+    img = tmp_path / "img.png"
+    make_image(seed=2).save(img)
+    r = run_cli("-m", "sts_export.run", str(out), "--image", str(img), "--prompt", PROMPT, "--max-new-tokens", "6")
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert "Stage 1 kept 96/576, Stage 2 kept 32" in r.stderr
+    pipe = Pipeline.from_pretrained("tiny-llava", budget=64)
+    want = pipe.decode(pipe.generate(img, PROMPT, max_new_tokens=6).tokens[0])
+    assert r.stdout.strip() == want.strip()
+    # the runner needs no transformers (and, for ONNX Runtime, no torch)
+    code = ("import sys, runpy; sys.argv=['run', %r, '--image', %r, '--input-ids', '1,4,20,21', '--max-new-tokens', '2'];"
+            "\ntry: runpy.run_module('sts_export.run', run_name='__main__')\nexcept SystemExit: pass\n"
+            "assert 'transformers' not in sys.modules and 'torch' not in sys.modules, 'heavy import'") % (str(out), str(img))
+    r = run_cli("-c", code)
+    assert r.returncode == 0, r.stderr[-2000:]
+
+
+@pytest.mark.parametrize("args,msg", [
+    (["export.py", "--model", "llava-9b"], "unknown model 'llava-9b'"),
+    (["export.py", "--model", "tiny-llava", "--budget", "5000"], "valid budgets are"),
+    (["export.py", "--model", "tiny-llava", "--target", "trt"], "TensorRT"),
+])
+def test_cli_errors_are_one_line(args: list[str], msg: str) -> None:
+    r = run_cli(*args)
+    assert r.returncode != 0
+    assert msg in r.stderr and "Traceback" not in r.stderr
+    assert len([l for l in r.stderr.splitlines() if l.startswith("error:")]) == 1
+
+
+def test_cli_out_exists_and_bad_image(tmp_root: Path, tmp_path: Path) -> None:
+    d = exported(tmp_root, "tiny-llava", "sts", 64)
+    r = run_cli("export.py", "--model", "tiny-llava", "--out", str(d))
+    assert r.returncode != 0 and "already exists" in r.stderr and "Traceback" not in r.stderr
+    bad = tmp_path / "x.jpg"
+    bad.write_text("not an image")
+    r = run_cli("-m", "sts_export.run", str(d), "--image", str(bad), "--prompt", "hi")
+    assert r.returncode == 2 and "not a readable image" in r.stderr and "Traceback" not in r.stderr
