@@ -1,0 +1,753 @@
+"""Static TensorRT compatibility check of ONNX graphs (needs only `onnx` and numpy, no TensorRT, no GPU).
+
+`check_model(path_or_model, trt_version="10.3")` walks every node (Loop/If/Scan bodies and model-local
+functions included) and reports what TensorRT's ONNX parser (onnx-tensorrt) would reject or get wrong:
+
+* op types the parser has no importer for in that version, and ops in custom domains (need a plugin);
+* tensor dtypes TensorRT cannot hold (DOUBLE, INT16, UINT16/32/64, COMPLEX, STRING, ...) and, per op, the
+  dtypes the support table lists (e.g. MatMul takes no INT64, Equal takes no BOOL);
+* TopK whose K is not a build-time constant, is >= 3840 (TensorRT's limit), or whose `sorted` is 0;
+* Loop without a constant trip count, or whose loop-carried values change shape between iterations;
+* the table's "must be an initializer" restrictions (Reduce* axes, Slice/Pad/Squeeze axes before the
+  release that lifted them, CumSum axis, OneHot depth) and a few attribute restrictions.
+
+Weights are never loaded (`load_external_data=False`), so multi-GB exports check in seconds.
+
+Source of the op table: onnx/onnx-tensorrt `docs/operators.md`, "ONNX-TensorRT 10.1 GA release" commit
+96e781103cfc4adf4a6bb557e94bac8e693f6f4c (2024-06-17; its header still reads "TensorRT 10.0 supports opset 9
+to 20"), https://github.com/onnx/onnx-tensorrt/blob/96e781103cfc4adf4a6bb557e94bac8e693f6f4c/docs/operators.md
+That table is what TensorRT 10.2/10.3 ship: the onnx-tensorrt `docs/Changelog.md` lists no added operator for
+10.2 or 10.3 (10.3 only lifts "Slice `axes` must be an initializer"). Later releases are applied as deltas from
+the same Changelog and the 10.15 GA `docs/operators.md` (see `_DELTAS`).
+"""
+from __future__ import annotations
+
+import os
+import re
+import textwrap
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterable
+
+import numpy as np
+import onnx
+from onnx import numpy_helper
+
+# ---------------------------------------------------------------------------------------------------------------
+# The support table (data). Types are the table's "Supported Types" column; None = listed as not supported.
+# ---------------------------------------------------------------------------------------------------------------
+
+F = ("FP32", "FP16", "BF16")
+F2 = ("FP32", "FP16")
+FI = F + ("INT32", "INT64")
+FIB = FI + ("BOOL",)
+B = ("BOOL",)
+N = None  # "Supported: N"
+
+_REDUCE = ("ReduceL1", "ReduceL2", "ReduceLogSum", "ReduceLogSumExp", "ReduceMax", "ReduceMean", "ReduceMin",
+           "ReduceProd", "ReduceSum", "ReduceSumSquare")
+_SEQUENCE = ("SequenceAt", "SequenceConstruct", "SequenceEmpty", "SequenceErase", "SequenceInsert",
+             "SequenceLength", "SequenceMap")
+
+# onnx-tensorrt 10.1 GA docs/operators.md (commit 96e781103cfc4adf4a6bb557e94bac8e693f6f4c), row by row.
+OPS_10_1: dict[str, tuple[str, ...] | None] = {
+    "Abs": FI, "Acos": F, "Acosh": F, "Add": FI, "AffineGrid": N, "And": B, "ArgMax": FI, "ArgMin": FI,
+    "Asin": F, "Asinh": F, "Atan": F, "Atanh": F, "AveragePool": F, "BatchNormalization": F, "Bernoulli": N,
+    "BitShift": N, "BitwiseAnd": N, "BitwiseNot": N, "BitwiseOr": N, "BitwiseXor": N, "BlackmanWindow": N,
+    "Cast": FI + ("UINT8", "BOOL"), "CastLike": FI + ("UINT8", "BOOL"), "Ceil": F, "Col2Im": N, "Celu": F,
+    "CenterCropPad": N, "Clip": F, "Compress": N, "Concat": FIB, "ConcatFromSequence": N, "Constant": FIB,
+    "ConstantOfShape": FIB,  # the table prints "INF64", read as INT64
+    "Conv": F, "ConvInteger": N, "ConvTranspose": F, "Cos": F, "Cosh": F, "CumSum": F, "DFT": N,
+    "DeformConv": F2, "DepthToSpace": FI, "DequantizeLinear": ("INT8", "FP8", "INT4"), "Det": N, "Div": FI,
+    "Dropout": F, "DynamicQuantizeLinear": N, "Einsum": F, "Elu": F, "Equal": FI, "Erf": F, "Exp": F,
+    "Expand": FIB, "EyeLike": FIB, "Flatten": FIB, "Floor": F, "Gather": FIB, "GatherElements": FIB,
+    "GatherND": FIB, "Gelu": FI + ("INT8",), "Gemm": F, "GlobalAveragePool": F, "GlobalLpPool": F,
+    "GlobalMaxPool": F, "Greater": FI, "GreaterOrEqual": FI, "GridSample": F2, "GroupNormalization": F, "GRU": F,
+    "HammingWindow": N, "HannWindow": N, "HardSigmoid": F, "HardSwish": F, "Hardmax": F, "Identity": FIB,
+    "If": FIB, "ImageScaler": F, "ImageDecoder": N, "InstanceNormalization": F, "IsInf": F, "IsNaN": FI,
+    "LayerNormalization": F, "LeakyRelu": F, "Less": FI, "LessOrEqual": FI, "Log": F, "LogSoftmax": F,
+    "Loop": FIB, "LRN": F, "LSTM": F, "LpNormalization": F, "LpPool": F, "MatMul": F, "MatMulInteger": N,
+    "Max": FI, "MaxPool": F, "MaxRoiPool": N, "MaxUnpool": N, "Mean": F + ("FP8", "INT32", "INT64"),
+    "MeanVarianceNormalization": F, "MelWeightMatrix": N, "Min": FI, "Mish": F2, "Mod": FI, "Mul": FI,
+    "Multinomial": N, "Neg": FI, "NegativeLogLikelihoodLoss": N, "NonMaxSuppression": F2, "NonZero": F2,
+    "Not": B, "OneHot": FIB, "Optional": N, "OptionalGetElement": N, "OptionalHasElement": N, "Or": B,
+    "Pad": FI, "ParametricSoftplus": F, "Pow": F, "PRelu": F, "QLinearConv": N, "QLinearMatMul": N,
+    "QuantizeLinear": F, "RandomNormal": F, "RandomNormalLike": F, "RandomUniform": F, "RandomUniformLike": F,
+    "Range": FI, "Reciprocal": F, **{op: FI for op in _REDUCE}, "RegexFullMatch": N, "Relu": FI,
+    "Reshape": FIB, "Resize": F, "ReverseSequence": FIB, "RNN": F, "RoiAlign": F2, "Round": F, "STFT": N,
+    "ScaledTanh": F, "Scan": F, "Scatter": FI, "ScatterElements": FI, "ScatterND": FI, "Selu": F,
+    **{op: N for op in _SEQUENCE}, "Shape": FIB, "Shrink": FI, "Sigmoid": F, "Sign": FI, "Sin": F, "Sinh": F,
+    "Size": FIB, "Slice": FIB, "Softmax": F, "SoftmaxCrossEntropyLoss": N, "Softplus": F, "Softsign": F,
+    "SpaceToDepth": FI, "Split": FIB, "SplitToSequence": N, "Sqrt": F, "Squeeze": FIB, "StringConcat": N,
+    "StringNormalizer": N, "StringSplit": N, "Sub": FI, "Sum": FI, "Tan": F, "Tanh": F, "TfIdfVectorizer": N,
+    "ThresholdedRelu": F, "Tile": FIB, "TopK": FI, "Transpose": FIB, "Trilu": FIB, "Unique": N,
+    "Unsqueeze": FIB, "Upsample": F, "Where": FIB, "Xor": B,
+}
+
+# Operator additions after 10.1, from onnx-tensorrt docs/Changelog.md ("Added support for ...") with the types
+# of the 10.15 GA docs/operators.md. Key: first TensorRT (major, minor) that has it.
+_DELTAS: dict[tuple[int, int], dict[str, tuple[str, ...] | None]] = {
+    (10, 4): {"BlackmanWindow": F2, "HammingWindow": F2, "HannWindow": F2},
+    (10, 5): {"STFT": ("FP32",)},
+    (10, 12): {"Pow": FI},  # integer-typed base tensors
+    (10, 14): {"Attention": F + ("INT8", "FP8")},
+    (10, 15): {"RotaryEmbedding": F, "RMSNormalization": F, "TensorScatter": F + ("INT32",)},
+}
+# "must be a constant" input restrictions: (op, input index) -> (first release without it, input name).
+_CONST_INPUT_UNTIL: dict[tuple[str, int], tuple[tuple[int, int], str]] = {
+    ("Slice", 3): ((10, 3), "axes"),  # Changelog 10.3: "Added support for tensor `axes` inputs for `Slice` nodes"
+    ("Pad", 3): ((10, 4), "axes"),  # 10.4: "Added support for tensor `axes` for `Pad` operations"
+    ("Squeeze", 1): ((10, 7), "axes"),  # 10.7: "Added dynamic axes support for `Squeeze` and `Unsqueeze`"
+    ("Unsqueeze", 1): ((10, 7), "axes"),
+    ("CumSum", 1): ((10, 8), "axis"),  # 10.8: "Added support for dynamic axes ... of `CumSum` operations"
+    ("OneHot", 1): ((99, 0), "depth"),  # "`depth` must be a build-time constant" (still in 10.15)
+    **{(op, 1): ((99, 0), "axes") for op in _REDUCE},  # "`axes` must be an initializer" (still in 10.15)
+}
+# Highest default-domain opset the parser documents / vendors (header of operators.md, ONNX submodule version in
+# the Changelog). Newer opsets only log a warning in the parser, so this is a warning here too.
+_MAX_OPSET: list[tuple[tuple[int, int], int]] = [((10, 0), 20), ((10, 6), 22), ((10, 11), 23), ((10, 15), 24)]
+_TABLE_LATEST = (10, 15)
+
+TOPK_MAX_K = 3840  # operators.md, TopK: "`K` input must be less than 3840"
+_INT32_MAX = 2**31 - 1  # the parser treats a Loop trip count >= INT32_MAX as "no trip count" (while-loop)
+
+# ONNX element type name -> the table's type token. Anything else TensorRT has no type for.
+_TYPE_TOKEN = {"FLOAT": "FP32", "FLOAT16": "FP16", "BFLOAT16": "BF16", "INT32": "INT32", "INT64": "INT64",
+               "BOOL": "BOOL", "UINT8": "UINT8", "INT8": "INT8", "FLOAT8E4M3FN": "FP8", "INT4": "INT4",
+               "FLOAT4E2M1": "FP4"}
+# Which tensor the "Supported Types" column refers to, where it is not input 0.
+_TYPED_SLOT: dict[str, tuple[str, int]] = {
+    "Constant": ("out", 0), "ConstantOfShape": ("out", 0), "RandomNormal": ("out", 0),
+    "RandomUniform": ("out", 0), "Where": ("in", 1), "OneHot": ("in", 2), "If": ("out", 0),
+}
+_CONTROL_FLOW = ("Loop", "If", "Scan")
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Report
+# ---------------------------------------------------------------------------------------------------------------
+
+@dataclass
+class Issue:
+    graph: str
+    node: str
+    op: str
+    what: str
+    severity: str = "error"  # "error" (TensorRT rejects or computes something else) | "warning"
+
+    def line(self) -> str:
+        return f"{self.graph}:{self.node}({self.op}): {self.what}"
+
+
+@dataclass
+class Report:
+    """Result of `check_model`: `.ok`, `.problems` (one line each), `.warnings`, `.format()`."""
+
+    graph: str
+    trt_version: str
+    issues: list[Issue] = field(default_factory=list)
+    num_nodes: int = 0
+    op_counts: dict[str, int] = field(default_factory=dict)
+
+    @property
+    def ok(self) -> bool:
+        return not any(i.severity == "error" for i in self.issues)
+
+    @property
+    def problems(self) -> list[str]:
+        return [i.line() for i in self.issues if i.severity == "error"]
+
+    @property
+    def warnings(self) -> list[str]:
+        return [i.line() for i in self.issues if i.severity == "warning"]
+
+    def format(self, width: int = 120) -> str:
+        """A text table: one row per issue (errors first), under a one-line verdict."""
+        n_err = len(self.problems)
+        verdict = "OK" if self.ok else f"{n_err} problem{'s' * (n_err != 1)}"
+        head = f"{self.graph}: {verdict} ({self.num_nodes} nodes, TensorRT {self.trt_version} ONNX parser table)"
+        rows = sorted(self.issues, key=lambda i: i.severity != "error")
+        if not rows:
+            return head
+        cells = [(("E" if i.severity == "error" else "W"), i.node, i.op, i.what) for i in rows]
+        w_node = min(max(len(c[1]) for c in cells + [("", "node", "", "")]), 48)
+        w_op = min(max(len(c[2]) for c in cells + [("", "", "op", "")]), 20)
+        w_what = max(30, width - w_node - w_op - 6)
+        lines = [head, f"  {'':1} {'node':<{w_node}} {'op':<{w_op}} what", "  " + "-" * (w_node + w_op + w_what + 3)]
+        pad = " " * (w_node + w_op + 5)
+        for sev, node, op, what in cells:
+            node = node if len(node) <= w_node else "…" + node[-(w_node - 1):]
+            wrapped = textwrap.wrap(what, w_what) or [""]
+            lines.append(f"  {sev} {node:<{w_node}} {op[:w_op]:<{w_op}} {wrapped[0]}")
+            lines.extend(pad + more for more in wrapped[1:])
+        return "\n".join(lines)
+
+    def __str__(self) -> str:
+        return self.format()
+
+
+def format_reports(reports: dict[str, Report]) -> str:
+    """All reports of `check_dir`, one table per graph."""
+    return "\n\n".join(r.format() for r in reports.values())
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Version handling
+# ---------------------------------------------------------------------------------------------------------------
+
+def parse_version(v: str | tuple[int, ...]) -> tuple[int, int]:
+    """'10.3', '10.3.0.26' or (10, 3) -> (10, 3). Only TensorRT 10+ is covered by the table."""
+    if isinstance(v, tuple):
+        parts = [int(x) for x in v[:2]] + [0] * (2 - len(v[:2]))
+    else:
+        m = re.match(r"^\s*(\d+)(?:\.(\d+))?", str(v))
+        if not m:
+            raise ValueError(f"cannot parse TensorRT version {v!r} (expected e.g. '10.3')")
+        parts = [int(m.group(1)), int(m.group(2) or 0)]
+    if parts[0] < 10:
+        raise ValueError(f"TensorRT {v} is older than the table this check encodes (TensorRT 10.x)")
+    return parts[0], parts[1]
+
+
+def op_table(trt_version: str | tuple[int, ...] = "10.3") -> dict[str, tuple[str, ...] | None]:
+    """The parser's op -> supported types table for a TensorRT version (None: op listed as unsupported)."""
+    ver = parse_version(trt_version)
+    table = dict(OPS_10_1)
+    for since, ops in sorted(_DELTAS.items()):
+        if ver >= since:
+            table.update(ops)
+    return table
+
+
+def max_opset(trt_version: str | tuple[int, ...] = "10.3") -> int:
+    ver = parse_version(trt_version)
+    return max(o for since, o in _MAX_OPSET if ver >= since)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Scopes: what is known about each tensor name (type, shape, constant value), with outer-scope fallback
+# ---------------------------------------------------------------------------------------------------------------
+
+_UNKNOWN = object()  # a constant whose value could not be read (external data not found, or too big to bother)
+_MAX_READ = 4096  # elements: K, trip counts and axes are tiny; weights are never read
+
+
+class _Lazy:
+    """An initializer whose value is read (from external data if need be) only when a check needs it."""
+
+    def __init__(self, tensor: onnx.TensorProto, base_dir: str | None) -> None:
+        self.tensor, self.base_dir, self.value = tensor, base_dir, None
+
+    def get(self) -> Any:
+        if self.value is None:
+            n = int(np.prod(list(self.tensor.dims), dtype=np.int64))
+            self.value = _read_tensor(self.tensor, self.base_dir) if n <= _MAX_READ else _UNKNOWN
+        return self.value
+
+
+@dataclass
+class _Scope:
+    types: dict[str, tuple[int, list[int | str | None] | None]]  # name -> (elem_type, dims or None)
+    consts: dict[str, Any]  # name -> np.ndarray | _UNKNOWN (initializers, Constant outputs, folded)
+    strict: set[str]  # names that are initializers or Constant outputs (the parser's "weights")
+    producers: dict[str, tuple[str, str]]  # name -> (node label, op)
+    graph_io: set[str]  # graph inputs and outputs of the top-level graph (UINT8 allowed there)
+    parent: "_Scope | None" = None
+
+    def type(self, name: str) -> tuple[int, list[int | str | None] | None] | None:
+        s: _Scope | None = self
+        while s is not None:
+            if name in s.types:
+                return s.types[name]
+            s = s.parent
+        return None
+
+    def raw(self, name: str) -> Any:
+        """Constant value, possibly partial (object array with None for runtime dims), or None."""
+        s: _Scope | None = self
+        while s is not None:
+            if name in s.consts:
+                v = s.consts[name]
+                return v.get() if isinstance(v, _Lazy) else v
+            if name in s.types:
+                return None  # a non-constant tensor of this scope (shadows outer names)
+            s = s.parent
+        return None
+
+    def const(self, name: str, strict: bool = False) -> Any:
+        """Constant value (np.ndarray or _UNKNOWN) or None when `name` is not a build-time constant."""
+        s: _Scope | None = self
+        while s is not None:
+            if name in s.consts:
+                if strict and name not in s.strict:
+                    return None
+                v = s.consts[name]
+                v = v.get() if isinstance(v, _Lazy) else v
+                return v if v is _UNKNOWN or _known(v) else None
+            if name in s.types:
+                return None
+            s = s.parent
+        return None
+
+
+def _dims(t: onnx.TypeProto) -> tuple[int, list[int | str | None] | None] | None:
+    if not t.HasField("tensor_type"):
+        return None
+    tt = t.tensor_type
+    if not tt.HasField("shape"):
+        return tt.elem_type, None
+    return tt.elem_type, [d.dim_value if d.HasField("dim_value") else (d.dim_param or None) for d in tt.shape.dim]
+
+
+def _read_tensor(t: onnx.TensorProto, base_dir: str | None) -> Any:
+    try:
+        if onnx.external_data_helper.uses_external_data(t):
+            if base_dir is None:
+                return _UNKNOWN
+            return numpy_helper.to_array(t, base_dir=base_dir)
+        return numpy_helper.to_array(t)
+    except Exception:  # noqa: BLE001 - unreadable value: still a constant, value unknown
+        return _UNKNOWN
+
+
+def _constant_node_value(node: onnx.NodeProto, base_dir: str | None) -> Any:
+    for a in node.attribute:
+        if a.name == "value":
+            return _read_tensor(a.t, base_dir)
+        if a.name == "value_int":
+            return np.array(a.i, dtype=np.int64)
+        if a.name == "value_ints":
+            return np.array(list(a.ints), dtype=np.int64)
+        if a.name == "value_float":
+            return np.array(a.f, dtype=np.float32)
+        if a.name == "value_floats":
+            return np.array(list(a.floats), dtype=np.float32)
+    return _UNKNOWN
+
+
+def _known(v: Any) -> bool:
+    """A fully known value (partial shape values are object arrays holding None for runtime dims)."""
+    return v is not None and v is not _UNKNOWN and not (v.dtype == object and any(x is None for x in v.flat))
+
+
+def _fold(node: onnx.NodeProto, vals: list[Any], in_dims: list[int | str | None] | None) -> Any:
+    """Value of `node` when its inputs are (partially) constant: the shape arithmetic exporters emit for TopK K
+    or loop trip counts, e.g. Gather(Shape(x), 1) on a static dim, or Cast(Constant). None when not constant."""
+    op, x = node.op_type, (vals[0] if vals else None)
+    if op == "Shape":
+        if in_dims is None:
+            return None
+        dims = np.array([d if isinstance(d, int) else None for d in in_dims], dtype=object)
+        return dims[_attr(node, "start", 0): _attr(node, "end", None)]
+    if op == "Size":
+        ok = in_dims is not None and all(isinstance(d, int) for d in in_dims)
+        return np.array(int(np.prod(in_dims, dtype=np.int64)), dtype=np.int64) if ok else None
+    if any(v is _UNKNOWN for v in vals if v is not None):
+        return _UNKNOWN
+    try:
+        if op == "Identity":
+            return x
+        if op == "Cast":
+            to = onnx.helper.tensor_dtype_to_np_dtype(_attr(node, "to"))
+            return x.astype(to) if _known(x) else x
+        if op == "Unsqueeze":
+            axes = _attr(node, "axes") if len(vals) < 2 else [int(a) for a in vals[1].reshape(-1)]
+            out = x
+            for a in sorted(int(a) % (x.ndim + len(axes)) for a in axes):
+                out = np.expand_dims(out, a)
+            return out
+        if op == "Squeeze":
+            axes = _attr(node, "axes") if len(vals) < 2 else [int(a) for a in vals[1].reshape(-1)]
+            return np.squeeze(x, axis=tuple(int(a) for a in axes)) if axes is not None else np.squeeze(x)
+        if op == "Reshape":
+            shape = [int(d) for d in vals[1].reshape(-1)]
+            shape = [x.shape[i] if d == 0 and not _attr(node, "allowzero", 0) else d for i, d in enumerate(shape)]
+            return x.reshape(shape)
+        if op == "Flatten":
+            axis = _attr(node, "axis", 1) % max(x.ndim, 1)
+            return x.reshape(int(np.prod(x.shape[:axis], dtype=np.int64)), -1)
+        if op == "Concat":
+            return np.concatenate([np.atleast_1d(v) for v in vals], axis=_attr(node, "axis", 0))
+        if op == "Gather":
+            idx = vals[1]
+            return np.take(x, idx.astype(np.int64), axis=_attr(node, "axis", 0)) if _known(idx) else None
+        if op == "Slice" and x.ndim == 1 and all(_known(v) for v in vals[1:] if v is not None):
+            starts, ends = int(vals[1].reshape(-1)[0]), int(vals[2].reshape(-1)[0])
+            steps = int(vals[4].reshape(-1)[0]) if len(vals) > 4 and vals[4] is not None else 1
+            return x[slice(starts, ends, steps)]
+        if op in ("Add", "Sub", "Mul", "Div") and _known(x) and _known(vals[1]):
+            a, b = x, vals[1]
+            if op == "Div" and np.issubdtype(a.dtype, np.integer):
+                return (np.trunc(a / b)).astype(np.result_type(a, b))
+            return {"Add": np.add, "Sub": np.subtract, "Mul": np.multiply, "Div": np.divide}[op](a, b)
+    except Exception:  # noqa: BLE001 - anything unusual: treat as not foldable
+        return None
+    return None
+
+
+_FOLDABLE = ("Identity", "Cast", "Squeeze", "Unsqueeze", "Reshape", "Flatten", "Concat", "Shape", "Size", "Gather",
+             "Slice", "Add", "Sub", "Mul", "Div")
+
+
+def _attr(node: onnx.NodeProto, name: str, default: Any = None) -> Any:
+    for a in node.attribute:
+        if a.name == name:
+            return onnx.helper.get_attribute_value(a)
+    return default
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The checker
+# ---------------------------------------------------------------------------------------------------------------
+
+class _Checker:
+    def __init__(self, model: onnx.ModelProto, graph_name: str, trt_version: str, base_dir: str | None) -> None:
+        self.model, self.graph_name, self.base_dir = model, graph_name, base_dir
+        self.ver = parse_version(trt_version)
+        self.table = op_table(self.ver)
+        self.report = Report(graph_name, trt_version)
+        self.functions = {(f.domain, f.name): f for f in model.functions}
+        self.flagged_tensors: set[str] = set()
+
+    def add(self, node: str, op: str, what: str, severity: str = "error") -> None:
+        self.report.issues.append(Issue(self.graph_name, node, op, what, severity))
+
+    # -- scopes ---------------------------------------------------------------------------------------------
+    def scope(self, g: onnx.GraphProto, parent: _Scope | None, top: bool = False) -> _Scope:
+        types: dict[str, Any] = {}
+        for vi in list(g.input) + list(g.value_info) + list(g.output):
+            d = _dims(vi.type)
+            if d is not None and vi.name:
+                types[vi.name] = d
+        consts: dict[str, Any] = {}
+        strict: set[str] = set()
+        input_names = {i.name for i in g.input}
+        for init in g.initializer:
+            types.setdefault(init.name, (init.data_type, list(init.dims)))
+            if init.name not in input_names:  # an initializer that is also a graph input can be overridden
+                consts[init.name] = _Lazy(init, self.base_dir)
+                strict.add(init.name)
+        producers: dict[str, tuple[str, str]] = {}
+        io = ({i.name for i in g.input} | {o.name for o in g.output}) if top else set()
+        s = _Scope(types, consts, strict, producers, io, parent)
+        for idx, node in enumerate(g.node):
+            label = node.name or f"#{idx}"
+            for o in node.output:
+                if o:
+                    producers[o] = (label, node.op_type)
+            if node.op_type == "Constant" and node.domain in ("", "ai.onnx"):
+                for o in node.output:
+                    consts[o] = _constant_node_value(node, self.base_dir)
+                    strict.add(o)
+            elif node.op_type in _FOLDABLE and node.domain in ("", "ai.onnx") and node.input and node.output[0]:
+                vals = [s.raw(i) if i else None for i in node.input]
+                dims = (s.type(node.input[0]) or (0, None))[1]
+                if node.op_type in ("Shape", "Size") or all(v is not None for v, i in zip(vals, node.input) if i):
+                    val = _fold(node, vals, dims)
+                    if val is not None and val is not _UNKNOWN:
+                        val = np.asarray(val)
+                        if val.dtype == object and _known(val):
+                            val = val.astype(np.int64)
+                    if val is not None:
+                        consts[node.output[0]] = val
+        return s
+
+    # -- graph walk -----------------------------------------------------------------------------------------
+    def check_graph(self, g: onnx.GraphProto, scope: _Scope, prefix: str = "") -> None:
+        self.check_tensor_types(g, scope, prefix)
+        for idx, node in enumerate(g.node):
+            self.check_node(node, prefix + (node.name or f"#{idx}"), scope)
+
+    def check_tensor_types(self, g: onnx.GraphProto, scope: _Scope, prefix: str) -> None:
+        graph_inputs = {i.name for i in g.input}
+        for name, (elem, _) in scope.types.items():
+            if not elem or name in self.flagged_tensors:
+                continue
+            what = self.dtype_problem(elem, name, scope)
+            if what is None:
+                continue
+            self.flagged_tensors.add(name)
+            if name in scope.producers:
+                node, op = scope.producers[name]
+                node = prefix + node
+            elif name in graph_inputs:
+                node, op = prefix + name, "input"
+            else:
+                node, op = prefix + name, "initializer"
+            self.add(node, op, what)
+
+    def dtype_problem(self, elem: int, name: str, scope: _Scope) -> str | None:
+        tname = onnx.TensorProto.DataType.Name(elem) if elem in onnx.TensorProto.DataType.values() else str(elem)
+        token = _TYPE_TOKEN.get(tname)
+        if tname == "DOUBLE":
+            return (f"tensor '{name}' is DOUBLE: TensorRT has no float64 (the parser silently casts it to float32, "
+                    f"clamping at +-FLT_MAX); export it as float32")
+        if token is None or (token == "FP4" and self.ver < (10, 8)):
+            return f"tensor '{name}' is {tname}: TensorRT {self.ver[0]}.{self.ver[1]} has no such type"
+        if token == "UINT8" and scope.parent is None and name not in scope.graph_io and name in scope.producers:
+            return f"tensor '{name}' is UINT8: TensorRT takes UINT8 only as a network input/output"
+        return None
+
+    def check_node(self, node: onnx.NodeProto, label: str, scope: _Scope) -> None:
+        op = node.op_type
+        self.report.num_nodes += 1
+        self.report.op_counts[op] = self.report.op_counts.get(op, 0) + 1
+        if node.domain not in ("", "ai.onnx"):
+            fn = self.functions.get((node.domain, op))
+            if fn is not None:  # model-local function: the parser imports its body (TensorRT >= 9)
+                self.check_function(fn, label, scope)
+                return
+            self.add(label, op, f"custom op (domain '{node.domain}'): TensorRT needs a plugin registered for "
+                                f"'{op}'; none ships with TensorRT's ONNX parser")
+            return
+        if op not in self.table:
+            fn = self.functions.get((node.domain, op))
+            if fn is not None:
+                self.check_function(fn, label, scope)
+                return
+            self.add(label, op, f"op '{op}' is not in the TensorRT {self._v()} ONNX parser's support table "
+                                f"(no importer; it would need a plugin)")
+            return
+        types = self.table[op]
+        if types is None:
+            self.add(label, op, f"op '{op}' is listed as unsupported by the TensorRT {self._v()} ONNX parser")
+            return
+        self.check_op_dtype(node, label, scope, types)
+        rule = getattr(self, f"rule_{op}", None)
+        if rule is not None:
+            rule(node, label, scope)
+        for (rop, idx), (until, what) in _CONST_INPUT_UNTIL.items():
+            if rop == op and self.ver < until:
+                self.need_const_input(node, label, scope, idx, what)
+        for a in node.attribute:  # Loop/If/Scan bodies
+            if a.type == onnx.AttributeProto.GRAPH:
+                self.check_graph(a.g, self.scope(a.g, scope), prefix=f"{label}/{a.name}/")
+            elif a.type == onnx.AttributeProto.GRAPHS:
+                for k, sub in enumerate(a.graphs):
+                    self.check_graph(sub, self.scope(sub, scope), prefix=f"{label}/{a.name}[{k}]/")
+
+    def check_function(self, fn: onnx.FunctionProto, label: str, scope: _Scope) -> None:
+        fscope = _Scope({}, {}, set(), {}, set(), scope)
+        for idx, n in enumerate(fn.node):
+            self.check_node(n, f"{label}/{fn.name}/{n.name or '#' + str(idx)}", fscope)
+
+    def _v(self) -> str:
+        return f"{self.ver[0]}.{self.ver[1]}"
+
+    # -- per-op dtype column --------------------------------------------------------------------------------
+    def check_op_dtype(self, node: onnx.NodeProto, label: str, scope: _Scope, types: tuple[str, ...]) -> None:
+        if node.op_type in _CONTROL_FLOW and node.op_type != "If":
+            return
+        kind, idx = _TYPED_SLOT.get(node.op_type, ("in", 0))
+        names = node.input if kind == "in" else node.output
+        if idx >= len(names) or not names[idx]:
+            return
+        t = scope.type(names[idx])
+        if t is None or not t[0]:
+            return
+        tname = onnx.TensorProto.DataType.Name(t[0]) if t[0] in onnx.TensorProto.DataType.values() else "?"
+        token = _TYPE_TOKEN.get(tname)
+        if token is None or names[idx] in self.flagged_tensors:
+            return  # reported once as an impossible tensor type
+        if token == "UINT8" and node.op_type not in ("Cast", "CastLike"):
+            return  # UINT8 is reported by the tensor check (only allowed as network IO, which then feeds a Cast)
+        if token not in types:
+            self.add(label, node.op_type, f"{'input' if kind == 'in' else 'output'} '{names[idx]}' is {tname}; the "
+                                          f"TensorRT {self._v()} parser table lists {node.op_type} for "
+                                          f"{', '.join(types)} only")
+
+    def need_const_input(self, node: onnx.NodeProto, label: str, scope: _Scope, idx: int, what: str) -> None:
+        if idx < len(node.input) and node.input[idx] and scope.const(node.input[idx], strict=True) is None:
+            self.add(label, node.op_type, f"`{what}` ('{node.input[idx]}') must be an initializer/Constant for the "
+                                          f"TensorRT {self._v()} parser")
+
+    # -- op rules -------------------------------------------------------------------------------------------
+    def rule_TopK(self, node: onnx.NodeProto, label: str, scope: _Scope) -> None:
+        if _attr(node, "sorted", 1) == 0:
+            self.add(label, "TopK", "`sorted` must be 1 for TensorRT (sorted=0 is not supported)")
+        k_attr = _attr(node, "k")
+        if len(node.input) < 2 and k_attr is not None:  # opset < 10: K is an attribute
+            k = k_attr
+        else:
+            name = node.input[1] if len(node.input) > 1 else ""
+            val = scope.const(name) if name else None
+            if val is None:
+                self.add(label, "TopK", f"K ('{name}') is not a constant initializer: TensorRT needs K at build time "
+                                        f"to check it against its limit ({TOPK_MAX_K}); export K as a constant")
+                return
+            if val is _UNKNOWN:
+                self.add(label, "TopK", f"K ('{name}') is constant but its value could not be read", "warning")
+                return
+            k = int(np.asarray(val).reshape(-1)[0])
+        if k >= TOPK_MAX_K:
+            self.add(label, "TopK", f"K={k} >= {TOPK_MAX_K}: TensorRT's TopK supports K < {TOPK_MAX_K}")
+
+    def rule_Loop(self, node: onnx.NodeProto, label: str, scope: _Scope) -> None:
+        body = _attr(node, "body")
+        trip = node.input[0] if node.input else ""
+        if not trip:
+            self.add(label, "Loop", "no trip count (a while-loop driven by `cond`): TensorRT needs a constant trip "
+                                    "count (scan-output length cannot be dynamic); loop a fixed number of times")
+        else:
+            val = scope.const(trip)
+            if val is None:
+                self.add(label, "Loop", f"trip count '{trip}' is not a constant: TensorRT needs a fixed iteration "
+                                        f"count (scan-output length cannot be dynamic)")
+            elif val is not _UNKNOWN and int(np.asarray(val).reshape(-1)[0]) >= _INT32_MAX:
+                self.add(label, "Loop", "trip count is INT_MAX, which TensorRT treats as 'no trip count' "
+                                        "(while-loop); loop a fixed number of times")
+        if body is None:
+            return
+        bscope = self.scope(body, scope)
+        n_carried = max(0, len(node.input) - 2)
+        for i in range(n_carried):
+            init_name = node.input[2 + i]
+            in_vi = body.input[2 + i] if 2 + i < len(body.input) else None
+            out_vi = body.output[1 + i] if 1 + i < len(body.output) else None
+            if in_vi is None or out_vi is None:
+                continue
+            shapes = {
+                "initial": (scope.type(init_name) or (0, None))[1],
+                "body input": (bscope.type(in_vi.name) or (0, None))[1],
+                "after one iteration": (bscope.type(out_vi.name) or (0, None))[1],
+            }
+            verdict = _shape_change(shapes)
+            if verdict is None:
+                continue
+            severity, why = verdict
+            self.add(label, "Loop", f"loop-carried '{init_name}' {why}: TensorRT requires loop-carried values to "
+                                    f"keep the same shape across iterations", severity)
+
+    def rule_ScatterND(self, node: onnx.NodeProto, label: str, scope: _Scope) -> None:
+        red = _attr(node, "reduction", b"none")
+        red = red.decode() if isinstance(red, bytes) else red
+        if red != "none":
+            self.add(label, "ScatterND", f"reduction='{red}' is not supported by TensorRT (only 'none')")
+
+    def rule_MaxPool(self, node: onnx.NodeProto, label: str, scope: _Scope) -> None:
+        if len(node.output) > 1 and node.output[1]:
+            self.add(label, "MaxPool", "the `Indices` output is not supported by TensorRT")
+
+    def rule_LayerNormalization(self, node: onnx.NodeProto, label: str, scope: _Scope) -> None:
+        if any(o for o in node.output[1:]):
+            self.add(label, "LayerNormalization", "only the first output `Y` is supported by TensorRT")
+
+    def rule_Resize(self, node: onnx.NodeProto, label: str, scope: _Scope) -> None:
+        mode = _attr(node, "mode", b"nearest")
+        mode = mode.decode() if isinstance(mode, bytes) else mode
+        if mode not in ("nearest", "linear"):
+            self.add(label, "Resize", f"mode='{mode}' is not supported by TensorRT (nearest, linear)")
+        if _attr(node, "antialias", 0):
+            self.add(label, "Resize", "antialiasing is not supported by TensorRT")
+
+    def rule_Dropout(self, node: onnx.NodeProto, label: str, scope: _Scope) -> None:
+        if len(node.input) > 2 and node.input[2]:
+            val = scope.const(node.input[2], strict=True)
+            if val is None or (val is not _UNKNOWN and bool(np.asarray(val).reshape(-1)[0])):
+                self.add(label, "Dropout", "`training_mode` must be an initializer that is False")
+
+    def rule_Constant(self, node: onnx.NodeProto, label: str, scope: _Scope) -> None:
+        for a in node.attribute:
+            if a.name in ("sparse_value", "value_string", "value_strings"):
+                self.add(label, "Constant", f"attribute `{a.name}` is not supported by TensorRT")
+
+    def run(self) -> Report:
+        for imp in self.model.opset_import:
+            if imp.domain in ("", "ai.onnx"):
+                if imp.version < 7:
+                    self.add("<model>", "opset", f"opset {imp.version} < 7: the TensorRT parser rejects it")
+                elif imp.version > max_opset(self.ver):
+                    self.add("<model>", "opset", f"opset {imp.version} is newer than the {max_opset(self.ver)} "
+                                                 f"TensorRT {self._v()} documents (the parser only warns)", "warning")
+        if self.ver > _TABLE_LATEST:
+            self.add("<model>", "table", f"the encoded table ends at TensorRT {_TABLE_LATEST[0]}.{_TABLE_LATEST[1]}; "
+                                         f"{self._v()} may support more", "warning")
+        top = self.scope(self.model.graph, None, top=True)
+        self.check_graph(self.model.graph, top)
+        return self.report
+
+
+def _shape_change(shapes: dict[str, list[int | str | None] | None]) -> tuple[str, str] | None:
+    """(severity, why) when a loop-carried value's shape is not provably constant; None when it is."""
+    known = {k: v for k, v in shapes.items() if v is not None}
+    ref_key = "initial" if "initial" in known else next(iter(known), None)
+    if ref_key is None or "after one iteration" not in known:
+        return ("warning", "has no inferable shape after an iteration, so its shape could not be checked")
+    ref = known[ref_key]
+    for k, dims in known.items():
+        if k == ref_key:
+            continue
+        if len(dims) != len(ref):
+            return ("error", f"changes rank ({ref_key} {_fmt(ref)}, {k} {_fmt(dims)})")
+        for a, b in zip(ref, dims):
+            if isinstance(a, int) and a > 0 and isinstance(b, int) and b > 0 and a != b:
+                return ("error", f"changes shape ({ref_key} {_fmt(ref)}, {k} {_fmt(dims)})")
+            if isinstance(a, int) and a > 0 and isinstance(b, str):
+                return ("error", f"changes shape ({ref_key} {_fmt(ref)}, {k} {_fmt(dims)})")
+            if isinstance(a, int) and a > 0 and b is None and k == "after one iteration":
+                return ("warning", f"may change shape ({ref_key} {_fmt(ref)}, {k} {_fmt(dims)})")
+    return None
+
+
+def _fmt(dims: list[int | str | None]) -> str:
+    return "[" + ",".join("?" if d is None else str(d) for d in dims) + "]"
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Public API
+# ---------------------------------------------------------------------------------------------------------------
+
+def _load(model_or_path: onnx.ModelProto | str | os.PathLike) -> tuple[onnx.ModelProto, str, str | None]:
+    if isinstance(model_or_path, onnx.ModelProto):
+        return model_or_path, (model_or_path.graph.name or "model"), None
+    path = Path(model_or_path)
+    model = onnx.load(str(path), load_external_data=False)
+    return model, path.stem, str(path.parent)
+
+
+def _infer(model: onnx.ModelProto) -> onnx.ModelProto:
+    """Shape/type inference without weights; the model unchanged when inference fails (e.g. > 2 GB inline)."""
+    try:
+        return onnx.shape_inference.infer_shapes(model, check_type=False, strict_mode=False, data_prop=True)
+    except Exception:  # noqa: BLE001 - inference is best-effort; declared types are still checked
+        return model
+
+
+def check_model(model_or_path: onnx.ModelProto | str | os.PathLike, *, trt_version: str = "10.3",
+                name: str | None = None) -> Report:
+    """Check one ONNX model (a path or a ModelProto; weights are not loaded) against TensorRT's ONNX parser."""
+    model, stem, base_dir = _load(model_or_path)
+    return _Checker(_infer(model), name or stem, trt_version, base_dir).run()
+
+
+def check_dir(onnx_dir: str | os.PathLike, *, trt_version: str = "10.3") -> dict[str, Report]:
+    """`check_model` on every `*.onnx` of a directory, keyed by graph name (the file stem)."""
+    paths = sorted(Path(onnx_dir).glob("*.onnx"))
+    return {p.stem: check_model(p, trt_version=trt_version) for p in paths}
+
+
+def problems_of(reports: Iterable[Report]) -> list[str]:
+    """Every problem line of several reports (for a single error message)."""
+    return [line for r in reports for line in r.problems]
+
+
+def main(argv: list[str] | None = None) -> int:
+    """`python -m sts_export.trt_check EXPORT_DIR_OR_ONNX... [--trt-version 10.3]`; exit 1 on problems."""
+    import argparse  # noqa: PLC0415
+
+    ap = argparse.ArgumentParser(prog="python -m sts_export.trt_check", description=main.__doc__)
+    ap.add_argument("paths", nargs="+", help="export directories (every *.onnx) or .onnx files")
+    ap.add_argument("--trt-version", default="10.3", help="TensorRT release to check against (default 10.3)")
+    args = ap.parse_args(argv)
+    reports: dict[str, Report] = {}
+    for p in map(Path, args.paths):
+        if p.is_dir():
+            reports.update(check_dir(p, trt_version=args.trt_version))
+        else:
+            reports[p.stem] = check_model(p, trt_version=args.trt_version)
+    print(format_reports(reports))
+    return 0 if all(r.ok for r in reports.values()) else 1
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
