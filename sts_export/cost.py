@@ -1,0 +1,435 @@
+"""Analytic cost model (FLOPs, bytes moved, KV cache) per phase, and a roofline lower bound.
+
+No timing and no model code: everything here is arithmetic on the recipe's dims.
+
+Phases (DESIGN.md graphs):
+  vision  = CLIP patch embedding + encoder layers up to the feature layer on N+1 tokens (the CLS
+            token runs through the tower) + Stage 1 selection + projector on the kept tokens
+            (on all N for `divprune`, which selects on projected embeddings)
+  prefill = segment1 (layers < prune_layer) on S1 tokens + Stage 2 relevance + segment2
+            (layers >= prune_layer) on S2 tokens + lm_head on the last position only
+  decode  = one decode step (S = 1) at step t = decode_context: segment1 layers attend to
+            S1 + t + 1 keys, segment2 layers to S2 + t + 1 (DESIGN.md: step t has position S1 + t)
+
+Sequence arithmetic: S1 = T + K, S2 = S1 - K + K' = T + K', with T the prompt's text tokens and
+(K, K') = split_budget(budget, recipe, method). Without Stage 2, S2 = S1.
+
+Counting conventions:
+  * FLOPs count 2 per multiply-add.
+  * Transformer layers count matmuls only (linear layers + the two attention matmuls). Norms, RoPE,
+    activations, softmax and residual adds are < 1 % of a layer and not tensor-core work.
+  * Decoder attention is causal and counted exactly: query j (0-based, P cached entries) sees
+    P + j + 1 keys, so QK^T and PV cost 2 * 2 * n_heads * head_dim * (S*P + S*(S+1)/2). That is the
+    work a FlashAttention-style kernel that skips masked tiles does; a dense masked kernel does
+    about twice the attention term. CLIP attention is bidirectional: 2 * 2 * T^2 * C.
+  * Selection (Stage 1, Stage 2 scores) counts every elementwise op as one FLOP, since it is
+    elementwise-dominated: Stage 1 = the N x N x C distance matmul + the K-iteration greedy loop
+    (STS_LOOP_OPS per token per pick) + the final index sort. These FLOPs run in float32 (DESIGN.md)
+    and are tagged `fp32_flops`, which the roofline charges at the fp32 peak.
+  * Bytes are a DRAM-traffic lower bound:
+      weights     every weight the phase uses, read once at the model dtype; the Stage 2 graph
+                  re-reads layer prune_layer's q_proj/k_proj (it is a separate graph);
+      kv          prefill writes the cache; decode reads the whole cache and writes one entry;
+      activations graph inputs/outputs + each layer reading its input hidden state and writing its
+                  output (the residual stream). Intra-layer intermediates (q/k/v, attention
+                  probabilities, MLP hidden) are assumed fused/on-chip. Stage 1's N x N float32
+                  distance matrix is written once and read once; the loop state (O(N)) stays in cache.
+  * Kernel-launch overhead (e.g. Stage 1's K sequential picks) is invisible to a roofline.
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Mapping, NamedTuple
+
+import yaml
+
+from .budget import check_method, has_stage2, parse_budget, prune_layer_for, split_budget
+from .errors import StsError
+from .recipe import Recipe, TextConfig
+
+DTYPE_BYTES: dict[str, int] = {"fp32": 4, "fp16": 2, "bf16": 2}
+PHASES = ("vision", "prefill", "decode")
+# Text tokens of a typical LLaVA-1.5 prompt: the template "USER: <image>\n{prompt} ASSISTANT:" is
+# ~10 Llama tokens (BOS, "USER:", "\n", " ASSISTANT:"), around a ~15-token question plus the
+# 11-token "Answer the question using a single word or phrase." -> 36, so S1 = 612 unpruned.
+DEFAULT_TEXT_TOKENS = 36
+FP32_BYTES = 4
+INDEX_BYTES = 8  # int64 indices and position ids
+STS_LOOP_OPS = 7  # per token per Stage 1 pick: mask-select, argmin, ==, |, +eps, reciprocal, +=
+DIVPRUNE_LOOP_OPS = 5  # per token per pick: mask-select, argmax, ==, |, minimum
+SOFTMAX_OPS = 5  # per score: max, subtract, exp, sum, divide
+STAGE1_METHODS = ("sts", "sts-s", "divprune", "cls")
+DEVICES_PATH = Path(os.environ.get("STS_DEVICES", Path(__file__).resolve().parent / "data" / "devices.yaml"))
+
+
+class Sequence(NamedTuple):
+    text_tokens: int  # T: prompt text tokens (template + question), image excluded
+    k_pre: int  # K: image tokens after Stage 1 (N when there is none)
+    k_post: int  # K': image tokens after Stage 2 (== K when there is none)
+    prune_layer: int  # first decoder layer on the S2 sequence
+    s1: int  # T + K: tokens in layers < prune_layer
+    s2: int  # T + K': tokens in layers >= prune_layer
+
+
+@dataclass(frozen=True)
+class PhaseCost:
+    """Analytic cost of one phase for a batch. bytes = weight_bytes + kv_bytes + act_bytes."""
+
+    flops: float  # total, 2 per multiply-add, fp32_flops included
+    bytes: float  # DRAM traffic lower bound
+    fp32_flops: float = 0.0  # the part that runs in float32 whatever the model dtype (selection math)
+    weight_bytes: float = 0.0
+    kv_bytes: float = 0.0  # prefill: written; decode: read + the one new entry written
+    act_bytes: float = 0.0
+    dtype: str = "fp16"  # model dtype: which peak the non-fp32 FLOPs run at
+    detail: dict[str, float] = field(default_factory=dict)  # FLOPs per component
+
+
+# --------------------------------------------------------------------------- sequence and params
+
+
+def _dtype_bytes(dtype: str) -> int:
+    if dtype not in DTYPE_BYTES:
+        raise StsError(f"unknown dtype '{dtype}'; choose one of {', '.join(DTYPE_BYTES)}")
+    return DTYPE_BYTES[dtype]
+
+
+def sequence_lengths(
+    recipe: Recipe, budget: int | str, method: str = "sts", prompt_tokens: int | None = None
+) -> Sequence:
+    """T, K, K', prune_layer, S1 = T + K and S2 = S1 - K + K' for a method at a budget (or 'full')."""
+    check_method(method)
+    budget = parse_budget(budget)
+    text = DEFAULT_TEXT_TOKENS if prompt_tokens is None else prompt_tokens
+    if isinstance(text, bool) or not isinstance(text, int) or text < 1:
+        raise StsError(f"prompt_tokens (text tokens around the image) must be a positive integer, got {text!r}")
+    k, k2 = split_budget(budget, recipe, method)
+    if not has_stage2(method, budget):
+        k2 = k
+    return Sequence(text, k, k2, prune_layer_for(method, recipe), text + k, text + k2)
+
+
+def param_counts(recipe: Recipe) -> dict[str, int]:
+    """Parameters per part: the CLIP layers that run, projector, decoder, lm_head, embedding."""
+    v, t = recipe.vision, recipe.text
+    c, ic, h = v.hidden_size, v.intermediate_size, t.hidden_size
+    kvd = t.num_kv_heads * t.head_dim
+    clip_layer = 4 * (c * c + c) + (c * ic + ic) + (ic * c + c) + 4 * c  # q,k,v,o + fc1,fc2 + 2 LayerNorms
+    # patch conv (no bias) + class embedding + position embedding + pre-LayerNorm
+    vision_embed = 3 * v.patch_size**2 * c + c + (v.num_patches + 1) * c + 2 * c
+    dec_layer = 2 * h * h + 2 * h * kvd + 3 * h * t.intermediate_size + 2 * h  # q,o + k,v + gate,up,down + 2 RMSNorms
+    return {
+        "vision": vision_embed + v.layers_used * clip_layer,
+        "projector": c * h + h + h * h + h,  # Linear(C,H) -> act -> Linear(H,H)
+        "decoder_layer": dec_layer,
+        "decoder": t.num_layers * dec_layer + h,  # + final norm
+        "lm_head": t.vocab_size * h,
+        "embed": t.vocab_size * h,
+    }
+
+
+def kv_cache_bytes(
+    recipe: Recipe, s1: int, s2: int, dtype_bytes: int, *, prune_layer: int | None = None
+) -> int:
+    """KV cache bytes for one sequence: layers < prune_layer hold s1 entries, the rest s2.
+
+    = sum_{l < pl} 2*kv_heads*head_dim*s1*bytes + sum_{l >= pl} 2*kv_heads*head_dim*s2*bytes
+    (MHA: 2*hidden*bytes per cached token per layer). prune_layer defaults to the recipe's.
+    """
+    t = recipe.text
+    pl = recipe.pruning.prune_layer if prune_layer is None else prune_layer
+    if not 0 <= pl <= t.num_layers:
+        raise StsError(f"prune_layer must be in [0, {t.num_layers}], got {pl}")
+    if min(s1, s2) < 0 or dtype_bytes < 1:
+        raise StsError(f"kv_cache_bytes needs s1, s2 >= 0 and dtype_bytes >= 1, got {s1}, {s2}, {dtype_bytes}")
+    per_entry = 2 * t.num_kv_heads * t.head_dim * dtype_bytes  # K and V of one token in one layer
+    return pl * s1 * per_entry + (t.num_layers - pl) * s2 * per_entry
+
+
+# --------------------------------------------------------------------------- FLOP formulas
+
+
+def _decoder_layer_flops(t: TextConfig, s: int, past: int) -> tuple[float, float]:
+    """(linear, attention) FLOPs of one Llama layer for s new tokens after `past` cached ones."""
+    h, kvd = t.hidden_size, t.num_kv_heads * t.head_dim
+    linear = 2.0 * s * h * (2 * h + 2 * kvd) + 2.0 * s * h * t.intermediate_size * 3  # q,o,k,v + gate,up,down
+    keys = s * past + s * (s + 1) / 2  # causal: query j sees past + j + 1 keys
+    attention = 2 * 2.0 * t.num_heads * t.head_dim * keys  # QK^T and PV
+    return linear, attention
+
+
+def _sort_ops(n: int) -> float:
+    return float(n * max(1, math.ceil(math.log2(max(n, 2)))))
+
+
+def _stage1_flops(method: str, n: int, c: int, h: int, k: int, anchor: str) -> float:
+    """Stage 1 selection FLOPs (float32) for one image: distance matrix + greedy loop + sort."""
+    if method in ("sts", "sts-s"):
+        dist = 2.0 * n * c + 2.0 * n * n * c + 4.0 * n * n  # |v|^2; V V^T [N,C]x[C,N]; |vi|^2+|vj|^2-2x, clamp
+        first = {"mean": 4.0 * n * c, "first": 0.0, "saliency": float(n)}[anchor]  # anchor pick
+        return dist + first + k * STS_LOOP_OPS * n + _sort_ops(n)  # K picks over N tokens, then sort
+    if method == "divprune":
+        dist = 3.0 * n * h + 2.0 * n * n * h + n * n  # normalise; X X^T [N,H]x[H,N]; 1 - cos
+        seed = 2.0 * n * n  # mask the diagonal, nearest-neighbour min per row
+        return dist + seed + k * DIVPRUNE_LOOP_OPS * n + _sort_ops(n)
+    if method == "cls":
+        return 2 * _sort_ops(n)  # top-k by sorting the CLS attention, then sort the kept indices
+    return 0.0
+
+
+def _stage2_flops(t: TextConfig, s1: int, k: int) -> tuple[float, float]:
+    """(model-dtype, float32) FLOPs of Stage 2 relevance at prune_layer for one sequence."""
+    h, kvd, nh, dh = t.hidden_size, t.num_kv_heads * t.head_dim, t.num_heads, t.head_dim
+    proj = 2.0 * s1 * h * kvd + 2.0 * h * h  # k_proj on all S1 tokens, q_proj on the last one
+    scores = 2.0 * nh * dh * s1  # q_last . K^T for every head [1,dh]x[dh,S1]
+    fp32 = scores + SOFTMAX_OPS * nh * s1 + nh * s1 + 2 * _sort_ops(k)  # + softmax, head mean, top-K', sort
+    return proj, fp32
+
+
+# --------------------------------------------------------------------------- phases
+
+
+def _phase(dtype: str, detail: dict[str, float], fp32_flops: float, weight: float, kv: float, act: float) -> PhaseCost:
+    return PhaseCost(
+        flops=float(sum(detail.values())),
+        bytes=float(weight + kv + act),
+        fp32_flops=float(fp32_flops),
+        weight_bytes=float(weight),
+        kv_bytes=float(kv),
+        act_bytes=float(act),
+        dtype=dtype,
+        detail={name: float(value) for name, value in detail.items()},
+    )
+
+
+def _vision_cost(
+    recipe: Recipe, seq: Sequence, method: str, selecting: bool, anchor: str, batch: int, dtype: str
+) -> PhaseCost:
+    v, h = recipe.vision, recipe.text.hidden_size
+    n, c, db = v.num_patches, v.hidden_size, DTYPE_BYTES[dtype]
+    tv = n + 1  # CLS + patches run through the tower
+    patch = 2.0 * n * (3 * v.patch_size**2) * c  # conv as [N, 3*p*p] x [3*p*p, C]
+    # per layer: q,k,v,o + fc1,fc2 [T,C]x[C,*], then QK^T and PV, bidirectional over T tokens
+    layer = 2.0 * tv * (4 * c * c + 2 * c * v.intermediate_size) + 2 * 2.0 * tv * tv * c
+    n_proj = n if method == "divprune" and selecting else seq.k_pre  # divprune selects on projected tokens
+    stage1 = _stage1_flops(method, n, c, h, seq.k_pre, anchor) if selecting else 0.0
+    detail = {
+        "encoder": batch * (patch + v.layers_used * layer),
+        "stage1": batch * stage1,
+        "projector": batch * 2.0 * n_proj * (c * h + h * h),  # [n,C]x[C,H], [n,H]x[H,H]
+    }
+    params = param_counts(recipe)
+    weight = (params["vision"] + params["projector"]) * db
+    act = 3 * v.image_size**2 * db  # pixel_values in
+    act += v.layers_used * 2 * tv * c * db  # residual stream in/out per layer
+    act += n_proj * h * db + seq.k_pre * (h * db + INDEX_BYTES)  # projector output, image_embeds + keep_pre out
+    if selecting and method in ("sts", "sts-s", "divprune"):
+        feat_dim = h if method == "divprune" else c
+        act += n * feat_dim * db + 2 * n * n * FP32_BYTES  # features read; D [N,N] fp32 written + read
+    return _phase(dtype, detail, batch * stage1, weight, 0.0, batch * act)
+
+
+def _prefill_cost(recipe: Recipe, seq: Sequence, stage2: bool, batch: int, dtype: str) -> PhaseCost:
+    t = recipe.text
+    h, layers, pl, db = t.hidden_size, t.num_layers, seq.prune_layer, DTYPE_BYTES[dtype]
+    lin1, att1 = _decoder_layer_flops(t, seq.s1, 0)
+    lin2, att2 = _decoder_layer_flops(t, seq.s2, 0)
+    s2_proj, s2_fp32 = _stage2_flops(t, seq.s1, seq.k_post) if stage2 else (0.0, 0.0)
+    detail = {
+        "segment1": batch * pl * (lin1 + att1),
+        "stage2": batch * (s2_proj + s2_fp32),
+        "segment2": batch * (layers - pl) * (lin2 + att2),
+        "lm_head": batch * 2.0 * h * t.vocab_size,  # last position only
+    }
+    params = param_counts(recipe)
+    weight = (params["decoder"] + params["lm_head"]) * db
+    act = seq.s1 * (h * db + INDEX_BYTES)  # inputs_embeds + position_ids in
+    act += (pl * seq.s1 + (layers - pl) * seq.s2) * 2 * h * db  # residual stream in/out per layer
+    act += t.vocab_size * db  # logits out
+    if stage2:
+        weight += (h * h + h * t.num_kv_heads * t.head_dim + h) * db  # q_proj, k_proj, input_layernorm again
+        act += (seq.s1 + seq.s2) * h * db + (seq.s1 + seq.s2 + seq.k_post) * INDEX_BYTES
+    kv = kv_cache_bytes(recipe, seq.s1, seq.s2, db, prune_layer=pl)  # written
+    return _phase(dtype, detail, batch * s2_fp32, weight, batch * kv, batch * act)
+
+
+def _decode_cost(recipe: Recipe, seq: Sequence, step: int, batch: int, dtype: str) -> PhaseCost:
+    t = recipe.text
+    h, layers, pl, db = t.hidden_size, t.num_layers, seq.prune_layer, DTYPE_BYTES[dtype]
+    ctx1, ctx2 = seq.s1 + step, seq.s2 + step  # cached entries before this step, per segment
+    lin, att1 = _decoder_layer_flops(t, 1, ctx1)
+    _, att2 = _decoder_layer_flops(t, 1, ctx2)
+    detail = {
+        "segment1": batch * pl * (lin + att1),
+        "segment2": batch * (layers - pl) * (lin + att2),
+        "lm_head": batch * 2.0 * h * t.vocab_size,
+    }
+    params = param_counts(recipe)
+    weight = (params["decoder"] + params["lm_head"]) * db
+    kv = kv_cache_bytes(recipe, ctx1, ctx2, db, prune_layer=pl)  # read
+    kv += kv_cache_bytes(recipe, 1, 1, db, prune_layer=pl)  # the new entry written
+    act = h * db + INDEX_BYTES + layers * 2 * h * db + t.vocab_size * db  # embedding row, residual, logits
+    return _phase(dtype, detail, 0.0, weight, batch * kv, batch * act)
+
+
+def phase_costs(
+    recipe: Recipe,
+    budget: int | str,
+    method: str,
+    *,
+    dtype: str = "fp16",
+    prompt_tokens: int | None = None,
+    decode_context: int | None = None,
+    batch: int = 1,
+    anchor: str | None = None,
+) -> dict[str, PhaseCost]:
+    """FLOPs and bytes of the vision, prefill and decode phases (see the module docstring).
+
+    prompt_tokens: text tokens around the image (default DEFAULT_TEXT_TOKENS = 36).
+    decode_context: decode step t (tokens generated before it, default 0); the step attends to
+    S1 + t + 1 keys in layers < prune_layer and S2 + t + 1 in the rest.
+    """
+    check_method(method)
+    budget = parse_budget(budget)
+    _dtype_bytes(dtype)
+    step = 0 if decode_context is None else decode_context
+    if isinstance(step, bool) or not isinstance(step, int) or step < 0:
+        raise StsError(f"decode_context (tokens generated before the step) must be an integer >= 0, got {step!r}")
+    if isinstance(batch, bool) or not isinstance(batch, int) or batch < 1:
+        raise StsError(f"batch must be a positive integer, got {batch!r}")
+    anchor = recipe.pruning.anchor if anchor is None else anchor
+    if anchor not in ("mean", "first", "saliency"):
+        raise StsError(f"unknown anchor '{anchor}'; choose one of mean, first, saliency")
+    seq = sequence_lengths(recipe, budget, method, prompt_tokens)
+    if seq.s1 + step + 1 > recipe.text.max_position_embeddings:
+        raise StsError(
+            f"S1 + decode_context + 1 = {seq.s1 + step + 1} exceeds the model's "
+            f"{recipe.text.max_position_embeddings} positions; use a shorter prompt or context"
+        )
+    selecting = budget != "full" and method in STAGE1_METHODS
+    return {
+        "vision": _vision_cost(recipe, seq, method, selecting, anchor, batch, dtype),
+        "prefill": _prefill_cost(recipe, seq, has_stage2(method, budget), batch, dtype),
+        "decode": _decode_cost(recipe, seq, step, batch, dtype),
+    }
+
+
+# --------------------------------------------------------------------------- devices and roofline
+
+
+@dataclass(frozen=True)
+class Device:
+    """Peak figures of one accelerator (vendor datasheets; see data/devices.yaml)."""
+
+    name: str
+    title: str
+    fp16_tflops: float  # dense FP16 tensor-core throughput (no 2:4 sparsity); also used for bf16
+    fp32_tflops: float  # FP32 on CUDA cores (non-tensor)
+    bandwidth_gbs: float  # peak DRAM bandwidth, GB/s (1e9 bytes/s)
+    memory_gb: float  # device memory (shared with the CPU on Jetson)
+    source: str  # vendor document title/URL the figures come from
+
+
+def load_devices(path: str | os.PathLike | None = None) -> dict[str, Device]:
+    """Device profiles from data/devices.yaml (or `path`): {name: Device}. Unknown keys are errors."""
+    path = Path(DEVICES_PATH if path is None else path)
+    try:
+        data = yaml.safe_load(path.read_text())
+    except FileNotFoundError:
+        raise StsError(f"device file {path} not found") from None
+    except yaml.YAMLError as e:
+        raise StsError(f"{path}: not valid YAML ({str(e).splitlines()[0]})") from None
+    if not isinstance(data, dict) or not data:
+        raise StsError(f"{path.name}: expected a mapping of device name -> profile")
+    fields = [f.name for f in dataclasses.fields(Device) if f.name != "name"]
+    devices: dict[str, Device] = {}
+    for name, spec in data.items():
+        where = f"{path.name}:{name}"
+        if not isinstance(spec, dict):
+            raise StsError(f"{where}: expected a mapping, got {type(spec).__name__}")
+        unknown = sorted(set(spec) - set(fields))
+        if unknown:
+            raise StsError(f"{where}: unknown key(s) {', '.join(unknown)}; valid keys: {', '.join(fields)}")
+        missing = [f for f in fields if f not in spec]
+        if missing:
+            raise StsError(f"{where}: missing key(s) {', '.join(missing)}")
+        for key in ("fp16_tflops", "fp32_tflops", "bandwidth_gbs", "memory_gb"):
+            value = spec[key]
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or value <= 0:
+                raise StsError(f"{where}.{key} must be a positive number, got {value!r}")
+        if not str(spec["source"]).strip():
+            raise StsError(f"{where}.source must cite the vendor document")
+        devices[str(name)] = Device(name=str(name), **{k: spec[k] for k in fields})
+    return devices
+
+
+def get_device(name: str, path: str | os.PathLike | None = None) -> Device:
+    """One device profile by name; an unknown name is an error that lists the valid ones."""
+    devices = load_devices(path)
+    if name not in devices:
+        raise StsError(f"unknown device '{name}'; choose one of {', '.join(devices)}")
+    return devices[name]
+
+
+def roofline_terms(costs: Mapping[str, PhaseCost], device: Device | str) -> dict[str, dict[str, Any]]:
+    """Per phase: compute_ms, memory_ms, bound_ms = max of the two, and which one binds."""
+    dev = device if isinstance(device, Device) else get_device(device)
+    out: dict[str, dict[str, Any]] = {}
+    for phase, c in costs.items():
+        peak = dev.fp32_tflops if c.dtype == "fp32" else dev.fp16_tflops
+        compute_s = (c.flops - c.fp32_flops) / (peak * 1e12) + c.fp32_flops / (dev.fp32_tflops * 1e12)
+        memory_s = c.bytes / (dev.bandwidth_gbs * 1e9)
+        out[phase] = {
+            "compute_ms": compute_s * 1e3,
+            "memory_ms": memory_s * 1e3,
+            "bound_ms": max(compute_s, memory_s) * 1e3,
+            "bound": "compute" if compute_s >= memory_s else "memory",
+        }
+    return out
+
+
+def roofline(costs: Mapping[str, PhaseCost], device: Device | str) -> dict[str, float]:
+    """Per-phase lower bound in ms: max(flops / peak, bytes / bandwidth) on `device` (a Device or a name)."""
+    return {phase: t["bound_ms"] for phase, t in roofline_terms(costs, device).items()}
+
+
+def cost_summary(
+    recipe: Recipe,
+    budget: int | str,
+    method: str,
+    *,
+    dtype: str = "fp16",
+    prompt_tokens: int | None = None,
+    decode_context: int | None = None,
+    batch: int = 1,
+    device: Device | str | None = None,
+) -> dict[str, Any]:
+    """Flat, JSON-ready summary for `--cost-only`: sequence lengths, KV bytes, per-phase FLOPs/bytes (+ roofline)."""
+    seq = sequence_lengths(recipe, budget, method, prompt_tokens)
+    costs = phase_costs(
+        recipe, budget, method, dtype=dtype, prompt_tokens=prompt_tokens, decode_context=decode_context, batch=batch
+    )
+    out: dict[str, Any] = {
+        "recipe": recipe.name,
+        "method": method,
+        "budget": parse_budget(budget),
+        "dtype": dtype,
+        "batch": batch,
+        **seq._asdict(),
+        "kv_cache_bytes": batch
+        * kv_cache_bytes(recipe, seq.s1, seq.s2, DTYPE_BYTES[dtype], prune_layer=seq.prune_layer),
+    }
+    for phase, c in costs.items():
+        out[f"{phase}_flops"] = c.flops
+        out[f"{phase}_bytes"] = c.bytes
+    if device is not None:
+        dev = device if isinstance(device, Device) else get_device(device)
+        out["device"] = dev.name
+        for phase, t in roofline_terms(costs, dev).items():
+            out[f"{phase}_roofline_ms"] = t["bound_ms"]
+            out[f"{phase}_bound"] = t["bound"]
+    return out
