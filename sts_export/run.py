@@ -92,8 +92,9 @@ def load_export_pipeline(export_dir: Path, backend: str = "auto", device: str = 
 @click.option("--backend", type=click.Choice(["auto", "onnxruntime", "tensorrt"]), default="auto", show_default=True)
 @click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True)
 @click.option("--show-kept", type=click.Path(path_type=Path), default=None, help="Write a PNG of the kept patches.")
+@click.option("--compare", default=None, help="With --show-kept: one panel per method (e.g. sts,divprune,cls,fastv), same budget, torch backend.")
 def main(export_dir: Path, image: str, prompt: str | None, input_ids: str | None, max_new_tokens: int,
-         backend: str, device: str, show_kept: Path | None) -> None:
+         backend: str, device: str, show_kept: Path | None, compare: str | None) -> None:
     """Answer a question about an image with an exported (pruned) model, streaming the answer."""
     try:
         pipe = load_export_pipeline(export_dir, backend, device)
@@ -121,7 +122,19 @@ def main(export_dir: Path, image: str, prompt: str | None, input_ids: str | None
         kp = "" if gen.keep_post is None else f", Stage 2 kept {gen.keep_post.shape[1]}"
         click.echo(f"[{pipe.backend.name}] Stage 1 kept {gen.keep_pre.shape[1]}/{pipe.recipe.num_image_tokens}{kp}; "
                    f"TTFT {gen.timings['ttft'] * 1000:.1f} ms, decode {gen.timings['decode'] * 1000:.1f} ms/token", err=True)
-        if show_kept is not None:
+        if compare and show_kept is None:
+            raise StsError("--compare writes a picture: pass --show-kept OUT.png too")
+        if compare:
+            from .show import compare_methods
+
+            m = read_manifest(export_dir, verify=False)
+            src = m["model"]
+            model = m["recipe"]["name"] if src["synthetic"] or src["random_weights"] else src["source"]
+            img = compare_methods(model, image, prompt or "", [x for x in compare.split(",") if x], m["budget"],
+                                  input_ids=ids, random_weights=src["random_weights"])
+            img.save(show_kept)
+            click.echo(f"wrote {show_kept}", err=True)
+        elif show_kept is not None:
             from .visualize import draw_kept
             from .preprocess import load_image
 

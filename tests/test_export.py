@@ -165,8 +165,18 @@ def test_cli_export_and_run(tmp_path: Path) -> None:
     assert "[1/5] exporting vision" in r.stdout and "validation: PASS" in r.stdout
     img = tmp_path / "img.png"
     make_image(seed=2).save(img)
-    r = run_cli("-m", "sts_export.run", str(out), "--image", str(img), "--prompt", PROMPT, "--max-new-tokens", "6")
+    kept = tmp_path / "kept.png"
+    r = run_cli("-m", "sts_export.run", str(out), "--image", str(img), "--prompt", PROMPT, "--max-new-tokens", "6",
+                "--show-kept", str(kept))
     assert r.returncode == 0, r.stderr[-2000:]
+    from PIL import Image
+
+    assert Image.open(kept).size[0] == Image.open(img).size[0]  # drawn on the input image
+    cmp_png = tmp_path / "compare.png"
+    r2 = run_cli("-m", "sts_export.run", str(out), "--image", str(img), "--prompt", PROMPT, "--max-new-tokens", "1",
+                 "--show-kept", str(cmp_png), "--compare", "sts,divprune,cls")
+    assert r2.returncode == 0, r2.stderr[-2000:]
+    assert Image.open(cmp_png).size[0] > 3 * Image.open(img).size[0]  # one panel per method
     assert "Stage 1 kept 96/576, Stage 2 kept 32" in r.stderr
     pipe = Pipeline.from_pretrained("tiny-llava", budget=64)
     want = pipe.decode(pipe.generate(img, PROMPT, max_new_tokens=6).tokens[0])
