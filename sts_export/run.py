@@ -62,7 +62,8 @@ class OrtBackend:
         return np.concatenate(xs, axis=axis)
 
 
-def load_export_pipeline(export_dir: Path, backend: str = "auto", device: str = "auto") -> "Pipeline":
+def load_export_pipeline(export_dir: Path, backend: str = "auto", device: str = "auto",
+                         threads: int | None = None) -> "Pipeline":
     """A Pipeline over an export directory (ONNX Runtime or TensorRT)."""
     from .pipeline import Pipeline
     from .tokenizer import TextTokenizer
@@ -78,7 +79,7 @@ def load_export_pipeline(export_dir: Path, backend: str = "auto", device: str = 
 
         be: Any = TrtBackend(Path(export_dir))
     else:
-        be = OrtBackend(Path(export_dir), m, device)
+        be = OrtBackend(Path(export_dir), m, device, threads)
     tok = TextTokenizer(Path(export_dir), recipe) if (Path(export_dir) / "tokenizer.json").is_file() else None
     return Pipeline(recipe, be, plan, tok, m["anchor"], str(export_dir))
 

@@ -98,7 +98,10 @@ class TorchBackend:
         return torch.from_numpy(np.ascontiguousarray(x)).to(self.device)
 
     def to_numpy(self, x: "torch.Tensor") -> np.ndarray:
-        return x.detach().cpu().numpy()
+        import torch
+
+        x = x.detach().cpu()
+        return (x.float() if x.dtype == torch.bfloat16 else x).numpy()  # numpy has no bfloat16
 
     def concat(self, xs: list["torch.Tensor"], axis: int) -> "torch.Tensor":
         import torch
