@@ -31,6 +31,9 @@ STAGE1_COLOR = (255, 190, 0)  # amber outline: kept by Stage 1 (dropped by Stage
 DROPPED_MIX = 0.35  # kept by Stage 1 but dropped by Stage 2: a lighter grey wash
 STAGE2_COLOR = (230, 30, 30)  # red outline + tint: survives Stage 2
 STAGE2_MIX = 0.35  # Stage-2 pixel = (1 - mix) * pixel + mix * STAGE2_COLOR
+UNSEEN_COLOR = (40, 40, 40)  # pixels the centre crop cuts away: the model never sees them
+UNSEEN_MIX = 0.8
+EDGE_COLOR = (20, 20, 20)  # 1-px dark rim around coloured outlines, visible on yellow or red content
 BACKGROUND = (255, 255, 255)
 TEXT_COLOR = (20, 20, 20)
 
@@ -168,10 +171,13 @@ def _legend_items(status: np.ndarray, boxes: np.ndarray, stage2: bool) -> list[t
     """(kind, label) pairs; kind picks the swatch style."""
     in_pad = np.isnan(boxes[:, 0])  # [N]
     k_pre = int((status >= 1).sum())
-    items = [("stage1", f"Stage 1: {k_pre} kept")]
+    n_pruned = int((status == 0).sum())
+    items = [("stage1", f"Stage 1: {k_pre} kept")] if n_pruned else [("note", f"no Stage 1: all {k_pre} tokens")]
     if stage2:
         items.append(("stage2", f"Stage 2: {int((status == 2).sum())} kept"))
-    items.append(("pruned", f"pruned: {int((status == 0).sum())}"))
+        items.append(("dropped", f"Stage 2 dropped: {int((status == 1).sum())}"))
+    if n_pruned:
+        items.append(("pruned", f"Stage 1 pruned: {n_pruned}"))
     n_pad = int(((status >= 1) & in_pad).sum())
     if n_pad:
         items.append(("note", f"({n_pad} kept lie in padding)"))
@@ -187,6 +193,9 @@ def _draw_swatch(draw: ImageDraw.ImageDraw, x: int, y: int, s: int, kind: str) -
         draw.rectangle([x, y, x + s - 1, y + s - 1], fill=tint, outline=STAGE2_COLOR, width=lw)
     elif kind == "pruned":
         draw.rectangle([x, y, x + s - 1, y + s - 1], fill=PRUNED_GREY)
+    elif kind == "dropped":
+        wash = tuple(int(round((1 - DROPPED_MIX) * 255 + DROPPED_MIX * c)) for c in PRUNED_GREY)
+        draw.rectangle([x, y, x + s - 1, y + s - 1], fill=wash, outline=STAGE1_COLOR, width=max(1, s // 6))
 
 
 def _header(width: int, title: str, items: list[tuple[str, str]], font_ref: int | None = None) -> Image.Image:
@@ -248,11 +257,13 @@ def draw_kept(
     status = token_status(grid * grid, keep_pre, keep_post)  # [N]
     boxes = patch_boxes((w, h), cfg, image_size, patch_size)  # [N, 4]
     tok = token_index_map((w, h), cfg, image_size, patch_size)  # [H, W]
-    pix_status = np.where(tok >= 0, status[np.maximum(tok, 0)], 0)  # [H, W]
+    pix_status = np.where(tok >= 0, status[np.maximum(tok, 0)], -1)  # [H, W]; -1: cropped away
 
     arr = np.asarray(rgb, dtype=np.float32)  # [H, W, 3]
     pruned = pix_status == 0
     arr[pruned] = (1 - PRUNED_MIX) * arr[pruned] + PRUNED_MIX * np.array(PRUNED_GREY, np.float32)
+    unseen = pix_status == -1
+    arr[unseen] = (1 - UNSEEN_MIX) * arr[unseen] + UNSEEN_MIX * np.array(UNSEEN_COLOR, np.float32)
     if keep_post is not None:
         s1 = pix_status == 1
         arr[s1] = (1 - DROPPED_MIX) * arr[s1] + DROPPED_MIX * np.array(PRUNED_GREY, np.float32)
@@ -271,13 +282,18 @@ def draw_kept(
     lw = max(1, int(round(0.1 * float(np.median(sides))))) if sides.size else 1
     draw = ImageDraw.Draw(styled)
     stage1_pruned = bool((status == 0).any())
+    rects: list[tuple[list[int], tuple[int, int, int]]] = []
     for level, color in ((1, STAGE1_COLOR), (2, STAGE2_COLOR)):
         if level == 1 and not stage1_pruned:
             continue  # Stage 1 kept everything (fastv, none): outlining every patch says nothing
         for x0, y0, x1, y1 in boxes[(status == level) & finite]:
             rect = [int(round(x0)), int(round(y0)), int(round(x1)) - 1, int(round(y1)) - 1]
             if rect[2] >= rect[0] and rect[3] >= rect[1]:
-                draw.rectangle(rect, outline=color, width=lw)
+                rects.append((rect, color))
+    for rect, _ in rects:  # dark rims first, so every coloured outline stays on top of them
+        draw.rectangle([rect[0] - 1, rect[1] - 1, rect[2] + 1, rect[3] + 1], outline=EDGE_COLOR, width=1)
+    for rect, color in rects:
+        draw.rectangle(rect, outline=color, width=lw)
 
     header = _header(styled.width, title, _legend_items(status, boxes, keep_post is not None))
     out = Image.new("RGB", (styled.width, header.height + styled.height), BACKGROUND)

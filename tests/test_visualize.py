@@ -201,7 +201,8 @@ def test_draw_kept_styles_patches(isolated_keep: tuple[np.ndarray, np.ndarray]) 
         if status[i]:
             np.testing.assert_array_equal(img[cy, int(round(x0))], outline[status[i]])  # left edge
             np.testing.assert_array_equal(img[int(round(y1)) - 1, cx], outline[status[i]])  # bottom edge
-    np.testing.assert_allclose(img[h // 2, 5], expected[0], atol=1)  # cropped-away strip is greyed
+    # the cropped-away strip is darkened, distinct from pruned patches (the model never saw it)
+    np.testing.assert_allclose(img[h // 2, 5], _mix(base, vis.UNSEEN_COLOR, vis.UNSEEN_MIX), atol=1)
 
 
 def test_draw_kept_stage1_only(isolated_keep: tuple[np.ndarray, np.ndarray]) -> None:
@@ -225,7 +226,7 @@ def test_draw_kept_transparency_and_display_size() -> None:
     assert out.width == 250
     img = np.asarray(out, float)[out.height - 200:]
     assert (img[:, 30:-30] == 255).all()  # everything kept and no Stage 2: untouched, no outlines
-    np.testing.assert_allclose(img[100, 2], _mix((255,) * 3, vis.PRUNED_GREY, vis.PRUNED_MIX), atol=1)
+    np.testing.assert_allclose(img[100, 2], _mix((255,) * 3, vis.UNSEEN_COLOR, vis.UNSEEN_MIX), atol=1)  # cropped away
 
 
 def test_draw_kept_rejects_bad_indices() -> None:
