@@ -29,12 +29,14 @@ import click
 @click.option("--onnx-dir", type=click.Path(path_type=Path), default=None, help="Build engines from an existing ONNX export (tensorrt + numpy only).")
 @click.option("--check-only", is_flag=True, help="With --target trt: only run the static TensorRT compatibility check.")
 @click.option("--trt-version", default="10.3", show_default=True, help="TensorRT version the check targets.")
+@click.option("--precision", type=click.Choice(["fp16", "bf16", "fp32"]), default=None,
+              help="Engine precision [the ONNX dtype]; bf16 builds from an fp32 ONNX with the selection pinned to fp32.")
 @click.option("--max-batch", default=1, show_default=True, type=click.IntRange(1, 256), help="Largest batch the engines accept.")
 @click.option("--opt-level", default=3, show_default=True, type=click.IntRange(0, 5), help="TensorRT builder optimisation level.")
 @click.option("--workspace-gb", default=None, type=float, help="TensorRT workspace limit (GiB); small on Jetson.")
 def main(model: str | None, recipe: str | None, budget: str, method: str, anchor: str | None, target: str,
          out: Path | None, dtype: str | None, random_weights: bool, opset: int, no_validate: bool, force: bool,
-         onnx_dir: Path | None, check_only: bool, trt_version: str, max_batch: int, opt_level: int,
+         onnx_dir: Path | None, check_only: bool, trt_version: str, precision: str | None, max_batch: int, opt_level: int,
          workspace_gb: float | None) -> None:
     """Export graphs with STS pruning inside (see README)."""
     from sts_export.errors import StsError
@@ -50,7 +52,7 @@ def main(model: str | None, recipe: str | None, budget: str, method: str, anchor
                 click.echo(report)
                 click.echo(f"TensorRT {trt_version} compatibility: {'PASS' if ok else 'FAIL'}")
                 sys.exit(0 if ok else 1)
-            build_engines(onnx_dir, max_batch=max_batch, opt_level=opt_level, workspace_gb=workspace_gb, trt_version=trt_version)
+            build_engines(onnx_dir, precision=precision, max_batch=max_batch, opt_level=opt_level, workspace_gb=workspace_gb, trt_version=trt_version)
             click.echo(f"engines written to {onnx_dir}")
             return
         if not model:
@@ -62,7 +64,7 @@ def main(model: str | None, recipe: str | None, budget: str, method: str, anchor
         from sts_export.export import export
 
         path = export(model, budget=budget, method=method, out=out, recipe=recipe,
-                      dtype=dtype or ("fp16" if target == "trt" else "fp32"), anchor=anchor,
+                      dtype=dtype or ("fp16" if target == "trt" and precision in (None, "fp16") else "fp32"), anchor=anchor,
                       random_weights=random_weights, opset=opset, validate=not no_validate, force=force)
         if target == "trt":
             from sts_export.engines import build_engines, check
@@ -71,7 +73,7 @@ def main(model: str | None, recipe: str | None, budget: str, method: str, anchor
                 ok, report = check(path, trt_version)
                 click.echo(report)
                 sys.exit(0 if ok else 1)
-            build_engines(path, max_batch=max_batch, opt_level=opt_level, workspace_gb=workspace_gb, trt_version=trt_version)
+            build_engines(path, precision=precision, max_batch=max_batch, opt_level=opt_level, workspace_gb=workspace_gb, trt_version=trt_version)
     except StsError as e:
         click.echo(f"error: {e}", err=True)
         sys.exit(2)

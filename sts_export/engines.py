@@ -11,7 +11,27 @@ from typing import Any, Callable
 from .errors import StsError
 from .manifest import manifest_recipe, read_manifest, sha256, write_manifest
 
-ONNX_DTYPE_PRECISION = {"fp16": "fp16", "fp32": "fp32"}
+PRECISIONS = ("fp16", "bf16", "fp32")
+# Selection math stays float32 in reduced-precision engines. The torch exporter records each node's
+# source stack trace, so the selection functions' names find their nodes (see trt_build.onnx_nodes_matching).
+SELECTION_PATTERN = (r"\b(potential_energy_select|divprune_select|topk_ascending|sorted_indices|anchor_index|"
+                     r"pairwise_sq_dist|last_token_relevance)\b")
+
+
+def build_mode(onnx_dtype: str, precision: str | None) -> tuple[str, bool, str | None]:
+    """(precision, strongly_typed, fp32 layer pattern) for ONNX graphs of `onnx_dtype`.
+
+    Same precision as the graphs: a strongly typed build (the graph's own casts keep Stage 1 in fp32).
+    fp32 graphs built as fp16/bf16: a weakly typed build with the selection layers pinned to fp32.
+    """
+    precision = precision or onnx_dtype
+    if precision not in PRECISIONS:
+        raise StsError(f"--precision must be one of {', '.join(PRECISIONS)}, got '{precision}'")
+    if precision == onnx_dtype:
+        return precision, True, None
+    if onnx_dtype == "fp32":
+        return precision, False, SELECTION_PATTERN
+    raise StsError(f"the ONNX graphs are {onnx_dtype}; a {precision} engine needs an fp32 (or {precision}) ONNX export")
 
 
 def check(onnx_dir: Path, trt_version: str = "10.3") -> tuple[bool, str]:
@@ -40,13 +60,7 @@ def build_engines(
 
     m = read_manifest(onnx_dir)
     recipe = manifest_recipe(m)
-    onnx_precision = ONNX_DTYPE_PRECISION[m["dtype"]]
-    precision = precision or onnx_precision
-    if precision != onnx_precision:
-        raise StsError(
-            f"the ONNX graphs are {m['dtype']} but --precision is {precision}; export the ONNX with "
-            f"--dtype {precision} (engines are built strongly typed, so Stage 1 stays float32 via the graph's casts)"
-        )
+    precision, typed, pattern = build_mode(m["dtype"], precision)
     ok, report = check(onnx_dir, trt_version)
     progress(report)
     if not ok:
@@ -62,7 +76,8 @@ def build_engines(
                                       min_prompt=m["k_pre"] + 1 if name == "prune" else 1)  # prune: S1 > K
         progress(f"[{i}/{len(names)}] building {name}.engine ({precision}, {len(profiles)} profile(s)) ...")
         info = build_engine(onnx_dir / g["onnx"], onnx_dir / f"{name}.engine", precision=precision, profiles=profiles,
-                            timing_cache_path=cache, opt_level=opt_level, strongly_typed=True,
+                            timing_cache_path=cache, opt_level=opt_level, strongly_typed=typed,
+                            fp32_layers_pattern=pattern,
                             workspace_bytes=int(workspace_gb * 1024**3) if workspace_gb else None, progress=progress)
         built[name] = info
         progress(f"[{i}/{len(names)}] {name}.engine: {info['build_seconds']} s, {info['size_bytes'] / 1e6:.1f} MB")

@@ -229,3 +229,40 @@ def test_trt_check_only_cli(tmp_root: Path) -> None:
         import tensorrt  # noqa: F401
     except ImportError:
         assert r.returncode != 0 and "TensorRT is not installed" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_engine_build_modes(tmp_root: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Which TensorRT build each precision gets, and that the fp32 pin pattern really finds Stage 1's nodes."""
+    import sts_export.trt_build as tb
+    from sts_export.engines import SELECTION_PATTERN, build_engines, build_mode
+
+    assert build_mode("fp16", None) == ("fp16", True, None)
+    assert build_mode("fp32", "bf16") == ("bf16", False, SELECTION_PATTERN)
+    with pytest.raises(StsError, match="needs an fp32"):
+        build_mode("fp16", "bf16")
+    d = exported(tmp_root, "tiny-llava", "sts", 64)
+    vision = onnx.load(str(d / "vision.onnx"), load_external_data=False)
+    pinned = tb.onnx_nodes_matching(d / "vision.onnx", SELECTION_PATTERN)
+    argmins = {n.name for n in vision.graph.node if n.op_type == "ArgMin"}
+    assert argmins and argmins <= pinned  # every greedy pick of Stage 1 stays fp32
+    convs = {n.name for n in vision.graph.node if n.op_type == "Conv"}
+    assert convs and not convs & pinned  # the CLIP tower itself is not pinned
+    assert tb.onnx_nodes_matching(d / "prune.onnx", SELECTION_PATTERN)  # Stage 2 relevance too
+
+    calls = []
+    monkeypatch.setattr(tb, "require_tensorrt", lambda *a, **k: type("trt", (), {"__version__": "10.3.0"}))
+    monkeypatch.setattr(tb, "device_info", lambda *a, **k: {"gpu": "stand-in", "compute_capability": "8.7"})
+    def fake_build(onnx_path, engine_path, **kw):
+        calls.append(kw)
+        Path(engine_path).write_bytes(b"engine")
+        return {"profiles": [], "build_seconds": 0.0, "size_bytes": 6}
+    monkeypatch.setattr(tb, "build_engine", fake_build)
+    work = tmp_root / "modes"
+    shutil.copytree(d, work)
+    m = build_engines(work, precision="bf16", progress=lambda s: None)
+    assert {c["precision"] for c in calls} == {"bf16"} and not any(c["strongly_typed"] for c in calls)
+    assert all(c["fp32_layers_pattern"] == SELECTION_PATTERN for c in calls)
+    assert m["tensorrt"]["precision"] == "bf16" and all(g["engine_sha256"] for g in m["graphs"].values())
+    from sts_export.manifest import read_manifest  # the manifest stays readable with engines listed
+
+    assert read_manifest(work)["graphs"]["vision"]["engine"] == "vision.engine"
