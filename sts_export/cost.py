@@ -38,18 +38,16 @@ Counting conventions:
 """
 from __future__ import annotations
 
-import dataclasses
 import math
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping, NamedTuple
 
-import yaml
 
 from .budget import check_method, has_stage2, parse_budget, prune_layer_for, split_budget
 from .errors import StsError
-from .recipe import Recipe, TextConfig
+from .recipe import Recipe, TextConfig, from_dict, read_yaml
 
 DTYPE_BYTES: dict[str, int] = {"fp32": 4, "fp16": 2, "bf16": 2}
 PHASES = ("vision", "prefill", "decode")
@@ -337,33 +335,22 @@ class Device:
 def load_devices(path: str | os.PathLike | None = None) -> dict[str, Device]:
     """Device profiles from data/devices.yaml (or `path`): {name: Device}. Unknown keys are errors."""
     path = Path(DEVICES_PATH if path is None else path)
-    try:
-        data = yaml.safe_load(path.read_text())
-    except FileNotFoundError:
-        raise StsError(f"device file {path} not found") from None
-    except yaml.YAMLError as e:
-        raise StsError(f"{path}: not valid YAML ({str(e).splitlines()[0]})") from None
+    data = read_yaml(path)
     if not isinstance(data, dict) or not data:
         raise StsError(f"{path.name}: expected a mapping of device name -> profile")
-    fields = [f.name for f in dataclasses.fields(Device) if f.name != "name"]
     devices: dict[str, Device] = {}
     for name, spec in data.items():
         where = f"{path.name}:{name}"
-        if not isinstance(spec, dict):
-            raise StsError(f"{where}: expected a mapping, got {type(spec).__name__}")
-        unknown = sorted(set(spec) - set(fields))
-        if unknown:
-            raise StsError(f"{where}: unknown key(s) {', '.join(unknown)}; valid keys: {', '.join(fields)}")
-        missing = [f for f in fields if f not in spec]
-        if missing:
-            raise StsError(f"{where}: missing key(s) {', '.join(missing)}")
+        if isinstance(spec, dict) and "name" in spec:
+            raise StsError(f"{where}: 'name' comes from the mapping key, not a field")
+        dev = from_dict(Device, {"name": str(name), **spec} if isinstance(spec, dict) else spec, where)
         for key in ("fp16_tflops", "fp32_tflops", "bandwidth_gbs", "memory_gb"):
-            value = spec[key]
+            value = getattr(dev, key)
             if isinstance(value, bool) or not isinstance(value, (int, float)) or value <= 0:
                 raise StsError(f"{where}.{key} must be a positive number, got {value!r}")
-        if not str(spec["source"]).strip():
+        if not str(dev.source).strip():
             raise StsError(f"{where}.source must cite the vendor document")
-        devices[str(name)] = Device(name=str(name), **{k: spec[k] for k in fields})
+        devices[str(name)] = dev
     return devices
 
 

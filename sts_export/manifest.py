@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from .errors import StsError
-from .recipe import Recipe, _build
+from .recipe import Recipe, from_dict
 from .runtime import Plan
 
 
@@ -63,7 +63,7 @@ def read_manifest(export_dir: Path, verify: bool = True) -> dict[str, Any]:
 
 
 def manifest_recipe(m: dict[str, Any]) -> Recipe:
-    return _build(Recipe, m["recipe"], "manifest.recipe")
+    return from_dict(Recipe, m["recipe"], "manifest.recipe")
 
 
 def manifest_plan(m: dict[str, Any], recipe: Recipe) -> Plan:

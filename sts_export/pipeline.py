@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import TYPE_CHECKING, Callable, Sequence
 
 import numpy as np
 from PIL import Image
@@ -14,6 +14,9 @@ from .preprocess import check_pixel_values, load_image, preprocess_image
 from .recipe import ANCHORS, Recipe
 from .runtime import Backend, Generation, Plan, TorchBackend, generate
 from .tokenizer import Prompt, TextTokenizer, split_ids
+
+if TYPE_CHECKING:
+    from .model import Llava
 
 DTYPES = ("fp32", "fp16", "bf16")
 NP_DTYPES = {"fp32": "float32", "fp16": "float16", "bf16": "float32"}

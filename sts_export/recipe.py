@@ -131,7 +131,7 @@ class Recipe:
 T = TypeVar("T")
 
 
-def _build(cls: type[T], data: Any, where: str) -> T:
+def from_dict(cls: type[T], data: Any, where: str) -> T:
     """Build a (nested) frozen dataclass from a mapping, rejecting unknown keys."""
     if not isinstance(data, dict):
         raise StsError(f"{where}: expected a mapping, got {type(data).__name__}")
@@ -144,7 +144,7 @@ def _build(cls: type[T], data: Any, where: str) -> T:
         ftype = fields[name].type
         sub = _NESTED.get(ftype if isinstance(ftype, str) else getattr(ftype, "__name__", ""))
         if sub is not None:
-            kwargs[name] = _build(sub, value, f"{where}.{name}")
+            kwargs[name] = from_dict(sub, value, f"{where}.{name}")
         elif isinstance(value, list):
             kwargs[name] = tuple(value)
         else:
@@ -202,11 +202,17 @@ def load_recipe(name_or_path: str | os.PathLike) -> Recipe:
                 f"unknown recipe '{name_or_path}'; available: {', '.join(available_recipes())} "
                 "(or pass a path to a recipe YAML file)"
             )
+    return from_dict(Recipe, read_yaml(path), path.name)
+
+
+def read_yaml(path: Path) -> Any:
+    """Parse a YAML file; a missing or malformed file is a one-line StsError."""
     try:
-        data = yaml.safe_load(path.read_text())
+        return yaml.safe_load(Path(path).read_text())
+    except FileNotFoundError:
+        raise StsError(f"{path} not found") from None
     except yaml.YAMLError as e:
         raise StsError(f"{path}: not valid YAML ({str(e).splitlines()[0]})") from None
-    return _build(Recipe, data, path.name)
 
 
 def recipe_from_hf_config(config_dir: str | os.PathLike, name: str | None = None) -> Recipe:

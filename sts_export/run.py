@@ -6,17 +6,19 @@ provider when present); TensorRT when the directory holds engines.
 """
 from __future__ import annotations
 
-import json
-import os
 import sys
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import click
 import numpy as np
 
 from .errors import StsError
 from .manifest import manifest_plan, manifest_recipe, read_manifest
+from .tokenizer import cli_input_ids
+
+if TYPE_CHECKING:
+    from .pipeline import Pipeline
 
 class OrtBackend:
     """Runs the ONNX graphs of an export directory with ONNX Runtime (numpy in, numpy out)."""
@@ -99,14 +101,7 @@ def main(export_dir: Path, image: str, prompt: str | None, input_ids: str | None
     """Answer a question about an image with an exported (pruned) model, streaming the answer."""
     try:
         pipe = load_export_pipeline(export_dir, backend, device)
-        ids = None
-        if input_ids:
-            try:
-                ids = [int(t) for t in input_ids.replace(" ", "").split(",") if t]
-            except ValueError:
-                raise StsError("--input-ids must be comma-separated integers") from None
-        elif prompt is None:
-            raise StsError("pass --prompt TEXT (or --input-ids when the export has no tokenizer)")
+        ids = cli_input_ids(prompt, input_ids)
         pv = pipe.pixel_values(image)
         shown: list[int] = []
         printed = [""]

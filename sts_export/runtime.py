@@ -8,13 +8,16 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
-from typing import Any, Callable, Protocol
+from typing import TYPE_CHECKING, Any, Callable, Protocol
 
 import numpy as np
 
 from .budget import has_stage2, prune_layer_for, split_budget
 from .recipe import Recipe
 from .tokenizer import Prompt
+
+if TYPE_CHECKING:
+    import torch
 
 
 def graph_io(name: str, layers: list[int] | None = None) -> tuple[list[str], list[str]]:

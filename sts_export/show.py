@@ -31,6 +31,7 @@ from .pipeline import Pipeline
 from .preprocess import load_image, preprocess_image
 from .recipe import Recipe
 from .runtime import Plan, TorchBackend
+from .tokenizer import cli_input_ids
 from .visualize import compare_panels
 
 def _methods(methods: Sequence[str] | str) -> list[str]:
@@ -230,14 +231,7 @@ def compare_cmd(model: str, image: str, recipe: str | None, random_weights: bool
                 budget: str, anchor: str | None, display_size: int | None, out: Path) -> None:
     """Draw the tokens each method keeps at the same budget, side by side (paper Figs. 6-7)."""
     try:
-        ids = None
-        if input_ids:
-            try:
-                ids = [int(t) for t in input_ids.replace(" ", "").split(",") if t]
-            except ValueError:
-                raise StsError("--input-ids must be comma-separated integers") from None
-        elif prompt is None:
-            raise StsError("pass --prompt TEXT (or --input-ids when the model has no tokenizer)")
+        ids = cli_input_ids(prompt, input_ids)
         picture = compare_methods(model, image, prompt, _methods(methods), budget, input_ids=ids, recipe=recipe,
                                   random_weights=random_weights, anchor=anchor, display_size=display_size)
         try:

@@ -101,3 +101,15 @@ def split_ids(ids: np.ndarray, recipe: Recipe) -> Prompt:
         )
     i = int(where[0])
     return Prompt(prefix=ids[:i], suffix=ids[i + 1:])
+
+
+def cli_input_ids(prompt: str | None, input_ids: str | None) -> list[int] | None:
+    """--input-ids '1,32000,...' as a list (None when a --prompt is used); one of the two is required."""
+    if input_ids:
+        try:
+            return [int(t) for t in input_ids.replace(" ", "").split(",") if t]
+        except ValueError:
+            raise StsError("--input-ids must be comma-separated integers") from None
+    if prompt is None:
+        raise StsError("pass --prompt TEXT (or --input-ids when there is no tokenizer)")
+    return None

@@ -7,7 +7,6 @@ from typing import Any
 import numpy as np
 import torch
 
-from .errors import StsError
 from .recipe import Recipe
 from .runtime import Plan, TorchBackend, generate
 from .tokenizer import Prompt, split_ids
