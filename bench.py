@@ -14,7 +14,7 @@ import sys
 
 import click
 
-from sts_export.errors import StsError
+from sts_export.errors import cli_errors
 
 
 def _split(value: str) -> list[str]:
@@ -77,7 +77,7 @@ def main(models: str, budgets: str, methods: str, backends: str, repeats: int, w
          quiet: bool) -> None:
     """Time vision (+ Stage 1), prefill, TTFT and decode per budget, method and backend; report KV cache bytes,
     peak memory, analytic FLOPs and the roofline."""
-    try:
+    with cli_errors():
         from sts_export.bench import DEFAULT_PROMPT, BenchOptions, format_table, run_bench, write_json, write_plot
 
         opts = BenchOptions(
@@ -98,12 +98,6 @@ def main(models: str, budgets: str, methods: str, backends: str, repeats: int, w
             click.echo(f"wrote {plot_path}", err=True)
         if result["failures"]:
             sys.exit(1)  # a backend failed (see the notes); the other rows are still reported
-    except StsError as e:
-        click.echo(f"error: {e}", err=True)
-        sys.exit(2)
-    except KeyboardInterrupt:
-        click.echo("interrupted", err=True)
-        sys.exit(130)
 
 
 if __name__ == "__main__":

@@ -39,9 +39,9 @@ def main(model: str | None, recipe: str | None, budget: str, method: str, anchor
          onnx_dir: Path | None, check_only: bool, trt_version: str, precision: str | None, max_batch: int, opt_level: int,
          workspace_gb: float | None) -> None:
     """Export graphs with STS pruning inside (see README)."""
-    from sts_export.errors import StsError
+    from sts_export.errors import StsError, cli_errors
 
-    try:
+    with cli_errors("interrupted: nothing was left in the output directory"):
         if onnx_dir is not None:
             if target != "trt":
                 raise StsError("--onnx-dir builds engines: use it with --target trt")
@@ -74,12 +74,6 @@ def main(model: str | None, recipe: str | None, budget: str, method: str, anchor
                 click.echo(report)
                 sys.exit(0 if ok else 1)
             build_engines(path, precision=precision, max_batch=max_batch, opt_level=opt_level, workspace_gb=workspace_gb, trt_version=trt_version)
-    except StsError as e:
-        click.echo(f"error: {e}", err=True)
-        sys.exit(2)
-    except KeyboardInterrupt:
-        click.echo("interrupted: nothing was left in the output directory", err=True)
-        sys.exit(130)
 
 
 if __name__ == "__main__":

@@ -29,12 +29,12 @@ from .errors import StsError
 from .manifest import FORMAT_VERSION, sha256, write_manifest
 from .model import Llava, build_graphs
 from .recipe import Recipe
-from .runtime import Plan
+from .runtime import NP_DTYPES, TORCH_DTYPES, Plan
 
 GRAPH_ORDER = ("vision", "embed", "segment1", "prune", "segment2")
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "preprocessor_config.json",
                    "generation_config.json", "chat_template.json")
-TORCH_DTYPES = {"fp32": torch.float32, "fp16": torch.float16}
+EXPORT_DTYPES = ("fp32", "fp16")
 TWO_GB = 2 * 1024**3
 
 
@@ -142,7 +142,7 @@ def export(
     """Export a model's pruned graphs to an ONNX directory; returns its path. Validates with ORT unless told not to."""
     check_method(method)
     budget = parse_budget(budget)
-    if dtype not in TORCH_DTYPES:
+    if dtype not in EXPORT_DTYPES:
         raise StsError(f"--dtype must be fp32 or fp16 for ONNX export, got '{dtype}'")
     out = Path(out) if out else default_out(model, method, budget)
     if out.exists() and not force:
@@ -151,11 +151,12 @@ def export(
     rec = src.recipe
     split_budget(budget, rec, method)  # range check before any heavy work
     anchor = anchor or rec.pruning.anchor
-    plan = Plan.create(rec, method, budget, "float16" if dtype == "fp16" else "float32")
+    plan = Plan.create(rec, method, budget, NP_DTYPES[dtype])
+    torch_dtype = getattr(torch, TORCH_DTYPES[dtype])
     progress(f"model: {src.description} | recipe {rec.name} | method {method} budget {budget} -> "
              f"K={plan.k_pre} K'={plan.k_post} prune_layer={prune_layer_for(method, rec)} | {dtype}")
     t0 = time.perf_counter()
-    net: Llava = load_model(src, TORCH_DTYPES[dtype])
+    net: Llava = load_model(src, torch_dtype)
     progress(f"loaded weights in {time.perf_counter() - t0:.1f} s")
     graphs = build_graphs(net, method, budget, anchor)
     names = [g for g in GRAPH_ORDER if g in graphs]
@@ -165,7 +166,7 @@ def export(
         for i, g in enumerate(names, 1):
             t = time.perf_counter()
             progress(f"[{i}/{len(names)}] exporting {g} ...")
-            export_graph(graphs[g], g, plan, rec, TORCH_DTYPES[dtype], tmp / f"{g}.onnx", opset)
+            export_graph(graphs[g], g, plan, rec, torch_dtype, tmp / f"{g}.onnx", opset)
             size = sum(f.stat().st_size for f in tmp.glob(f"{g}.onnx*"))
             progress(f"[{i}/{len(names)}] {g}: {time.perf_counter() - t:.1f} s, {size / 1e6:.1f} MB")
             gc.collect()
@@ -183,7 +184,7 @@ def export(
             from .validate import validate_export
 
             progress("validating: ONNX Runtime vs torch, per graph and end to end ...")
-            report = validate_export(tmp, graphs, plan, rec, TORCH_DTYPES[dtype])
+            report = validate_export(tmp, graphs, plan, rec, torch_dtype)
             (tmp / "validation.json").write_text(json.dumps(report, indent=2))
             progress(f"validation: {'PASS' if report['passed'] else 'FAIL'} (see validation.json)")
             if not report["passed"]:

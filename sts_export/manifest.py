@@ -10,9 +10,10 @@ import os
 from pathlib import Path
 from typing import Any
 
+from .budget import has_stage2
 from .errors import StsError
 from .recipe import Recipe, from_dict
-from .runtime import Plan
+from .runtime import NP_DTYPES, Plan
 
 
 def sha256(path: Path) -> str:
@@ -55,7 +56,7 @@ def read_manifest(export_dir: Path, verify: bool = True) -> dict[str, Any]:
                 raise StsError(f"graph '{name}' is missing ({f.name}); copy the whole export directory again or re-export")
             if verify and sha256(f) != digest:
                 raise StsError(f"{f.name} differs from the manifest's sha256 (corrupted or edited); copy it again or re-export")
-    needed = {"vision", "embed", "segment1", "segment2"} | ({"prune"} if m.get("k_post", 0) < m.get("k_pre", 0) or m.get("method") in ("sts", "fastv") and m.get("budget") != "full" else set())
+    needed = {"vision", "embed", "segment1", "segment2"} | ({"prune"} if has_stage2(m.get("method"), m.get("budget")) else set())
     missing = sorted(needed - set(m.get("graphs", {})))
     if missing:
         raise StsError(f"{path} lists no graph(s) {', '.join(missing)}; re-export")
@@ -67,7 +68,7 @@ def manifest_recipe(m: dict[str, Any]) -> Recipe:
 
 
 def manifest_plan(m: dict[str, Any], recipe: Recipe) -> Plan:
-    plan = Plan.create(recipe, m["method"], m["budget"], "float16" if m["dtype"] == "fp16" else "float32")
+    plan = Plan.create(recipe, m["method"], m["budget"], NP_DTYPES[m["dtype"]])
     if (plan.k_pre, plan.k_post, plan.prune_layer) != (m["k_pre"], m["k_post"], m["prune_layer"]):
         raise StsError("manifest K/K'/prune_layer disagree with its recipe; the export directory is inconsistent")
     return plan

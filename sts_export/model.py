@@ -20,7 +20,7 @@ from torch import nn
 
 from .budget import has_stage2, prune_layer_for, split_budget
 from .recipe import Recipe, TextConfig, VisionConfig
-from .selection import divprune_select, potential_energy_select, topk_ascending
+from .selection import divprune_select, potential_energy_select, take_tokens, topk_ascending
 from .selection import last_token_relevance
 
 
@@ -275,12 +275,12 @@ class VisionGraph(nn.Module):
         if self.method == "divprune":
             projected = self.projector(feats)  # [B, N, Hd]
             keep = divprune_select(projected, self.k_pre)
-            return torch.gather(projected, 1, keep[..., None].expand(-1, -1, projected.shape[-1])), keep
+            return take_tokens(projected, keep), keep
         if self.method == "cls":
             keep = topk_ascending(cls_att, self.k_pre)
         else:  # sts, sts-s
             keep = potential_energy_select(feats, self.k_pre, self.anchor, cls_att)
-        kept = torch.gather(feats, 1, keep[..., None].expand(-1, -1, feats.shape[-1]))  # [B, K, C]
+        kept = take_tokens(feats, keep)  # [B, K, C]
         return self.projector(kept), keep
 
 
@@ -355,8 +355,7 @@ class PruneGraph(nn.Module):
         slot = torch.where(slot < 0, 0, torch.where(slot > self.k_post - 1, self.k_post - 1, slot))  # no INT64 Clip (TensorRT)
         img = image_start + torch.gather(keep_post, 1, slot)
         idx = torch.where(j < image_start, j, torch.where(j < image_start + self.k_post, img, j + self.k_pre - self.k_post))
-        hidden_out = torch.gather(hidden, 1, idx[..., None].expand(-1, -1, hd))
-        return hidden_out, torch.gather(position_ids.expand(b, -1), 1, idx), keep_post
+        return take_tokens(hidden, idx), torch.gather(position_ids.expand(b, -1), 1, idx), keep_post
 
 
 def build_graphs(model: Llava, method: str, budget: int | str, anchor: str | None = None) -> dict[str, nn.Module]:

@@ -12,14 +12,12 @@ from .budget import check_method, parse_budget
 from .errors import StsError
 from .preprocess import check_pixel_values, load_image, preprocess_image
 from .recipe import ANCHORS, Recipe
-from .runtime import Backend, Generation, Plan, TorchBackend, generate
+from .runtime import NP_DTYPES, TORCH_DTYPES, Backend, Generation, Plan, TorchBackend, generate
 from .tokenizer import Prompt, TextTokenizer, split_ids
 
 if TYPE_CHECKING:
     from .model import Llava
 
-DTYPES = ("fp32", "fp16", "bf16")
-NP_DTYPES = {"fp32": "float32", "fp16": "float16", "bf16": "float32"}
 
 
 class Pipeline:
@@ -62,14 +60,14 @@ class Pipeline:
         from .checkpoint import load_model, resolve
         from .model import build_graphs
 
-        if dtype not in DTYPES:
-            raise StsError(f"unknown dtype '{dtype}'; choose one of {', '.join(DTYPES)}")
+        if dtype not in TORCH_DTYPES:
+            raise StsError(f"unknown dtype '{dtype}'; choose one of {', '.join(TORCH_DTYPES)}")
         if anchor is not None and anchor not in ANCHORS:
             raise StsError(f"unknown anchor '{anchor}'; choose one of {', '.join(ANCHORS)}")
         src = resolve(str(path_or_id), recipe, random_weights)
         rec = src.recipe
         plan = Plan.create(rec, method, budget, NP_DTYPES[dtype])
-        model = load_model(src, getattr(torch, {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16"}[dtype])).to(device)
+        model = load_model(src, getattr(torch, TORCH_DTYPES[dtype])).to(device)
         anchor = anchor or rec.pruning.anchor
         graphs = build_graphs(model, method, budget, anchor)
         tok = None

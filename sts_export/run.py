@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING, Any
 import click
 import numpy as np
 
-from .errors import StsError
+from .errors import StsError, cli_errors
 from .manifest import manifest_plan, manifest_recipe, read_manifest
 from .tokenizer import cli_input_ids
 
@@ -99,7 +99,7 @@ def load_export_pipeline(export_dir: Path, backend: str = "auto", device: str = 
 def main(export_dir: Path, image: str, prompt: str | None, input_ids: str | None, max_new_tokens: int,
          backend: str, device: str, show_kept: Path | None, compare: str | None) -> None:
     """Answer a question about an image with an exported (pruned) model, streaming the answer."""
-    try:
+    with cli_errors():
         pipe = load_export_pipeline(export_dir, backend, device)
         ids = cli_input_ids(prompt, input_ids)
         pv = pipe.pixel_values(image)
@@ -138,9 +138,6 @@ def main(export_dir: Path, image: str, prompt: str | None, input_ids: str | None
                             pipe.recipe.image_processor, title=f"{pipe.plan.method} b={pipe.plan.budget}")
             img.save(show_kept)
             click.echo(f"wrote {show_kept}", err=True)
-    except StsError as e:
-        click.echo(f"error: {e}", err=True)
-        sys.exit(2)
 
 
 if __name__ == "__main__":

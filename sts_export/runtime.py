@@ -35,6 +35,11 @@ def graph_io(name: str, layers: list[int] | None = None) -> tuple[list[str], lis
     raise ValueError(f"unknown graph {name}")
 
 
+# dtype names -> torch dtype names, and -> the numpy dtype of hidden states / caches fed from the host
+TORCH_DTYPES = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16"}
+NP_DTYPES = {"fp32": "float32", "fp16": "float16", "bf16": "float32"}  # numpy has no bfloat16
+
+
 class Backend(Protocol):
     name: str
 

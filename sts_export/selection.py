@@ -28,6 +28,11 @@ def sorted_indices(mask: torch.Tensor, k: int) -> torch.Tensor:
     return torch.topk(keyed, k, dim=-1, largest=False, sorted=True).values
 
 
+def take_tokens(x: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+    """x [B, N, C] at token indices idx [B, K] -> [B, K, C]."""
+    return torch.gather(x, 1, idx[..., None].expand(-1, -1, x.shape[-1]))
+
+
 def pairwise_sq_dist(v: torch.Tensor) -> torch.Tensor:
     """D[i,j] = max(|v_i|^2 + |v_j|^2 - 2 v_i.v_j, 0) for v [B, N, C] -> [B, N, N] (one matmul)."""
     sq = (v * v).sum(-1)  # [B, N]
@@ -66,7 +71,7 @@ def potential_energy_select(
         if step > 0:
             pick = torch.where(picked, inf, r).argmin(dim=-1)  # [B]; ties -> lower index
         picked = picked | (ar[None, :] == pick[:, None])
-        row = torch.gather(d, 1, pick[:, None, None].expand(b, 1, n)).squeeze(1)  # [B, N] = D[i*, :]
+        row = take_tokens(d, pick[:, None]).squeeze(1)  # [B, N] = D[i*, :]
         r = r + 1.0 / (row + EPS)
     return sorted_indices(picked, k)
 
@@ -88,7 +93,7 @@ def divprune_select(projected: torch.Tensor, k: int) -> torch.Tensor:
         if step > 0:
             pick = torch.where(picked, -inf, min_d).argmax(dim=-1)
         picked = picked | (ar[None, :] == pick[:, None])
-        row = torch.gather(dist, 1, pick[:, None, None].expand(b, 1, n)).squeeze(1)  # [B, N]
+        row = take_tokens(dist, pick[:, None]).squeeze(1)  # [B, N]
         min_d = torch.minimum(min_d, row)
     return sorted_indices(picked, k)
 

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import dataclasses
 import os
-import sys
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -25,7 +24,7 @@ from torch import nn
 from .budget import check_method, parse_budget, split_budget
 from .checkpoint import init_random_, load_weights, resolve
 from .diagnostics import consistency_per_layer, write_report
-from .errors import StsError
+from .errors import StsError, cli_errors
 from .model import ClipLayer, ClipVision, build_graphs
 from .pipeline import Pipeline
 from .preprocess import load_image, preprocess_image
@@ -173,11 +172,6 @@ def _ks(value: str) -> list[int]:
     return ks
 
 
-def _fail(e: StsError) -> None:
-    click.echo(f"error: {e}", err=True)
-    sys.exit(2)
-
-
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
 def main() -> None:
     """Pictures of visual-token pruning: methods side by side, KNN consistency per CLIP layer."""
@@ -203,7 +197,7 @@ def _with_model_options(f: Any) -> Any:
 @click.option("--ks", default="5,10,20", show_default=True, help="Neighbourhood sizes k, comma-separated.")
 def consistency_cmd(model: str, image: str, recipe: str | None, random_weights: bool, out: Path, ks: str) -> None:
     """KNN consistency of CLS attention vs. patch features at every CLIP layer (paper Fig. 2)."""
-    try:
+    with cli_errors():
         if out.exists() and not out.is_dir():
             raise StsError(f"--out {out} exists and is not a directory")
         result = consistency(model, image, recipe=recipe, random_weights=random_weights, ks=_ks(ks))
@@ -213,8 +207,6 @@ def consistency_cmd(model: str, image: str, recipe: str | None, random_weights: 
         except OSError as e:
             raise StsError(f"cannot write to {out}: {e.strerror or e}") from None
         click.echo(f"wrote {out / 'consistency.json'} and {out / 'consistency.png'}", err=True)
-    except StsError as e:
-        _fail(e)
 
 
 @main.command("compare")
@@ -230,7 +222,7 @@ def compare_cmd(model: str, image: str, recipe: str | None, random_weights: bool
                 input_ids: str | None, methods: str,
                 budget: str, anchor: str | None, display_size: int | None, out: Path) -> None:
     """Draw the tokens each method keeps at the same budget, side by side (paper Figs. 6-7)."""
-    try:
+    with cli_errors():
         ids = cli_input_ids(prompt, input_ids)
         picture = compare_methods(model, image, prompt, _methods(methods), budget, input_ids=ids, recipe=recipe,
                                   random_weights=random_weights, anchor=anchor, display_size=display_size)
@@ -240,8 +232,6 @@ def compare_cmd(model: str, image: str, recipe: str | None, random_weights: bool
         except (OSError, ValueError) as e:
             raise StsError(f"cannot write {out}: {getattr(e, 'strerror', None) or e}") from None
         click.echo(f"wrote {out}", err=True)
-    except StsError as e:
-        _fail(e)
 
 
 __all__ = ["compare_methods", "consistency", "full_vision_tower"]
