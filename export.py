@@ -45,7 +45,7 @@ def main(model: str | None, recipe: str | None, budget: str, method: str, anchor
         if onnx_dir is not None:
             if target != "trt":
                 raise StsError("--onnx-dir builds engines: use it with --target trt")
-            from sts_export.engines import build_engines, check
+            from sts_export.backends.tensorrt.engines import build_engines, check
 
             if check_only:
                 ok, report = check(onnx_dir, trt_version)
@@ -58,16 +58,16 @@ def main(model: str | None, recipe: str | None, budget: str, method: str, anchor
         if not model:
             raise StsError("pass --model (a recipe name, a checkpoint directory or a cached HF id), or --onnx-dir")
         if target == "trt" and not check_only:
-            from sts_export.trt_build import require_tensorrt
+            from sts_export.backends.tensorrt.build import require_tensorrt
 
             require_tensorrt()  # fail in one line before a long ONNX export
-        from sts_export.export import export
+        from sts_export.export.onnx import export
 
         path = export(model, budget=budget, method=method, out=out, recipe=recipe,
                       dtype=dtype or ("fp16" if target == "trt" and precision in (None, "fp16") else "fp32"), anchor=anchor,
                       random_weights=random_weights, opset=opset, validate=not no_validate, force=force)
         if target == "trt":
-            from sts_export.engines import build_engines, check
+            from sts_export.backends.tensorrt.engines import build_engines, check
 
             if check_only:
                 ok, report = check(path, trt_version)

@@ -7,7 +7,7 @@ import torch, numpy as np, onnx, onnxruntime as ort
 from torch._higher_order_ops import while_loop
 from torch.export import Dim
 sys.path.insert(0, str(__import__("pathlib").Path(__file__).resolve().parents[1]))
-from sts_export.selection import potential_energy_select, pairwise_sq_dist, anchor_index, sorted_indices, EPS
+from sts_export.pruning.selection import potential_energy_select, pairwise_sq_dist, anchor_index, sorted_indices, EPS
 warnings.simplefilter("ignore")
 
 def pe_loop(v, k):

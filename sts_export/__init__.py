@@ -8,7 +8,7 @@ from typing import Any
 
 __version__ = "0.1.0"
 __all__ = ["load_recipe", "split_budget", "select_tokens", "Pipeline", "StsError", "__version__"]
-_WHERE = {"load_recipe": "recipe", "split_budget": "budget", "select_tokens": "selection",
+_WHERE = {"load_recipe": "recipe", "split_budget": "pruning.budget", "select_tokens": "pruning.selection",
           "Pipeline": "pipeline", "StsError": "errors"}
 
 

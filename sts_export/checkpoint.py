@@ -17,8 +17,8 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from .errors import StsError
-from .recipe import Recipe, available_recipes, check_matches_config, load_recipe, recipe_from_hf_config
+from sts_export.errors import StsError
+from sts_export.recipe import Recipe, available_recipes, check_matches_config, load_recipe, recipe_from_hf_config
 
 # transformers' legacy llava-hf layout -> its v5 layout -> our module names
 LEGACY_PREFIXES = [
@@ -211,7 +211,7 @@ def hf_config(recipe: Recipe) -> dict:
 
 def save_checkpoint(recipe: Recipe, out: Path, seed: int | None = None) -> None:
     """Write a complete transformers-layout LLaVA checkpoint with seeded random weights to `out`."""
-    from .model import ClipLayer, Llava
+    from sts_export.families.layers import ClipLayer, Llava
 
     model = Llava(recipe)
     init_random_(model, recipe.seed if seed is None else seed)
@@ -245,7 +245,7 @@ def save_checkpoint(recipe: Recipe, out: Path, seed: int | None = None) -> None:
 
 def ensure_synthetic(recipe: Recipe) -> Path:
     """The synthetic model's checkpoint + tokenizer, generated once into the cache (atomically)."""
-    from .tokenizer import build_synthetic_tokenizer
+    from sts_export.tokenizer import build_synthetic_tokenizer
 
     final = synthetic_dir(recipe)
     if (final / "model.safetensors").is_file() and (final / "tokenizer.json").is_file():
@@ -267,7 +267,7 @@ def ensure_synthetic(recipe: Recipe) -> Path:
 
 def load_model(source: Source, dtype: torch.dtype = torch.float32, seed: int | None = None) -> "torch.nn.Module":
     """Build our Llava modules and fill them from the source (random weights when source.path is None)."""
-    from .model import Llava
+    from sts_export.families.layers import Llava
 
     with torch.device("meta"):
         model = Llava(source.recipe)

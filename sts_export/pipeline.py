@@ -8,15 +8,17 @@ from typing import TYPE_CHECKING, Callable, Sequence
 import numpy as np
 from PIL import Image
 
-from .budget import check_method, parse_budget
-from .errors import StsError
-from .preprocess import check_pixel_values, load_image, preprocess_image
-from .recipe import ANCHORS, Recipe
-from .runtime import NP_DTYPES, TORCH_DTYPES, Backend, Generation, Plan, TorchBackend, generate
-from .tokenizer import Prompt, TextTokenizer, split_ids
+from sts_export.pruning.budget import check_method, parse_budget
+from sts_export.errors import StsError
+from sts_export.families.llava import check_pixel_values, load_image, preprocess_image
+from sts_export.recipe import ANCHORS, Recipe
+from sts_export.backends import Backend
+from sts_export.export.manifest import manifest_plan, manifest_recipe, read_manifest
+from sts_export.generate import NP_DTYPES, TORCH_DTYPES, Generation, Plan, generate
+from sts_export.tokenizer import Prompt, TextTokenizer, split_ids
 
 if TYPE_CHECKING:
-    from .model import Llava
+    from sts_export.families.layers import Llava
 
 
 
@@ -50,15 +52,14 @@ class Pipeline:
         check_method(method)
         budget = parse_budget(budget)
         if backend in ("onnxruntime", "ort", "tensorrt", "trt"):
-            from .run import load_export_pipeline  # export directories (issue: export)
-
             return load_export_pipeline(Path(path_or_id), backend=backend, device=device)
         if backend != "torch":
             raise StsError(f"unknown backend '{backend}'; choose torch, onnxruntime or tensorrt")
         import torch
 
-        from .checkpoint import load_model, resolve
-        from .model import build_graphs
+        from sts_export.backends.torch import TorchBackend
+        from sts_export.checkpoint import load_model, resolve
+        from sts_export.graphs import build_graphs
 
         if dtype not in TORCH_DTYPES:
             raise StsError(f"unknown dtype '{dtype}'; choose one of {', '.join(TORCH_DTYPES)}")
@@ -121,3 +122,25 @@ class Pipeline:
         if self.tokenizer is None:
             return " ".join(str(int(i)) for i in ids)
         return self.tokenizer.decode(ids)
+
+
+def load_export_pipeline(export_dir: Path, backend: str = "auto", device: str = "auto",
+                         threads: int | None = None) -> Pipeline:
+    """A Pipeline over an export directory (ONNX Runtime or TensorRT)."""
+
+    m = read_manifest(Path(export_dir))
+    recipe = manifest_recipe(m)
+    plan = manifest_plan(m, recipe)
+    has_engines = all("engine" in g for g in m["graphs"].values())
+    if backend in ("tensorrt", "trt") or (backend == "auto" and has_engines):
+        if not has_engines:
+            raise StsError(f"{export_dir} holds no TensorRT engines; build them with export.py --onnx-dir {export_dir} --target trt")
+        from sts_export.backends.tensorrt.runtime import TrtBackend
+
+        be: Any = TrtBackend(Path(export_dir))
+    else:
+        from sts_export.backends.onnxruntime import OrtBackend
+
+        be = OrtBackend(Path(export_dir), m, device, threads)
+    tok = TextTokenizer(Path(export_dir), recipe) if (Path(export_dir) / "tokenizer.json").is_file() else None
+    return Pipeline(recipe, be, plan, tok, m["anchor"], str(export_dir))

@@ -14,7 +14,7 @@ from typing import Any, TypeVar
 
 import yaml
 
-from .errors import StsError
+from sts_export.errors import StsError
 
 RECIPE_DIR = Path(os.environ.get("STS_RECIPES", Path(__file__).resolve().parent.parent / "recipes"))
 LLAVA_TEMPLATE = "USER: <image>\n{prompt} ASSISTANT:"

@@ -8,82 +8,14 @@ from __future__ import annotations
 
 import sys
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
 
 import click
 import numpy as np
 
-from .errors import StsError, cli_errors
-from .manifest import manifest_plan, manifest_recipe, read_manifest
-from .tokenizer import cli_input_ids
-
-if TYPE_CHECKING:
-    from .pipeline import Pipeline
-
-class OrtBackend:
-    """Runs the ONNX graphs of an export directory with ONNX Runtime (numpy in, numpy out)."""
-
-    name = "onnxruntime"
-
-    def __init__(self, export_dir: Path, manifest: dict[str, Any], device: str = "auto", threads: int | None = None) -> None:
-        import onnxruntime as ort
-
-        self.dir, self.manifest = export_dir, manifest
-        avail = ort.get_available_providers()
-        want_cuda = device in ("auto", "cuda") and "CUDAExecutionProvider" in avail
-        if device == "cuda" and not want_cuda:
-            raise StsError("the CUDA provider of onnxruntime is not available; pip install onnxruntime-gpu or use --device cpu")
-        self.providers = (["CUDAExecutionProvider"] if want_cuda else []) + ["CPUExecutionProvider"]
-        self.opts = ort.SessionOptions()
-        if threads:
-            self.opts.intra_op_num_threads = threads
-        self.opts.log_severity_level = 3
-        self.sessions: dict[str, Any] = {}
-
-    def session(self, graph: str) -> Any:
-        if graph not in self.sessions:
-            import onnxruntime as ort
-
-            path = self.dir / self.manifest["graphs"][graph]["onnx"]
-            self.sessions[graph] = ort.InferenceSession(str(path), self.opts, providers=self.providers)
-        return self.sessions[graph]
-
-    def run(self, graph: str, feeds: dict[str, Any]) -> dict[str, Any]:
-        sess = self.session(graph)
-        names = [o.name for o in sess.get_outputs()]
-        outs = sess.run(names, {i.name: np.asarray(feeds[i.name]) for i in sess.get_inputs()})
-        return dict(zip(names, outs))
-
-    def from_numpy(self, x: np.ndarray) -> np.ndarray:
-        return x
-
-    def to_numpy(self, x: np.ndarray) -> np.ndarray:
-        return x
-
-    def concat(self, xs: list[np.ndarray], axis: int) -> np.ndarray:
-        return np.concatenate(xs, axis=axis)
-
-
-def load_export_pipeline(export_dir: Path, backend: str = "auto", device: str = "auto",
-                         threads: int | None = None) -> "Pipeline":
-    """A Pipeline over an export directory (ONNX Runtime or TensorRT)."""
-    from .pipeline import Pipeline
-    from .tokenizer import TextTokenizer
-
-    m = read_manifest(Path(export_dir))
-    recipe = manifest_recipe(m)
-    plan = manifest_plan(m, recipe)
-    has_engines = all("engine" in g for g in m["graphs"].values())
-    if backend in ("tensorrt", "trt") or (backend == "auto" and has_engines):
-        if not has_engines:
-            raise StsError(f"{export_dir} holds no TensorRT engines; build them with export.py --onnx-dir {export_dir} --target trt")
-        from .trt_runtime import TrtBackend
-
-        be: Any = TrtBackend(Path(export_dir))
-    else:
-        be = OrtBackend(Path(export_dir), m, device, threads)
-    tok = TextTokenizer(Path(export_dir), recipe) if (Path(export_dir) / "tokenizer.json").is_file() else None
-    return Pipeline(recipe, be, plan, tok, m["anchor"], str(export_dir))
+from sts_export.errors import StsError, cli_errors
+from sts_export.export.manifest import read_manifest
+from sts_export.pipeline import load_export_pipeline
+from sts_export.tokenizer import cli_input_ids
 
 
 @click.command(context_settings={"help_option_names": ["-h", "--help"]})
@@ -121,7 +53,7 @@ def main(export_dir: Path, image: str, prompt: str | None, input_ids: str | None
         if compare and show_kept is None:
             raise StsError("--compare writes a picture: pass --show-kept OUT.png too")
         if compare:
-            from .show import compare_methods
+            from sts_export.show.compare import compare_methods
 
             m = read_manifest(export_dir, verify=False)
             src = m["model"]
@@ -131,8 +63,8 @@ def main(export_dir: Path, image: str, prompt: str | None, input_ids: str | None
             img.save(show_kept)
             click.echo(f"wrote {show_kept}", err=True)
         elif show_kept is not None:
-            from .visualize import draw_kept
-            from .preprocess import load_image
+            from sts_export.show.pictures import draw_kept
+            from sts_export.families.llava import load_image
 
             img = draw_kept(load_image(image), gen.keep_pre[0], None if gen.keep_post is None else gen.keep_post[0],
                             pipe.recipe.image_processor, title=f"{pipe.plan.method} b={pipe.plan.budget}")

@@ -7,8 +7,8 @@ from pathlib import Path
 
 import numpy as np
 
-from .errors import StsError
-from .recipe import Recipe
+from sts_export.errors import StsError
+from sts_export.recipe import Recipe
 
 SPECIALS = ["<unk>", "<s>", "</s>", "<pad>", "<image>"]  # ids 0..4 in synthetic tokenizers
 _CORPUS = """

@@ -5,7 +5,7 @@ import json
 
 import pytest
 
-from sts_export.cost import (
+from sts_export.bench.cost import (
     DEFAULT_TEXT_TOKENS,
     STS_LOOP_OPS,
     Device,

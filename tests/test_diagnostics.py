@@ -8,7 +8,7 @@ import statistics
 import numpy as np
 import pytest
 
-from sts_export.diagnostics import (
+from sts_export.show.diagnostics import (
     cls_attention_scores,
     consistency_per_layer,
     knn_consistency,

@@ -13,8 +13,8 @@ import onnx
 import pytest
 
 from sts_export import Pipeline, StsError
-from sts_export.export import export
-from sts_export.run import load_export_pipeline
+from sts_export.export.onnx import export
+from sts_export.pipeline import load_export_pipeline
 from tests.conftest import make_image
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -213,7 +213,7 @@ def test_cli_out_exists_and_bad_image(tmp_root: Path, tmp_path: Path) -> None:
 
 @pytest.mark.parametrize("name,method,budget", CASES)
 def test_trt_static_check_passes_on_every_export(tmp_root: Path, name: str, method: str, budget: int | str) -> None:
-    from sts_export.engines import check
+    from sts_export.backends.tensorrt.engines import check
 
     ok, report = check(exported(tmp_root, name, method, budget), "10.3")
     assert ok, report
@@ -233,8 +233,8 @@ def test_trt_check_only_cli(tmp_root: Path) -> None:
 
 def test_engine_build_modes(tmp_root: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """Which TensorRT build each precision gets, and that the fp32 pin pattern really finds Stage 1's nodes."""
-    import sts_export.trt_build as tb
-    from sts_export.engines import SELECTION_PATTERN, build_engines, build_mode
+    import sts_export.backends.tensorrt.build as tb
+    from sts_export.backends.tensorrt.engines import SELECTION_PATTERN, build_engines, build_mode
 
     assert build_mode("fp16", None) == ("fp16", True, None)
     assert build_mode("fp32", "bf16") == ("bf16", False, SELECTION_PATTERN)
@@ -263,6 +263,6 @@ def test_engine_build_modes(tmp_root: Path, monkeypatch: pytest.MonkeyPatch) -> 
     assert {c["precision"] for c in calls} == {"bf16"} and not any(c["strongly_typed"] for c in calls)
     assert all(c["fp32_layers_pattern"] == SELECTION_PATTERN for c in calls)
     assert m["tensorrt"]["precision"] == "bf16" and all(g["engine_sha256"] for g in m["graphs"].values())
-    from sts_export.manifest import read_manifest  # the manifest stays readable with engines listed
+    from sts_export.export.manifest import read_manifest  # the manifest stays readable with engines listed
 
     assert read_manifest(work)["graphs"]["vision"]["engine"] == "vision.engine"

@@ -13,7 +13,7 @@ from safetensors.torch import save_file
 
 from sts_export import Pipeline, StsError
 from sts_export.checkpoint import load_model, resolve
-from sts_export.preprocess import load_image, preprocess_image
+from sts_export.families.llava import load_image, preprocess_image
 from sts_export.recipe import load_recipe
 from tests.conftest import make_image
 

@@ -3,7 +3,7 @@ import dataclasses
 import pytest
 
 from sts_export import StsError, load_recipe, split_budget
-from sts_export.budget import valid_budget_range
+from sts_export.pruning.budget import valid_budget_range
 from sts_export.recipe import RECIPE_DIR, available_recipes
 
 
@@ -61,7 +61,7 @@ def test_paper_budgets() -> None:
 @pytest.mark.parametrize("method", ["sts", "sts-s", "fastv", "cls"])
 def test_budget_average_matches_definition(method: str) -> None:
     """The split's per-layer average equals the budget (up to rounding) for every valid budget."""
-    from sts_export.budget import prune_layer_for
+    from sts_export.pruning.budget import prune_layer_for
 
     r = load_recipe("llava-1.5-7b")
     lo, hi = valid_budget_range(r, method)

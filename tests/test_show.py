@@ -16,9 +16,9 @@ from PIL import Image
 
 from tests.conftest import hf_llava, make_image
 from sts_export import Pipeline, StsError, load_recipe
-from sts_export.diagnostics import knn_consistency
-from sts_export.show import compare_methods, consistency, full_vision_tower, main
-from sts_export.visualize import compare_panels
+from sts_export.show.diagnostics import knn_consistency
+from sts_export.show.compare import compare_methods, consistency, full_vision_tower, main
+from sts_export.show.pictures import compare_panels
 
 MODEL = "tiny-llava"
 PROMPT = "What is shown in this image?"

@@ -10,7 +10,9 @@ import onnx
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
-from sts_export import trt_build, trt_check, trt_runtime
+from sts_export.backends.tensorrt import build as trt_build
+from sts_export.backends.tensorrt import check as trt_check
+from sts_export.backends.tensorrt import runtime as trt_runtime
 from sts_export.errors import StsError
 
 FLOAT, INT64, BOOL = TensorProto.FLOAT, TensorProto.INT64, TensorProto.BOOL
@@ -551,7 +553,7 @@ def test_build_engine_errors_are_one_line(fake_trt: _FakeTrt, tmp_path) -> None:
     fake_trt.parse_ok = False
     with pytest.raises(StsError) as e:
         trt_build.build_engine(onnx_path, tmp_path / "v.engine", precision="fp32", profiles=[], progress=print)
-    assert "n7(Unique)" in str(e.value) and "trt_check" in str(e.value) and "\n" not in str(e.value)
+    assert "n7(Unique)" in str(e.value) and "sts_export.backends.tensorrt.check" in str(e.value) and "\n" not in str(e.value)
     with pytest.raises(StsError, match="precision"):
         trt_build.build_engine(onnx_path, tmp_path / "v.engine", precision="int8", profiles=[])
     assert not (tmp_path / "v.engine").exists()

@@ -17,9 +17,10 @@ import onnx  # noqa: E402
 import onnxruntime as ort  # noqa: E402
 from onnx import TensorProto, helper, numpy_helper  # noqa: E402
 
-from sts_export import trt_build, trt_check  # noqa: E402
+from sts_export.backends.tensorrt import build as trt_build  # noqa: E402
+from sts_export.backends.tensorrt import check as trt_check  # noqa: E402
 from sts_export.errors import StsError  # noqa: E402
-from sts_export.trt_runtime import TrtBackend  # noqa: E402
+from sts_export.backends.tensorrt.runtime import TrtBackend  # noqa: E402
 
 D = 16
 

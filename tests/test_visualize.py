@@ -7,9 +7,9 @@ from PIL import Image
 from transformers.models.clip.image_processing_pil_clip import CLIPImageProcessorPil
 from transformers.models.llava.image_processing_pil_llava import LlavaImageProcessorPil
 
-from sts_export import visualize as vis
+from sts_export.show import pictures as vis
 from sts_export.recipe import ImageProcessorConfig
-from sts_export.visualize import compare_panels, draw_kept, patch_boxes, token_index_map
+from sts_export.show.pictures import compare_panels, draw_kept, patch_boxes, token_index_map
 
 PATCH, GRID, SIZE = 14, 24, 336
 

@@ -8,8 +8,8 @@ from __future__ import annotations
 
 from typing import NamedTuple
 
-from .errors import StsError
-from .recipe import Recipe
+from sts_export.errors import StsError
+from sts_export.recipe import Recipe
 
 METHODS = ("sts", "sts-s", "divprune", "cls", "fastv", "none")
 STAGE2_METHODS = ("sts", "fastv")

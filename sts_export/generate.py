@@ -1,24 +1,19 @@
-"""Backends that run a graph by name, and the one generation loop that drives any of them.
-
-A backend has `run(graph, feeds) -> outputs` (dicts keyed by DESIGN.md's IO names) plus three
-array helpers (`from_numpy`, `to_numpy`, `concat`), so KV caches stay in the backend's own
-memory (torch tensors, ORT values, TensorRT device buffers) between steps.
+"""The one generation loop: prefill (vision, embed, segment1, prune, segment2), then greedy decode
+with per-segment KV caches, on any backend (`sts_export.backends`). Also the graphs' IO names
+(DESIGN.md's contract) and the Plan that tells the loop what an export configuration holds.
 """
 from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Callable, Protocol
+from typing import Any, Callable
 
 import numpy as np
 
-from .budget import has_stage2, prune_layer_for, split_budget
-from .recipe import Recipe
-from .tokenizer import Prompt
-
-if TYPE_CHECKING:
-    import torch
-
+from sts_export.backends import Backend
+from sts_export.pruning.budget import has_stage2, prune_layer_for, split_budget
+from sts_export.recipe import Recipe
+from sts_export.tokenizer import Prompt
 
 def graph_io(name: str, layers: list[int] | None = None) -> tuple[list[str], list[str]]:
     """Input and output names of a graph (DESIGN.md); `layers` = global indices of a segment's layers."""
@@ -38,15 +33,6 @@ def graph_io(name: str, layers: list[int] | None = None) -> tuple[list[str], lis
 # dtype names -> torch dtype names, and -> the numpy dtype of hidden states / caches fed from the host
 TORCH_DTYPES = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16"}
 NP_DTYPES = {"fp32": "float32", "fp16": "float16", "bf16": "float32"}  # numpy has no bfloat16
-
-
-class Backend(Protocol):
-    name: str
-
-    def run(self, graph: str, feeds: dict[str, Any]) -> dict[str, Any]: ...
-    def from_numpy(self, x: np.ndarray) -> Any: ...
-    def to_numpy(self, x: Any) -> np.ndarray: ...
-    def concat(self, xs: list[Any], axis: int) -> Any: ...
 
 
 @dataclass(frozen=True)
@@ -78,49 +64,6 @@ class Plan:
 
     def io(self, graph: str) -> tuple[list[str], list[str]]:
         return graph_io(graph, self.segment_layers.get(graph))
-
-
-class TorchBackend:
-    """Runs the torch graph modules (eager, or torch.compile'd) on a device."""
-
-    name = "torch"
-
-    def __init__(self, graphs: dict[str, "torch.nn.Module"], plan: Plan, device: str = "cpu", compile: bool = False) -> None:
-        import torch
-
-        self.plan, self.device = plan, torch.device(device)
-        self.graphs = {k: (torch.compile(m, dynamic=True) if compile else m) for k, m in graphs.items()}
-
-    def run(self, graph: str, feeds: dict[str, Any]) -> dict[str, Any]:
-        import torch
-
-        inputs, outputs = self.plan.io(graph)
-        with torch.inference_mode():
-            outs = self.graphs[graph](*[feeds[n] for n in inputs])
-        outs = outs if isinstance(outs, tuple) else (outs,)
-        return dict(zip(outputs, outs))
-
-    def from_numpy(self, x: np.ndarray) -> "torch.Tensor":
-        import torch
-
-        return torch.from_numpy(np.ascontiguousarray(x)).to(self.device)
-
-    def to_numpy(self, x: "torch.Tensor") -> np.ndarray:
-        import torch
-
-        x = x.detach().cpu()
-        return (x.float() if x.dtype == torch.bfloat16 else x).numpy()  # numpy has no bfloat16
-
-    def concat(self, xs: list["torch.Tensor"], axis: int) -> "torch.Tensor":
-        import torch
-
-        return torch.cat(xs, dim=axis)
-
-    def synchronize(self) -> None:
-        if self.device.type == "cuda":
-            import torch
-
-            torch.cuda.synchronize(self.device)
 
 
 @dataclass

@@ -11,8 +11,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
-from .errors import StsError
-from .recipe import ImageProcessorConfig
+from sts_export.errors import StsError
+from sts_export.recipe import ImageProcessorConfig
 
 
 def to_rgb(image: Image.Image) -> Image.Image:

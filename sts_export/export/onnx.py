@@ -22,14 +22,15 @@ from typing import Any, Callable
 import torch
 import yaml
 
-from . import __version__
-from .budget import check_method, parse_budget, prune_layer_for, split_budget
-from .checkpoint import Source, load_model, resolve
-from .errors import StsError
-from .manifest import FORMAT_VERSION, sha256, write_manifest
-from .model import Llava, build_graphs
-from .recipe import Recipe
-from .runtime import NP_DTYPES, TORCH_DTYPES, Plan
+from sts_export import __version__
+from sts_export.pruning.budget import check_method, parse_budget, prune_layer_for, split_budget
+from sts_export.checkpoint import Source, load_model, resolve
+from sts_export.errors import StsError
+from sts_export.export.manifest import FORMAT_VERSION, sha256, write_manifest
+from sts_export.families.layers import Llava
+from sts_export.graphs import build_graphs
+from sts_export.recipe import Recipe
+from sts_export.generate import NP_DTYPES, TORCH_DTYPES, Plan
 
 GRAPH_ORDER = ("vision", "embed", "segment1", "prune", "segment2")
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "preprocessor_config.json",
@@ -181,7 +182,7 @@ def export(
         manifest = manifest_for(rec, src, method, budget, plan, anchor, dtype, tmp, names, opset)
         write_manifest(tmp, manifest)
         if validate:
-            from .validate import validate_export
+            from sts_export.export.validate import validate_export
 
             progress("validating: ONNX Runtime vs torch, per graph and end to end ...")
             report = validate_export(tmp, graphs, plan, rec, torch_dtype)

@@ -21,17 +21,19 @@ import torch
 from PIL import Image
 from torch import nn
 
-from .budget import check_method, parse_budget, split_budget
-from .checkpoint import init_random_, load_weights, resolve
-from .diagnostics import consistency_per_layer, write_report
-from .errors import StsError, cli_errors
-from .model import ClipLayer, ClipVision, build_graphs
-from .pipeline import Pipeline
-from .preprocess import load_image, preprocess_image
-from .recipe import Recipe
-from .runtime import Plan, TorchBackend
-from .tokenizer import cli_input_ids
-from .visualize import compare_panels
+from sts_export.pruning.budget import check_method, parse_budget, split_budget
+from sts_export.checkpoint import init_random_, load_weights, resolve
+from sts_export.show.diagnostics import consistency_per_layer, write_report
+from sts_export.errors import StsError, cli_errors
+from sts_export.families.layers import ClipLayer, ClipVision
+from sts_export.graphs import build_graphs
+from sts_export.pipeline import Pipeline
+from sts_export.families.llava import load_image, preprocess_image
+from sts_export.recipe import Recipe
+from sts_export.backends.torch import TorchBackend
+from sts_export.generate import Plan
+from sts_export.tokenizer import cli_input_ids
+from sts_export.show.pictures import compare_panels
 
 def _methods(methods: Sequence[str] | str) -> list[str]:
     """Validated, de-duplicated method names (order kept); a comma-separated string is split."""
@@ -62,11 +64,11 @@ def compare_methods(
     display_size: int | None = None,
 ) -> Image.Image:
     """Run every method through the torch Pipeline at the same budget (prefill + 1 new token) and
-    draw what each kept, side by side (:func:`~sts_export.visualize.compare_panels`). ``input_ids``
+    draw what each kept, side by side (:func:`~sts_export.show.pictures.compare_panels`). ``input_ids``
     (holding one image token) replaces the prompt for models without a tokenizer (random weights).
 
     The model is loaded once and shared by all methods. Every (method, budget) pair is checked with
-    :func:`~sts_export.budget.split_budget` before anything runs, so e.g. ``fastv`` at a budget too
+    :func:`~sts_export.pruning.budget.split_budget` before anything runs, so e.g. ``fastv`` at a budget too
     small for the model raises its one-line :class:`StsError` naming the valid range.
     """
     names = _methods(methods)
@@ -141,7 +143,7 @@ def consistency(
 
     Layer l (1-based, as the paper; = transformers' ``hidden_states[l]``): features = that layer's
     output patch tokens (CLS dropped), scores = the CLS token's head-mean attention to the patches
-    inside that layer. Returns :func:`~sts_export.diagnostics.consistency_per_layer`'s dict plus
+    inside that layer. Returns :func:`~sts_export.show.diagnostics.consistency_per_layer`'s dict plus
     ``model`` (source), ``recipe`` (name), ``image_size`` (W, H) and ``feature_layer`` (the 1-based layer LLaVA feeds its projector).
     """
     ks = [int(k) for k in ks]

@@ -7,9 +7,10 @@ from typing import Any
 import numpy as np
 import torch
 
-from .recipe import Recipe
-from .runtime import Plan, TorchBackend, generate
-from .tokenizer import Prompt, split_ids
+from sts_export.recipe import Recipe
+from sts_export.backends.torch import TorchBackend
+from sts_export.generate import Plan, generate
+from sts_export.tokenizer import Prompt, split_ids
 
 INT_OUTPUTS = ("keep_pre", "keep_post", "position_ids_out")
 
@@ -45,8 +46,8 @@ def sample_inputs(export_dir: Path, recipe: Recipe, batch: int = 1) -> tuple[np.
     """A deterministic synthetic image and a prompt (tokenized when the export has a tokenizer)."""
     from PIL import Image
 
-    from .preprocess import preprocess_image
-    from .tokenizer import TextTokenizer
+    from sts_export.families.llava import preprocess_image
+    from sts_export.tokenizer import TextTokenizer
 
     rng = np.random.default_rng(0)
     img = Image.fromarray(rng.integers(0, 256, (12, 16, 3), dtype=np.uint8)).resize((480, 360), Image.BILINEAR)
@@ -59,7 +60,8 @@ def sample_inputs(export_dir: Path, recipe: Recipe, batch: int = 1) -> tuple[np.
 def validate_export(export_dir: Path, graphs: dict[str, torch.nn.Module], plan: Plan, recipe: Recipe,
                     dtype: torch.dtype, new_tokens: int = 8) -> dict[str, Any]:
     """Compare ORT with torch: each graph on the feeds of a real prefill/decode, then greedy tokens end to end."""
-    from .run import OrtBackend, read_manifest
+    from sts_export.backends.onnxruntime import OrtBackend
+    from sts_export.export.manifest import read_manifest
 
     tol = getattr(recipe.tolerance, "fp16" if dtype == torch.float16 else "fp32")
     ort_be = OrtBackend(export_dir, read_manifest(export_dir), device="cpu")

@@ -21,8 +21,8 @@ from typing import NamedTuple
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
-from .preprocess import resized_size, to_rgb
-from .recipe import ImageProcessorConfig
+from sts_export.families.llava import resized_size, to_rgb
+from sts_export.recipe import ImageProcessorConfig
 
 # Styling (RGB). Stage-2 survivors are red as in the paper's Figure 7 (STS = red).
 PRUNED_GREY = (150, 150, 150)

@@ -45,7 +45,7 @@ import time
 from pathlib import Path
 from typing import Any, Callable
 
-from .errors import StsError
+from sts_export.errors import StsError
 
 Shape = tuple[int, ...]
 Profile = dict[str, Any]  # input name -> (min_shape, opt_shape, max_shape); optional "__values__": same, values
@@ -396,7 +396,7 @@ def _parse_onnx(trt: Any, network: Any, logger: Any, onnx_path: Path) -> Any:
             errors.append(str(e))
     more = f" (+{len(errors) - 1} more)" if len(errors) > 1 else ""
     raise StsError(f"TensorRT could not parse {onnx_path.name}: {errors[0] if errors else 'unknown error'}{more}; "
-                   f"`python -m sts_export.trt_check {onnx_path.parent}` lists every incompatibility")
+                   f"`python -m sts_export.backends.tensorrt.check {onnx_path.parent}` lists every incompatibility")
 
 
 def _add_profiles(trt: Any, builder: Any, config: Any, network: Any, profiles: list[Profile], name: str) -> None:

@@ -11,8 +11,8 @@ import math
 
 import torch
 
-from .errors import StsError
-from .recipe import ANCHORS
+from sts_export.errors import StsError
+from sts_export.recipe import ANCHORS
 
 STAGE1_METHODS = ("sts", "sts-s", "divprune", "cls", "none")
 EPS = 1e-6

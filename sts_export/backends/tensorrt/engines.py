@@ -8,8 +8,8 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Callable
 
-from .errors import StsError
-from .manifest import manifest_recipe, read_manifest, sha256, write_manifest
+from sts_export.errors import StsError
+from sts_export.export.manifest import manifest_recipe, read_manifest, sha256, write_manifest
 
 PRECISIONS = ("fp16", "bf16", "fp32")
 # Selection math stays float32 in reduced-precision engines. The torch exporter records each node's
@@ -36,7 +36,7 @@ def build_mode(onnx_dtype: str, precision: str | None) -> tuple[str, bool, str |
 
 def check(onnx_dir: Path, trt_version: str = "10.3") -> tuple[bool, str]:
     """(compatible, printable report) for every graph of an export directory."""
-    from .trt_check import check_dir, format_reports
+    from sts_export.backends.tensorrt.check import check_dir, format_reports
 
     reports = check_dir(onnx_dir, trt_version=trt_version)
     if not reports:
@@ -56,7 +56,7 @@ def build_engines(
     progress: Callable[[str], None] = print,
 ) -> dict[str, Any]:
     """Check, then build `<graph>.engine` for every graph; the manifest gains engine hashes and TensorRT info."""
-    from .trt_build import build_engine, device_info, profiles_for_graph, require_tensorrt
+    from sts_export.backends.tensorrt.build import build_engine, device_info, profiles_for_graph, require_tensorrt
 
     m = read_manifest(onnx_dir)
     recipe = manifest_recipe(m)

@@ -10,10 +10,10 @@ import os
 from pathlib import Path
 from typing import Any
 
-from .budget import has_stage2
-from .errors import StsError
-from .recipe import Recipe, from_dict
-from .runtime import NP_DTYPES, Plan
+from sts_export.pruning.budget import has_stage2
+from sts_export.errors import StsError
+from sts_export.recipe import Recipe, from_dict
+from sts_export.generate import NP_DTYPES, Plan
 
 
 def sha256(path: Path) -> str:

@@ -45,9 +45,9 @@ from pathlib import Path
 from typing import Any, Mapping, NamedTuple
 
 
-from .budget import check_method, has_stage2, parse_budget, prune_layer_for, split_budget
-from .errors import StsError
-from .recipe import Recipe, TextConfig, from_dict, read_yaml
+from sts_export.pruning.budget import check_method, has_stage2, parse_budget, prune_layer_for, split_budget
+from sts_export.errors import StsError
+from sts_export.recipe import Recipe, TextConfig, from_dict, read_yaml
 
 DTYPE_BYTES: dict[str, int] = {"fp32": 4, "fp16": 2, "bf16": 2}
 PHASES = ("vision", "prefill", "decode")

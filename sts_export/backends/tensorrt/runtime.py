@@ -18,8 +18,8 @@ from typing import Any
 
 import numpy as np
 
-from .errors import StsError
-from .trt_build import _cudart, _enum_name, _torch_cuda, check_engine_compatible, require_tensorrt
+from sts_export.errors import StsError
+from sts_export.backends.tensorrt.build import _cudart, _enum_name, _torch_cuda, check_engine_compatible, require_tensorrt
 
 Ranges = dict[str, tuple[tuple[int, ...], tuple[int, ...], tuple[int, ...]]]
 

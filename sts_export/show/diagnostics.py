@@ -26,7 +26,7 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from .errors import StsError
+from sts_export.errors import StsError
 
 NEIGHBOURS_DOC = "cosine similarity, k nearest other tokens (self excluded), ties to the lower index"
 STD_DOC = "population standard deviation (ddof=0)"

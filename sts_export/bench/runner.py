@@ -20,7 +20,7 @@ each timed run; a 5 ms sampling thread elsewhere) and peak GPU memory (torch.cud
 Configurations of one backend run interleaved when their weights fit in memory together (all loaded, warm-ups and
 repeats round-robin), so a change in machine load - other processes on a shared host, thermal throttling - hits
 every configuration alike and the speedups stay fair; otherwise one after the other (--sequential).
-Cost: sts_export.cost (analytic FLOPs/bytes per phase, roofline for --device). `--cost-only` needs no weights.
+Cost: sts_export.bench.cost (analytic FLOPs/bytes per phase, roofline for --device). `--cost-only` needs no weights.
 
 Rows with budget `full` are run once per (model, backend) as method `none` (no pruning: the same graphs for every
 method) and serve as the baseline of the speedups: speedup_ttft = ttft(full) / ttft(row), beside
@@ -48,8 +48,8 @@ from typing import Any, Callable, Iterable, Sequence
 
 import numpy as np
 
-from .budget import METHODS, check_method, parse_budget, split_budget
-from .errors import StsError
+from sts_export.pruning.budget import METHODS, check_method, parse_budget, split_budget
+from sts_export.errors import StsError
 
 SCHEMA_VERSION = 1
 BACKENDS = {  # CLI name -> canonical
@@ -127,7 +127,7 @@ class BenchOptions:
         if self.threads is not None and self.threads < 1:
             raise StsError("--threads must be >= 1")
         if self.device is not None:
-            from .cost import get_device
+            from sts_export.bench.cost import get_device
 
             get_device(self.device, self.devices_file)  # unknown name -> one-line error listing the valid ones
 
@@ -184,7 +184,7 @@ def system_info() -> dict[str, Any]:
     import psutil
     import torch
 
-    from . import __version__
+    from sts_export import __version__
 
     info: dict[str, Any] = {
         "platform": platform.platform(),
@@ -423,14 +423,14 @@ def configs_for(recipe: Any, model: str, methods: list[str], budgets: list[int |
 
 def recipe_of(model: str) -> Any:
     """The recipe of --model without loading weights (recipe name, local checkpoint dir, or error)."""
-    from .recipe import available_recipes, load_recipe, recipe_from_hf_config
+    from sts_export.recipe import available_recipes, load_recipe, recipe_from_hf_config
 
     path = Path(model).expanduser()
     if path.is_dir():
         return recipe_from_hf_config(path)
     if model in available_recipes() or path.suffix in (".yaml", ".yml"):
         return load_recipe(model)
-    from .checkpoint import resolve
+    from sts_export.checkpoint import resolve
 
     return resolve(model).recipe  # a cached HF id (reads config.json only)
 
@@ -451,7 +451,7 @@ def prompt_ids(pipe: Any, prompt: str, text_tokens: int | None) -> np.ndarray:
     """Token ids with one image token: the tokenized --prompt (recipe template), or, with --text-tokens or when
     the model has no tokenizer, a fixed pseudo-prompt of that many text tokens (default cost.DEFAULT_TEXT_TOKENS)
     laid out like LLaVA's template: BOS + 4 tokens ("USER:") + image + the rest."""
-    from .cost import DEFAULT_TEXT_TOKENS
+    from sts_export.bench.cost import DEFAULT_TEXT_TOKENS
 
     r = pipe.recipe
     if text_tokens is None and pipe.tokenizer is not None:
@@ -467,7 +467,7 @@ def prompt_ids(pipe: Any, prompt: str, text_tokens: int | None) -> np.ndarray:
 
 # ----------------------------------------------------------------------------------------------- exports
 def _cache_root() -> Path:
-    from . import checkpoint
+    from sts_export import checkpoint
 
     return Path(checkpoint.CACHE_DIR)
 
@@ -477,7 +477,7 @@ def _recipe_digest(recipe: Any) -> str:
 
 
 def _export_matches(d: Path, recipe: Any, cfg: Config, dtype: str, random_weights: bool, engines: bool) -> bool:
-    from .run import read_manifest
+    from sts_export.export.manifest import read_manifest
 
     if not (d / "manifest.json").is_file():
         return False
@@ -508,7 +508,7 @@ def find_export(recipe: Any, cfg: Config, dtype: str, random_weights: bool, root
 def ensure_onnx_export(model: str, recipe: Any, cfg: Config, opts: BenchOptions) -> Path:
     """Reuse a matching export (--exports, ./exports, the cache) or export one into --exports / the cache
     (validate=False: the export's correctness is the exporter's tests' business, not the benchmark's)."""
-    from .export import export
+    from sts_export.export.onnx import export
 
     root = Path(opts.exports) if opts.exports else _cache_root() / "bench-exports"
     roots = _unique([root, Path("exports")])
@@ -540,7 +540,7 @@ def backend_unavailable(backend: str, opts: BenchOptions) -> str | None:
     if backend == "ort" and importlib.util.find_spec("onnxruntime") is None:
         return "onnxruntime is not installed (pip install onnxruntime, or onnxruntime-gpu)"
     if backend == "trt":
-        from .trt_build import require_tensorrt
+        from sts_export.backends.tensorrt.build import require_tensorrt
 
         try:
             require_tensorrt()
@@ -557,7 +557,7 @@ def backend_unavailable(backend: str, opts: BenchOptions) -> str | None:
 
 
 def load_pipeline(model: str, recipe: Any, cfg: Config, backend: str, opts: BenchOptions) -> Any:
-    from .pipeline import Pipeline
+    from sts_export.pipeline import Pipeline
 
     cuda = _want_cuda(opts)
     if backend in ("torch", "torch-compile"):
@@ -567,7 +567,7 @@ def load_pipeline(model: str, recipe: Any, cfg: Config, backend: str, opts: Benc
     if opts.dtype == "bf16":
         raise StsError("ONNX exports are fp32 or fp16; run the ort/trt backends with --dtype fp32 or fp16")
     if backend == "ort":
-        from .run import load_export_pipeline
+        from sts_export.pipeline import load_export_pipeline
 
         d = ensure_onnx_export(model, recipe, cfg, opts)
         return load_export_pipeline(d, backend="onnxruntime", device="cuda" if cuda else "cpu", threads=opts.threads)
@@ -577,7 +577,7 @@ def load_pipeline(model: str, recipe: Any, cfg: Config, backend: str, opts: Benc
     if d is None:
         raise StsError(f"no TensorRT export of {model} {cfg.method} b={cfg.budget} ({opts.dtype}) under {root} or "
                        f"./exports; build one with export.py --target trt and pass --exports DIR")
-    from .run import load_export_pipeline
+    from sts_export.pipeline import load_export_pipeline
 
     return load_export_pipeline(d, backend="tensorrt")
 
@@ -586,7 +586,7 @@ def load_pipeline(model: str, recipe: Any, cfg: Config, backend: str, opts: Benc
 def _stage1_module(method: str, k: int, anchor: str) -> Any:
     import torch
 
-    from .selection import divprune_select, potential_energy_select, topk_ascending
+    from sts_export.pruning.selection import divprune_select, potential_energy_select, topk_ascending
 
     class Stage1(torch.nn.Module):
         def forward(self, x: torch.Tensor, cls_att: torch.Tensor) -> torch.Tensor:
@@ -667,7 +667,7 @@ def stage1_probe(pipe: Any, cfg: Config, backend: str, opts: BenchOptions) -> tu
 # ----------------------------------------------------------------------------------------------- rows
 def cost_fields(recipe: Any, method: str, budget: int | str, dtype: str, text_tokens: int, decode_context: int,
                 device: str | None, devices_file: str | None) -> dict[str, Any]:
-    from .cost import get_device, phase_costs, roofline_terms
+    from sts_export.bench.cost import get_device, phase_costs, roofline_terms
 
     costs = phase_costs(recipe, budget, method, dtype=dtype, prompt_tokens=text_tokens, decode_context=decode_context)
     out: dict[str, Any] = {}
@@ -809,7 +809,7 @@ def _release(cuda: bool) -> None:
 
 def weight_bytes(recipe: Any, dtype: str) -> int:
     """Bytes of the weights one loaded configuration holds (vision layers used, projector, decoder, embeddings)."""
-    from .cost import param_counts
+    from sts_export.bench.cost import param_counts
 
     p = param_counts(recipe)
     return (p["vision"] + p["projector"] + p["decoder"] + p["lm_head"] + p["embed"]) * TORCH_DTYPE_BYTES[dtype]
@@ -902,7 +902,7 @@ def _device_name(backend: str, cuda: bool, pipe: Any) -> str:
 
 def cost_row(model: str, recipe: Any, cfg: Config, opts: BenchOptions) -> dict[str, Any]:
     """An analytic-only row (--cost-only): no weights, no timings."""
-    from .cost import DTYPE_BYTES, sequence_lengths, kv_cache_bytes
+    from sts_export.bench.cost import DTYPE_BYTES, sequence_lengths, kv_cache_bytes
 
     t = opts.text_tokens or None
     seq = sequence_lengths(recipe, cfg.budget, cfg.method, t)
@@ -984,7 +984,7 @@ def run_bench(opts: BenchOptions) -> dict[str, Any]:
     if image is None:
         image = bench_image()
     else:
-        from .preprocess import load_image
+        from sts_export.families.llava import load_image
 
         image = load_image(image)
     on_device = None

@@ -732,10 +732,10 @@ def problems_of(reports: Iterable[Report]) -> list[str]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """`python -m sts_export.trt_check EXPORT_DIR_OR_ONNX... [--trt-version 10.3]`; exit 1 on problems."""
+    """`python -m sts_export.backends.tensorrt.check EXPORT_DIR_OR_ONNX... [--trt-version 10.3]`; exit 1 on problems."""
     import argparse  # noqa: PLC0415
 
-    ap = argparse.ArgumentParser(prog="python -m sts_export.trt_check", description=main.__doc__)
+    ap = argparse.ArgumentParser(prog="python -m sts_export.backends.tensorrt.check", description=main.__doc__)
     ap.add_argument("paths", nargs="+", help="export directories (every *.onnx) or .onnx files")
     ap.add_argument("--trt-version", default="10.3", help="TensorRT release to check against (default 10.3)")
     args = ap.parse_args(argv)

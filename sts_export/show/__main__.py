@@ -1,0 +1,3 @@
+from sts_export.show.compare import main
+
+main()
