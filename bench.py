@@ -6,7 +6,7 @@
     python bench.py --model llava-1.5-7b-cpu --budgets full,64 --methods sts --backends ort --warmup 2 --repeats 7
     python bench.py --model llava-1.5-7b --cost-only --device jetson-agx-orin-64gb --dtype fp16
 
-The logic lives in sts_export/bench.py; this is the command line.
+The logic lives in the sts_export.bench package (runner, timing, report, cost); this is the command line.
 """
 from __future__ import annotations
 
@@ -78,7 +78,7 @@ def main(models: str, budgets: str, methods: str, backends: str, repeats: int, w
     """Time vision (+ Stage 1), prefill, TTFT and decode per budget, method and backend; report KV cache bytes,
     peak memory, analytic FLOPs and the roofline."""
     with cli_errors():
-        from sts_export.bench.runner import DEFAULT_PROMPT, BenchOptions, format_table, run_bench, write_json, write_plot
+        from sts_export.bench import DEFAULT_PROMPT, BenchOptions, format_table, run_bench, write_json, write_plot
 
         opts = BenchOptions(
             models=_split(models), budgets=_split(budgets), methods=_split(methods), backends=_split(backends),

@@ -4,6 +4,7 @@ safetensors only: pickled checkpoints (*.bin, *.pt) are refused, and no remote c
 """
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import math
@@ -12,40 +13,136 @@ import shutil
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
 from sts_export.errors import StsError
-from sts_export.recipe import Recipe, available_recipes, check_matches_config, load_recipe, recipe_from_hf_config
+from sts_export.families import check_matches_config, family_module, recipe_from_hf_config
+from sts_export.recipe import Recipe, available_recipes, load_recipe
 
-# transformers' legacy llava-hf layout -> its v5 layout -> our module names
-LEGACY_PREFIXES = [
+# Checkpoint keys -> our parameter names, in two steps.
+#  1. transformers' own key conversion, the one `from_pretrained` applies: the WeightRenaming list of
+#     `transformers.conversion_mapping.get_model_conversion_mapping` for the checkpoint's model class
+#     (built from its config.json on the meta device), run through
+#     `transformers.core_model_loading.rename_source_key`. It turns every layout transformers reads --
+#     the hub's llava-hf layout (language_model.model.*, vision_tower.vision_model.*,
+#     multi_modal_projector.*), the v5 in-memory layout (model.language_model.*,
+#     model.vision_tower.vision_model.*) and what save_pretrained writes (language_model.model.*,
+#     vision_tower.embeddings.*) -- into the installed transformers' in-memory names ("canonical").
+#  2. A small table per model_type maps canonical names onto ours. An entry ending in "." is a
+#     prefix, any other an exact name.
+_LLAVA_NAMES = (
+    ("model.vision_tower.vision_model.", "vision."),  # canonical in older 5.x (CLIPVisionModel kept it)
+    ("model.vision_tower.", "vision."),
+    ("model.multi_modal_projector.", "projector."),
+    ("lm_head.", "lm_head."),
+    ("model.language_model.", ""),
+)
+OUR_NAMES: dict[str, tuple[tuple[str, str], ...]] = {
+    "llava": _LLAVA_NAMES,
+    "llava_next": (("model.image_newline", "image_newline"), *_LLAVA_NAMES),
+}
+# Only where transformers lacks the conversion API (older 5.x): its llava renamings, by hand.
+_FALLBACK_RENAMES = (
     ("language_model.model.", "model.language_model."),
     ("language_model.lm_head.", "lm_head."),
     ("vision_tower.", "model.vision_tower."),
     ("multi_modal_projector.", "model.multi_modal_projector."),
-]
-PREFIXES = [
-    ("model.vision_tower.vision_model.", "vision."),
-    ("model.multi_modal_projector.", "projector."),
-    ("model.language_model.", ""),
-    ("lm_head.", "lm_head."),
-]
+    ("image_newline", "model.image_newline"),
+)
 CACHE_DIR = Path(os.environ.get("STS_CACHE", Path.home() / ".cache" / "sts-export"))
 
 
-def internal_name(key: str) -> str | None:
-    """Checkpoint key (legacy or transformers-5 layout) -> our parameter name, or None if not ours."""
-    for old, new in LEGACY_PREFIXES:
-        if key.startswith(old):
-            key = new + key[len(old):]
-            break
-    for old, new in PREFIXES:
-        if key.startswith(old):
-            return new + key[len(old):]
-    return None
+def _swap(key: str, old: str, new: str) -> str | None:
+    """`key` with prefix (or exact name) `old` replaced by `new`; None if it does not match."""
+    if old == "" or old.endswith("."):
+        return new + key[len(old):] if key.startswith(old) else None
+    return new if key == old else None
+
+
+def _names(model_type: str) -> tuple[tuple[str, str], ...]:
+    if model_type not in OUR_NAMES:
+        raise StsError(f"checkpoint model_type '{model_type}' is not supported; supported: {', '.join(OUR_NAMES)}")
+    return OUR_NAMES[model_type]
+
+
+def _fallback_canonical(key: str) -> str:
+    for old, new in _FALLBACK_RENAMES:
+        out = _swap(key, old, new)
+        if out is not None:
+            return out
+    return key
+
+
+@functools.lru_cache(maxsize=8)
+def _canonicalizer(model_type: str, config_json: str) -> Callable[[str], str]:
+    """transformers' checkpoint-key -> in-memory-key renaming for this model type and config."""
+    config = json.loads(config_json)
+    try:
+        from transformers import AutoModelForImageTextToText
+        from transformers.conversion_mapping import get_model_conversion_mapping
+        from transformers.core_model_loading import WeightConverter, WeightRenaming, rename_source_key
+        from transformers.models.auto.configuration_auto import CONFIG_MAPPING
+    except ImportError:
+        return _fallback_canonical
+    try:
+        cfg = CONFIG_MAPPING[model_type].from_dict({k: v for k, v in config.items() if k != "model_type"})
+    except Exception as e:  # noqa: BLE001 - transformers raises many kinds on a bad config
+        raise StsError(f"config.json of this {model_type} checkpoint is not valid for transformers: {e}") from None
+    with torch.device("meta"):  # structure only: no memory, no init
+        hf = AutoModelForImageTextToText.from_config(cfg)
+    conversions = get_model_conversion_mapping(hf)
+    renamings = [c for c in conversions if isinstance(c, WeightRenaming)]
+    converters = [c for c in conversions if isinstance(c, WeightConverter)]
+    prefix, in_memory = hf.base_model_prefix, dict.fromkeys(hf.state_dict(), True)
+    del hf
+
+    def canonical(key: str) -> str:
+        new, converter = rename_source_key(key, renamings, converters, prefix, in_memory)
+        if converter is not None:
+            raise StsError(f"checkpoint key {key} needs a tensor conversion in transformers ({converter}); "
+                           "not supported here")
+        return new
+
+    return canonical
+
+
+def key_map(model_type: str = "llava", config: dict | None = None) -> Callable[[str], str | None]:
+    """checkpoint key -> our parameter name (None: a weight we never use), for this model_type.
+
+    `config` is the checkpoint's config.json (its sub-model types decide transformers' renamings);
+    without it transformers' default config for the model_type is used.
+    """
+    names = _names(model_type)
+    canonical = _canonicalizer(model_type, json.dumps(config or {}, sort_keys=True, default=str))
+
+    def ours(key: str) -> str | None:
+        key = canonical(key)
+        for old, new in names:
+            out = _swap(key, old, new)
+            if out is not None:
+                return out
+        return None
+
+    return ours
+
+
+def internal_name(key: str, model_type: str = "llava", config: dict | None = None) -> str | None:
+    """Checkpoint key (any layout transformers reads) -> our parameter name, or None if not ours."""
+    return key_map(model_type, config)(key)
+
+
+def checkpoint_name(name: str, model_type: str = "llava") -> str:
+    """Our parameter name -> the key `save_checkpoint` writes: transformers' v5 layout
+    (model.language_model.*, model.vision_tower.vision_model.*), which every transformers 5.x loads."""
+    for canon, ours in sorted(_names(model_type), key=lambda e: -len(e[1])):  # "" (decoder) last; stable
+        out = _swap(name, ours, canon)
+        if out is not None:
+            return out
+    raise StsError(f"parameter {name} has no checkpoint name for model_type '{model_type}'")
 
 
 @dataclass(frozen=True)
@@ -136,14 +233,18 @@ def load_weights(model: torch.nn.Module, path: Path, dtype: torch.dtype) -> None
     """Fill `model` (possibly on the meta device) from the safetensors files in `path`."""
     params = dict(model.named_parameters())
     loaded: dict[str, torch.Tensor] = {}
-    tied = json.loads((path / "config.json").read_text()).get("tie_word_embeddings", False)
+    config = json.loads((path / "config.json").read_text())
+    tied = config.get("tie_word_embeddings", (config.get("text_config") or {}).get("tie_word_embeddings", False))
+    ours = key_map(config.get("model_type") or "llava", config)
     for f in _safetensors_files(path):
         try:
             with safe_open(str(f), framework="pt") as sf:
                 for key in sf.keys():
-                    name = internal_name(key)
+                    name = ours(key)
                     if name in params:
                         loaded[name] = sf.get_tensor(key).to(dtype)
+        except StsError:
+            raise
         except Exception as e:  # corrupted / truncated file
             raise StsError(f"{f}: cannot read safetensors file ({type(e).__name__}: {e}); re-download it") from None
     if "lm_head.weight" not in loaded and tied and "embed_tokens.weight" in loaded:
@@ -180,51 +281,20 @@ def synthetic_dir(recipe: Recipe) -> Path:
     return CACHE_DIR / "synthetic" / f"{recipe.name}-{digest}"
 
 
-def hf_config(recipe: Recipe) -> dict:
-    """A transformers LlavaConfig dict for the recipe's architecture."""
-    v, t = recipe.vision, recipe.text
-    return {
-        "architectures": ["LlavaForConditionalGeneration"],
-        "model_type": "llava",
-        "image_token_id": recipe.image_token_id,
-        "pad_token_id": recipe.pad_token_id,
-        "projector_hidden_act": recipe.projector_act,
-        "vision_feature_layer": v.feature_layer,
-        "vision_feature_select_strategy": "default",
-        "tie_word_embeddings": False,
-        "vision_config": {
-            "model_type": "clip_vision_model", "hidden_size": v.hidden_size, "intermediate_size": v.intermediate_size,
-            "num_hidden_layers": v.num_layers, "num_attention_heads": v.num_heads, "image_size": v.image_size,
-            "patch_size": v.patch_size, "layer_norm_eps": v.layer_norm_eps, "hidden_act": v.hidden_act,
-            "projection_dim": v.hidden_size,
-        },
-        "text_config": {
-            "model_type": "llama", "hidden_size": t.hidden_size, "intermediate_size": t.intermediate_size,
-            "num_hidden_layers": t.num_layers, "num_attention_heads": t.num_heads,
-            "num_key_value_heads": t.num_kv_heads, "vocab_size": t.vocab_size,
-            "max_position_embeddings": t.max_position_embeddings, "rms_norm_eps": t.rms_norm_eps,
-            "rope_theta": t.rope_theta, "bos_token_id": recipe.bos_token_id, "eos_token_id": recipe.eos_token_id,
-            "pad_token_id": recipe.pad_token_id, "tie_word_embeddings": False, "hidden_act": "silu",
-        },
-    }
-
-
 def save_checkpoint(recipe: Recipe, out: Path, seed: int | None = None) -> None:
-    """Write a complete transformers-layout LLaVA checkpoint with seeded random weights to `out`."""
-    from sts_export.families.layers import ClipLayer, Llava
+    """Write a complete transformers-layout checkpoint of the recipe's family with seeded random weights to `out`."""
+    from sts_export.families.layers import ClipLayer
 
-    model = Llava(recipe)
+    family = family_module(recipe.family)
+    model = family.build(recipe)
     init_random_(model, recipe.seed if seed is None else seed)
-    state = {}
-    for name, t in model.state_dict().items():
-        for old, new in PREFIXES:
-            if name.startswith(new) and (new or not name.startswith(("vision.", "projector.", "lm_head."))):
-                state[old + name[len(new):]] = t.contiguous()
-                break
+    config = family.hf_config(recipe)
+    model_type = config["model_type"]
+    state = {checkpoint_name(name, model_type): t.contiguous() for name, t in model.state_dict().items()}
     # layers after the feature layer and post_layernorm: present in real checkpoints, unused by LLaVA
     extra = torch.nn.ModuleList(ClipLayer(recipe.vision) for _ in range(recipe.vision.num_layers - recipe.vision.layers_used))
     init_random_(extra, (recipe.seed if seed is None else seed) + 1)
-    base = "model.vision_tower.vision_model."
+    base = checkpoint_name("vision.", model_type)
     for name, t in extra.state_dict().items():
         i, rest = name.split(".", 1)
         state[f"{base}encoder.layers.{int(i) + recipe.vision.layers_used}.{rest}"] = t.contiguous()
@@ -232,10 +302,12 @@ def save_checkpoint(recipe: Recipe, out: Path, seed: int | None = None) -> None:
     state[base + "post_layernorm.bias"] = torch.zeros(recipe.vision.hidden_size)
     out.mkdir(parents=True, exist_ok=True)
     save_file(state, str(out / "model.safetensors"), metadata={"format": "pt"})
-    (out / "config.json").write_text(json.dumps(hf_config(recipe), indent=2))
+    (out / "config.json").write_text(json.dumps(config, indent=2))
     p = recipe.image_processor
+    anyres = {"image_grid_pinpoints": [list(x) for x in p.image_grid_pinpoints]} if p.image_grid_pinpoints else {}
+    kind = "LlavaNextImageProcessor" if anyres else "LlavaImageProcessor" if p.do_pad else "CLIPImageProcessor"
     (out / "preprocessor_config.json").write_text(json.dumps({
-        "image_processor_type": "LlavaImageProcessor" if p.do_pad else "CLIPImageProcessor",
+        "image_processor_type": kind, **anyres,
         "do_resize": True, "size": {"shortest_edge": p.shortest_edge}, "resample": 3,
         "do_center_crop": True, "crop_size": {"height": p.crop_size, "width": p.crop_size},
         "do_rescale": True, "rescale_factor": 1 / 255, "do_normalize": True, "do_convert_rgb": True,
@@ -266,11 +338,9 @@ def ensure_synthetic(recipe: Recipe) -> Path:
 
 
 def load_model(source: Source, dtype: torch.dtype = torch.float32, seed: int | None = None) -> "torch.nn.Module":
-    """Build our Llava modules and fill them from the source (random weights when source.path is None)."""
-    from sts_export.families.layers import Llava
-
+    """Build the family's modules and fill them from the source (random weights when source.path is None)."""
     with torch.device("meta"):
-        model = Llava(source.recipe)
+        model = family_module(source.recipe.family).build(source.recipe)
     if source.path is None:
         model = model.to(dtype).to_empty(device="cpu")
         init_random_(model, source.recipe.seed if seed is None else seed)

@@ -11,18 +11,25 @@ from typing import Any, Callable
 import numpy as np
 
 from sts_export.backends import Backend
-from sts_export.pruning.budget import has_stage2, prune_layer_for, split_budget
+from sts_export.families import ImageInput
+from sts_export.pruning.budget import export_split, has_stage2, prune_layer_for, split_budget
 from sts_export.recipe import Recipe
 from sts_export.tokenizer import Prompt
 
-def graph_io(name: str, layers: list[int] | None = None) -> tuple[list[str], list[str]]:
-    """Input and output names of a graph (DESIGN.md); `layers` = global indices of a segment's layers."""
+def graph_io(name: str, layers: list[int] | None = None, vision_inputs: tuple[str, ...] = ("pixel_values",),
+             dynamic: bool = False) -> tuple[list[str], list[str]]:
+    """Input and output names of a graph (DESIGN.md); `layers` = global indices of a segment's layers.
+
+    `vision_inputs` are the family's; `dynamic` (image-dependent N) adds the length-only inputs
+    `k_pre` [K] / `k_post` [K'] that carry this image's K and K' as dimensions.
+    """
     if name == "vision":
-        return ["pixel_values"], ["image_embeds", "keep_pre"]
+        return list(vision_inputs), ["image_embeds", "keep_pre"]
     if name == "embed":
         return ["input_ids"], ["inputs_embeds"]
     if name == "prune":
-        return ["hidden", "position_ids", "image_start"], ["hidden_out", "position_ids_out", "keep_post"]
+        lengths = ["k_pre", "k_post"] if dynamic else []
+        return ["hidden", "position_ids", "image_start", *lengths], ["hidden_out", "position_ids_out", "keep_post"]
     if name in ("segment1", "segment2"):
         past = [f"past_{kv}_{i}" for i in layers or [] for kv in ("key", "value")]
         present = [f"present_{kv}_{i}" for i in layers or [] for kv in ("key", "value")]
@@ -50,20 +57,39 @@ class Plan:
     has_prune: bool
     eos_token_id: int
     dtype: str = "float32"  # numpy dtype name of hidden states and KV caches
+    recipe: Recipe | None = field(default=None, compare=False, repr=False)
+    vision_inputs: tuple[str, ...] = ("pixel_values",)  # the vision graph's inputs (family's + k_pre)
 
     @classmethod
     def create(cls, recipe: Recipe, method: str, budget: int | str, dtype: str = "float32") -> "Plan":
-        k_pre, k_post = split_budget(budget, recipe, method)
+        """k_pre/k_post are the export's K and K' (for image-dependent N: K_max and K'_max)."""
+        from sts_export.families import family_module
+
+        k_pre, k_post = export_split(budget, recipe, method)
         t = recipe.text
+        pruned = method not in ("none", "fastv") and budget != "full"
+        vis = tuple(family_module(recipe.family).vision_inputs(pruned)) + (("k_pre",) if recipe.dynamic_tokens and pruned else ())
         return cls(method, budget, k_pre, k_post, prune_layer_for(method, recipe), t.num_layers, t.num_kv_heads,
-                   t.head_dim, has_stage2(method, budget), recipe.eos_token_id, dtype)
+                   t.head_dim, has_stage2(method, budget), recipe.eos_token_id, dtype, recipe, vis)
+
+    @property
+    def dynamic(self) -> bool:
+        return self.recipe is not None and self.recipe.dynamic_tokens
+
+    def image_split(self, image: ImageInput) -> tuple[int, int]:
+        """This image's (K, K'): the export's own for a fixed N; else from the budget and the image's N."""
+        if not self.dynamic:
+            return self.k_pre, self.k_post
+        assert self.recipe is not None
+        stage1 = self.method not in ("none", "fastv") and self.budget != "full"
+        return tuple(split_budget(self.budget, self.recipe, self.method, n=image.n if stage1 else image.n_full))
 
     @property
     def segment_layers(self) -> dict[str, list[int]]:
         return {"segment1": list(range(self.prune_layer)), "segment2": list(range(self.prune_layer, self.num_layers))}
 
     def io(self, graph: str) -> tuple[list[str], list[str]]:
-        return graph_io(graph, self.segment_layers.get(graph))
+        return graph_io(graph, self.segment_layers.get(graph), self.vision_inputs, self.dynamic)
 
 
 @dataclass
@@ -92,17 +118,29 @@ def _presents_as_past(out: dict[str, Any]) -> dict[str, Any]:
 def generate(
     backend: Backend,
     plan: Plan,
-    pixel_values: np.ndarray,
+    image: ImageInput | np.ndarray,
     prompt: Prompt,
     max_new_tokens: int = 32,
     on_token: Callable[[np.ndarray], None] | None = None,
     sync: Callable[[], None] | None = None,
 ) -> Generation:
-    """Prefill (vision, embed, segment1, prune, segment2) then greedy decode with per-segment KV caches."""
+    """Prefill (vision, embed, segment1, prune, segment2) then greedy decode with per-segment KV caches.
+
+    `image` is a family's ImageInput (or pixel_values [B,3,H,W] for fixed-N families).
+    """
     sync = sync or (lambda: None)
-    b = pixel_values.shape[0]
+    if isinstance(image, np.ndarray):
+        from sts_export.families.llava import pixel_input
+
+        assert plan.recipe is not None
+        image = pixel_input(image, plan.recipe)
+    b = image.batch
+    k_pre, k_post = plan.image_split(image)
+    length = {"k_pre": np.zeros(k_pre, dtype=np.int64)}  # length-only input: its length is K
     t0 = time.perf_counter()
-    vis = backend.run("vision", {"pixel_values": backend.from_numpy(pixel_values)})
+    vis = backend.run("vision", {n: backend.from_numpy(image.feeds[n] if n in image.feeds else length[n])
+                                 for n in plan.vision_inputs})
+    keep_pre = backend.to_numpy(vis["keep_pre"])  # [B, K]
     sync()
     t_vis = time.perf_counter()
 
@@ -112,21 +150,26 @@ def generate(
     pieces = [embeds(prompt.prefix)] if len(prompt.prefix) else []  # prefix ids + image + suffix ids
     pieces += [vis["image_embeds"]] + ([embeds(prompt.suffix)] if len(prompt.suffix) else [])
     hidden = backend.concat(pieces, axis=1)  # [B, S1, Hd]
-    s1 = len(prompt.prefix) + plan.k_pre + len(prompt.suffix)
+    k_img = keep_pre.shape[1]  # image tokens entering the decoder (K; the whole span without Stage 1)
+    s1 = len(prompt.prefix) + k_img + len(prompt.suffix)
     pos = backend.from_numpy(np.tile(np.arange(s1, dtype=np.int64), (b, 1)))
     seg = plan.segment_layers
     o1 = backend.run("segment1", {"hidden": hidden, "position_ids": pos, **_past(backend, plan, b, seg["segment1"])})
     cache1 = _presents_as_past(o1)
     hidden, keep_post = o1["hidden_out"], None
     if plan.has_prune:
-        pr = backend.run("prune", {"hidden": hidden, "position_ids": pos,
-                                   "image_start": backend.from_numpy(np.array(len(prompt.prefix), dtype=np.int64))})
+        feeds = {"hidden": hidden, "position_ids": pos,
+                 "image_start": backend.from_numpy(np.array(len(prompt.prefix), dtype=np.int64))}
+        if plan.dynamic:
+            feeds["k_pre"] = backend.from_numpy(np.zeros(k_img, dtype=np.int64))
+            feeds["k_post"] = backend.from_numpy(np.zeros(k_post, dtype=np.int64))
+        pr = backend.run("prune", feeds)
         hidden, pos, keep_post = pr["hidden_out"], pr["position_ids_out"], backend.to_numpy(pr["keep_post"])
     o2 = backend.run("segment2", {"hidden": hidden, "position_ids": pos, **_past(backend, plan, b, seg["segment2"])})
     cache2 = _presents_as_past(o2)
     logits = backend.to_numpy(o2["logits"]).astype(np.float32)  # [B, V]
     t_first = time.perf_counter()
-    s2 = s1 - plan.k_pre + plan.k_post if plan.has_prune else s1
+    s2 = s1 - k_img + keep_post.shape[1] if keep_post is not None else s1
     # entries each segment's KV cache holds after prefill, read off the returned tensors
     lengths = {name: int(next(iter(c.values())).shape[2]) for name, c in (("segment1", cache1), ("segment2", cache2)) if c}
 
@@ -150,7 +193,7 @@ def generate(
     t_end = time.perf_counter()
     n_dec = max(tokens.shape[1] - 1, 1)
     return Generation(
-        tokens=tokens, keep_pre=backend.to_numpy(vis["keep_pre"]), keep_post=keep_post, first_logits=logits,
+        tokens=tokens, keep_pre=keep_pre, keep_post=keep_post, first_logits=logits,
         s1=s1, s2=s2, cache_lengths=lengths,
         timings={"vision": t_vis - t0, "prefill": t_first - t_vis, "ttft": t_first - t0, "decode": (t_end - t_first) / n_dec},
     )

@@ -13,44 +13,75 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from sts_export.families.layers import Llava, repeat_kv
-from sts_export.pruning.budget import has_stage2, prune_layer_for, split_budget
-from sts_export.pruning.selection import divprune_select, last_token_relevance, potential_energy_select, take_tokens, topk_ascending
+from sts_export.families import family_module
+from sts_export.families.layers import repeat_kv
+from sts_export.pruning.budget import export_split, has_stage2, prune_layer_for, split_budget
+from sts_export.pruning.selection import (anchor_index, divprune_seed, divprune_select, last_token_relevance,
+                                          potential_energy_select, sorted_indices, take_tokens, topk_ascending)
 
 
 class VisionGraph(nn.Module):
-    """pixel_values [B,3,H,W] -> image_embeds [B,K,Hd], keep_pre [B,K] int64 (Stage 1 inside)."""
+    """The vision tower with Stage 1 inside: the family's inputs -> image_embeds [B,K,Hd], keep_pre [B,K] int64.
 
-    def __init__(self, model: Llava, method: str, k_pre: int, anchor: str = "mean") -> None:
+    Fixed-N families (LLaVA-1.5): K is fixed per export and the greedy runs K unrolled steps.
+    Image-dependent N (anyres): one image per call, N = len(token_index); the greedy is an ONNX Loop
+    of K_max steps (the export's largest K) and the graph keeps the first K picks, K = len(k_pre)
+    (a length-only input, so every shape stays a dimension TensorRT can build profiles for).
+    Without pruning, image_embeds is the image span exactly as transformers packs it.
+    """
+
+    def __init__(self, model: nn.Module, method: str, budget: int | str, k_pre: int, anchor: str = "mean") -> None:
         super().__init__()
-        self.vision, self.projector = model.vision, model.projector
-        self.method, self.k_pre, self.anchor = method, k_pre, anchor
-        self.n = model.recipe.num_image_tokens
-        self.pruned = k_pre < self.n
+        recipe = model.recipe
+        self.model, self.family = model, family_module(recipe.family)
+        self.method, self.k_max, self.anchor = method, k_pre, anchor
+        self.dynamic = recipe.dynamic_tokens
+        self.pruned = method not in ("none", "fastv") and budget != "full"
+        self.inputs = self.family.vision_inputs(self.pruned) + (["k_pre"] if self.dynamic and self.pruned else [])
 
-    def forward(self, pixel_values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        need_cls = self.pruned and (self.method == "cls" or self.anchor == "saliency")
-        feats, cls_att, _ = self.vision(pixel_values, cls_attention=need_cls)  # [B, N, C], [B, N]
-        b = feats.shape[0]
+    def forward(self, *inputs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        fam, model = self.family, self.model
+        k_len = inputs[-1] if self.dynamic and self.pruned else None  # [K] length-only
+        tower_inputs = inputs[:-1] if k_len is not None else inputs
         if not self.pruned:
-            keep = torch.arange(self.n, device=feats.device).expand(b, self.n)
-            return self.projector(feats), keep
+            emb = fam.full_embeds(model, *tower_inputs)  # [B, N_full, Hd]
+            b, n = emb.shape[:2]
+            return emb, torch.arange(n, device=emb.device).expand(b, n)
+        need_cls = self.method == "cls" or self.anchor == "saliency"
+        feats, cls_att = fam.candidate_features(model, *tower_inputs, cls_attention=need_cls)  # [B,N,C], [B,N]
+        k = self.k_max if k_len is None else k_len.shape[0]
         if self.method == "divprune":
-            projected = self.projector(feats)  # [B, N, Hd]
-            keep = divprune_select(projected, self.k_pre)
+            projected = fam.project(model, feats)  # [B, N, Hd]
+            keep = self._greedy("divprune", projected, k, None)
             return take_tokens(projected, keep), keep
         if self.method == "cls":
-            keep = topk_ascending(cls_att, self.k_pre)
+            keep = topk_ascending(cls_att, k, None if k_len is None else self.k_max)
         else:  # sts, sts-s
-            keep = potential_energy_select(feats, self.k_pre, self.anchor, cls_att)
-        kept = take_tokens(feats, keep)  # [B, K, C]
-        return self.projector(kept), keep
+            keep = self._greedy("sts", feats, k, cls_att)
+        return fam.project(model, take_tokens(feats, keep)), keep
+
+    def _greedy(self, kind: str, x: torch.Tensor, k: int | torch.SymInt, cls_att: torch.Tensor | None) -> torch.Tensor:
+        """keep [B, k] ascending: unrolled for a fixed N, else the first k of a K_max-step Loop (B = 1)."""
+        if not self.dynamic:
+            if kind == "divprune":
+                return divprune_select(x, self.k_max)
+            return potential_energy_select(x, self.k_max, self.anchor, cls_att)
+        from sts_export.pruning import loop
+
+        if kind == "divprune":
+            picks = loop.divprune_picks(x[0], divprune_seed(x)[0], self.k_max)  # [K_max] in greedy order
+        else:
+            picks = loop.potential_energy_picks(x[0], anchor_index(x, self.anchor, cls_att)[0], self.k_max)
+        # the first k picks (prefix-consistent: a k-step run picks exactly these), ascending
+        # (an int32 scatter: TensorRT's ScatterND takes no BOOL)
+        mask = torch.zeros(x.shape[1], dtype=torch.int32, device=x.device).index_fill(0, picks[:k], 1) > 0  # [N]
+        return sorted_indices(mask[None], k, self.k_max)  # [1, k]
 
 
 class EmbedGraph(nn.Module):
     """input_ids [B,S] int64 -> inputs_embeds [B,S,Hd]."""
 
-    def __init__(self, model: Llava) -> None:
+    def __init__(self, model: nn.Module) -> None:
         super().__init__()
         self.embed_tokens = model.embed_tokens
 
@@ -65,7 +96,7 @@ class SegmentGraph(nn.Module):
       -> (hidden_out [B,S,Hd] | logits [B,V], present_key_i, present_value_i, ... [B,kvh,P+S,dh])
     """
 
-    def __init__(self, model: Llava, start: int, end: int) -> None:
+    def __init__(self, model: nn.Module, start: int, end: int) -> None:
         super().__init__()
         self.start, self.end = start, end
         self.layers = nn.ModuleList(model.layers[start:end])
@@ -93,41 +124,45 @@ class PruneGraph(nn.Module):
     hidden [B,S1,Hd], position_ids [B,S1], image_start [] int64
       -> hidden_out [B,S2,Hd], position_ids_out [B,S2], keep_post [B,K'] (indices into the K)
     Text tokens are always kept; kept tokens keep their position ids (S2 = S1 - K + K').
+    With image-dependent N, two length-only inputs give this image's K and K' ([K], [K']); the
+    TopK is then a constant K'_max (the export's largest K') of which the first K' are kept.
     """
 
-    def __init__(self, model: Llava, prune_layer: int, k_pre: int, k_post: int) -> None:
+    def __init__(self, model: nn.Module, prune_layer: int, k_pre: int, k_post: int) -> None:
         super().__init__()
         layer = model.layers[prune_layer]
         self.norm, self.attn = layer.input_layernorm, layer.self_attn
         self.k_pre, self.k_post = k_pre, k_post
+        self.dynamic = model.recipe.dynamic_tokens
         self.n_rep = model.recipe.text.num_heads // model.recipe.text.num_kv_heads
+        self.inputs = ["hidden", "position_ids", "image_start"] + (["k_pre", "k_post"] if self.dynamic else [])
 
-    def forward(
-        self, hidden: torch.Tensor, position_ids: torch.Tensor, image_start: torch.Tensor
-    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    def forward(self, hidden: torch.Tensor, position_ids: torch.Tensor, image_start: torch.Tensor,
+                *lengths: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         b, s1, hd = hidden.shape
+        k_pre, k_post = (lengths[0].shape[0], lengths[1].shape[0]) if self.dynamic else (self.k_pre, self.k_post)
         q, k = self.attn.qk(self.norm(hidden), position_ids)  # [B,h,S1,d], [B,kvh,S1,d]
         rel = last_token_relevance(q[:, :, -1:], repeat_kv(k, self.n_rep))  # [B, S1]
-        offs = torch.arange(self.k_pre, device=hidden.device)  # [K]
+        offs = torch.arange(k_pre, device=hidden.device)  # [K]
         rel_img = torch.gather(rel, 1, (image_start + offs).expand(b, -1))  # [B, K]
-        keep_post = topk_ascending(rel_img, self.k_post)  # [B, K']
+        keep_post = topk_ascending(rel_img, k_post, self.k_post if self.dynamic else None)  # [B, K']
         # source index of each of the S2 output slots: prefix text, kept image tokens, suffix text
-        s2 = s1 - self.k_pre + self.k_post
+        s2 = s1 - k_pre + k_post
         j = torch.arange(s2, device=hidden.device)[None].expand(b, -1)  # [B, S2]
         slot = j - image_start  # [B, S2] slot among the kept image tokens (valid where 0 <= slot < K')
-        slot = torch.where(slot < 0, 0, torch.where(slot > self.k_post - 1, self.k_post - 1, slot))  # no INT64 Clip (TensorRT)
+        slot = torch.where(slot < 0, 0, torch.where(slot > k_post - 1, k_post - 1, slot))  # no INT64 Clip (TensorRT)
         img = image_start + torch.gather(keep_post, 1, slot)
-        idx = torch.where(j < image_start, j, torch.where(j < image_start + self.k_post, img, j + self.k_pre - self.k_post))
+        idx = torch.where(j < image_start, j, torch.where(j < image_start + k_post, img, j + k_pre - k_post))
         return take_tokens(hidden, idx), torch.gather(position_ids.expand(b, -1), 1, idx), keep_post
 
 
-def build_graphs(model: Llava, method: str, budget: int | str, anchor: str | None = None) -> dict[str, nn.Module]:
+def build_graphs(model: nn.Module, method: str, budget: int | str, anchor: str | None = None) -> dict[str, nn.Module]:
     """The named graphs of one export configuration (no `prune` without Stage 2)."""
     recipe = model.recipe
-    k_pre, k_post = split_budget(budget, recipe, method)
+    k_pre, k_post = export_split(budget, recipe, method)
     pl = prune_layer_for(method, recipe)
     graphs: dict[str, nn.Module] = {
-        "vision": VisionGraph(model, method, k_pre, anchor or recipe.pruning.anchor),
+        "vision": VisionGraph(model, method, budget, k_pre, anchor or recipe.pruning.anchor),
         "embed": EmbedGraph(model),
         "segment1": SegmentGraph(model, 0, pl),
         "segment2": SegmentGraph(model, pl, recipe.text.num_layers),

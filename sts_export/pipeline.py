@@ -3,14 +3,15 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import TYPE_CHECKING, Callable, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Sequence
 
 import numpy as np
 from PIL import Image
 
 from sts_export.pruning.budget import check_method, parse_budget
 from sts_export.errors import StsError
-from sts_export.families.llava import check_pixel_values, load_image, preprocess_image
+from sts_export.families import ImageInput, family_module
+from sts_export.families.llava import pixel_input
 from sts_export.recipe import ANCHORS, Recipe
 from sts_export.backends import Backend
 from sts_export.export.manifest import manifest_plan, manifest_recipe, read_manifest
@@ -77,14 +78,13 @@ class Pipeline:
         return cls(rec, TorchBackend(graphs, plan, device, compile), plan, tok, anchor, src.description, model)
 
     # ------------------------------------------------------------------ inputs
+    def prepare_image(self, images: Image.Image | str | os.PathLike | Sequence) -> ImageInput:
+        """Image(s) -> the vision graph's inputs, by the family's own preprocessing (= its HF processor)."""
+        return family_module(self.recipe.family).prepare_image(images, self.recipe)
+
     def pixel_values(self, images: Image.Image | str | os.PathLike | Sequence) -> np.ndarray:
-        """One image or a list -> pixel_values [B, 3, H, W] float32, as the model's HF processor."""
-        items = images if isinstance(images, (list, tuple)) else [images]
-        if not items:
-            raise StsError("no image given")
-        pv = np.stack([preprocess_image(load_image(im), self.recipe.image_processor) for im in items])
-        check_pixel_values(pv, self.recipe.vision.image_size)
-        return pv
+        """One image or a list -> pixel_values as the model's HF processor ([B,3,H,W] for LLaVA-1.5)."""
+        return self.prepare_image(images).feeds["pixel_values"]
 
     def encode(self, prompt: str | None = None, input_ids: Sequence[int] | None = None) -> Prompt:
         """A prompt string (templated, tokenized) or raw ids holding one image token."""
@@ -104,19 +104,23 @@ class Pipeline:
         max_new_tokens: int = 32,
         on_token: Callable[[np.ndarray], None] | None = None,
     ) -> Generation:
-        """Prefill + greedy decode. `image` may be a path, PIL image(s) or pixel_values [B,3,H,W]."""
-        if isinstance(image, np.ndarray):
-            pv = image.astype(np.float32)
-            check_pixel_values(pv, self.recipe.vision.image_size)
+        """Prefill + greedy decode. `image`: a path, PIL image(s), an ImageInput, or pixel_values [B,3,H,W] (LLaVA-1.5)."""
+        if isinstance(image, ImageInput):
+            inp = image
+        elif isinstance(image, np.ndarray):
+            if self.recipe.dynamic_tokens:
+                raise StsError(f"family {self.recipe.family} needs an image (or its ImageInput), not bare pixel_values")
+            inp = pixel_input(image.astype(np.float32), self.recipe)
         else:
-            pv = self.pixel_values(image)
+            inp = self.prepare_image(image)
         if max_new_tokens < 0:
             raise StsError("max_new_tokens must be >= 0")
         pr = self.encode(prompt, input_ids)
-        if pr.image_start + self.plan.k_pre + len(pr.suffix) + max_new_tokens > self.recipe.max_context:
+        k_pre, _ = self.plan.image_split(inp)
+        if pr.image_start + k_pre + len(pr.suffix) + max_new_tokens > self.recipe.max_context:
             raise StsError(f"prompt + {max_new_tokens} new tokens exceed max_context={self.recipe.max_context}")
         sync = getattr(self.backend, "synchronize", None)
-        return generate(self.backend, self.plan, pv, pr, max_new_tokens, on_token, sync)
+        return generate(self.backend, self.plan, inp, pr, max_new_tokens, on_token, sync)
 
     def decode(self, ids: Sequence[int] | np.ndarray) -> str:
         if self.tokenizer is None:

@@ -6,7 +6,6 @@ template. Unknown keys are errors, so a typo never silently becomes a default.
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -81,6 +80,8 @@ class ImageProcessorConfig:
     shortest_edge: int = 336
     crop_size: int = 336
     do_pad: bool = False  # pad to square with the mean colour first (LlavaImageProcessor)
+    # LLaVA-NeXT anyres: candidate (height, width) resolutions; empty for single-crop families
+    image_grid_pinpoints: tuple[tuple[int, int], ...] = ()
     image_mean: tuple[float, float, float] = CLIP_MEAN
     image_std: tuple[float, float, float] = CLIP_STD
 
@@ -119,7 +120,23 @@ class Recipe:
 
     @property
     def num_image_tokens(self) -> int:
-        return self.vision.num_patches
+        """N: Stage 1 candidates per image; for anyres families the largest N any image can give
+        (base crop + the most tiles a pinpoint holds; newline tokens are not candidates)."""
+        crop = self.image_processor.crop_size
+        tiles = max(((h // crop) * (w // crop) for h, w in self.image_processor.image_grid_pinpoints), default=0)
+        return self.vision.num_patches * (1 + tiles)
+
+    @property
+    def max_image_span(self) -> int:
+        """The most image tokens the decoder can see without pruning (anyres: candidates + one newline per grid row)."""
+        crop, g = self.image_processor.crop_size, self.vision.image_size // self.vision.patch_size
+        spans = [g * g * (1 + (h // crop) * (w // crop)) + (h // crop) * g for h, w in self.image_processor.image_grid_pinpoints]
+        return max(spans, default=self.num_image_tokens)
+
+    @property
+    def dynamic_tokens(self) -> bool:
+        """Whether N depends on the image (graphs then run K_max greedy steps and take K per image)."""
+        return bool(self.image_processor.image_grid_pinpoints)
 
     def replace(self, **changes: Any) -> "Recipe":
         return dataclasses.replace(self, **changes)
@@ -146,7 +163,7 @@ def from_dict(cls: type[T], data: Any, where: str) -> T:
         if sub is not None:
             kwargs[name] = from_dict(sub, value, f"{where}.{name}")
         elif isinstance(value, list):
-            kwargs[name] = tuple(value)
+            kwargs[name] = tuple(tuple(v) if isinstance(v, list) else v for v in value)
         else:
             kwargs[name] = value
     try:
@@ -213,91 +230,3 @@ def read_yaml(path: Path) -> Any:
         raise StsError(f"{path} not found") from None
     except yaml.YAMLError as e:
         raise StsError(f"{path}: not valid YAML ({str(e).splitlines()[0]})") from None
-
-
-def recipe_from_hf_config(config_dir: str | os.PathLike, name: str | None = None) -> Recipe:
-    """Derive a recipe from a LLaVA-1.5-architecture checkpoint's config.json (family defaults)."""
-    cfg_path = Path(config_dir) / "config.json"
-    try:
-        cfg = json.loads(cfg_path.read_text())
-    except FileNotFoundError:
-        raise StsError(f"{config_dir}: no config.json; is this a LLaVA checkpoint directory?") from None
-    except json.JSONDecodeError as e:
-        raise StsError(f"{cfg_path}: not valid JSON ({e})") from None
-    if cfg.get("model_type") != "llava":
-        raise StsError(
-            f"{cfg_path}: model_type is '{cfg.get('model_type')}', only 'llava' (LLaVA-1.5 architecture) "
-            "is supported"
-        )
-    v, t = cfg.get("vision_config", {}), cfg.get("text_config", {})
-    if v.get("model_type", "clip_vision_model") != "clip_vision_model":
-        raise StsError(f"{cfg_path}: vision tower '{v.get('model_type')}' is not CLIP")
-    if t.get("model_type", "llama") != "llama":
-        raise StsError(f"{cfg_path}: text model '{t.get('model_type')}' is not Llama")
-    if cfg.get("vision_feature_select_strategy", "default") != "default":
-        raise StsError(f"{cfg_path}: only vision_feature_select_strategy 'default' (CLS dropped) is supported")
-    fl = cfg.get("vision_feature_layer", -2)
-    if not isinstance(fl, int):
-        raise StsError(f"{cfg_path}: a single integer vision_feature_layer is required, got {fl}")
-    heads = t.get("num_attention_heads", 32)
-    layers = t.get("num_hidden_layers", 32)
-    rope = t.get("rope_parameters") or {}
-    if rope.get("rope_type", "default") != "default" or t.get("rope_scaling"):
-        raise StsError(f"{cfg_path}: only default RoPE is supported")
-    vision = VisionConfig(
-        image_size=v.get("image_size", 224),
-        patch_size=v.get("patch_size", 32),
-        hidden_size=v.get("hidden_size", 768),
-        intermediate_size=v.get("intermediate_size", 3072),
-        num_layers=v.get("num_hidden_layers", 12),
-        num_heads=v.get("num_attention_heads", 12),
-        feature_layer=fl,
-        layer_norm_eps=v.get("layer_norm_eps", 1e-5),
-        hidden_act=v.get("hidden_act", "quick_gelu"),
-    )
-    text = TextConfig(
-        hidden_size=t.get("hidden_size", 4096),
-        intermediate_size=t.get("intermediate_size", 11008),
-        num_layers=layers,
-        num_heads=heads,
-        num_kv_heads=t.get("num_key_value_heads") or heads,
-        vocab_size=t.get("vocab_size", 32000),
-        max_position_embeddings=t.get("max_position_embeddings", 2048),
-        rms_norm_eps=t.get("rms_norm_eps", 1e-6),
-        rope_theta=float(rope.get("rope_theta", t.get("rope_theta", 10000.0))),
-    )
-    size = vision.image_size
-    recipe = Recipe(
-        name=name or Path(config_dir).name,
-        source=str(config_dir),
-        vision=vision,
-        text=text,
-        projector_act=cfg.get("projector_hidden_act", "gelu"),
-        image_token_id=cfg.get("image_token_id", cfg.get("image_token_index", 32000)),
-        pad_token_id=cfg.get("pad_token_id", t.get("pad_token_id")) or 0,
-        bos_token_id=t.get("bos_token_id", 1) if t.get("bos_token_id") is not None else 1,
-        eos_token_id=t.get("eos_token_id", 2) if t.get("eos_token_id") is not None else 2,
-        pruning=PruningConfig(prune_layer=max(1, layers // 2)),
-        image_processor=ImageProcessorConfig(shortest_edge=size, crop_size=size),
-        max_context=min(2048, text.max_position_embeddings),
-        description="derived from config.json with LLaVA-1.5 family defaults",
-    )
-    _check(recipe, cfg_path.name)
-    return recipe
-
-
-def check_matches_config(recipe: Recipe, config_dir: str | os.PathLike) -> None:
-    """Refuse a checkpoint whose architecture differs from the named recipe's."""
-    derived = recipe_from_hf_config(config_dir)
-    for part in ("vision", "text"):
-        a, b = getattr(recipe, part), getattr(derived, part)
-        diffs = [
-            f"{f.name}: recipe {getattr(a, f.name)} vs checkpoint {getattr(b, f.name)}"
-            for f in dataclasses.fields(a)
-            if getattr(a, f.name) != getattr(b, f.name) and f.name not in ("max_position_embeddings",)
-        ]
-        if diffs:
-            raise StsError(
-                f"checkpoint {config_dir} does not match recipe '{recipe.name}' ({part}: {'; '.join(diffs)}); "
-                "pass --recipe for the right architecture or omit it to derive one from config.json"
-            )

@@ -53,6 +53,8 @@ def main(export_dir: Path, image: str, prompt: str | None, input_ids: str | None
         if compare and show_kept is None:
             raise StsError("--compare writes a picture: pass --show-kept OUT.png too")
         if compare:
+            if pipe.recipe.dynamic_tokens:
+                raise StsError(f"--compare draws LLaVA-1.5 models only, not {pipe.recipe.family}; use --show-kept alone")
             from sts_export.show.compare import compare_methods
 
             m = read_manifest(export_dir, verify=False)
@@ -63,11 +65,16 @@ def main(export_dir: Path, image: str, prompt: str | None, input_ids: str | None
             img.save(show_kept)
             click.echo(f"wrote {show_kept}", err=True)
         elif show_kept is not None:
-            from sts_export.show.pictures import draw_kept
+            from sts_export.show.pictures import draw_kept, draw_next_kept
             from sts_export.families.llava import load_image
 
-            img = draw_kept(load_image(image), gen.keep_pre[0], None if gen.keep_post is None else gen.keep_post[0],
-                            pipe.recipe.image_processor, title=f"{pipe.plan.method} b={pipe.plan.budget}")
+            picture = load_image(image)
+            post = None if gen.keep_post is None else gen.keep_post[0]
+            title = f"{pipe.plan.method} b={pipe.plan.budget}"
+            if pipe.recipe.dynamic_tokens:  # LLaVA-NeXT: base-crop and tile panels from the candidates' boxes
+                img = draw_next_kept(picture, pipe.prepare_image(picture), gen.keep_pre[0], post, title=title)
+            else:
+                img = draw_kept(picture, gen.keep_pre[0], post, pipe.recipe.image_processor, title=title)
             img.save(show_kept)
             click.echo(f"wrote {show_kept}", err=True)
 

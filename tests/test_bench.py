@@ -15,7 +15,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 import bench as bench_cli  # noqa: E402  (the CLI at the repo root)
-from sts_export.bench.runner import ROW_KEYS, STAT_KEYS  # noqa: E402
+from sts_export.bench import ROW_KEYS, STAT_KEYS  # noqa: E402
 from sts_export.bench.cost import kv_cache_bytes, phase_costs  # noqa: E402
 from sts_export.recipe import load_recipe  # noqa: E402
 

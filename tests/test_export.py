@@ -23,6 +23,10 @@ CASES = [("tiny-llava", "none", "full"), ("tiny-llava", "sts", 64), ("tiny-llava
          ("tiny-llava", "fastv", 300), ("tiny-llava", "divprune", 64), ("tiny-llava", "cls", 64),
          ("tiny-llava-gqa", "sts", 32), ("tiny-llava-gqa", "sts-s", 48), ("tiny-llava-gqa", "fastv", 300),
          ("tiny-llava-gqa", "divprune", 64), ("tiny-llava-gqa", "cls", 64), ("tiny-llava-gqa", "none", "full")]
+# LLaVA-NeXT (anyres, image-dependent N): every method through one export each (4 layers: FastV needs b > 1440)
+NEXT = [("tiny-llava-next", "none", "full"), ("tiny-llava-next", "sts", 320), ("tiny-llava-next", "sts-s", 320),
+        ("tiny-llava-next", "fastv", 2000), ("tiny-llava-next", "divprune", 320), ("tiny-llava-next", "cls", "10%")]
+CASES += NEXT
 _EXPORTS: dict[tuple, Path] = {}
 
 
@@ -55,6 +59,30 @@ def test_ort_generation_equals_torch(tmp_root: Path, name: str, method: str, bud
         assert b.keep_post.tolist() == a.keep_post.tolist()
     assert np.abs(a.first_logits - b.first_logits).max() <= ref.recipe.tolerance.fp32
     assert (b.s1, b.s2) == (a.s1, a.s2)
+
+
+@pytest.mark.parametrize("name,method,budget", NEXT)
+def test_next_two_image_sizes_through_one_export(tmp_root: Path, name: str, method: str, budget: int | str) -> None:
+    """One NeXT export serves images of different grids and token counts, token for token equal to torch."""
+    d = exported(tmp_root, name, method, budget)
+    ref = Pipeline.from_pretrained(name, budget=budget, method=method)
+    ort_pipe = load_export_pipeline(d, backend="onnxruntime", device="cpu")
+    spans = set()
+    for img in (make_image(350, 700, seed=3), make_image(900, 280, seed=4)):  # 2x1 and 1x3 tile grids
+        a = ref.generate(img, PROMPT, max_new_tokens=8)
+        b = ort_pipe.generate(img, PROMPT, max_new_tokens=8)
+        assert b.tokens.tolist() == a.tokens.tolist() and b.keep_pre.tolist() == a.keep_pre.tolist()
+        if a.keep_post is not None:
+            assert b.keep_post.tolist() == a.keep_post.tolist()
+        assert np.abs(a.first_logits - b.first_logits).max() <= ref.recipe.tolerance.fp32
+        spans.add((ort_pipe.prepare_image(img).n, b.s1))
+    assert len({n for n, _ in spans}) == 2  # the two images really have different token counts N
+    if method in ("none", "fastv"):
+        assert len({s1 for _, s1 in spans}) == 2  # and, without Stage 1, different sequence lengths
+    m = json.loads((d / "manifest.json").read_text())
+    vision_in = [v["name"] for v in m["graphs"]["vision"]["inputs"]]
+    pruned = method not in ("none", "fastv")
+    assert vision_in == ["pixel_values", "token_index" if pruned else "packed_index"] + (["k_pre"] if pruned else [])
 
 
 EXPECTED = {

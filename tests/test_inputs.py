@@ -180,7 +180,7 @@ def test_prompt_errors(tiny_dir) -> None:
 
 def test_config_json_validation(tmp_path) -> None:
     (tmp_path / "config.json").write_text(json.dumps({"model_type": "qwen2_vl"}))
-    with pytest.raises(StsError, match="only 'llava'"):
+    with pytest.raises(StsError, match="model_type 'qwen2_vl' is not supported; supported: llava, llava_next"):
         resolve(str(tmp_path))
     (tmp_path / "config.json").write_text("{not json")
     with pytest.raises(StsError, match="not valid JSON"):

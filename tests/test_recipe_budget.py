@@ -11,11 +11,29 @@ from sts_export.recipe import RECIPE_DIR, available_recipes
 def test_every_recipe_loads(name: str) -> None:
     r = load_recipe(name)
     assert r.name == name
-    assert r.num_image_tokens == 576  # every shipped recipe is LLaVA-1.5 at 336 px / patch 14
+    # LLaVA-1.5: one 336-px crop of 24x24 patches; LLaVA-NeXT: base crop + at most 4 tiles of them (2880)
+    assert r.num_image_tokens == {"llava-1.5": 576, "llava-next": 2880}[r.family]
     assert dataclasses.is_dataclass(r)
     with pytest.raises(dataclasses.FrozenInstanceError):
         r.name = "x"  # type: ignore[misc]
     assert load_recipe(RECIPE_DIR / f"{name}.yaml") == r
+
+
+def test_ratio_and_per_image_budgets() -> None:
+    from sts_export.pruning.budget import parse_budget
+
+    nxt = load_recipe("llava-next-7b")
+    assert [tuple(split_budget(b, nxt)) for b in (640, 320, 160)] == [(960, 320), (480, 160), (240, 80)]  # paper
+    assert tuple(split_budget(320, nxt, n=2304)) == (480, 160)  # K(b) fits this image's N
+    assert tuple(split_budget(320, nxt, n=400)) == (400, 133)  # capped at N, K' = min(round(rho*K(b)), K)
+    assert tuple(split_budget(320, nxt, "sts-s", n=300)) == (300, 300)
+    # a ratio is r * N of the image, unrounded, then each method's own rule
+    assert tuple(split_budget("10%", nxt, "sts-s", n=2304)) == (230, 230)
+    assert tuple(split_budget("10%", nxt, "sts", n=2304)) == (346, 115)  # b = 230.4 -> K = round(230.4*32/(16+16/3))
+    assert parse_budget("20%") == "20%" and parse_budget(" 12.5% ") == "12.5%"
+    for bad in ("0%", "101%", "x%", "-3"):
+        with pytest.raises(StsError):
+            parse_budget(bad)
 
 
 def test_recipe_files_present() -> None:

@@ -189,6 +189,39 @@ def test_loop_trip_count_not_constant() -> None:
     assert "trip count 'n_iter' is not a constant" in line
 
 
+def _exported_style(m: onnx.ModelProto) -> onnx.ModelProto:
+    """The Loop body as torch.onnx/onnxscript emit it: carried inputs typed without shapes, outputs untyped."""
+    body = next(n for n in m.graph.node if n.op_type == "Loop").attribute[0].g
+    for vi in body.input[2:]:
+        vi.type.tensor_type.ClearField("shape")
+    for vi in body.output:
+        vi.ClearField("type")
+    return m
+
+
+def test_loop_carried_shapes_proved_by_induction() -> None:
+    # ONNX's Loop inference drops carried-input shapes, so only induction (body inferred with the carried inputs at
+    # their initial shapes) can prove them constant: no "no inferable shape" warnings for a fixed-shape body
+    rep = trt_check.check_model(_exported_style(_compatible()))
+    assert rep.ok and rep.warnings == [], rep.format()
+
+
+def test_loop_carried_growth_found_by_induction() -> None:
+    m = _compatible()
+    loop = next(n for n in m.graph.node if n.op_type == "Loop")
+    loop.attribute[0].CopyFrom(helper.make_attribute("body", _loop_body(True)))
+    (line,) = _one(_exported_style(m))
+    assert line.startswith("g:stage1/loop(Loop):") and "picked0" in line and "changes shape" in line
+
+
+def test_loop_without_trip_count_with_induction() -> None:
+    m = _exported_style(_compatible())
+    loop = next(n for n in m.graph.node if n.op_type == "Loop")
+    loop.input[0] = ""  # a cond-driven while-loop
+    (line,) = _one(m)
+    assert "no trip count" in line
+
+
 def test_subgraph_problem_is_found_and_named() -> None:
     m = _compatible()
     loop = next(n for n in m.graph.node if n.op_type == "Loop")

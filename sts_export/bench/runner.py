@@ -8,14 +8,11 @@ For every (model, backend, method, budget) this times the one generation loop (`
   ttft     vision + prefill (time to first token)
   decode   mean seconds per decode step of the same run
 
-Per graph call, a thin wrapper around the backend's `run` adds fine-grained times (CUDA events for torch/TensorRT
-on a GPU, otherwise `synchronize()` + perf_counter). Stage 1 is also timed on its own ("probe"): the same
-selection function, exported/compiled alone for the backend in use, on features of the model's shape, so its
-share of the pruned TTFT can be read off.
-
-Memory: KV cache bytes from the cache shapes the run returned (exact), peak host RSS (Linux VmHWM, reset before
-each timed run; a 5 ms sampling thread elsewhere) and peak GPU memory (torch.cuda.max_memory_allocated); the
-*_delta_bytes fields are the rise over the memory in use when the run started.
+Per graph call, a thin wrapper around the backend's `run` adds fine-grained times, and memory is recorded per
+timed run (sts_export.bench.timing: TimedBackend, PeakMemory). KV cache bytes come from the cache shapes the run
+returned (exact); the *_delta_bytes fields are the rise over the memory in use when the run started. Stage 1 is
+also timed on its own ("probe"): the same selection function, exported/compiled alone for the backend in use, on
+features of the model's shape, so its share of the pruned TTFT can be read off.
 
 Configurations of one backend run interleaved when their weights fit in memory together (all loaded, warm-ups and
 repeats round-robin), so a change in machine load - other processes on a shared host, thermal throttling - hits
@@ -25,58 +22,50 @@ Cost: sts_export.bench.cost (analytic FLOPs/bytes per phase, roofline for --devi
 Rows with budget `full` are run once per (model, backend) as method `none` (no pruning: the same graphs for every
 method) and serve as the baseline of the speedups: speedup_ttft = ttft(full) / ttft(row), beside
 flop_ratio_ttft = FLOPs(vision + prefill, full) / FLOPs(vision + prefill, row).
+
+Here: options (BenchOptions), configurations, export lookup, pipeline loading, the Stage 1 probe, Runner (one loaded
+configuration), measure_backend / run_bench. The table, JSON and plot of the result: sts_export.bench.report.
 """
 from __future__ import annotations
 
 import dataclasses
-import gc
 import hashlib
-import importlib.metadata
 import importlib.util
 import json
-import math
 import os
-import platform
 import shutil
-import sys
-import threading
-import time
 import traceback
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterable, Sequence
+from typing import Any, Callable, Iterable
 
 import numpy as np
 
-from sts_export.pruning.budget import METHODS, check_method, parse_budget, split_budget
+from sts_export.bench.cost import (DEFAULT_TEXT_TOKENS, DTYPE_BYTES, get_device, kv_cache_bytes, param_counts,
+                                   phase_costs, roofline_terms, sequence_lengths)
+from sts_export.bench.report import SCHEMA_VERSION
+from sts_export.bench.timing import (STAT_KEYS, PeakMemory, TimedBackend, cpu_model, current_memory,
+                                     detect_device_profile, free_memory, gpu_info, load_average, release_memory,
+                                     stats_ms, system_info, time_repeats, timed_call)
 from sts_export.errors import StsError
+from sts_export.pruning.budget import METHODS, check_method, parse_budget, split_budget
 
-SCHEMA_VERSION = 1
 BACKENDS = {  # CLI name -> canonical
     "torch": "torch", "eager": "torch", "torch-eager": "torch",
     "torch-compile": "torch-compile", "compile": "torch-compile", "torch.compile": "torch-compile",
     "ort": "ort", "onnxruntime": "ort",
     "trt": "trt", "tensorrt": "trt",
 }
-PHASES = ("vision", "prefill", "ttft", "decode")
+PHASES = ("vision", "prefill", "ttft", "decode")  # timed per run (Generation.timings)
 DEFAULT_PROMPT = "What is shown in this image? Answer the question using a single word or phrase."
-# fields every measured row holds (the JSON schema's required keys; tests/test_bench.py checks them)
-ROW_KEYS = (
-    "model", "method", "budget", "backend", "dtype", "device", "k_pre", "k_post", "prune_layer", "text_tokens",
-    "seq_len_stage1", "seq_len_stage2", "kv_cache_bytes",
-    "flops_vision", "flops_stage1", "flops_prefill", "flops_decode", "bytes_vision", "bytes_prefill", "bytes_decode",
-    "vision_ms_median", "prefill_ms_median", "ttft_ms_median", "decode_ms_median",
-    "vision_ms_iqr", "prefill_ms_iqr", "ttft_ms_iqr", "decode_ms_iqr", "stage1_ms_median", "stage1_share_ttft",
-    "peak_rss_bytes", "peak_gpu_bytes", "peak_mem_bytes", "repeats", "warmup", "max_new_tokens",
-    "speedup_ttft", "speedup_prefill", "flop_ratio_ttft", "flop_ratio_prefill", "speedup_over_flop_ratio",
-)
-TORCH_DTYPE_BYTES = {"fp32": 4, "fp16": 2, "bf16": 2}
-STAT_KEYS = ("median", "iqr", "p25", "p75", "min", "max")
 
 
 # ----------------------------------------------------------------------------------------------- options
 @dataclass
 class BenchOptions:
+    """What to benchmark and how (bench.py's options); checked and normalised (canonical names, no repeats) on
+    creation, so a bad value is one StsError before anything loads."""
+
     models: list[str]
     budgets: list[int | str]
     methods: list[str]
@@ -118,7 +107,7 @@ class BenchOptions:
             raise StsError("--repeats must be >= 1 and --warmup >= 0")
         if self.max_new_tokens < 1:
             raise StsError("--max-new-tokens must be >= 1 (2 or more to time decode steps)")
-        if self.dtype not in TORCH_DTYPE_BYTES:
+        if self.dtype not in DTYPE_BYTES:
             raise StsError(f"unknown dtype '{self.dtype}'; choose fp32, fp16 or bf16")
         if self.accelerator not in ("auto", "cpu", "cuda"):
             raise StsError(f"--accelerator must be auto, cpu or cuda, got '{self.accelerator}'")
@@ -127,265 +116,16 @@ class BenchOptions:
         if self.threads is not None and self.threads < 1:
             raise StsError("--threads must be >= 1")
         if self.device is not None:
-            from sts_export.bench.cost import get_device
-
             get_device(self.device, self.devices_file)  # unknown name -> one-line error listing the valid ones
 
 
 def _unique(xs: Iterable[Any]) -> list[Any]:
+    """xs without repeats, in first-seen order."""
     out: list[Any] = []
     for x in xs:
         if x not in out:
             out.append(x)
     return out
-
-
-# ----------------------------------------------------------------------------------------------- system info
-def _version(dist: str) -> str | None:
-    try:
-        return importlib.metadata.version(dist)
-    except importlib.metadata.PackageNotFoundError:
-        return None
-
-
-def cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.lower().startswith(("model name", "hardware", "cpu model")):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    if sys.platform == "darwin":
-        import subprocess
-
-        try:
-            return subprocess.run(["sysctl", "-n", "machdep.cpu.brand_string"], capture_output=True, text=True,
-                                  timeout=5).stdout.strip()
-        except (OSError, subprocess.SubprocessError):
-            pass
-    return platform.processor() or platform.machine()
-
-
-def gpu_info() -> list[dict[str, Any]]:
-    import torch
-
-    if not torch.cuda.is_available():
-        return []
-    out = []
-    for i in range(torch.cuda.device_count()):
-        p = torch.cuda.get_device_properties(i)
-        out.append({"index": i, "name": p.name, "compute_capability": f"{p.major}.{p.minor}",
-                    "memory_bytes": int(p.total_memory), "multiprocessors": p.multi_processor_count})
-    return out
-
-
-def system_info() -> dict[str, Any]:
-    """Hardware and software the numbers were taken on."""
-    import psutil
-    import torch
-
-    from sts_export import __version__
-
-    info: dict[str, Any] = {
-        "platform": platform.platform(),
-        "machine": platform.machine(),
-        "python": platform.python_version(),
-        "cpu_model": cpu_model(),
-        "cpu_cores_logical": psutil.cpu_count(logical=True),
-        "cpu_cores_physical": psutil.cpu_count(logical=False),
-        "cpu_affinity": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else None,
-        "memory_bytes": int(psutil.virtual_memory().total),
-        "torch_threads": torch.get_num_threads(),
-        "gpus": gpu_info(),
-        "cuda_version": torch.version.cuda,
-        "cudnn_version": torch.backends.cudnn.version() if torch.cuda.is_available() else None,
-        "versions": {
-            "sts_export": __version__,
-            "torch": torch.__version__,
-            "onnxruntime": _version("onnxruntime") or _version("onnxruntime-gpu"),
-            "onnx": _version("onnx"),
-            "numpy": np.__version__,
-            "transformers": _version("transformers"),
-            "tensorrt": _version("tensorrt") or _version("tensorrt-cu12") or _version("tensorrt_cu12"),
-            "matplotlib": _version("matplotlib"),
-            "psutil": psutil.__version__,
-        },
-        "time_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-        "command": " ".join([Path(sys.argv[0]).name, *sys.argv[1:]]),
-    }
-    if importlib.util.find_spec("onnxruntime") is not None:
-        import onnxruntime as ort
-
-        info["onnxruntime_providers"] = ort.get_available_providers()
-    return info
-
-
-def detect_device_profile() -> str | None:
-    """The devices.yaml profile matching the GPU in use, if any (for measured/bound)."""
-    gpus = gpu_info()
-    if not gpus:
-        return None
-    name = gpus[0]["name"].lower()
-    mem_gb = gpus[0]["memory_bytes"] / 1e9
-    if "h100" in name and ("sxm" in name or "hbm3" in name):
-        return "h100-sxm"
-    if "a100" in name and "sxm" in name and mem_gb > 60:
-        return "a100-sxm-80gb"
-    if "4090" in name:
-        return "rtx-4090"
-    if "orin" in name:
-        if mem_gb > 40:
-            return "jetson-agx-orin-64gb"
-        return None  # Orin Nano: the power mode (15 W vs MAXN SUPER) is not visible from here; pass --on-device
-    return None
-
-
-# ----------------------------------------------------------------------------------------------- statistics
-def stats_ms(samples_s: Sequence[float]) -> dict[str, float | None]:
-    """median, IQR (p75 - p25), p25, p75, min and max in milliseconds."""
-    if not samples_s:
-        return dict.fromkeys(STAT_KEYS)
-    a = np.asarray(samples_s, dtype=np.float64) * 1e3
-    p25, p50, p75 = np.percentile(a, [25, 50, 75])
-    return {"median": float(p50), "iqr": float(p75 - p25), "p25": float(p25), "p75": float(p75),
-            "min": float(a.min()), "max": float(a.max())}
-
-
-# ----------------------------------------------------------------------------------------------- memory
-def _read_status_kb(key: str) -> int | None:
-    try:
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith(key + ":"):
-                return int(line.split()[1]) * 1024
-    except (OSError, ValueError, IndexError):
-        pass
-    return None
-
-
-class PeakMemory:
-    """Peak host RSS (Linux VmHWM reset through /proc/self/clear_refs, else a 5 ms sampling thread) and peak
-    GPU memory (torch's allocator) between `start()` and `stop()`."""
-
-    def __init__(self, cuda: bool) -> None:
-        self.cuda = cuda
-        self._thread: threading.Thread | None = None
-        self._stop = threading.Event()
-        self._peak = 0
-        self._hwm = False
-
-    def start(self) -> None:
-        gc.collect()
-        try:
-            Path("/proc/self/clear_refs").write_text("5")  # resets VmHWM to the current RSS (Linux >= 4.0)
-            self._hwm = _read_status_kb("VmHWM") is not None
-        except OSError:
-            self._hwm = False
-        if not self._hwm:
-            import psutil
-
-            proc = psutil.Process()
-            self._peak = proc.memory_info().rss
-            self._stop.clear()
-
-            def sample() -> None:
-                while not self._stop.wait(0.005):
-                    self._peak = max(self._peak, proc.memory_info().rss)
-
-            self._thread = threading.Thread(target=sample, daemon=True)
-            self._thread.start()
-        if self.cuda:
-            import torch
-
-            torch.cuda.synchronize()
-            torch.cuda.reset_peak_memory_stats()
-
-    def stop(self) -> tuple[int, int | None]:
-        """(peak RSS bytes, peak GPU bytes or None)."""
-        if self._hwm:
-            rss = _read_status_kb("VmHWM") or 0
-        else:
-            self._stop.set()
-            if self._thread is not None:
-                self._thread.join()
-            import psutil
-
-            rss = max(self._peak, psutil.Process().memory_info().rss)
-        gpu = None
-        if self.cuda:
-            import torch
-
-            torch.cuda.synchronize()
-            gpu = int(torch.cuda.max_memory_allocated())
-        return int(rss), gpu
-
-
-# ----------------------------------------------------------------------------------------------- timing wrapper
-class TimedBackend:
-    """Wraps a backend: times every `run(graph, feeds)` (CUDA events or synchronize + perf_counter) and, with
-    ignore_eos, masks the EOS logit so every run decodes exactly max_new_tokens tokens (fixed work per run).
-
-    Everything else (from_numpy, to_numpy, concat, synchronize, attributes) goes to the wrapped backend, so
-    `runtime.generate` drives it unchanged.
-    """
-
-    def __init__(self, inner: Any, eos_token_id: int | None, cuda_events: bool) -> None:
-        self.inner, self.eos, self.cuda_events = inner, eos_token_id, cuda_events
-        self.name = getattr(inner, "name", "backend")
-        self._sync = getattr(inner, "synchronize", None)
-        self.calls: list[tuple[str, Any]] = []  # (graph, seconds | (start_event, end_event))
-
-    def __getattr__(self, item: str) -> Any:  # plan, graphs, providers, ...
-        return getattr(self.inner, item)
-
-    def synchronize(self) -> None:
-        if self._sync is not None:
-            self._sync()
-
-    def run(self, graph: str, feeds: dict[str, Any]) -> dict[str, Any]:
-        if self.cuda_events:
-            import torch
-
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            out = self.inner.run(graph, feeds)
-            end.record()
-            self.calls.append((graph, (start, end)))
-        else:
-            t0 = time.perf_counter()
-            out = self.inner.run(graph, feeds)
-            self.synchronize()
-            self.calls.append((graph, time.perf_counter() - t0))
-        if self.eos is not None and graph == "segment2":
-            logits = np.array(self.inner.to_numpy(out["logits"]), dtype=np.float32)  # a copy, on the host
-            logits[:, self.eos] = -np.inf
-            out = dict(out, logits=logits)
-        return out
-
-    def to_numpy(self, x: Any) -> np.ndarray:
-        return x if isinstance(x, np.ndarray) else self.inner.to_numpy(x)
-
-    def from_numpy(self, x: np.ndarray) -> Any:
-        return self.inner.from_numpy(x)
-
-    def concat(self, xs: list[Any], axis: int) -> Any:
-        return self.inner.concat(xs, axis)
-
-    def take_calls(self) -> list[tuple[str, float]]:
-        """This run's graph calls as (label, seconds), labels `vision`, `embed_prefill`, `segment1_decode`, ..."""
-        if self.cuda_events:
-            import torch
-
-            torch.cuda.synchronize()
-        out: list[tuple[str, float]] = []
-        phase = "prefill"
-        for graph, t in self.calls:
-            secs = t[0].elapsed_time(t[1]) / 1e3 if isinstance(t, tuple) else t
-            label = graph if graph == "vision" else f"{graph}_{phase}"
-            out.append((label, secs))
-            if graph == "segment2":
-                phase = "decode"
-        self.calls = []
-        return out
 
 
 # ----------------------------------------------------------------------------------------------- configurations
@@ -423,7 +163,8 @@ def configs_for(recipe: Any, model: str, methods: list[str], budgets: list[int |
 
 def recipe_of(model: str) -> Any:
     """The recipe of --model without loading weights (recipe name, local checkpoint dir, or error)."""
-    from sts_export.recipe import available_recipes, load_recipe, recipe_from_hf_config
+    from sts_export.families import recipe_from_hf_config
+    from sts_export.recipe import available_recipes, load_recipe
 
     path = Path(model).expanduser()
     if path.is_dir():
@@ -451,8 +192,6 @@ def prompt_ids(pipe: Any, prompt: str, text_tokens: int | None) -> np.ndarray:
     """Token ids with one image token: the tokenized --prompt (recipe template), or, with --text-tokens or when
     the model has no tokenizer, a fixed pseudo-prompt of that many text tokens (default cost.DEFAULT_TEXT_TOKENS)
     laid out like LLaVA's template: BOS + 4 tokens ("USER:") + image + the rest."""
-    from sts_export.bench.cost import DEFAULT_TEXT_TOKENS
-
     r = pipe.recipe
     if text_tokens is None and pipe.tokenizer is not None:
         pr = pipe.encode(prompt)
@@ -474,6 +213,13 @@ def _cache_root() -> Path:
 
 def _recipe_digest(recipe: Any) -> str:
     return hashlib.sha256(json.dumps(recipe.to_dict(), sort_keys=True).encode()).hexdigest()[:12]
+
+
+def _export_roots(opts: BenchOptions) -> list[Path]:
+    """Where exports are looked up: --exports (or the cache's bench-exports, where new ones go) first, then
+    ./exports."""
+    root = Path(opts.exports) if opts.exports else _cache_root() / "bench-exports"
+    return _unique([root, Path("exports")])
 
 
 def _export_matches(d: Path, recipe: Any, cfg: Config, dtype: str, random_weights: bool, engines: bool) -> bool:
@@ -505,13 +251,23 @@ def find_export(recipe: Any, cfg: Config, dtype: str, random_weights: bool, root
     return None
 
 
+def find_trt_export(recipe: Any, cfg: Config, opts: BenchOptions) -> Path | None:
+    """An existing export with TensorRT engines for this configuration (engines are built by export.py, not here)."""
+    return find_export(recipe, cfg, opts.dtype, opts.random_weights, _export_roots(opts), engines=True)
+
+
+def _no_trt_export(what: str, opts: BenchOptions) -> str:
+    return (f"no TensorRT export of {what} ({opts.dtype}) under {_export_roots(opts)[0]} or ./exports; build one with "
+            "export.py --target trt and pass --exports DIR")
+
+
 def ensure_onnx_export(model: str, recipe: Any, cfg: Config, opts: BenchOptions) -> Path:
     """Reuse a matching export (--exports, ./exports, the cache) or export one into --exports / the cache
     (validate=False: the export's correctness is the exporter's tests' business, not the benchmark's)."""
     from sts_export.export.onnx import export
 
-    root = Path(opts.exports) if opts.exports else _cache_root() / "bench-exports"
-    roots = _unique([root, Path("exports")])
+    roots = _export_roots(opts)
+    root = roots[0]
     found = find_export(recipe, cfg, opts.dtype, opts.random_weights, roots)
     if found is not None:
         opts.progress(f"  reusing export {found}")
@@ -519,10 +275,10 @@ def ensure_onnx_export(model: str, recipe: Any, cfg: Config, opts: BenchOptions)
     suffix = "-rw" if opts.random_weights else ""
     out = root / f"{recipe.name}-{_recipe_digest(recipe)}-{cfg.method}-b{cfg.budget}-{opts.dtype}{suffix}"
     opts.progress(f"  exporting {model} {cfg.method} b={cfg.budget} to {out} (once; reused later) ...")
-    t0 = time.perf_counter()
-    export(model, budget=cfg.budget, method=cfg.method, out=out, dtype=opts.dtype, random_weights=opts.random_weights,
-           validate=False, force=True, progress=lambda s: None)
-    opts.progress(f"  exported in {time.perf_counter() - t0:.0f} s")
+    _, secs = timed_call(lambda: export(model, budget=cfg.budget, method=cfg.method, out=out, dtype=opts.dtype,
+                                        random_weights=opts.random_weights, validate=False, force=True,
+                                        progress=lambda s: None))
+    opts.progress(f"  exported in {secs:.0f} s")
     return out
 
 
@@ -566,19 +322,15 @@ def load_pipeline(model: str, recipe: Any, cfg: Config, backend: str, opts: Benc
                                         compile=backend == "torch-compile")
     if opts.dtype == "bf16":
         raise StsError("ONNX exports are fp32 or fp16; run the ort/trt backends with --dtype fp32 or fp16")
-    if backend == "ort":
-        from sts_export.pipeline import load_export_pipeline
+    from sts_export.pipeline import load_export_pipeline
 
+    if backend == "ort":
         d = ensure_onnx_export(model, recipe, cfg, opts)
         return load_export_pipeline(d, backend="onnxruntime", device="cuda" if cuda else "cpu", threads=opts.threads)
     # trt: engines come from export.py --target trt; the benchmark does not build them
-    root = Path(opts.exports) if opts.exports else _cache_root() / "bench-exports"
-    d = find_export(recipe, cfg, opts.dtype, opts.random_weights, _unique([root, Path("exports")]), engines=True)
+    d = find_trt_export(recipe, cfg, opts)
     if d is None:
-        raise StsError(f"no TensorRT export of {model} {cfg.method} b={cfg.budget} ({opts.dtype}) under {root} or "
-                       f"./exports; build one with export.py --target trt and pass --exports DIR")
-    from sts_export.pipeline import load_export_pipeline
-
+        raise StsError(_no_trt_export(f"{model} {cfg.method} b={cfg.budget}", opts))
     return load_export_pipeline(d, backend="tensorrt")
 
 
@@ -606,17 +358,6 @@ def _stage1_inputs(recipe: Any, method: str) -> tuple[np.ndarray, np.ndarray]:
     return rng.standard_normal((1, n, c)).astype(np.float32), rng.random((1, n)).astype(np.float32)
 
 
-def _time_fn(fn: Callable[[], Any], warmup: int, repeats: int) -> list[float]:
-    for _ in range(warmup):
-        fn()
-    out = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn()
-        out.append(time.perf_counter() - t0)
-    return out
-
-
 def stage1_probe(pipe: Any, cfg: Config, backend: str, opts: BenchOptions) -> tuple[list[float], str | None]:
     """Seconds per Stage 1 call alone (the same selection code, on this backend), or ([], why not)."""
     if cfg.budget == "full" or cfg.method in ("fastv", "none"):
@@ -635,10 +376,8 @@ def stage1_probe(pipe: Any, cfg: Config, backend: str, opts: BenchOptions) -> tu
         def run() -> None:
             with torch.inference_mode():
                 f(xt, ct)
-            if dev.type == "cuda":
-                torch.cuda.synchronize()
 
-        return _time_fn(run, warm, reps), None
+        return time_repeats(run, warm, reps, torch.cuda.synchronize if dev.type == "cuda" else None), None
     if backend == "ort":
         import onnxruntime as ort
 
@@ -660,15 +399,14 @@ def stage1_probe(pipe: Any, cfg: Config, backend: str, opts: BenchOptions) -> tu
         sess = ort.InferenceSession(str(path), getattr(inner, "opts", None),
                                     providers=getattr(inner, "providers", ["CPUExecutionProvider"]))
         feeds = {i.name: {"features": x, "cls_attention": cls_att}[i.name] for i in sess.get_inputs()}
-        return _time_fn(lambda: sess.run(None, feeds), warm, reps), None
+        return time_repeats(lambda: sess.run(None, feeds), warm, reps), None
     return [], f"Stage 1 probe not implemented for backend {backend} (its time is inside vision_ms)"
 
 
 # ----------------------------------------------------------------------------------------------- rows
 def cost_fields(recipe: Any, method: str, budget: int | str, dtype: str, text_tokens: int, decode_context: int,
                 device: str | None, devices_file: str | None) -> dict[str, Any]:
-    from sts_export.bench.cost import get_device, phase_costs, roofline_terms
-
+    """A row's analytic fields: flops_/bytes_ per phase (cost.phase_costs) and, with a device, the roofline."""
     costs = phase_costs(recipe, budget, method, dtype=dtype, prompt_tokens=text_tokens, decode_context=decode_context)
     out: dict[str, Any] = {}
     for ph, c in costs.items():
@@ -687,6 +425,7 @@ def cost_fields(recipe: Any, method: str, budget: int | str, dtype: str, text_to
 
 
 def _blank_timing() -> dict[str, Any]:
+    """The measured fields of a row, all empty (--cost-only rows)."""
     row: dict[str, Any] = {}
     for ph in PHASES:
         for s in STAT_KEYS:
@@ -719,7 +458,7 @@ class Runner:
     def run(self, record: bool) -> None:
         """One generation; with record, its timings and peak memory are kept."""
         if record:
-            rss0, gpu0 = _current_memory(self.mem.cuda)
+            rss0, gpu0 = current_memory(self.mem.cuda)
             self.mem.start()
         gen = self.pipe.generate(self.pv, input_ids=self.ids, max_new_tokens=self.opts.max_new_tokens)
         calls = self.timed.take_calls()
@@ -740,10 +479,11 @@ class Runner:
             self.per_graph.setdefault(label, []).append(secs / n_dec if label.endswith("_decode") else secs)
 
     def row(self) -> dict[str, Any]:
+        """The row of this configuration from the samples recorded so far (runs the Stage 1 probe)."""
         opts, cfg, gen, plan = self.opts, self.cfg, self.gen, self.pipe.plan
         s1_samples, s1_note = stage1_probe(self.pipe, cfg, self.backend, opts) if opts.stage1_probe else ([], None)
         torch_backend = self.backend in ("torch", "torch-compile")
-        dtype_bytes = TORCH_DTYPE_BYTES[opts.dtype] if torch_backend else np.dtype(plan.dtype).itemsize
+        dtype_bytes = DTYPE_BYTES[opts.dtype] if torch_backend else np.dtype(plan.dtype).itemsize
         per_entry = 2 * plan.num_kv_heads * plan.head_dim * dtype_bytes  # K and V of one token in one layer
         lengths = gen.cache_lengths  # entries per segment after prefill, read off the returned cache tensors
         batch = self.pv.shape[0]
@@ -787,48 +527,17 @@ class Runner:
         self.pipe = self.timed = None  # type: ignore[assignment]
 
 
-def _current_memory(cuda: bool) -> tuple[int, int | None]:
-    import psutil
-
-    rss = int(psutil.Process().memory_info().rss)
-    if not cuda:
-        return rss, None
-    import torch
-
-    torch.cuda.synchronize()
-    return rss, int(torch.cuda.memory_allocated())
-
-
-def _release(cuda: bool) -> None:
-    gc.collect()
-    if cuda:
-        import torch
-
-        torch.cuda.empty_cache()
-
-
+# ----------------------------------------------------------------------------------------------- measuring a backend
 def weight_bytes(recipe: Any, dtype: str) -> int:
     """Bytes of the weights one loaded configuration holds (vision layers used, projector, decoder, embeddings)."""
-    from sts_export.bench.cost import param_counts
-
     p = param_counts(recipe)
-    return (p["vision"] + p["projector"] + p["decoder"] + p["lm_head"] + p["embed"]) * TORCH_DTYPE_BYTES[dtype]
-
-
-def _free_memory(opts: BenchOptions) -> tuple[int, str]:
-    import psutil
-
-    if _want_cuda(opts):
-        import torch
-
-        return int(torch.cuda.mem_get_info()[0]), "free GPU memory"
-    return int(psutil.virtual_memory().available), "available host memory"
+    return (p["vision"] + p["projector"] + p["decoder"] + p["lm_head"] + p["embed"]) * DTYPE_BYTES[dtype]
 
 
 def check_fits(recipe: Any, opts: BenchOptions) -> None:
     """Refuse a configuration whose weights alone exceed the free memory (rather than being OOM-killed)."""
     need = weight_bytes(recipe, opts.dtype)
-    free, what = _free_memory(opts)
+    free, what = free_memory(_want_cuda(opts))
     if need > 0.9 * free:
         raise StsError(f"{recipe.name} at {opts.dtype} needs {need / 1e9:.1f} GB for its weights alone, but only "
                        f"{free / 1e9:.1f} GB of {what} is left; use --dtype fp16, a GPU, or the synthetic "
@@ -837,7 +546,7 @@ def check_fits(recipe: Any, opts: BenchOptions) -> None:
 
 def interleave_fits(recipe: Any, n_configs: int, opts: BenchOptions) -> bool:
     """Whether every configuration of a backend can be loaded at once (weights x configs < half the memory)."""
-    return weight_bytes(recipe, opts.dtype) * n_configs * 1.5 < 0.5 * _free_memory(opts)[0]
+    return weight_bytes(recipe, opts.dtype) * n_configs * 1.5 < 0.5 * free_memory(_want_cuda(opts))[0]
 
 
 def measure_backend(model: str, recipe: Any, configs: list[Config], backend: str, opts: BenchOptions, image: Any,
@@ -867,7 +576,7 @@ def measure_backend(model: str, recipe: Any, configs: list[Config], backend: str
             for r in runners:
                 r.close()
             runners.clear()
-            _release(cuda)
+            release_memory(cuda)
         return rows
     for cfg in configs:
         opts.progress(f"{model} | {backend} | {cfg.method} b={cfg.budget} (K={cfg.k_pre}, K'={cfg.k_post}) ...")
@@ -882,7 +591,7 @@ def measure_backend(model: str, recipe: Any, configs: list[Config], backend: str
         finally:
             runner.close()
             del runner
-            _release(cuda)
+            release_memory(cuda)
     return rows
 
 
@@ -902,8 +611,6 @@ def _device_name(backend: str, cuda: bool, pipe: Any) -> str:
 
 def cost_row(model: str, recipe: Any, cfg: Config, opts: BenchOptions) -> dict[str, Any]:
     """An analytic-only row (--cost-only): no weights, no timings."""
-    from sts_export.bench.cost import DTYPE_BYTES, sequence_lengths, kv_cache_bytes
-
     t = opts.text_tokens or None
     seq = sequence_lengths(recipe, cfg.budget, cfg.method, t)
     row: dict[str, Any] = {
@@ -935,7 +642,7 @@ def add_ratios(rows: list[dict[str, Any]], on_device: str | None) -> None:
                 row["speedup_prefill"] = base["prefill_ms_median"] / row["prefill_ms_median"]
                 row["speedup_over_flop_ratio"] = row["speedup_ttft"] / row["flop_ratio_ttft"]
         if on_device and "ttft_roofline_ms" in row and row.get("ttft_ms_median") is not None:
-            for ph in ("vision", "prefill", "ttft", "decode"):
+            for ph in PHASES:
                 bound, meas = row.get(f"{ph}_roofline_ms"), row.get(f"{ph}_ms_median")
                 row[f"{ph}_measured_over_bound"] = meas / bound if bound and meas is not None else None
         if row.get("ttft_ms_median"):
@@ -945,24 +652,15 @@ def add_ratios(rows: list[dict[str, Any]], on_device: str | None) -> None:
 
 
 # ----------------------------------------------------------------------------------------------- driver
-def _loadavg() -> list[float] | None:
-    try:
-        return [round(x, 2) for x in os.getloadavg()]
-    except (OSError, AttributeError):
-        return None
-
-
 def _trt_configs(recipe: Any, configs: list[Config], opts: BenchOptions, skipped: list[dict[str, Any]],
                  notes: list[str]) -> list[Config]:
     """The configurations that have a TensorRT export (engines are built by export.py, not here)."""
-    root = Path(opts.exports) if opts.exports else _cache_root() / "bench-exports"
     keep = []
     for cfg in configs:
-        if find_export(recipe, cfg, opts.dtype, opts.random_weights, _unique([root, Path("exports")]), engines=True):
+        if find_trt_export(recipe, cfg, opts):
             keep.append(cfg)
             continue
-        why = (f"no TensorRT export of {cfg.method} b={cfg.budget} ({opts.dtype}) under {root} or ./exports; build "
-               "one with export.py --target trt and pass --exports DIR")
+        why = _no_trt_export(f"{cfg.method} b={cfg.budget}", opts)
         notes.append(f"trt {cfg.method} b={cfg.budget} skipped: {why}")
         skipped.append({"model": cfg.model, "method": cfg.method, "budget": cfg.budget, "backend": "trt", "reason": why})
     return keep
@@ -979,7 +677,7 @@ def run_bench(opts: BenchOptions) -> dict[str, Any]:
 
         torch.set_num_threads(opts.threads)
     system = system_info()
-    system["load_average_start"] = _loadavg()
+    system["load_average_start"] = load_average()
     image = opts.image
     if image is None:
         image = bench_image()
@@ -1035,7 +733,7 @@ def run_bench(opts: BenchOptions) -> dict[str, Any]:
         if "method" in s and s.get("backend") in ("*", "analytic", opts.backends[0]):
             notes.append(f"{s['method']} b={s['budget']} skipped: {s['reason']}")
     options = {k: v for k, v in dataclasses.asdict(opts).items() if k != "progress"}
-    system["load_average_end"] = _loadavg()
+    system["load_average_end"] = load_average()
     busy = max(system["load_average_start"] or [0])
     if not opts.cost_only and busy > (system["cpu_affinity"] or system["cpu_cores_logical"] or 1) + 0.5:
         notes.append(f"the machine was busy before the run (1/5/15-min load average {system['load_average_start']} "
@@ -1043,173 +741,3 @@ def run_bench(opts: BenchOptions) -> dict[str, Any]:
                      "for the CPU, so absolute timings are noisy; interleaving keeps the ratios fair")
     return {"schema_version": SCHEMA_VERSION, "system": system, "options": options, "rows": rows,
             "skipped": skipped, "failures": failures, "notes": _unique(notes)}
-
-
-# ----------------------------------------------------------------------------------------------- output
-def _fmt(v: Any, spec: str = ".1f", scale: float = 1.0) -> str:
-    if v is None or isinstance(v, float) and math.isnan(v):
-        return "-"
-    if isinstance(v, (int, float)):
-        return format(v * scale, spec)
-    return str(v)
-
-
-def format_table(result: dict[str, Any]) -> str:
-    rows = result["rows"]
-    if not rows:
-        return "\n".join(["(no rows)"] + [f"note: {n}" for n in result.get("notes", [])])
-    timed = any(r.get("ttft_ms_median") is not None for r in rows)
-    roof = any("ttft_roofline_ms" in r for r in rows)
-    cols: list[tuple[str, Callable[[dict[str, Any]], str]]] = [
-        ("model", lambda r: r["model"]), ("backend", lambda r: r["backend"]), ("method", lambda r: r["method"]),
-        ("budget", lambda r: str(r["budget"])), ("K", lambda r: str(r["k_pre"])), ("K'", lambda r: str(r["k_post"])),
-        ("S1", lambda r: str(r["seq_len_stage1"])), ("S2", lambda r: str(r["seq_len_stage2"])),
-        ("KV MB", lambda r: _fmt(r["kv_cache_bytes"], ".2f", 1e-6)),
-        ("GFLOP vis", lambda r: _fmt(r["flops_vision"], ".2f", 1e-9)),
-        ("GFLOP pre", lambda r: _fmt(r["flops_prefill"], ".2f", 1e-9)),
-    ]
-    if timed:
-        def med_iqr(ph: str) -> Callable[[dict[str, Any]], str]:
-            return lambda r: (f"{_fmt(r[f'{ph}_ms_median'])}±{_fmt(r[f'{ph}_ms_iqr'])}"
-                              if r.get(f"{ph}_ms_median") is not None else "-")
-
-        cols += [
-            ("vision ms", med_iqr("vision")), ("stage1 ms", lambda r: _fmt(r.get("stage1_ms_median"), ".2f")),
-            ("prefill ms", med_iqr("prefill")), ("TTFT ms", med_iqr("ttft")),
-            ("decode ms/tok", med_iqr("decode")),
-            ("peak MB", lambda r: _fmt(r.get("peak_mem_bytes"), ".0f", 1e-6)),
-            ("TTFT x", lambda r: _fmt(r.get("speedup_ttft"), ".2f")),
-            ("FLOP x", lambda r: _fmt(r.get("flop_ratio_ttft"), ".2f")),
-            ("x/FLOPx", lambda r: _fmt(r.get("speedup_over_flop_ratio"), ".2f")),
-        ]
-    else:
-        cols += [("GFLOP dec", lambda r: _fmt(r["flops_decode"], ".3f", 1e-9)),
-                 ("FLOP x", lambda r: _fmt(r.get("flop_ratio_ttft"), ".2f"))]
-    if roof:
-        cols += [("bound TTFT ms", lambda r: _fmt(r.get("ttft_roofline_ms"), ".2f")),
-                 ("bound dec ms", lambda r: _fmt(r.get("decode_roofline_ms"), ".3f"))]
-        if any(r.get("ttft_measured_over_bound") is not None for r in rows):
-            cols.append(("meas/bound", lambda r: _fmt(r.get("ttft_measured_over_bound"), ".1f")))
-    cells = [[name for name, _ in cols]] + [[f(r) for _, f in cols] for r in rows]
-    widths = [max(len(row[i]) for row in cells) for i in range(len(cols))]
-    lines = ["  ".join(c.rjust(w) if i > 3 else c.ljust(w) for i, (c, w) in enumerate(zip(row, widths))) for row in cells]
-    lines.insert(1, "  ".join("-" * w for w in widths))
-    out = "\n".join(lines)
-    summary = []
-    for r in rows:
-        if r.get("speedup_ttft") is not None and r["budget"] != "full":
-            s1 = (f"; Stage 1 {r['stage1_ms_median']:.2f} ms = {100 * r['stage1_share_ttft']:.1f}% of TTFT"
-                  if r.get("stage1_share_ttft") is not None else "")
-            summary.append(f"{r['model']} {r['backend']} {r['method']} b={r['budget']}: TTFT speedup "
-                           f"{r['speedup_ttft']:.2f}x vs FLOP ratio {r['flop_ratio_ttft']:.2f}x "
-                           f"({r['speedup_over_flop_ratio']:.2f} of it); prefill {r['speedup_prefill']:.2f}x vs "
-                           f"{r['flop_ratio_prefill']:.2f}x{s1}")
-    if summary:
-        out += "\n\n" + "\n".join(summary)
-    if result.get("notes"):
-        out += "\n\n" + "\n".join(f"note: {n}" for n in result["notes"])
-    return out
-
-
-def write_json(result: dict[str, Any], path: str | os.PathLike) -> None:
-    p = Path(path)
-    if p.parent and not p.parent.exists():
-        p.parent.mkdir(parents=True, exist_ok=True)
-    p.write_text(json.dumps(result, indent=2, default=_json_default) + "\n")
-
-
-def _json_default(o: Any) -> Any:
-    if isinstance(o, (np.integer,)):
-        return int(o)
-    if isinstance(o, (np.floating,)):
-        return float(o)
-    if isinstance(o, Path):
-        return str(o)
-    raise TypeError(f"not JSON serialisable: {type(o).__name__}")
-
-
-def write_plot(result: dict[str, Any], path: str | os.PathLike) -> None:
-    """Left: TTFT median (p25..p75 bars) vs budget per method and backend (analytic GFLOPs with --cost-only).
-    Right: measured TTFT speedup over full vs the analytic FLOP ratio, with y = x and y = 0.8x (with --cost-only:
-    the FLOP ratio vs budget)."""
-    try:
-        from matplotlib.backends.backend_agg import FigureCanvasAgg
-        from matplotlib.figure import Figure
-    except ImportError:
-        raise StsError("--plot needs matplotlib (pip install matplotlib, or pip install -e '.[plot]')") from None
-    rows = result["rows"]
-    timed = [r for r in rows if r.get("ttft_ms_median") is not None]
-    source = timed or rows
-    fig = Figure(figsize=(13, 5.5), layout="constrained")
-    FigureCanvasAgg(fig)
-    ax1, ax2 = fig.subplots(1, 2)
-    n_img = max((r["k_pre"] for r in rows if r["budget"] == "full"), default=576)
-
-    def xval(r: dict[str, Any]) -> int:
-        return n_img if r["budget"] == "full" else int(r["budget"])
-
-    def yval(r: dict[str, Any]) -> float:
-        return r["ttft_ms_median"] if timed else (r["flops_vision"] + r["flops_prefill"]) / 1e9
-
-    budgets = set()
-    for model, backend in _unique((r["model"], r["backend"]) for r in source):
-        group = [r for r in source if r["model"] == model and r["backend"] == backend]
-        full = next((r for r in group if r["budget"] == "full"), None)
-        methods = _unique(r["method"] for r in group if r["budget"] != "full")
-        tag = f"{backend}, {model}" if len(_unique((r["model"], r["backend"]) for r in source)) > 1 else backend
-        for method in methods or ["none"]:
-            pts = ([full] if full else []) + sorted((r for r in group if r["method"] == method and r["budget"] != "full"),
-                                                    key=xval, reverse=True)
-            budgets.update(xval(r) for r in pts)
-            ys = [yval(r) for r in pts]
-            if timed:
-                err = [[y - (r["ttft_ms_p25"] if r.get("ttft_ms_p25") is not None else y) for y, r in zip(ys, pts)],
-                       [(r["ttft_ms_p75"] if r.get("ttft_ms_p75") is not None else y) - y for y, r in zip(ys, pts)]]
-                ax1.errorbar([xval(r) for r in pts], ys, yerr=err, marker="o", capsize=3, label=f"{method} ({tag})")
-            else:
-                ax1.plot([xval(r) for r in pts], ys, marker="o", label=f"{method} ({tag})")
-            if not timed and method != "none":
-                fr = [r for r in pts if r.get("flop_ratio_ttft") is not None]
-                ax2.plot([xval(r) for r in fr], [r["flop_ratio_ttft"] for r in fr], marker="o", label=f"{method} ({tag})")
-    ax1.set_xscale("log", base=2)
-    ticks = sorted(budgets)
-    ax1.set_xticks(ticks, [("full" if t == n_img else str(t)) for t in ticks])
-    ax1.minorticks_off()
-    ax1.set_xlabel(f"budget b (average visual tokens per decoder layer; full = all {n_img})")
-    ax1.set_ylabel("TTFT (ms), median with p25..p75" if timed else "analytic GFLOPs, vision + prefill")
-    ax1.set_title("time to first token vs budget" if timed else "analytic cost vs budget")
-    if source and max(yval(r) for r in source) > 20 * max(min(yval(r) for r in source), 1e-9):
-        ax1.set_yscale("log")
-    ax1.grid(True, alpha=0.3, which="both")
-    if ax1.lines:
-        ax1.legend(fontsize=7)
-    if timed:
-        pts = [r for r in timed if r.get("speedup_ttft") is not None and r["budget"] != "full"]
-        hi = max([r["flop_ratio_ttft"] for r in pts] + [r["speedup_ttft"] for r in pts] + [2.0]) * 1.1
-        ax2.plot([1, hi], [1, hi], "k--", lw=1, label="speedup = FLOP ratio")
-        ax2.plot([1, hi], [0.8, 0.8 * hi], "k:", lw=1, label="0.8 x FLOP ratio")
-        markers = dict(zip(_unique(r["backend"] for r in pts), "os^Dv<>p"))
-        for backend, method in _unique((r["backend"], r["method"]) for r in pts):
-            sel = [r for r in pts if r["backend"] == backend and r["method"] == method]
-            ax2.scatter([r["flop_ratio_ttft"] for r in sel], [r["speedup_ttft"] for r in sel],
-                        marker=markers[backend], label=f"{method} ({backend})")
-            for r in sel:
-                ax2.annotate(f"b={r['budget']}", (r["flop_ratio_ttft"], r["speedup_ttft"]), fontsize=7,
-                             xytext=(4, -3), textcoords="offset points")
-        ax2.set_xlabel("analytic FLOP ratio, full / pruned (vision + prefill)")
-        ax2.set_ylabel("measured TTFT speedup over full (same run)")
-        ax2.set_title("measured speedup vs FLOP ratio")
-    else:
-        ax2.set_xscale("log", base=2)
-        ax2.set_xticks(ticks, [("full" if t == n_img else str(t)) for t in ticks])
-        ax2.minorticks_off()
-        ax2.set_xlabel("budget b")
-        ax2.set_ylabel("analytic FLOP ratio, full / pruned (vision + prefill)")
-        ax2.set_title("analytic FLOP ratio vs budget (--cost-only: nothing measured)")
-    ax2.grid(True, alpha=0.3)
-    if ax2.lines or ax2.collections:
-        ax2.legend(fontsize=7)
-    p = Path(path)
-    if p.parent and not p.parent.exists():
-        p.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(str(p), dpi=120)

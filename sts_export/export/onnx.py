@@ -47,11 +47,24 @@ def example_inputs(graph: str, plan: Plan, recipe: Recipe, dtype: torch.dtype) -
     batch = Dim("B", min=1, max=256)
     t = recipe.text
     if graph == "vision":
-        size = recipe.vision.image_size
-        return (torch.randn(b, 3, size, size),), ({0: batch},)
+        from sts_export.families import family_module
+
+        pruned = "k_pre" in plan.vision_inputs
+        args, shapes = family_module(recipe.family).vision_example(recipe, pruned)
+        if pruned:  # length-only input: its length is this image's K (at most K_max)
+            args, shapes = (*args, torch.zeros(min(plan.k_pre, 7), dtype=torch.int64)), (*shapes, {0: Dim("K", min=1, max=plan.k_pre)})
+        return args, (tuple(shapes),)  # forward(*inputs): torch.export sees one nested argument
     if graph == "embed":
         return (torch.randint(0, t.vocab_size, (b, s)),), ({0: batch, 1: Dim("S", min=1, max=recipe.max_context)},)
     if graph == "prune":
+        if plan.dynamic:  # this image's K and K' arrive as the lengths of k_pre [K] and k_post [K']
+            k, kp = min(plan.k_pre, 40), min(plan.k_post, 13)
+            s1 = k + 8
+            seq = Dim("S1", min=2, max=recipe.max_prompt_tokens)
+            args = (torch.randn(b, s1, t.hidden_size, dtype=dtype), torch.arange(s1).expand(b, s1).contiguous(),
+                    torch.tensor(3, dtype=torch.int64), torch.zeros(k, dtype=torch.int64), torch.zeros(kp, dtype=torch.int64))
+            return args, ({0: batch, 1: seq}, {0: batch, 1: seq}, None,
+                          ({0: Dim("K", min=1, max=plan.k_pre)}, {0: Dim("Kp", min=1, max=plan.k_post)}))
         s1 = plan.k_pre + 8
         seq = Dim("S1", min=plan.k_pre + 1, max=recipe.max_prompt_tokens)
         args = (torch.randn(b, s1, t.hidden_size, dtype=dtype), torch.arange(s1).expand(b, s1).contiguous(),
@@ -82,15 +95,33 @@ def _io_spec(path: Path) -> dict[str, list[dict[str, Any]]]:
     return {"inputs": [info(v) for v in m.graph.input], "outputs": [info(v) for v in m.graph.output]}
 
 
+def _translations() -> dict:
+    """ONNX translations of the greedy selectors' custom ops (an ONNX Loop with a constant trip count)."""
+    from sts_export.pruning.loop import translation_table
+
+    return translation_table()
+
+
 def export_graph(module: torch.nn.Module, graph: str, plan: Plan, recipe: Recipe, dtype: torch.dtype,
                  path: Path, opset: int) -> None:
     """torch.onnx.export one graph with dynamic batch/sequence/past axes and DESIGN.md's IO names."""
     args, shapes = example_inputs(graph, plan, recipe, dtype)
     inputs, outputs = plan.io(graph)
-    with warnings.catch_warnings(), torch.inference_mode(False), torch.no_grad():
-        warnings.simplefilter("ignore")
-        prog = torch.onnx.export(module, args, dynamo=True, input_names=inputs, output_names=outputs,
-                                 dynamic_shapes=shapes, opset_version=opset, optimize=True, verbose=False)
+    # torch.onnx rebuilds its op registry on every export and, without torchvision, logs "torchvision is
+    # not installed. Skipping torchvision::nms" (and roi_align, roi_pool, deform_conv2d): drop just those.
+    import logging
+
+    registry_log = logging.getLogger("torch.onnx._internal.exporter._registration")
+    no_torchvision = lambda r: not r.getMessage().startswith("torchvision is not installed")  # noqa: E731
+    registry_log.addFilter(no_torchvision)
+    try:
+        with warnings.catch_warnings(), torch.inference_mode(False), torch.no_grad():
+            warnings.simplefilter("ignore")
+            prog = torch.onnx.export(module, args, dynamo=True, input_names=inputs, output_names=outputs,
+                                     custom_translation_table=_translations(),
+                                     dynamic_shapes=shapes, opset_version=opset, optimize=True, verbose=False)
+    finally:
+        registry_log.removeFilter(no_torchvision)
     n_bytes = sum(p.numel() * p.element_size() for p in module.parameters())
     prog.save(str(path), external_data=n_bytes > TWO_GB - 64 * 1024**2)
     del prog
@@ -156,13 +187,17 @@ def export(
     torch_dtype = getattr(torch, TORCH_DTYPES[dtype])
     progress(f"model: {src.description} | recipe {rec.name} | method {method} budget {budget} -> "
              f"K={plan.k_pre} K'={plan.k_post} prune_layer={prune_layer_for(method, rec)} | {dtype}")
+    from sts_export.export import memory
+
+    memory.clean_stale_tmp(out.parent, progress)  # what killed exports left here (dead owner pid only)
+    memory.check_export_memory(rec, method, budget, dtype, validate, progress)  # one line if it cannot fit
     t0 = time.perf_counter()
     net: Llava = load_model(src, torch_dtype)
     progress(f"loaded weights in {time.perf_counter() - t0:.1f} s")
     graphs = build_graphs(net, method, budget, anchor)
     names = [g for g in GRAPH_ORDER if g in graphs]
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    tmp = memory.make_tmp_dir(out)  # .<name>.tmp-XXXXXXXX with this process's owner record
     try:
         for i, g in enumerate(names, 1):
             t = time.perf_counter()
@@ -185,7 +220,8 @@ def export(
             from sts_export.export.validate import validate_export
 
             progress("validating: ONNX Runtime vs torch, per graph and end to end ...")
-            report = validate_export(tmp, graphs, plan, rec, torch_dtype)
+            # frees the torch weights once its torch reference is recorded: one ORT session at a time after that
+            report = validate_export(tmp, graphs, plan, rec, torch_dtype, release_torch=True, progress=progress)
             (tmp / "validation.json").write_text(json.dumps(report, indent=2))
             progress(f"validation: {'PASS' if report['passed'] else 'FAIL'} (see validation.json)")
             if not report["passed"]:
@@ -195,6 +231,7 @@ def export(
                 raise StsError(f"validation failed: {report['summary']}; the graphs are kept in {failed} for inspection")
         if out.exists():
             shutil.rmtree(out)
+        (tmp / memory.OWNER_FILE).unlink(missing_ok=True)
         os.replace(tmp, out)
     finally:
         if tmp.exists():

@@ -1,32 +1,120 @@
-"""Validation after export: ONNX Runtime vs the torch graphs, per graph on real inputs and end to end."""
+"""Validation after export: ONNX Runtime vs the torch graphs, per graph on real inputs and end to end,
+with one ONNX Runtime session alive at a time.
+
+1. torch reference: the generation loop runs on the torch graphs (already in memory for the export)
+   for batch 1 and 2. Every graph call's outputs are kept (KV caches only as shapes) and the feeds of
+   each graph's first prefill and first decode call.
+2. `release_torch=True` (the export's call): the torch weights are freed in place.
+3. One graph at a time, in the order the loop first calls them: its ONNX Runtime session is loaded,
+   compared with torch on the recorded feeds, then the loop runs again per batch with that graph live
+   on ONNX Runtime, the graphs before it replaying their ONNX Runtime outputs and the graphs after it
+   replaying torch's; the session is deleted before the next graph's is loaded.
+
+End to end is therefore staged, not one free-running ONNX Runtime loop: decode steps are fed torch's
+greedy tokens (teacher forcing). In the last stage every graph's outputs are ONNX Runtime's and the
+tokens are argmaxes of ONNX Runtime's logits, so the tokens agree with torch's if and only if a
+free-running ONNX Runtime generation's would (by induction over the steps); up to the first
+disagreement they are the free-running tokens, after it the teacher-forced predictions. The cost is
+one session load per graph (as before) and the same ONNX Runtime compute as one generation per batch.
+"""
 from __future__ import annotations
 
+import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 import torch
 
+from sts_export.export.memory import fmt, peak_rss, release_memory, rss
 from sts_export.recipe import Recipe
 from sts_export.backends.torch import TorchBackend
-from sts_export.generate import Plan, generate
+from sts_export.generate import Generation, Plan, generate
 from sts_export.tokenizer import Prompt, split_ids
 
 INT_OUTPUTS = ("keep_pre", "keep_post", "position_ids_out")
+STAGED = ("staged: one ONNX Runtime session at a time; decode steps fed torch's tokens, so tokens agree iff "
+          "a free-running ONNX Runtime loop's would (ort_tokens are free-running up to first_divergence)")
+
+
+def _phase(graph: str, feeds: dict[str, Any]) -> str:
+    s = feeds.get("hidden", feeds.get("input_ids"))
+    return "decode" if graph != "vision" and s is not None and s.ndim >= 2 and s.shape[1] == 1 else "prefill"
+
+
+def _stub(x: np.ndarray) -> np.ndarray:
+    """A zero-memory stand-in with x's shape and dtype (replayed KV caches are only passed back in)."""
+    return np.broadcast_to(np.zeros((), dtype=x.dtype), x.shape)
+
+
+def _is_stub(x: Any) -> bool:
+    return isinstance(x, np.ndarray) and x.size > 1 and not any(x.strides)
+
+
+def _traced(out: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    return {k: _stub(v) if k.startswith("present_") else v for k, v in out.items()}
 
 
 class RecordingBackend(TorchBackend):
-    """A torch backend that keeps the feeds of each graph's first prefill and first decode call."""
+    """A torch backend that keeps every call's outputs per graph (`trace`, KV caches as shapes only),
+    the order graphs are first called in, and the feeds + outputs of each graph's first prefill and decode."""
 
     def __init__(self, *a: Any, **k: Any) -> None:
         super().__init__(*a, **k)
-        self.calls: dict[str, dict[str, Any]] = {}
+        self.calls: dict[str, dict[str, Any]] = {}  # "graph/phase" -> feeds (numpy)
+        self.outputs: dict[str, dict[str, np.ndarray]] = {}  # "graph/phase" -> outputs (numpy)
+        self.trace: dict[str, list[dict[str, np.ndarray]]] = {}
+        self.order: list[str] = []
+
+    def new_trace(self) -> dict[str, list[dict[str, np.ndarray]]]:
+        self.trace = {}
+        return self.trace
 
     def run(self, graph: str, feeds: dict[str, Any]) -> dict[str, Any]:
-        s = feeds.get("hidden", feeds.get("input_ids", feeds.get("pixel_values")))
-        key = f"{graph}/{'decode' if graph != 'vision' and s.shape[1] == 1 else 'prefill'}"
-        self.calls.setdefault(key, {k: self.to_numpy(v) for k, v in feeds.items()})
-        return super().run(graph, feeds)
+        out = super().run(graph, feeds)
+        host = {k: self.to_numpy(v) for k, v in out.items()}
+        key = f"{graph}/{_phase(graph, feeds)}"
+        if key not in self.calls:
+            self.calls[key] = {k: self.to_numpy(v).copy() for k, v in feeds.items()}
+            self.outputs[key] = {k: v.copy() for k, v in host.items()}
+        if graph not in self.order:
+            self.order.append(graph)
+        self.trace.setdefault(graph, []).append(_traced(host))
+        return out
+
+
+class StagedBackend:
+    """numpy backend for one stage: `live` runs on `backend`; every other graph replays `replay[graph]`
+    (its outputs of the same generation, call by call). The live graph's outputs are traced."""
+
+    name = "staged"
+
+    def __init__(self, live: str, backend: Any, replay: dict[str, list[dict[str, np.ndarray]]]) -> None:
+        self.live, self.backend, self.replay = live, backend, replay
+        self.count: dict[str, int] = {}
+        self.trace: list[dict[str, np.ndarray]] = []
+
+    def run(self, graph: str, feeds: dict[str, Any]) -> dict[str, Any]:
+        i = self.count[graph] = self.count.get(graph, -1) + 1
+        if graph == self.live:
+            if any(_is_stub(v) for v in feeds.values()):
+                raise RuntimeError(f"validation: a replayed KV cache reached live graph {graph}")
+            out = self.backend.run(graph, feeds)
+            self.trace.append(_traced(out))
+            return out
+        calls = self.replay.get(graph, [])
+        if i >= len(calls):
+            raise RuntimeError(f"validation: the loop called {graph} more often than when it was recorded")
+        return dict(calls[i])
+
+    def from_numpy(self, x: np.ndarray) -> np.ndarray:
+        return x
+
+    def to_numpy(self, x: np.ndarray) -> np.ndarray:
+        return np.asarray(x)
+
+    def concat(self, xs: list[np.ndarray], axis: int) -> np.ndarray:
+        return np.concatenate(xs, axis=axis)
 
 
 def compare(name: str, ours: np.ndarray, ref: np.ndarray, tol: float) -> dict[str, Any]:
@@ -57,43 +145,128 @@ def sample_inputs(export_dir: Path, recipe: Recipe, batch: int = 1) -> tuple[np.
     return pv, split_ids(np.array([recipe.bos_token_id, 5, 6, recipe.image_token_id, 7, 8, 9]), recipe)
 
 
+def run_loop(backend: Any, plan: Plan, image: Any, prompt: Prompt, new_tokens: int) -> Generation:
+    """The validation's only call of the generation loop (torch reference and every stage)."""
+    return generate(backend, plan, image, prompt, new_tokens)
+
+
+def release_weights(modules: dict[str, torch.nn.Module]) -> None:
+    """Free every parameter's and buffer's storage of `modules` in place (they are unusable afterwards)."""
+    with torch.no_grad():
+        for m in modules.values():
+            for mod in m.modules():
+                for name, p in mod._parameters.items():
+                    if p is not None:
+                        p.data = torch.empty(0, dtype=p.dtype)
+                for name, b in list(mod._buffers.items()):
+                    if b is not None:
+                        mod._buffers[name] = torch.empty(0, dtype=b.dtype)
+    release_memory()
+
+
+def _first_divergence(ref: np.ndarray, got: np.ndarray) -> int | None:
+    n = min(ref.shape[1], got.shape[1])
+    diff = np.nonzero((ref[:, :n] != got[:, :n]).any(axis=0))[0]
+    if diff.size:
+        return int(diff[0])
+    return None if ref.shape[1] == got.shape[1] else n
+
+
 def validate_export(export_dir: Path, graphs: dict[str, torch.nn.Module], plan: Plan, recipe: Recipe,
-                    dtype: torch.dtype, new_tokens: int = 8) -> dict[str, Any]:
-    """Compare ORT with torch: each graph on the feeds of a real prefill/decode, then greedy tokens end to end."""
+                    dtype: torch.dtype, new_tokens: int = 8, *, release_torch: bool = False,
+                    progress: Callable[[str], None] | None = None) -> dict[str, Any]:
+    """Compare ORT with torch: each graph on the feeds of a real prefill/decode, then greedy tokens end to end.
+
+    One ONNX Runtime session is alive at a time (see the module docstring). `release_torch=True` frees
+    the torch weights of `graphs` once the torch reference is recorded (the export's call: its peak
+    then stays the export's own); the modules are unusable afterwards.
+    """
     from sts_export.backends.onnxruntime import OrtBackend
     from sts_export.export.manifest import read_manifest
 
+    say = progress or (lambda s: None)
+    t_all = time.perf_counter()
     tol = getattr(recipe.tolerance, "fp16" if dtype == torch.float16 else "fp32")
-    ort_be = OrtBackend(export_dir, read_manifest(export_dir), device="cpu")
+    manifest = read_manifest(export_dir)
     torch_be = RecordingBackend(graphs, plan)
+    inputs = {batch: sample_inputs(export_dir, recipe, batch) for batch in (1, 2)}
+    refs: dict[int, Generation] = {}
+    torch_traces: dict[int, dict[str, list]] = {}
+    t = time.perf_counter()
+    for batch, (pv, prompt) in inputs.items():
+        torch_traces[batch] = torch_be.new_trace()
+        refs[batch] = run_loop(torch_be, plan, pv, prompt, new_tokens)
+    seconds: dict[str, float] = {"torch_reference": round(time.perf_counter() - t, 2)}
+    memory: dict[str, int] = {"rss_torch_reference": rss()}
+    say(f"validation: torch reference (batch 1 and 2, {new_tokens} tokens) {seconds['torch_reference']:.1f} s, "
+        f"RSS {fmt(memory['rss_torch_reference'])}")
+    del torch_be.graphs
+    if release_torch:
+        release_weights(graphs)
+        memory["rss_torch_released"] = rss()
+        say(f"validation: torch weights freed, RSS {fmt(memory['rss_torch_released'])}")
+
+    loop_graphs = [g for g in torch_be.order if g in manifest["graphs"]]  # in the order the loop first calls them
+    order = loop_graphs + [g for g in manifest["graphs"] if g not in loop_graphs]
     results: dict[str, Any] = {"graphs": {}, "end_to_end": {}}
+    ort_traces: dict[int, dict[str, list]] = {b: {} for b in inputs}
+    final: dict[int, Generation] = {}
     ok = True
-    for batch in (1, 2):
-        pv, prompt = sample_inputs(export_dir, recipe, batch)
-        ref = generate(torch_be, plan, pv, prompt, new_tokens)
-        got = generate(ort_be, plan, pv, prompt, new_tokens)
+    for i, g in enumerate(order, 1):
+        t = time.perf_counter()
+        be = OrtBackend(export_dir, manifest, device="cpu")
+        for key, feeds in torch_be.calls.items():
+            if key.split("/")[0] != g:
+                continue
+            got_out = be.run(g, feeds)
+            rows = [compare(n, got_out[n], want, tol) for n, want in torch_be.outputs[key].items()]
+            results["graphs"][key] = rows
+            ok &= all(r["ok"] for r in rows)
+            del got_out
+        session_rss = rss()
+        if g in loop_graphs:
+            for batch, (pv, prompt) in inputs.items():
+                # graphs staged before g replay their ONNX Runtime outputs, the ones after it torch's
+                replay = {h: ort_traces[batch].get(h, calls) for h, calls in torch_traces[batch].items()}
+                staged = StagedBackend(g, be, replay)
+                gen = run_loop(staged, plan, pv, prompt, refs[batch].tokens.shape[1])
+                ort_traces[batch][g] = staged.trace
+                if g == loop_graphs[-1]:
+                    final[batch] = gen
+                del staged
+        del be
+        release_memory()
+        seconds[g] = round(time.perf_counter() - t, 2)
+        memory[f"rss_{g}_session"] = session_rss
+        say(f"validation [{i}/{len(order)}] {g}: ONNX Runtime session alone, RSS {fmt(session_rss)}, {seconds[g]:.1f} s")
+
+    for batch, ref in refs.items():
+        got = final.get(batch)
+        if got is None:  # the last stage did not run (no graph of the loop in the manifest)
+            results["end_to_end"][f"batch{batch}"] = {"ok": False, "error": "no end-to-end stage ran"}
+            ok = False
+            continue
         e2e = {
             "keep_pre_identical": bool(np.array_equal(ref.keep_pre, got.keep_pre)),
             "keep_post_identical": bool((ref.keep_post is None and got.keep_post is None) or np.array_equal(ref.keep_post, got.keep_post)),
             "tokens_identical": bool(np.array_equal(ref.tokens, got.tokens)),
             "first_logits": compare("logits", got.first_logits, ref.first_logits, tol),
             "torch_tokens": ref.tokens.tolist(), "ort_tokens": got.tokens.tolist(), "s1": ref.s1, "s2": ref.s2,
+            "first_divergence": _first_divergence(ref.tokens, got.tokens),
         }
         # fp16 greedy tokens may legitimately diverge on near-ties; indices and logits are the contract there
         e2e_ok = e2e["keep_pre_identical"] and e2e["keep_post_identical"] and e2e["first_logits"]["ok"] and (
             e2e["tokens_identical"] or dtype == torch.float16)
         results["end_to_end"][f"batch{batch}"] = {**e2e, "ok": e2e_ok}
         ok &= e2e_ok
-    for key, feeds in torch_be.calls.items():
-        graph = key.split("/")[0]
-        want = torch_be.run(graph, {k: torch.from_numpy(v) for k, v in feeds.items()})
-        got_out = ort_be.run(graph, feeds)
-        rows = [compare(n, got_out[n], torch_be.to_numpy(v), tol) for n, v in want.items()]
-        results["graphs"][key] = rows
-        ok &= all(r["ok"] for r in rows)
     bad = [f"{k}:{r['output']}" for k, rows in results["graphs"].items() for r in rows if not r["ok"]]
     bad += [f"end_to_end:{k}" for k, r in results["end_to_end"].items() if not r["ok"]]
     results["passed"] = bool(ok)
     results["summary"] = "all outputs within tolerance" if ok else "mismatch in " + ", ".join(bad[:6])
     results["dtype"], results["tolerance"] = str(dtype).replace("torch.", ""), tol
+    seconds["total"] = round(time.perf_counter() - t_all, 2)
+    memory["peak_rss"] = peak_rss()
+    results["end_to_end_mode"] = STAGED
+    results["seconds"], results["memory_bytes"] = seconds, memory
+    say(f"validation: done in {seconds['total']:.1f} s, process peak RSS so far {fmt(memory['peak_rss'])}")
     return results

@@ -1,18 +1,31 @@
-"""Image loading and preprocessing equal to the model's HF image processor, with PIL + numpy only.
+"""LLaVA-1.5: CLIP ViT-L/14 (hidden state -2, CLS dropped) -> 2-layer MLP projector -> Llama/Vicuna.
 
-convert to RGB (alpha composited on white) -> [pad to square with the mean colour] ->
-resize shortest edge (bicubic) -> center crop -> /255 -> normalize.
+The family glue only (see `sts_export.families` for the interface): config -> recipe, host image
+preprocessing equal to transformers' LLaVA/CLIP processors (PIL + numpy: convert to RGB with alpha
+composited on white -> [pad to square with the mean colour] -> resize shortest edge (bicubic) ->
+center crop -> /255 -> normalize), and the vision side of the graphs. The image is one slot of 576
+tokens in raster order; position ids are 1-D. Towers and decoder come from `layers.py`.
 """
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
+from typing import TYPE_CHECKING, Any, Sequence
+
 from sts_export.errors import StsError
-from sts_export.recipe import ImageProcessorConfig
+from sts_export.families import ImageInput
+from sts_export.recipe import ImageProcessorConfig, PruningConfig, Recipe, TextConfig, VisionConfig, from_dict
+
+if TYPE_CHECKING:
+    import torch
+
+NAME = "llava-1.5"
+MODEL_TYPES = ("llava",)
 
 
 def to_rgb(image: Image.Image) -> Image.Image:
@@ -88,3 +101,152 @@ def check_pixel_values(pixel_values: np.ndarray, image_size: int) -> None:
     shape = tuple(pixel_values.shape)
     if len(shape) != 4 or shape[1] != 3 or shape[2:] != (image_size, image_size):
         raise StsError(f"pixel_values must be [B, 3, {image_size}, {image_size}], got {list(shape)}")
+
+
+# ----------------------------------------------------------------------------- family interface
+def recipe_from_config(cfg: dict[str, Any], config_dir: Path, name: str, family: str = NAME,
+                       pinpoints: tuple[tuple[int, int], ...] = ()) -> Recipe:
+    """A recipe from a LLaVA-architecture config.json (family defaults: prune_layer = L // 2, rho = 1/3).
+
+    LLaVA-NeXT reuses it with its `family` and anyres `pinpoints`.
+    """
+    cfg_path = Path(config_dir) / "config.json"
+    v, t = cfg.get("vision_config", {}), cfg.get("text_config", {})
+    if v.get("model_type", "clip_vision_model") != "clip_vision_model":
+        raise StsError(f"{cfg_path}: vision tower '{v.get('model_type')}' is not CLIP")
+    if t.get("model_type", "llama") != "llama":
+        raise StsError(f"{cfg_path}: text model '{t.get('model_type')}' is not Llama")
+    if cfg.get("vision_feature_select_strategy", "default") != "default":
+        raise StsError(f"{cfg_path}: only vision_feature_select_strategy 'default' (CLS dropped) is supported")
+    fl = cfg.get("vision_feature_layer", -2)
+    if not isinstance(fl, int):
+        raise StsError(f"{cfg_path}: a single integer vision_feature_layer is required, got {fl}")
+    heads = t.get("num_attention_heads", 32)
+    layers = t.get("num_hidden_layers", 32)
+    rope = t.get("rope_parameters") or {}
+    if rope.get("rope_type", "default") != "default" or t.get("rope_scaling"):
+        raise StsError(f"{cfg_path}: only default RoPE is supported")
+    vision = VisionConfig(
+        image_size=v.get("image_size", 224),
+        patch_size=v.get("patch_size", 32),
+        hidden_size=v.get("hidden_size", 768),
+        intermediate_size=v.get("intermediate_size", 3072),
+        num_layers=v.get("num_hidden_layers", 12),
+        num_heads=v.get("num_attention_heads", 12),
+        feature_layer=fl,
+        layer_norm_eps=v.get("layer_norm_eps", 1e-5),
+        hidden_act=v.get("hidden_act", "quick_gelu"),
+    )
+    text = TextConfig(
+        hidden_size=t.get("hidden_size", 4096),
+        intermediate_size=t.get("intermediate_size", 11008),
+        num_layers=layers,
+        num_heads=heads,
+        num_kv_heads=t.get("num_key_value_heads") or heads,
+        vocab_size=t.get("vocab_size", 32000),
+        max_position_embeddings=t.get("max_position_embeddings", 2048),
+        rms_norm_eps=t.get("rms_norm_eps", 1e-6),
+        rope_theta=float(rope.get("rope_theta", t.get("rope_theta", 10000.0))),
+    )
+    size = vision.image_size
+    recipe = Recipe(
+        name=name,
+        family=family,
+        source=str(config_dir),
+        vision=vision,
+        text=text,
+        projector_act=cfg.get("projector_hidden_act", "gelu"),
+        image_token_id=cfg.get("image_token_id", cfg.get("image_token_index", 32000)),
+        pad_token_id=cfg.get("pad_token_id", t.get("pad_token_id")) or 0,
+        bos_token_id=t.get("bos_token_id", 1) if t.get("bos_token_id") is not None else 1,
+        eos_token_id=t.get("eos_token_id", 2) if t.get("eos_token_id") is not None else 2,
+        pruning=PruningConfig(prune_layer=max(1, layers // 2)),
+        image_processor=ImageProcessorConfig(shortest_edge=size, crop_size=size, image_grid_pinpoints=pinpoints),
+        max_context=min(2048, text.max_position_embeddings),
+        description=f"derived from config.json with {family} family defaults",
+    )
+    return from_dict(Recipe, json.loads(json.dumps(recipe.to_dict())), cfg_path.name)  # the recipe checks
+
+
+def hf_config(recipe: Recipe) -> dict[str, Any]:
+    """A transformers LlavaConfig dict for the recipe's architecture."""
+    v, t = recipe.vision, recipe.text
+    return {
+        "architectures": ["LlavaForConditionalGeneration"],
+        "model_type": "llava",
+        "image_token_id": recipe.image_token_id,
+        "pad_token_id": recipe.pad_token_id,
+        "projector_hidden_act": recipe.projector_act,
+        "vision_feature_layer": v.feature_layer,
+        "vision_feature_select_strategy": "default",
+        "tie_word_embeddings": False,
+        "vision_config": {
+            "model_type": "clip_vision_model", "hidden_size": v.hidden_size, "intermediate_size": v.intermediate_size,
+            "num_hidden_layers": v.num_layers, "num_attention_heads": v.num_heads, "image_size": v.image_size,
+            "patch_size": v.patch_size, "layer_norm_eps": v.layer_norm_eps, "hidden_act": v.hidden_act,
+            "projection_dim": v.hidden_size,
+        },
+        "text_config": {
+            "model_type": "llama", "hidden_size": t.hidden_size, "intermediate_size": t.intermediate_size,
+            "num_hidden_layers": t.num_layers, "num_attention_heads": t.num_heads,
+            "num_key_value_heads": t.num_kv_heads, "vocab_size": t.vocab_size,
+            "max_position_embeddings": t.max_position_embeddings, "rms_norm_eps": t.rms_norm_eps,
+            "rope_theta": t.rope_theta, "bos_token_id": recipe.bos_token_id, "eos_token_id": recipe.eos_token_id,
+            "pad_token_id": recipe.pad_token_id, "tie_word_embeddings": False, "hidden_act": "silu",
+        },
+    }
+
+
+def prepare_image(images: Image.Image | str | os.PathLike | Sequence, recipe: Recipe) -> ImageInput:
+    """One image or a list (a batch) -> pixel_values [B, 3, 336, 336] float32, as transformers' processor."""
+    items = list(images) if isinstance(images, (list, tuple)) else [images]
+    if not items:
+        raise StsError("no image given")
+    loaded = [load_image(im) for im in items]
+    pv = np.stack([preprocess_image(im, recipe.image_processor) for im in loaded])
+    n = recipe.num_image_tokens
+    return ImageInput({"pixel_values": pv}, n=n, n_full=n, size=loaded[0].size)
+
+
+def pixel_input(pixel_values: np.ndarray, recipe: Recipe) -> ImageInput:
+    """Already preprocessed pixel_values [B, 3, H, W] as an ImageInput (checked)."""
+    check_pixel_values(pixel_values, recipe.vision.image_size)
+    n = recipe.num_image_tokens
+    return ImageInput({"pixel_values": np.ascontiguousarray(pixel_values, dtype=np.float32)}, n=n, n_full=n)
+
+
+def vision_inputs(pruned: bool) -> list[str]:
+    return ["pixel_values"]
+
+
+def vision_example(recipe: Recipe, pruned: bool) -> tuple[tuple, tuple]:
+    """Example vision-graph inputs for torch.export and their dynamic axes (the batch)."""
+    import torch
+    from torch.export import Dim
+
+    size = recipe.vision.image_size
+    return (torch.randn(2, 3, size, size),), ({0: Dim("B", min=1, max=256)},)
+
+
+def build(recipe: Recipe) -> "torch.nn.Module":
+    """Empty LLaVA modules (CLIP tower to the feature layer, projector, decoder)."""
+    from sts_export.families.layers import Llava
+
+    return Llava(recipe)
+
+
+def candidate_features(model: "torch.nn.Module", pixel_values: "torch.Tensor", cls_attention: bool = False
+                       ) -> tuple["torch.Tensor", "torch.Tensor | None"]:
+    """pixel_values [B,3,H,W] -> Stage 1 features [B,576,C] (pre-projector), CLS attention [B,576] | None."""
+    feats, cls_att, _ = model.vision(pixel_values, cls_attention=cls_attention)
+    return feats, cls_att
+
+
+def full_embeds(model: "torch.nn.Module", pixel_values: "torch.Tensor") -> "torch.Tensor":
+    """pixel_values [B,3,H,W] -> image embeddings [B,576,Hd], as transformers' LLaVA."""
+    return model.projector(model.vision(pixel_values)[0])
+
+
+def project(model: "torch.nn.Module", feats: "torch.Tensor") -> "torch.Tensor":
+    """[B,K,C] vision features -> [B,K,Hd] LLM embeddings."""
+    return model.projector(feats)

@@ -18,14 +18,21 @@ STAGE1_METHODS = ("sts", "sts-s", "divprune", "cls", "none")
 EPS = 1e-6
 
 
-def sorted_indices(mask: torch.Tensor, k: int) -> torch.Tensor:
-    """Ascending indices of the k True entries of mask [B, N] -> [B, k] int64 (mask holds exactly k)."""
+def sorted_indices(mask: torch.Tensor, k: int | torch.SymInt, k_max: int | None = None) -> torch.Tensor:
+    """Ascending indices of the k True entries of mask [B, N] -> [B, k] int64 (mask holds exactly k).
+
+    With `k_max` (a constant >= k, for a k known only at run time) the TopK is over k_max and its
+    first k are kept, so the graph's TopK stays constant (TensorRT needs that).
+    """
     n = mask.shape[-1]
     idx = torch.arange(n, device=mask.device).expand_as(mask)
     # kept tokens are keyed by their (distinct) index, dropped ones by N: the k smallest keys are
     # the kept indices, ascending. TopK with a constant k (no sort op: exports to ONNX/TensorRT)
     keyed = torch.where(mask, idx, torch.full_like(idx, n))
-    return torch.topk(keyed, k, dim=-1, largest=False, sorted=True).values
+    if k_max is None:
+        return torch.topk(keyed, k, dim=-1, largest=False, sorted=True).values
+    keyed = torch.cat([keyed, torch.full_like(keyed[:, :1], n).expand(-1, k_max)], dim=-1)  # at least k_max entries
+    return torch.topk(keyed, k_max, dim=-1, largest=False, sorted=True).values[:, :k]
 
 
 def take_tokens(x: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
@@ -76,19 +83,30 @@ def potential_energy_select(
     return sorted_indices(picked, k)
 
 
-def divprune_select(projected: torch.Tensor, k: int) -> torch.Tensor:
-    """DivPrune: greedy max-min cosine distance on projected embeddings [B, N, H] -> [B, k]."""
+def cosine_distance(projected: torch.Tensor) -> torch.Tensor:
+    """1 - cos(x_i, x_j) of projected embeddings [B, N, H] -> [B, N, N] (float32)."""
     x = projected.float()
     x = x / x.norm(dim=-1, keepdim=True).clamp_min(1e-12)
-    b, n, _ = x.shape
-    dist = 1.0 - x @ x.transpose(1, 2)  # [B, N, N] cosine distance
-    ar = torch.arange(n, device=x.device)
+    return 1.0 - x @ x.transpose(1, 2)
+
+
+def divprune_seed(projected: torch.Tensor, dist: torch.Tensor | None = None) -> torch.Tensor:
+    """DivPrune's first pick: the token with the largest nearest-neighbour cosine distance [B, N, H] -> [B]."""
+    dist = cosine_distance(projected) if dist is None else dist
+    ar = torch.arange(dist.shape[-1], device=dist.device)
     eye = ar[:, None] == ar[None, :]
-    inf = torch.tensor(math.inf, device=x.device)
-    nn_dist = torch.where(eye, inf, dist).amin(dim=-1)  # [B, N] nearest-neighbour distance
-    pick = nn_dist.argmax(dim=-1)  # [B] seed: the most isolated token
-    picked = torch.zeros(b, n, dtype=torch.bool, device=x.device)
-    min_d = torch.full((b, n), math.inf, device=x.device)  # distance to the kept set
+    return torch.where(eye, math.inf, dist).amin(dim=-1).argmax(dim=-1)
+
+
+def divprune_select(projected: torch.Tensor, k: int) -> torch.Tensor:
+    """DivPrune: greedy max-min cosine distance on projected embeddings [B, N, H] -> [B, k]."""
+    dist = cosine_distance(projected)  # [B, N, N]
+    b, n, _ = dist.shape
+    ar = torch.arange(n, device=dist.device)
+    inf = torch.tensor(math.inf, device=dist.device)
+    pick = divprune_seed(projected, dist)  # [B] seed: the most isolated token
+    picked = torch.zeros(b, n, dtype=torch.bool, device=dist.device)
+    min_d = torch.full((b, n), math.inf, device=dist.device)  # distance to the kept set
     for step in range(k):
         if step > 0:
             pick = torch.where(picked, -inf, min_d).argmax(dim=-1)
@@ -98,18 +116,23 @@ def divprune_select(projected: torch.Tensor, k: int) -> torch.Tensor:
     return sorted_indices(picked, k)
 
 
-def topk_ascending(scores: torch.Tensor, k: int) -> torch.Tensor:
+def topk_ascending(scores: torch.Tensor, k: int | torch.SymInt, k_max: int | None = None) -> torch.Tensor:
     """Indices of the k largest scores [B, N], ties -> lower index, returned ascending [B, k].
 
     Exact tie-breaking without a stable sort: everything above the k-th largest value is kept,
-    and of the entries equal to it, the lowest-indexed ones fill the remaining slots.
+    and of the entries equal to it, the lowest-indexed ones fill the remaining slots. With
+    `k_max` (constant >= k), k may be known only at run time: every TopK is over k_max.
     """
     s = scores.float()
-    kth = torch.topk(s, k, dim=-1).values[:, -1:]  # [B, 1] the k-th largest value
+    if k_max is None:
+        kth = torch.topk(s, k, dim=-1).values[:, -1:]  # [B, 1] the k-th largest value
+    else:  # pad so TopK(k_max) exists for any N; padding is -inf and never reaches the k-th place
+        padded = torch.cat([s, torch.full_like(s[:, :1], -math.inf).expand(-1, k_max)], dim=-1)
+        kth = torch.topk(padded, k_max, dim=-1).values[:, k - 1:k]
     above, tied = s > kth, s == kth  # [B, N]
     need = k - above.float().sum(-1, keepdim=True)  # [B, 1] slots left for tied entries
     take = tied & (torch.cumsum(tied.float(), dim=-1) <= need)
-    return sorted_indices(above | take, k)
+    return sorted_indices(above | take, k, k_max)
 
 
 def select_tokens(

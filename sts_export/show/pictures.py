@@ -16,13 +16,17 @@ The crop is cut into a grid of ``patch_size`` patches; vision token i (CLS dropp
 """
 from __future__ import annotations
 
-from typing import NamedTuple
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, NamedTuple
 
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
 from sts_export.families.llava import resized_size, to_rgb
 from sts_export.recipe import ImageProcessorConfig
+
+if TYPE_CHECKING:
+    from sts_export.families import ImageInput
 
 # Styling (RGB). Stage-2 survivors are red as in the paper's Figure 7 (STS = red).
 PRUNED_GREY = (150, 150, 150)
@@ -259,29 +263,46 @@ def draw_kept(
     tok = token_index_map((w, h), cfg, image_size, patch_size)  # [H, W]
     pix_status = np.where(tok >= 0, status[np.maximum(tok, 0)], -1)  # [H, W]; -1: cropped away
 
+    styled = _paint_status(rgb, pix_status, keep_post is not None)
+    styled, scale = _scale_to(styled, display_size)
+    boxes = boxes * scale
+    _draw_outlines(ImageDraw.Draw(styled), boxes, status, stage1_pruned=bool((status == 0).any()))
+
+    header = _header(styled.width, title, _legend_items(status, boxes, keep_post is not None))
+    return _stack(header, styled)
+
+
+def _paint_status(rgb: Image.Image, pix_status: np.ndarray, stage2: bool) -> Image.Image:
+    """The image with every pixel washed by its token's state ``pix_status`` [H, W]
+    (-1 unseen, 0 pruned, 1 Stage 1 only, 2 Stage 2); the Stage-1-only wash only when ``stage2``."""
     arr = np.asarray(rgb, dtype=np.float32)  # [H, W, 3]
     pruned = pix_status == 0
     arr[pruned] = (1 - PRUNED_MIX) * arr[pruned] + PRUNED_MIX * np.array(PRUNED_GREY, np.float32)
     unseen = pix_status == -1
     arr[unseen] = (1 - UNSEEN_MIX) * arr[unseen] + UNSEEN_MIX * np.array(UNSEEN_COLOR, np.float32)
-    if keep_post is not None:
+    if stage2:
         s1 = pix_status == 1
         arr[s1] = (1 - DROPPED_MIX) * arr[s1] + DROPPED_MIX * np.array(PRUNED_GREY, np.float32)
     s2 = pix_status == 2
     arr[s2] = (1 - STAGE2_MIX) * arr[s2] + STAGE2_MIX * np.array(STAGE2_COLOR, np.float32)
-    styled = Image.fromarray(np.clip(np.round(arr), 0, 255).astype(np.uint8))
+    return Image.fromarray(np.clip(np.round(arr), 0, 255).astype(np.uint8))
 
-    scale = 1.0
-    if display_size is not None:
-        scale = display_size / max(w, h)
-        styled = styled.resize((max(1, round(w * scale)), max(1, round(h * scale))), Image.Resampling.BICUBIC)
-    boxes = boxes * scale
 
+def _scale_to(img: Image.Image, display_size: int | None) -> tuple[Image.Image, float]:
+    """``img`` scaled (bicubic) so its longest side is ``display_size`` (unchanged if None), and the scale."""
+    if display_size is None:
+        return img, 1.0
+    w, h = img.size
+    scale = display_size / max(w, h)
+    return img.resize((max(1, round(w * scale)), max(1, round(h * scale))), Image.Resampling.BICUBIC), scale
+
+
+def _draw_outlines(draw: ImageDraw.ImageDraw, boxes: np.ndarray, status: np.ndarray, stage1_pruned: bool) -> None:
+    """Amber outlines on Stage-1-only tokens (only if Stage 1 pruned anything), red on Stage-2 ones,
+    each over a 1-px dark rim. ``boxes`` [N, 4] in display pixels (NaN rows skipped), ``status`` [N]."""
     finite = ~np.isnan(boxes[:, 0])
     sides = np.minimum(boxes[finite, 2] - boxes[finite, 0], boxes[finite, 3] - boxes[finite, 1])
     lw = max(1, int(round(0.1 * float(np.median(sides))))) if sides.size else 1
-    draw = ImageDraw.Draw(styled)
-    stage1_pruned = bool((status == 0).any())
     rects: list[tuple[list[int], tuple[int, int, int]]] = []
     for level, color in ((1, STAGE1_COLOR), (2, STAGE2_COLOR)):
         if level == 1 and not stage1_pruned:
@@ -295,10 +316,11 @@ def draw_kept(
     for rect, color in rects:
         draw.rectangle(rect, outline=color, width=lw)
 
-    header = _header(styled.width, title, _legend_items(status, boxes, keep_post is not None))
-    out = Image.new("RGB", (styled.width, header.height + styled.height), BACKGROUND)
+
+def _stack(header: Image.Image, body: Image.Image) -> Image.Image:
+    out = Image.new("RGB", (body.width, header.height + body.height), BACKGROUND)
     out.paste(header, (0, 0))
-    out.paste(styled, (0, header.height))
+    out.paste(body, (0, header.height))
     return out
 
 
@@ -335,6 +357,204 @@ def compare_panels(
     return out
 
 
+# ---------------------------------------------------------------- explicit candidate boxes (LLaVA-NeXT)
+
+Group = tuple[str, "Sequence[int] | range | np.ndarray"]
+
+
+def box_index_map(boxes: np.ndarray, size: tuple[int, int]) -> np.ndarray:
+    """Which box each pixel belongs to (by its centre): [H, W] int64 row of ``boxes``, -1 where none.
+
+    ``boxes`` [M, 4] are (x0, y0, x1, y1) in continuous pixels of an image of ``size`` = (W, H);
+    NaN rows are skipped; where boxes overlap the later one wins (grid boxes only share edges).
+    """
+    w, h = int(size[0]), int(size[1])
+    idx = np.full((h, w), -1, dtype=np.int64)
+    for i, (x0, y0, x1, y1) in enumerate(np.asarray(boxes, dtype=np.float64)):
+        if np.isnan(x0):
+            continue
+        # pixel c (centre c + 0.5) is inside [x0, x1) iff ceil(x0 - 0.5) <= c < ceil(x1 - 0.5)
+        c0, c1 = max(0, int(np.ceil(x0 - 0.5))), min(w, int(np.ceil(x1 - 0.5)))
+        r0, r1 = max(0, int(np.ceil(y0 - 0.5))), min(h, int(np.ceil(y1 - 0.5)))
+        if c1 > c0 and r1 > r0:
+            idx[r0:r1, c0:c1] = i
+    return idx
+
+
+def _group_caption(name: str, status: np.ndarray, stage1_pruned: bool, stage2: bool) -> str:
+    n = len(status)
+    text = f"{name}: {int((status >= 1).sum())}/{n} kept" if stage1_pruned else f"{name}: {n} tokens"
+    if stage2:
+        text += f", Stage 2 {int((status == 2).sum())}"
+    return text
+
+
+def draw_kept_boxes(
+    image: Image.Image,
+    boxes: np.ndarray,
+    keep_pre: object | None,
+    keep_post: object | None,
+    *,
+    groups: Sequence[Group] | None = None,
+    title: str = "",
+    display_size: int | None = None,
+    notes: Sequence[str] = (),
+    gap: int = 8,
+) -> Image.Image:
+    """:func:`draw_kept`'s picture from explicit candidate boxes, one panel per group, side by side.
+
+    ``boxes`` [N, 4]: each candidate token's (x0, y0, x1, y1) in ORIGINAL image pixels (NaN = not
+    drawn). ``keep_pre`` [K] indexes the N candidates (None = all kept), ``keep_post`` [K'] indexes
+    into ``keep_pre`` (None = no Stage 2), as in :func:`token_status`. ``groups`` = [(name, candidate
+    indices), ...] (default: one group of all N); each panel is the original image (longest side
+    ``display_size``, if given) with that group's tokens styled by state (pruned greyed, Stage-1
+    amber outline, Stage-2 red tint + outline, Stage-1-only washed when Stage 2 ran), pixels no
+    token of the group covers darkened, under a caption with the group's counts. One header on
+    top holds the title and the legend (counts over all N) plus ``notes``. Panels are ``gap`` px
+    apart with a ``gap`` margin left and right; the result is that wide and header + caption + image tall.
+    """
+    rgb = to_rgb(image)
+    w, h = rgb.size
+    boxes = np.asarray(boxes, dtype=np.float64)
+    if boxes.ndim != 2 or boxes.shape[1] != 4:
+        raise ValueError(f"boxes must be [N, 4], got shape {boxes.shape}")
+    n = boxes.shape[0]
+    status = token_status(n, keep_pre, keep_post)  # [N]
+    stage2, stage1_pruned = keep_post is not None, bool((status == 0).any())
+    groups = [("tokens", np.arange(n))] if groups is None else groups
+    if not groups:
+        raise ValueError("draw_kept_boxes needs at least one group")
+
+    panels = []
+    for name, members in groups:
+        idx = _as_index_vector(np.asarray(members, dtype=np.int64), f"group '{name}'", n)  # [M]
+        tok = box_index_map(boxes[idx], (w, h))  # [H, W] row of idx, -1: no token of this group
+        pix_status = np.where(tok >= 0, status[idx][np.maximum(tok, 0)], -1)  # [H, W]
+        styled, scale = _scale_to(_paint_status(rgb, pix_status, stage2), display_size)
+        _draw_outlines(ImageDraw.Draw(styled), boxes[idx] * scale, status[idx], stage1_pruned)
+        caption = _header(styled.width, _group_caption(name, status[idx], stage1_pruned, stage2), [])
+        panels.append(_stack(caption, styled))
+
+    pw = max(p.width for p in panels)
+    width = sum(p.width for p in panels) + gap * (len(panels) + 1)
+    height = max(p.height for p in panels)
+    items = _legend_items(status, boxes, stage2) + [("note", t) for t in notes]
+    header = _header(width, title, items, font_ref=pw)
+    out = Image.new("RGB", (width, header.height + height), BACKGROUND)
+    out.paste(header, (0, 0))
+    x = gap
+    for p in panels:
+        out.paste(p, (x, header.height + height - p.height))  # bottoms aligned: images line up
+        x += p.width + gap
+    return out
+
+
+class CandidateKeep(NamedTuple):
+    """A LLaVA-NeXT generation's kept tokens, in Stage 1 candidate space (the N of ``token_index``)."""
+
+    keep_pre: np.ndarray | None  # [K] candidate indices kept by Stage 1; None: Stage 1 did not prune
+    keep_post: np.ndarray | None  # [K'] indices into keep_pre (into all N when keep_pre is None); None: no Stage 2
+    newlines: int  # row-newline tokens in the decoder's image span (0 when Stage 1 pruned: they are dropped)
+    newlines_kept: int  # of those, how many reach the layers after Stage 2 (all, without Stage 2)
+
+
+def _packed_to_candidates(token_index: np.ndarray, packed_index: np.ndarray) -> np.ndarray:
+    """Candidate index of every packed-span position: [N_full] int64, -1 for newline positions."""
+    tok = np.asarray(token_index, dtype=np.int64).reshape(-1)  # [N] flat tower indices
+    packed = np.asarray(packed_index, dtype=np.int64).reshape(-1)  # [N_full]
+    size = int(max(tok.max(initial=-1), packed.max(initial=-1))) + 1
+    inv = np.full(size, -1, dtype=np.int64)
+    inv[tok] = np.arange(len(tok))
+    cand = inv[packed]  # [N_full]
+    found = cand[cand >= 0]
+    if len(found) != len(tok) or np.unique(found).size != len(tok):
+        raise ValueError("packed_index must hold every token_index entry exactly once (plus newline positions)")
+    return cand
+
+
+def next_candidate_keep(image: "ImageInput", keep_pre: object, keep_post: object | None) -> CandidateKeep:
+    """Map a LLaVA-NeXT Generation's ``keep_pre`` [K] / ``keep_post`` [K'] (``[1, K]`` rows accepted)
+    onto the image's N Stage 1 candidates.
+
+    When Stage 1 pruned (sts, sts-s, divprune, cls) ``keep_pre`` already indexes the candidates
+    (K <= N). Otherwise (none, fastv, budget full) it indexes the packed span of N_full > N tokens
+    (``packed_index``: newline after every grid row) and ``keep_post`` indexes into it; each span
+    position is mapped to its candidate through ``packed_index`` / ``token_index`` and newline
+    positions are left out (only counted).
+    """
+    n, n_full = int(image.n), int(image.n_full)
+    pre = np.asarray(keep_pre)
+    pre = pre[0] if pre.ndim == 2 and pre.shape[0] == 1 else pre
+    if len(pre) <= n:  # Stage 1 pruned: candidate indices already
+        pre = _as_index_vector(pre, "keep_pre", n)
+        post = None if keep_post is None else _as_index_vector(keep_post, "keep_post", len(pre))
+        return CandidateKeep(pre, post, 0, 0)
+    span = token_status(n_full, pre, keep_post)  # [N_full] over the packed span
+    cand = _packed_to_candidates(image.feeds["token_index"], image.feeds["packed_index"])  # [N_full]
+    status = np.zeros(n, dtype=np.int8)  # [N]
+    status[cand[cand >= 0]] = span[cand >= 0]
+    line = cand < 0
+    newlines = int((span[line] >= 1).sum())
+    newlines_kept = int((span[line] == 2).sum()) if keep_post is not None else newlines
+    kept = np.nonzero(status >= 1)[0]  # [K] ascending
+    cpre = None if len(kept) == n else kept
+    cpost = None
+    if keep_post is not None:
+        s2 = np.nonzero(status == 2)[0]
+        cpost = s2 if cpre is None else np.searchsorted(cpre, s2)
+    return CandidateKeep(cpre, cpost, newlines, newlines_kept)
+
+
+def next_token_status(image: "ImageInput", keep_pre: object, keep_post: object | None) -> np.ndarray:
+    """Per-candidate state [N] int8 (0 pruned, 1 Stage 1 only, 2 survives Stage 2) of a LLaVA-NeXT
+    generation (see :func:`next_candidate_keep`)."""
+    ck = next_candidate_keep(image, keep_pre, keep_post)
+    return token_status(int(image.n), ck.keep_pre, ck.keep_post)
+
+
+def next_groups(image: "ImageInput") -> list[Group]:
+    """[("base crop ...", 0..B-1), ("tiles ...", B..N-1)] for a LLaVA-NeXT ImageInput, named with
+    the tile grid (rows x cols crops) and the unpadded token grid (height x width)."""
+    tok = np.asarray(image.feeds["token_index"], dtype=np.int64).reshape(-1)  # [N]
+    packed = np.asarray(image.feeds["packed_index"], dtype=np.int64).reshape(-1)  # [N_full]
+    crops = int(image.feeds["pixel_values"].shape[0])  # T = 1 + rows * cols
+    per_crop = int(packed.max()) // crops  # the newline is encoded as T * patches-per-crop
+    base = int((tok < per_crop).sum())
+    side = int(round(per_crop ** 0.5))
+    uh = int(image.n_full) - int(image.n)  # one newline per stitched grid row
+    uw = (len(tok) - base) // max(uh, 1)
+    cols = len(np.unique(tok[base:base + uw] // per_crop))  # the first stitched row crosses every tile column
+    rows = (crops - 1) // max(cols, 1)
+    return [(f"base crop ({side}x{side})", np.arange(base)),
+            (f"tiles {rows}x{cols} ({uh}x{uw} tokens)", np.arange(base, len(tok)))]
+
+
+def draw_next_kept(
+    image: Image.Image,
+    prepared: "ImageInput",
+    keep_pre: object,
+    keep_post: object | None,
+    *,
+    title: str = "",
+    display_size: int | None = None,
+) -> Image.Image:
+    """The kept-token picture of a LLaVA-NeXT generation: the base-crop and tile panels side by side
+    (:func:`draw_kept_boxes`), ``prepared`` being the family's ImageInput of ``image``
+    (``Pipeline.prepare_image``), ``keep_pre`` / ``keep_post`` the Generation's (see
+    :func:`next_candidate_keep`)."""
+    if prepared.boxes is None:
+        raise ValueError("the ImageInput carries no candidate boxes (not a LLaVA-NeXT image?)")
+    if tuple(to_rgb(image).size) != tuple(prepared.size):
+        raise ValueError(f"image is {image.size[0]}x{image.size[1]} but was prepared at {prepared.size[0]}x{prepared.size[1]}")
+    ck = next_candidate_keep(prepared, keep_pre, keep_post)
+    notes = []
+    if ck.newlines:
+        notes.append(f"row newlines: {ck.newlines_kept}/{ck.newlines} kept" if keep_post is not None
+                     else f"+ {ck.newlines} row newlines")
+    return draw_kept_boxes(image, prepared.boxes, ck.keep_pre, ck.keep_post, groups=next_groups(prepared),
+                           title=title, display_size=display_size, notes=notes)
+
+
 __all__ = [
     "Geometry",
     "preprocess_geometry",
@@ -343,4 +563,11 @@ __all__ = [
     "token_status",
     "draw_kept",
     "compare_panels",
+    "box_index_map",
+    "draw_kept_boxes",
+    "CandidateKeep",
+    "next_candidate_keep",
+    "next_token_status",
+    "next_groups",
+    "draw_next_kept",
 ]

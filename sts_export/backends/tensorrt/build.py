@@ -186,16 +186,20 @@ def _dim_kind(d: int | str) -> str:
         return "past"
     if s.startswith("S") or s.lower().startswith("seq"):
         return "seq"
+    if s in ("T", "N", "K", "Kp"):  # image-dependent N: crops, token index, this image's K and K'
+        return s
     return "unknown"
 
 
 def profiles_for_graph(graph_name: str, io_spec: dict[str, Any], *, max_batch: int, max_prompt: int,
                        max_context: int, min_prompt: int = 1, opt_batch: int = 1, opt_prompt: int | None = None,
-                       opt_context: int | None = None) -> list[Profile]:
+                       opt_context: int | None = None, token_limits: dict[str, int] | None = None) -> list[Profile]:
     """Optimisation profiles for one graph from its io_spec (see the module docstring for the dim symbols).
 
     min_prompt: smallest prefill length (e.g. k_pre + 1 for `prune`, whose S1 holds the K image tokens);
     opt_*: the shapes TensorRT tunes for (default batch 1, max_prompt, max_context // 2).
+    token_limits: the largest T (crops), N (token index), K and Kp (K') of an image-dependent-N export;
+    each spans 1..its limit, tuned at the limit.
     """
     if not (max_batch >= 1 and 1 <= min_prompt <= max_prompt and max_context > 1):
         raise StsError(f"{graph_name}: bad profile limits (max_batch={max_batch}, min_prompt={min_prompt}, "
@@ -205,15 +209,19 @@ def profiles_for_graph(graph_name: str, io_spec: dict[str, Any], *, max_batch: i
     opt_p = max(0, min(opt_context if opt_context is not None else max_context // 2, max_context - 1))
     inputs = io_spec.get("inputs", [])
     kinds = {inp["name"]: [_dim_kind(d) for d in inp["shape"]] for inp in inputs}
+    limits = token_limits or {}
     for inp in inputs:
         for d, k in zip(inp["shape"], kinds[inp["name"]]):
+            if k in ("T", "N", "K", "Kp") and k not in limits:
+                raise StsError(f"{graph_name}: input '{inp['name']}' has dim '{d}' but no limit for it was given")
             if k == "unknown":
                 raise StsError(f"{graph_name}: input '{inp['name']}' has symbolic dim '{d}' that has no profile "
                                f"rule (use an int, B, S…, or P)")
     has_past = any("past" in ks for ks in kinds.values())
+    tokens = {k: (1, v, v) for k, v in limits.items()}
     ranges = {  # kind -> (min, opt, max) per phase
-        "prefill": {"batch": (1, opt_b, max_batch), "seq": (min_prompt, opt_s, max_prompt), "past": (0, 0, 0)},
-        "decode": {"batch": (1, opt_b, max_batch), "seq": (1, 1, 1), "past": (0, opt_p, max_context - 1)},
+        "prefill": {"batch": (1, opt_b, max_batch), "seq": (min_prompt, opt_s, max_prompt), "past": (0, 0, 0), **tokens},
+        "decode": {"batch": (1, opt_b, max_batch), "seq": (1, 1, 1), "past": (0, opt_p, max_context - 1), **tokens},
     }
     profiles = []
     for phase in (("prefill", "decode") if has_past else ("prefill",)):

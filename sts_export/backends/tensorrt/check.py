@@ -600,6 +600,7 @@ class _Checker:
             return
         bscope = self.scope(body, scope)
         n_carried = max(0, len(node.input) - 2)
+        induced: list[list[int | str | None] | None] | None = None
         for i in range(n_carried):
             init_name = node.input[2 + i]
             in_vi = body.input[2 + i] if 2 + i < len(body.input) else None
@@ -612,11 +613,68 @@ class _Checker:
                 "after one iteration": (bscope.type(out_vi.name) or (0, None))[1],
             }
             verdict = _shape_change(shapes)
+            if verdict is not None and verdict[0] == "warning":
+                # not provable from the body's own annotations: try induction (see `_carried_shapes_by_induction`)
+                if induced is None:
+                    induced = self._carried_shapes_by_induction(node, body, scope) or [None] * n_carried
+                if induced[i] is not None:
+                    verdict = _shape_change({**shapes, "after one iteration": induced[i]})
             if verdict is None:
                 continue
             severity, why = verdict
             self.add(label, "Loop", f"loop-carried '{init_name}' {why}: TensorRT requires loop-carried values to "
                                     f"keep the same shape across iterations", severity)
+
+    def _carried_shapes_by_induction(self, node: onnx.NodeProto, body: onnx.GraphProto,
+                                     scope: _Scope) -> list[list[int | str | None] | None] | None:
+        """Shapes of the body's loop-carried outputs when every carried input has its initial shape; None on failure.
+
+        ONNX's Loop shape inference clears the shapes of loop-carried inputs before it infers the body (they may
+        change between iterations), so a body whose inputs are typed without shapes (what torch.onnx/onnxscript emit)
+        never has inferable carried-output shapes. Induction recovers them: the body is inferred on its own with each
+        carried input declared at its initial shape S (outer-scope values typed from the enclosing graph); a carried
+        output inferred as S again keeps S in every iteration, anything else is reported as before.
+        """
+        n_carried = max(0, len(node.input) - 2)
+        try:
+            g = onnx.GraphProto()
+            g.name = body.name or "body"
+            g.node.extend(body.node)
+            g.initializer.extend(body.initializer)
+            for idx, vi in enumerate(body.input):
+                if 2 <= idx < 2 + n_carried:
+                    declared = _dims(vi.type)
+                    init = scope.type(node.input[idx])
+                    elem = (init[0] if init and init[0] else 0) or (declared[0] if declared else 0)
+                    dims = init[1] if init and init[1] is not None else (declared[1] if declared else None)
+                    if not elem:
+                        return None
+                    g.input.append(onnx.helper.make_tensor_value_info(vi.name, elem, dims))
+                else:
+                    g.input.append(vi)
+            defined = {v.name for v in body.input} | {t.name for t in body.initializer}
+            defined |= {o for n in body.node for o in n.output}
+            for name in sorted(_used_names(body) - defined):  # outer-scope values the body reads
+                t = scope.type(name)
+                if t is None or not t[0]:
+                    continue
+                val = scope.const(name)
+                if (isinstance(val, np.ndarray) and val.dtype != object and val.size <= _MAX_READ
+                        and onnx.helper.np_dtype_to_tensor_dtype(val.dtype) == t[0]):
+                    g.initializer.append(numpy_helper.from_array(val, name))  # constants feed data propagation
+                else:
+                    g.input.append(onnx.helper.make_tensor_value_info(name, t[0], t[1]))
+            g.output.extend(onnx.ValueInfoProto(name=o.name) for o in body.output)
+            m = onnx.helper.make_model(g, opset_imports=list(self.model.opset_import), ir_version=self.model.ir_version)
+            m.functions.extend(self.model.functions)
+            out = onnx.shape_inference.infer_shapes(m, check_type=False, strict_mode=False, data_prop=True).graph.output
+        except Exception:  # noqa: BLE001 - best effort: the caller keeps its warning
+            return None
+        res: list[list[int | str | None] | None] = []
+        for i in range(n_carried):
+            d = _dims(out[1 + i].type) if 1 + i < len(out) else None
+            res.append(d[1] if d else None)
+        return res
 
     def rule_ScatterND(self, node: onnx.NodeProto, label: str, scope: _Scope) -> None:
         red = _attr(node, "reduction", b"none")
@@ -687,6 +745,20 @@ def _shape_change(shapes: dict[str, list[int | str | None] | None]) -> tuple[str
             if isinstance(a, int) and a > 0 and b is None and k == "after one iteration":
                 return ("warning", f"may change shape ({ref_key} {_fmt(ref)}, {k} {_fmt(dims)})")
     return None
+
+
+def _used_names(g: onnx.GraphProto) -> set[str]:
+    """Every tensor name read by a node of `g` or of its nested subgraphs."""
+    names: set[str] = set()
+    for n in g.node:
+        names.update(i for i in n.input if i)
+        for a in n.attribute:
+            if a.type == onnx.AttributeProto.GRAPH:
+                names |= _used_names(a.g)
+            elif a.type == onnx.AttributeProto.GRAPHS:
+                for sub in a.graphs:
+                    names |= _used_names(sub)
+    return names
 
 
 def _fmt(dims: list[int | str | None]) -> str:

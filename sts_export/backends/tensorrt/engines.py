@@ -10,6 +10,7 @@ from typing import Any, Callable
 
 from sts_export.errors import StsError
 from sts_export.export.manifest import manifest_recipe, read_manifest, sha256, write_manifest
+from sts_export.export.memory import check_engine_memory, claim_engine_dir, release_engine_dir
 
 PRECISIONS = ("fp16", "bf16", "fp32")
 # Selection math stays float32 in reduced-precision engines. The torch exporter records each node's
@@ -55,12 +56,28 @@ def build_engines(
     trt_version: str = "10.3",
     progress: Callable[[str], None] = print,
 ) -> dict[str, Any]:
-    """Check, then build `<graph>.engine` for every graph; the manifest gains engine hashes and TensorRT info."""
-    from sts_export.backends.tensorrt.build import build_engine, device_info, profiles_for_graph, require_tensorrt
+    """Check, then build `<graph>.engine` for every graph; the manifest gains engine hashes and TensorRT info.
 
+    First, within seconds: the host-memory estimate of the largest graph's build (`export.memory`; on a
+    Jetson it includes the engine's weights on the GPU and the workspace) against what is available."""
     m = read_manifest(onnx_dir)
     recipe = manifest_recipe(m)
     precision, typed, pattern = build_mode(m["dtype"], precision)
+    workspace_bytes = int(workspace_gb * 1024**3) if workspace_gb else None
+    check_engine_memory(onnx_dir, m, precision, workspace_bytes, progress)  # one line before parsing when it cannot fit
+    lock = claim_engine_dir(onnx_dir, progress)  # removes what a killed build (dead pid) left; refuses a live one
+    try:
+        return _build_all(onnx_dir, m, recipe, precision, typed, pattern, max_batch, opt_level, workspace_bytes,
+                          timing_cache, trt_version, progress)
+    finally:
+        release_engine_dir(lock)
+
+
+def _build_all(onnx_dir: Path, m: dict[str, Any], recipe: Any, precision: str, typed: bool, pattern: str | None,
+               max_batch: int, opt_level: int, workspace_bytes: int | None, timing_cache: Path | None,
+               trt_version: str, progress: Callable[[str], None]) -> dict[str, Any]:
+    from sts_export.backends.tensorrt.build import build_engine, device_info, profiles_for_graph, require_tensorrt
+
     ok, report = check(onnx_dir, trt_version)
     progress(report)
     if not ok:
@@ -71,14 +88,17 @@ def build_engines(
     names = list(m["graphs"])
     for i, name in enumerate(names, 1):
         g = m["graphs"][name]
+        dynamic = recipe.dynamic_tokens
+        limits = {"T": recipe.num_image_tokens // recipe.vision.num_patches, "N": recipe.max_image_span,
+                  "K": m["k_pre"], "Kp": m["k_post"]} if dynamic else None
         profiles = profiles_for_graph(name, g, max_batch=max_batch, max_prompt=recipe.max_prompt_tokens,
-                                      max_context=recipe.max_context,
-                                      min_prompt=m["k_pre"] + 1 if name == "prune" else 1)  # prune: S1 > K
+                                      max_context=recipe.max_context, token_limits=limits,
+                                      min_prompt=m["k_pre"] + 1 if name == "prune" and not dynamic else 1)  # prune: S1 > K
         progress(f"[{i}/{len(names)}] building {name}.engine ({precision}, {len(profiles)} profile(s)) ...")
         info = build_engine(onnx_dir / g["onnx"], onnx_dir / f"{name}.engine", precision=precision, profiles=profiles,
                             timing_cache_path=cache, opt_level=opt_level, strongly_typed=typed,
                             fp32_layers_pattern=pattern,
-                            workspace_bytes=int(workspace_gb * 1024**3) if workspace_gb else None, progress=progress)
+                            workspace_bytes=workspace_bytes, progress=progress)
         built[name] = info
         progress(f"[{i}/{len(names)}] {name}.engine: {info['build_seconds']} s, {info['size_bytes'] / 1e6:.1f} MB")
     for name, info in built.items():

@@ -1,0 +1,216 @@
+"""Stage 1 greedy as custom ops exported to an ONNX Loop (sts_export.pruning.loop): eager = selectors, prefix
+property, dynamic-N export run in onnxruntime, static TensorRT check."""
+from __future__ import annotations
+
+import numpy as np
+import onnx
+import pytest
+import torch
+from torch.export import Dim
+
+from sts_export.backends.tensorrt.check import check_model
+from sts_export.pruning.loop import first_k_ascending, translation_table
+from sts_export.pruning.selection import anchor_index, divprune_select, potential_energy_select
+from sts_export.pruning.selection import divprune_seed as _seed_batched
+
+ort = pytest.importorskip("onnxruntime")
+
+def divprune_seed(f: torch.Tensor) -> torch.Tensor:
+    return _seed_batched(f[None])[0]
+
+
+pe_picks = torch.ops.sts.potential_energy_picks
+dp_picks = torch.ops.sts.divprune_picks
+
+
+def _feats(n: int, c: int, seed: int) -> torch.Tensor:
+    return torch.randn(n, c, generator=torch.Generator().manual_seed(seed))
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Eager
+# ---------------------------------------------------------------------------------------------------------------
+
+def test_custom_op_registration() -> None:
+    f = _feats(10, 4, 0)
+    for op in (pe_picks, dp_picks):
+        res = torch.library.opcheck(op.default, (f, torch.tensor(2), 5))  # schema, fake impl, dynamic shapes
+        assert set(res.values()) == {"SUCCESS"}, res
+
+
+@pytest.mark.parametrize("n,c", [(5, 3), (17, 8), (40, 16)])
+def test_eager_picks_equal_selectors(n: int, c: int) -> None:
+    for seed in range(6):
+        f = _feats(n, c, seed)
+        for k in sorted({1, 2, n // 3 or 1, n // 2, n}):
+            for anchor in ("mean", "first"):
+                first = anchor_index(f[None], anchor)[0]
+                picks = pe_picks(f, first, k)
+                assert picks.dtype == torch.int64 and picks.shape == (k,)
+                assert int(picks[0]) == int(first) and len(set(picks.tolist())) == k
+                assert torch.equal(picks.sort().values, potential_energy_select(f[None], k, anchor)[0])
+            seed_dp = divprune_seed(f)
+            picks = dp_picks(f, seed_dp, k)
+            assert int(picks[0]) == int(seed_dp) and len(set(picks.tolist())) == k
+            assert torch.equal(picks.sort().values, divprune_select(f[None], k)[0])
+            assert torch.equal(dp_picks(f, torch.tensor(-1), k), picks)  # first < 0: the op's own seed
+
+
+def test_eager_half_input_runs_float32() -> None:
+    f = _feats(24, 8, 3).half()
+    first = anchor_index(f[None].float(), "mean")[0]
+    assert torch.equal(pe_picks(f, first, 7).sort().values, potential_energy_select(f[None], 7)[0])
+    assert torch.equal(dp_picks(f, divprune_seed(f), 7).sort().values, divprune_select(f[None], 7)[0])
+
+
+def _tie_inputs() -> list[tuple[torch.Tensor, int]]:
+    line = torch.tensor([[-2.0], [-1.0], [0.0], [1.0], [2.0]])  # symmetric about index 2: every step ties
+    return [(torch.zeros(6, 4), 0), (torch.zeros(6, 4), 3), (line, 2), (torch.cat([line, line]), 2)]
+
+
+def test_exact_ties_go_to_lower_index() -> None:
+    zeros = torch.zeros(6, 4)
+    assert pe_picks(zeros, torch.tensor(0), 6).tolist() == [0, 1, 2, 3, 4, 5]
+    assert pe_picks(zeros, torch.tensor(3), 6).tolist() == [3, 0, 1, 2, 4, 5]
+    line = torch.tensor([[-2.0], [-1.0], [0.0], [1.0], [2.0]])
+    assert pe_picks(line, torch.tensor(2), 5).tolist() == [2, 0, 4, 1, 3]  # r(0) = r(4), then r(1) = r(3)
+    assert divprune_seed(zeros).item() == 0 and dp_picks(zeros, torch.tensor(0), 6).tolist() == [0, 1, 2, 3, 4, 5]
+    two = torch.tensor([[1.0, 0.0], [0.0, 1.0], [1.0, 0.0], [0.0, 1.0]])  # two directions, each twice
+    assert dp_picks(two, torch.tensor(0), 4).tolist() == [0, 1, 2, 3]
+    for f, _ in _tie_inputs():  # and the selectors break every tie the same way
+        k = f.shape[0] - 1
+        for anchor in ("mean", "first"):
+            assert torch.equal(pe_picks(f, anchor_index(f[None], anchor)[0], k).sort().values,
+                               potential_energy_select(f[None], k, anchor)[0])
+        assert torch.equal(dp_picks(f, divprune_seed(f), k).sort().values, divprune_select(f[None], k)[0])
+
+
+@pytest.mark.parametrize("n", [3, 9])
+def test_k_max_beyond_n_repeats_index_0(n: int) -> None:
+    f = _feats(n, 4, n)
+    for picks in (pe_picks(f, torch.tensor(n - 1), n + 4), dp_picks(f, divprune_seed(f), n + 4)):
+        assert sorted(picks[:n].tolist()) == list(range(n))
+        assert picks[n:].tolist() == [0, 0, 0, 0]
+
+
+@pytest.mark.parametrize("n,c", [(12, 4), (31, 8), (64, 6)])
+def test_prefix_property(n: int, c: int) -> None:
+    for seed in range(3):
+        f = _feats(n, c, 100 + seed)
+        first = anchor_index(f[None], "mean")[0]
+        full_pe, full_dp = pe_picks(f, first, n), dp_picks(f, divprune_seed(f), n)
+        for k in (1, 2, n // 4, n // 2, n - 1):
+            assert torch.equal(full_pe[:k], pe_picks(f, first, k))
+            assert torch.equal(full_dp[:k], dp_picks(f, divprune_seed(f), k))
+
+
+def test_first_k_ascending_eager() -> None:
+    picks = torch.tensor([7, 2, 9, 0, 5, 0, 0])  # the trailing zeros: k_max > N repeats
+    for k in range(1, 5):
+        assert first_k_ascending(picks, torch.tensor(k), 10).tolist() == sorted(picks[:k].tolist())
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Export: dynamic N, runtime k, one file
+# ---------------------------------------------------------------------------------------------------------------
+
+class _Stage1(torch.nn.Module):
+    def __init__(self, k_max: int, method: str, anchor: str = "mean") -> None:
+        super().__init__()
+        self.k_max, self.method, self.anchor = k_max, method, anchor
+
+    def forward(self, features: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
+        if self.method == "sts":
+            picks = pe_picks(features, anchor_index(features[None], self.anchor)[0], self.k_max)
+        elif self.method == "divprune":  # the seed computed inside the op (first = -1)
+            picks = dp_picks(features, torch.tensor(-1), self.k_max)
+        else:  # the seed given from outside
+            picks = dp_picks(features, divprune_seed(features), self.k_max)
+        return first_k_ascending(picks, k, features.shape[0])
+
+
+def _export(k_max: int, method: str, anchor: str = "mean") -> onnx.ModelProto:
+    prog = torch.onnx.export(
+        _Stage1(k_max, method, anchor).eval(), (_feats(20, 6, 0), torch.tensor(3)), dynamo=True,
+        input_names=["features", "k"], output_names=["keep"], dynamic_shapes=({0: Dim("N", min=2, max=4096)}, None),
+        custom_translation_table=translation_table(), verbose=False)
+    return prog.model_proto
+
+
+def _count(g: onnx.GraphProto) -> int:
+    return sum(1 + sum(_count(a.g) for a in n.attribute if a.type == onnx.AttributeProto.GRAPH) for n in g.node)
+
+
+K_MAX = 12
+
+
+@pytest.fixture(scope="module")
+def exported() -> dict[str, onnx.ModelProto]:
+    return {m: _export(K_MAX, m) for m in ("sts", "divprune", "divprune-seeded")}
+
+
+def _run(model: onnx.ModelProto, f: torch.Tensor, k: int) -> np.ndarray:
+    sess = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+    return sess.run(None, {"features": f.numpy(), "k": np.array(k, dtype=np.int64)})[0]
+
+
+@pytest.mark.parametrize("method", ["sts", "divprune", "divprune-seeded"])
+def test_export_runs_at_two_n(exported: dict, method: str) -> None:
+    model = exported[method]
+    sess = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+    eager = _Stage1(K_MAX, method)
+    for n in (9, 33):  # 9 < k_max: the extra steps repeat index 0 in the graph too
+        for seed in range(2):
+            f = _feats(n, 6, 10 * n + seed)
+            for k in sorted({1, 5, min(n, K_MAX)}):
+                out = sess.run(None, {"features": f.numpy(), "k": np.array(k, dtype=np.int64)})[0]
+                ref = (potential_energy_select(f[None], k) if method == "sts" else divprune_select(f[None], k))[0]
+                assert out.dtype == np.int64 and out.shape == (k,)
+                assert np.array_equal(out, eager(f, torch.tensor(k)).numpy())
+                assert np.array_equal(out, ref.numpy())
+
+
+def test_export_ties_go_to_lower_index(exported: dict) -> None:
+    for f, _ in _tie_inputs():
+        f = torch.cat([f, torch.zeros(f.shape[0], 6 - f.shape[1])], dim=1)  # pad to the exported C
+        for k in (1, 3, f.shape[0] - 1):
+            assert np.array_equal(_run(exported["sts"], f, k), _Stage1(K_MAX, "sts")(f, torch.tensor(k)).numpy())
+            assert np.array_equal(_run(exported["divprune"], f, k),
+                                  _Stage1(K_MAX, "divprune")(f, torch.tensor(k)).numpy())
+
+
+def _loop(model: onnx.ModelProto) -> onnx.NodeProto:
+    (loop,) = [n for n in model.graph.node if n.op_type == "Loop"]
+    return loop
+
+
+def test_graph_is_one_loop_with_constant_trip_count(exported: dict) -> None:
+    bigger = _export(3 * K_MAX, "sts")
+    assert _count(bigger.graph) == _count(exported["sts"].graph) < 80
+    for method, model in exported.items():
+        ops = [n.op_type for n in model.graph.node]
+        assert "Sort" not in ops and _count(model.graph) < 80, method
+        loop = _loop(model)
+        inits = {t.name: onnx.numpy_helper.to_array(t) for t in model.graph.initializer}
+        assert int(inits[loop.input[0]]) == K_MAX - 1
+        assert not loop.input[1] or bool(inits[loop.input[1]])  # no cond or a constant true one
+    assert int({t.name: onnx.numpy_helper.to_array(t) for t in bigger.graph.initializer}[_loop(bigger).input[0]]) \
+        == 3 * K_MAX - 1
+
+
+def test_static_tensorrt_check(exported: dict) -> None:
+    for method, model in exported.items():
+        rep = check_model(model, trt_version="10.3", name=method)
+        assert rep.ok, rep.format()
+        assert rep.warnings == [], rep.format()  # loop-carried shapes proved constant (no inference warnings)
+        assert rep.op_counts["Loop"] == 1 and rep.op_counts.get("TopK") == 1
+
+
+def test_static_check_rejects_runtime_trip_count(exported: dict) -> None:
+    m = onnx.ModelProto()
+    m.CopyFrom(exported["sts"])
+    loop = _loop(m)
+    loop.input[0] = "steps"
+    m.graph.input.append(onnx.helper.make_tensor_value_info("steps", onnx.TensorProto.INT64, []))
+    rep = check_model(m, trt_version="10.3")
+    assert not rep.ok and any("trip count 'steps' is not a constant" in p for p in rep.problems), rep.format()
