@@ -65,6 +65,11 @@ def _split(value: str) -> list[str]:
 @click.option("--no-stage1-probe", is_flag=True, help="Do not time Stage 1 on its own.")
 @click.option("--keep-eos", is_flag=True,
               help="Stop decoding at EOS (default: EOS is masked so every run decodes --max-new-tokens tokens).")
+@click.option("--weights", "weights", default=None,
+              help="Comma-separated weights per configuration: the --dtype (float), int8, int4 (weight-only; ort/trt "
+                   "exports, MatMulNBits / DequantizeLinear), e.g. fp32,int4 [the --dtype].")
+@click.option("--block-size", type=click.Choice(["32", "128"]), default=None,
+              help="Quantization block along K for --weights int8/int4 [128].")
 @click.option("--cost-only", is_flag=True, help="Analytic FLOPs/bytes/KV/roofline only: no weights, no timing.")
 @click.option("--json", "json_path", default=None, type=click.Path(dir_okay=False), help="Write results as JSON.")
 @click.option("--plot", "plot_path", default=None, type=click.Path(dir_okay=False),
@@ -73,7 +78,8 @@ def _split(value: str) -> list[str]:
 def main(models: str, budgets: str, methods: str, backends: str, repeats: int, warmup: int, max_new_tokens: int,
          dtype: str, accelerator: str, device: str | None, devices_file: str | None, on_device: bool,
          random_weights: bool, prompt: str | None, text_tokens: int | None, image: str | None, exports: str | None,
-         interleave: bool | None, threads: int | None, no_stage1_probe: bool, keep_eos: bool, cost_only: bool, json_path: str | None, plot_path: str | None,
+         interleave: bool | None, threads: int | None, no_stage1_probe: bool, keep_eos: bool, weights: str | None,
+         block_size: str | None, cost_only: bool, json_path: str | None, plot_path: str | None,
          quiet: bool) -> None:
     """Time vision (+ Stage 1), prefill, TTFT and decode per budget, method and backend; report KV cache bytes,
     peak memory, analytic FLOPs and the roofline."""
@@ -86,6 +92,7 @@ def main(models: str, budgets: str, methods: str, backends: str, repeats: int, w
             device=device, devices_file=devices_file, on_device=on_device, random_weights=random_weights,
             prompt=prompt or DEFAULT_PROMPT, text_tokens=text_tokens, image=image, exports=exports,
             stage1_probe=not no_stage1_probe, interleave=interleave, threads=threads, ignore_eos=not keep_eos, cost_only=cost_only,
+            weights=_split(weights) if weights else [], block_size=int(block_size) if block_size else None,
             progress=(lambda s: None) if quiet else (lambda s: click.echo(s, err=True)),
         )
         result = run_bench(opts)

@@ -44,6 +44,8 @@ _LLAVA_NAMES = (
 OUR_NAMES: dict[str, tuple[tuple[str, str], ...]] = {
     "llava": _LLAVA_NAMES,
     "llava_next": (("model.image_newline", "image_newline"), *_LLAVA_NAMES),
+    # Qwen2.5-VL: the published layout (visual.*, model.layers.*) is canonicalised by transformers too
+    "qwen2_5_vl": (("model.visual.", "vision."), ("lm_head.", "lm_head."), ("model.language_model.", "")),
 }
 # Only where transformers lacks the conversion API (older 5.x): its llava renamings, by hand.
 _FALLBACK_RENAMES = (
@@ -264,7 +266,8 @@ def init_random_(model: torch.nn.Module, seed: int) -> None:
     with torch.no_grad():
         for name, p in model.named_parameters():
             t = torch.empty(p.shape, dtype=torch.float32)
-            if name.endswith("norm.weight") or "layer_norm" in name and name.endswith("weight") or name.endswith("layrnorm.weight"):
+            if (name.endswith(("norm.weight", "layrnorm.weight", "norm1.weight", "norm2.weight", "ln_q.weight"))
+                    or "layer_norm" in name and name.endswith("weight")):  # CLIP, Llama, Qwen ViT / merger norms
                 t.normal_(1.0, 0.05, generator=g)
             elif p.dim() == 1:
                 t.normal_(0.0, 0.02 if name.endswith("bias") else 1.0, generator=g)
@@ -276,6 +279,13 @@ def init_random_(model: torch.nn.Module, seed: int) -> None:
             p.copy_(t.to(p.dtype))
 
 
+def tie_embeddings_(model: torch.nn.Module, recipe: Recipe) -> None:
+    """Recipes with tied embeddings: lm_head holds a copy of embed_tokens (random weights, synthetic checkpoints)."""
+    if recipe.text.tie_word_embeddings:
+        with torch.no_grad():
+            model.lm_head.weight.copy_(model.embed_tokens.weight)
+
+
 def synthetic_dir(recipe: Recipe) -> Path:
     digest = hashlib.sha256(json.dumps(recipe.to_dict(), sort_keys=True).encode()).hexdigest()[:12]
     return CACHE_DIR / "synthetic" / f"{recipe.name}-{digest}"
@@ -285,24 +295,32 @@ def save_checkpoint(recipe: Recipe, out: Path, seed: int | None = None) -> None:
     """Write a complete transformers-layout checkpoint of the recipe's family with seeded random weights to `out`."""
     from sts_export.families.layers import ClipLayer
 
+    from sts_export.families.layers import ClipVision
+
     family = family_module(recipe.family)
     model = family.build(recipe)
     init_random_(model, recipe.seed if seed is None else seed)
+    tie_embeddings_(model, recipe)
     config = family.hf_config(recipe)
     model_type = config["model_type"]
-    state = {checkpoint_name(name, model_type): t.contiguous() for name, t in model.state_dict().items()}
-    # layers after the feature layer and post_layernorm: present in real checkpoints, unused by LLaVA
-    extra = torch.nn.ModuleList(ClipLayer(recipe.vision) for _ in range(recipe.vision.num_layers - recipe.vision.layers_used))
-    init_random_(extra, (recipe.seed if seed is None else seed) + 1)
-    base = checkpoint_name("vision.", model_type)
-    for name, t in extra.state_dict().items():
-        i, rest = name.split(".", 1)
-        state[f"{base}encoder.layers.{int(i) + recipe.vision.layers_used}.{rest}"] = t.contiguous()
-    state[base + "post_layernorm.weight"] = torch.ones(recipe.vision.hidden_size)
-    state[base + "post_layernorm.bias"] = torch.zeros(recipe.vision.hidden_size)
+    state = {checkpoint_name(name, model_type): t.contiguous() for name, t in model.state_dict().items()
+             if not (recipe.text.tie_word_embeddings and name == "lm_head.weight")}  # tied: transformers omits it
+    if isinstance(getattr(model, "vision", None), ClipVision):
+        # CLIP layers after the feature layer and post_layernorm: present in real checkpoints, unused by LLaVA
+        extra = torch.nn.ModuleList(ClipLayer(recipe.vision) for _ in range(recipe.vision.num_layers - recipe.vision.layers_used))
+        init_random_(extra, (recipe.seed if seed is None else seed) + 1)
+        base = checkpoint_name("vision.", model_type)
+        for name, t in extra.state_dict().items():
+            i, rest = name.split(".", 1)
+            state[f"{base}encoder.layers.{int(i) + recipe.vision.layers_used}.{rest}"] = t.contiguous()
+        state[base + "post_layernorm.weight"] = torch.ones(recipe.vision.hidden_size)
+        state[base + "post_layernorm.bias"] = torch.zeros(recipe.vision.hidden_size)
     out.mkdir(parents=True, exist_ok=True)
     save_file(state, str(out / "model.safetensors"), metadata={"format": "pt"})
     (out / "config.json").write_text(json.dumps(config, indent=2))
+    if hasattr(family, "preprocessor_config"):
+        (out / "preprocessor_config.json").write_text(json.dumps(family.preprocessor_config(recipe), indent=2))
+        return
     p = recipe.image_processor
     anyres = {"image_grid_pinpoints": [list(x) for x in p.image_grid_pinpoints]} if p.image_grid_pinpoints else {}
     kind = "LlavaNextImageProcessor" if anyres else "LlavaImageProcessor" if p.do_pad else "CLIPImageProcessor"
@@ -344,6 +362,7 @@ def load_model(source: Source, dtype: torch.dtype = torch.float32, seed: int | N
     if source.path is None:
         model = model.to(dtype).to_empty(device="cpu")
         init_random_(model, source.recipe.seed if seed is None else seed)
+        tie_embeddings_(model, source.recipe)
     else:
         load_weights(model, source.path, dtype)
     return model.eval().requires_grad_(False)

@@ -76,6 +76,37 @@ class Plan:
     def dynamic(self) -> bool:
         return self.recipe is not None and self.recipe.dynamic_tokens
 
+    @property
+    def position_axes(self) -> int:
+        """Rows of the decoder's position ids: 1 ([B, S]), or 3 for M-RoPE ([3, B, S]: t, h, w)."""
+        return len(self.recipe.text.mrope_section) if self.recipe is not None and self.recipe.text.mrope_section else 1
+
+    @property
+    def stop_token_ids(self) -> tuple[int, ...]:
+        """Ids that end a row's generation: eos and the recipe's extra stop ids."""
+        extra = self.recipe.stop_token_ids if self.recipe is not None else ()
+        return (self.eos_token_id, *(i for i in extra if i != self.eos_token_id))
+
+    def prompt_positions(self, image: ImageInput, prompt: Prompt, keep_pre: np.ndarray) -> np.ndarray:
+        """Position ids of the S1 prompt tokens entering the decoder (prefix, the K image tokens, suffix).
+
+        1-D families: [B, S1] = 0..S1-1 (contiguous after Stage 1). A family with explicit ids (M-RoPE):
+        its ids of the *unpruned* prompt (`position_ids`, [R, S_full]) at the kept tokens, so every kept
+        token keeps its own and the suffix keeps its ids: [R, B, S1].
+        """
+        b, k = keep_pre.shape
+        p, t = len(prompt.prefix), len(prompt.suffix)
+        explicit = None
+        if self.recipe is not None:
+            from sts_export.families import family_module
+
+            explicit = getattr(family_module(self.recipe.family), "position_ids", None)
+        if explicit is None:
+            return np.tile(np.arange(p + k + t, dtype=np.int64), (b, 1))
+        full = explicit(image, prompt, self.recipe)  # [R, P + N_full + T]
+        cols = np.concatenate([np.arange(p), p + keep_pre[0], p + image.n_full + np.arange(t)])  # one image per call
+        return np.ascontiguousarray(np.broadcast_to(full[:, None, cols], (full.shape[0], b, cols.shape[0])))
+
     def image_split(self, image: ImageInput) -> tuple[int, int]:
         """This image's (K, K'): the export's own for a fixed N; else from the budget and the image's N."""
         if not self.dynamic:
@@ -152,7 +183,9 @@ def generate(
     hidden = backend.concat(pieces, axis=1)  # [B, S1, Hd]
     k_img = keep_pre.shape[1]  # image tokens entering the decoder (K; the whole span without Stage 1)
     s1 = len(prompt.prefix) + k_img + len(prompt.suffix)
-    pos = backend.from_numpy(np.tile(np.arange(s1, dtype=np.int64), (b, 1)))
+    prompt_pos = plan.prompt_positions(image, prompt, keep_pre)  # [B, S1] or [3, B, S1]
+    next_pos = int(prompt_pos.max()) + 1  # decode step t has id max(prompt ids) + 1 + t (1-D: S1 + t) on every axis
+    pos = backend.from_numpy(prompt_pos)
     seg = plan.segment_layers
     o1 = backend.run("segment1", {"hidden": hidden, "position_ids": pos, **_past(backend, plan, b, seg["segment1"])})
     cache1 = _presents_as_past(o1)
@@ -176,16 +209,17 @@ def generate(
     tokens = np.zeros((b, 0), dtype=np.int64)
     done = np.zeros(b, dtype=bool)
     step_logits = logits
+    stops = np.asarray(plan.stop_token_ids, dtype=np.int64)
     for t in range(max_new_tokens):
         nxt = np.where(done, plan.eos_token_id, step_logits.argmax(-1)).astype(np.int64)  # [B]
         tokens = np.concatenate([tokens, nxt[:, None]], axis=1)
         if on_token is not None:
             on_token(nxt)
-        done |= nxt == plan.eos_token_id
+        done |= np.isin(nxt, stops)
         if done.all() or t == max_new_tokens - 1:
             break
         h = backend.run("embed", {"input_ids": backend.from_numpy(nxt[:, None])})["inputs_embeds"]
-        p = backend.from_numpy(np.full((b, 1), s1 + t, dtype=np.int64))
+        p = backend.from_numpy(np.full((*prompt_pos.shape[:-1], 1), next_pos + t, dtype=np.int64))  # [B,1] | [3,B,1]
         o1 = backend.run("segment1", {"hidden": h, "position_ids": p, **cache1})
         o2 = backend.run("segment2", {"hidden": o1["hidden_out"], "position_ids": p, **cache2})
         cache1, cache2 = _presents_as_past(o1), _presents_as_past(o2)

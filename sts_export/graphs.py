@@ -16,8 +16,8 @@ from torch import nn
 from sts_export.families import family_module
 from sts_export.families.layers import repeat_kv
 from sts_export.pruning.budget import export_split, has_stage2, prune_layer_for, split_budget
-from sts_export.pruning.selection import (anchor_index, divprune_seed, divprune_select, last_token_relevance,
-                                          potential_energy_select, sorted_indices, take_tokens, topk_ascending)
+from sts_export.pruning.selection import (divprune_select, last_token_relevance, potential_energy_select, take_tokens,
+                                          topk_ascending)
 
 
 class VisionGraph(nn.Module):
@@ -38,6 +38,9 @@ class VisionGraph(nn.Module):
         self.dynamic = recipe.dynamic_tokens
         self.pruned = method not in ("none", "fastv") and budget != "full"
         self.inputs = self.family.vision_inputs(self.pruned) + (["k_pre"] if self.dynamic and self.pruned else [])
+        check = getattr(self.family, "check_selection", None)  # a tower without [CLS] refuses cls / saliency
+        if check is not None and self.pruned:
+            check(method, anchor)
 
     def forward(self, *inputs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         fam, model = self.family, self.model
@@ -48,34 +51,24 @@ class VisionGraph(nn.Module):
             b, n = emb.shape[:2]
             return emb, torch.arange(n, device=emb.device).expand(b, n)
         need_cls = self.method == "cls" or self.anchor == "saliency"
-        feats, cls_att = fam.candidate_features(model, *tower_inputs, cls_attention=need_cls)  # [B,N,C], [B,N]
-        k = self.k_max if k_len is None else k_len.shape[0]
-        if self.method == "divprune":
-            projected = fam.project(model, feats)  # [B, N, Hd]
-            keep = self._greedy("divprune", projected, k, None)
-            return take_tokens(projected, keep), keep
-        if self.method == "cls":
-            keep = topk_ascending(cls_att, k, None if k_len is None else self.k_max)
+        # V [B,N,C] selects; the projector takes `tokens` [B,N,D] (V itself, or the family's own per-token input)
+        feats, cls_att, *rest = fam.candidate_features(model, *tower_inputs, cls_attention=need_cls)
+        tokens = rest[0] if rest else feats
+        if self.dynamic:  # the first K of a K_max-step greedy (an ONNX Loop), K = len(k_pre)
+            from sts_export.pruning.loop import keep_first_k
+
+            x = fam.project(model, tokens) if self.method == "divprune" else feats  # [1, N, C|Hd]
+            keep = keep_first_k(self.method, x, k_len.shape[0], self.k_max, self.anchor, cls_att)  # [1, K]
+        elif self.method == "divprune":
+            x = fam.project(model, tokens)
+            keep = divprune_select(x, self.k_max)
+        elif self.method == "cls":
+            x, keep = feats, topk_ascending(cls_att, self.k_max)
         else:  # sts, sts-s
-            keep = self._greedy("sts", feats, k, cls_att)
-        return fam.project(model, take_tokens(feats, keep)), keep
-
-    def _greedy(self, kind: str, x: torch.Tensor, k: int | torch.SymInt, cls_att: torch.Tensor | None) -> torch.Tensor:
-        """keep [B, k] ascending: unrolled for a fixed N, else the first k of a K_max-step Loop (B = 1)."""
-        if not self.dynamic:
-            if kind == "divprune":
-                return divprune_select(x, self.k_max)
-            return potential_energy_select(x, self.k_max, self.anchor, cls_att)
-        from sts_export.pruning import loop
-
-        if kind == "divprune":
-            picks = loop.divprune_picks(x[0], divprune_seed(x)[0], self.k_max)  # [K_max] in greedy order
-        else:
-            picks = loop.potential_energy_picks(x[0], anchor_index(x, self.anchor, cls_att)[0], self.k_max)
-        # the first k picks (prefix-consistent: a k-step run picks exactly these), ascending
-        # (an int32 scatter: TensorRT's ScatterND takes no BOOL)
-        mask = torch.zeros(x.shape[1], dtype=torch.int32, device=x.device).index_fill(0, picks[:k], 1) > 0  # [N]
-        return sorted_indices(mask[None], k, self.k_max)  # [1, k]
+            x, keep = feats, potential_energy_select(feats, self.k_max, self.anchor, cls_att)
+        if self.method == "divprune":
+            return take_tokens(x, keep), keep  # [B, K, Hd] (selected on the projected tokens)
+        return fam.project(model, take_tokens(tokens, keep)), keep  # [B, K, Hd]
 
 
 class EmbedGraph(nn.Module):
@@ -92,7 +85,7 @@ class EmbedGraph(nn.Module):
 class SegmentGraph(nn.Module):
     """Decoder layers [start, end) with explicit KV tensors; the last segment ends in norm + lm_head.
 
-    forward(hidden [B,S,Hd], position_ids [B,S], past_key_i, past_value_i, ... [B,kvh,P,dh])
+    forward(hidden [B,S,Hd], position_ids [B,S] (M-RoPE: [3,B,S]), past_key_i, past_value_i, ... [B,kvh,P,dh])
       -> (hidden_out [B,S,Hd] | logits [B,V], present_key_i, present_value_i, ... [B,kvh,P+S,dh])
     """
 
@@ -121,8 +114,8 @@ class SegmentGraph(nn.Module):
 class PruneGraph(nn.Module):
     """Stage 2 at layer prune_layer: keep the K' of the K image tokens the last token attends to most.
 
-    hidden [B,S1,Hd], position_ids [B,S1], image_start [] int64
-      -> hidden_out [B,S2,Hd], position_ids_out [B,S2], keep_post [B,K'] (indices into the K)
+    hidden [B,S1,Hd], position_ids [B,S1] (M-RoPE: [3,B,S1]), image_start [] int64
+      -> hidden_out [B,S2,Hd], position_ids_out [B,S2] ([3,B,S2]), keep_post [B,K'] (indices into the K)
     Text tokens are always kept; kept tokens keep their position ids (S2 = S1 - K + K').
     With image-dependent N, two length-only inputs give this image's K and K' ([K], [K']); the
     TopK is then a constant K'_max (the export's largest K') of which the first K' are kept.
@@ -153,7 +146,9 @@ class PruneGraph(nn.Module):
         slot = torch.where(slot < 0, 0, torch.where(slot > k_post - 1, k_post - 1, slot))  # no INT64 Clip (TensorRT)
         img = image_start + torch.gather(keep_post, 1, slot)
         idx = torch.where(j < image_start, j, torch.where(j < image_start + k_post, img, j + k_pre - k_post))
-        return take_tokens(hidden, idx), torch.gather(position_ids.expand(b, -1), 1, idx), keep_post
+        # position ids [B,S1] or M-RoPE [3,B,S1]: every survivor keeps its own, gathered along the sequence axis
+        pos = position_ids.expand(*position_ids.shape[:-2], b, -1)
+        return take_tokens(hidden, idx), torch.gather(pos, -1, idx.expand(*pos.shape[:-2], -1, -1)), keep_post
 
 
 def build_graphs(model: nn.Module, method: str, budget: int | str, anchor: str | None = None) -> dict[str, nn.Module]:

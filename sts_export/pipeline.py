@@ -45,10 +45,13 @@ class Pipeline:
         device: str = "cpu",
         random_weights: bool = False,
         compile: bool = False,
+        max_pixels: int | None = None,
     ) -> "Pipeline":
         """Load a model (recipe name, local dir or cached HF id) and build its pruned graphs.
 
         backend "torch" runs our PyTorch modules; "onnxruntime"/"ort" and "tensorrt" take an export directory.
+        max_pixels (dynamic resolution, torch): cap the image area as an export's --max-pixels does (default:
+        the recipe's own, as transformers' processor).
         """
         check_method(method)
         budget = parse_budget(budget)
@@ -67,6 +70,12 @@ class Pipeline:
         if anchor is not None and anchor not in ANCHORS:
             raise StsError(f"unknown anchor '{anchor}'; choose one of {', '.join(ANCHORS)}")
         src = resolve(str(path_or_id), recipe, random_weights)
+        if max_pixels is not None:
+            import dataclasses
+
+            from sts_export.recipe import with_max_pixels
+
+            src = dataclasses.replace(src, recipe=with_max_pixels(src.recipe, max_pixels))
         rec = src.recipe
         plan = Plan.create(rec, method, budget, NP_DTYPES[dtype])
         model = load_model(src, getattr(torch, TORCH_DTYPES[dtype])).to(device)

@@ -35,6 +35,13 @@ class VisionConfig:
     feature_layer: int = -2  # index into hidden_states (embeddings + one per layer)
     layer_norm_eps: float = 1e-5
     hidden_act: str = "quick_gelu"
+    # Qwen2.5-VL's ViT (neutral defaults for CLIP): 3-D patches, 2x2 merger, windowed attention
+    temporal_patch_size: int = 1
+    spatial_merge_size: int = 1
+    window_size: int = 0  # px; 0 = no windowed attention
+    fullatt_block_indexes: tuple[int, ...] = ()
+    out_hidden_size: int = 0  # merger output width; 0 = no merger
+    rope_theta: float = 10000.0  # the ViT's 2-D rotary base
 
     @property
     def num_patches(self) -> int:
@@ -60,6 +67,9 @@ class TextConfig:
     max_position_embeddings: int = 4096
     rms_norm_eps: float = 1e-5
     rope_theta: float = 10000.0
+    mrope_section: tuple[int, ...] = ()  # Qwen2.5-VL M-RoPE (t, h, w) sections of head_dim/2; () = 1-D RoPE
+    attention_bias: bool = False  # q/k/v projections with bias (Qwen2)
+    tie_word_embeddings: bool = False
 
     @property
     def head_dim(self) -> int:
@@ -82,6 +92,9 @@ class ImageProcessorConfig:
     do_pad: bool = False  # pad to square with the mean colour first (LlavaImageProcessor)
     # LLaVA-NeXT anyres: candidate (height, width) resolutions; empty for single-crop families
     image_grid_pinpoints: tuple[tuple[int, int], ...] = ()
+    # Qwen2.5-VL smart_resize bounds (pixels); 0 = not a dynamic-resolution family
+    min_pixels: int = 0
+    max_pixels: int = 0
     image_mean: tuple[float, float, float] = CLIP_MEAN
     image_std: tuple[float, float, float] = CLIP_STD
 
@@ -107,6 +120,10 @@ class Recipe:
     text: TextConfig = field(default_factory=TextConfig)
     projector_act: str = "gelu"
     image_token_id: int = 32000
+    vision_start_token_id: int = -1  # Qwen2.5-VL: <|vision_start|> / <|vision_end|> around the image pads
+    vision_end_token_id: int = -1
+    image_token: str = "<image>"  # the tokenizer's text of image_token_id (the template's <image> slot)
+    stop_token_ids: tuple[int, ...] = ()  # extra ids that end generation besides eos_token_id
     pad_token_id: int = 32001
     bos_token_id: int = 1
     eos_token_id: int = 2
@@ -122,13 +139,18 @@ class Recipe:
     def num_image_tokens(self) -> int:
         """N: Stage 1 candidates per image; for anyres families the largest N any image can give
         (base crop + the most tiles a pinpoint holds; newline tokens are not candidates)."""
-        crop = self.image_processor.crop_size
-        tiles = max(((h // crop) * (w // crop) for h, w in self.image_processor.image_grid_pinpoints), default=0)
+        p = self.image_processor
+        if p.max_pixels:  # dynamic resolution: one LLM token per merged (merge x patch)^2 cell
+            cell = self.vision.patch_size * self.vision.spatial_merge_size
+            return p.max_pixels // (cell * cell)
+        tiles = max(((h // p.crop_size) * (w // p.crop_size) for h, w in p.image_grid_pinpoints), default=0)
         return self.vision.num_patches * (1 + tiles)
 
     @property
     def max_image_span(self) -> int:
         """The most image tokens the decoder can see without pruning (anyres: candidates + one newline per grid row)."""
+        if self.image_processor.max_pixels:
+            return self.num_image_tokens
         crop, g = self.image_processor.crop_size, self.vision.image_size // self.vision.patch_size
         spans = [g * g * (1 + (h // crop) * (w // crop)) + (h // crop) * g for h, w in self.image_processor.image_grid_pinpoints]
         return max(spans, default=self.num_image_tokens)
@@ -136,7 +158,7 @@ class Recipe:
     @property
     def dynamic_tokens(self) -> bool:
         """Whether N depends on the image (graphs then run K_max greedy steps and take K per image)."""
-        return bool(self.image_processor.image_grid_pinpoints)
+        return bool(self.image_processor.image_grid_pinpoints) or self.image_processor.max_pixels > 0
 
     def replace(self, **changes: Any) -> "Recipe":
         return dataclasses.replace(self, **changes)
@@ -202,6 +224,32 @@ def _check(obj: Any, where: str) -> None:
             )
         if "{prompt}" not in obj.prompt_template or obj.prompt_template.count("<image>") != 1:
             raise StsError(f"{where}.prompt_template needs exactly one <image> and a {{prompt}} slot")
+
+
+DEFAULT_EXPORT_MAX_PIXELS = 1280 * 28 * 28  # an export's default pixel cap for dynamic resolution: N <= 1280 at 28 px
+
+
+def with_max_pixels(recipe: Recipe, max_pixels: int | None = None, default: int | None = DEFAULT_EXPORT_MAX_PIXELS) -> Recipe:
+    """The recipe with a dynamic-resolution model's `max_pixels` lowered (smart_resize then keeps every
+    image within it, so N, K_max and the TensorRT profiles shrink with it); None: min(the recipe's,
+    `default`). max_prompt_tokens / max_context shrink by the image tokens no image can have any more.
+    A fixed-resolution recipe refuses a value."""
+    p = recipe.image_processor
+    if not p.max_pixels:
+        if max_pixels is not None:
+            raise StsError(f"--max-pixels applies to dynamic-resolution models (Qwen2.5-VL), not {recipe.family}")
+        return recipe
+    cap = max_pixels if max_pixels is not None else min(p.max_pixels, default or p.max_pixels)
+    cell = (recipe.vision.patch_size * recipe.vision.spatial_merge_size) ** 2
+    lo = max(p.min_pixels, 200 * cell)  # below 200 cells a 200:1 strip could give more than max_pixels / cell tokens
+    if isinstance(cap, bool) or not isinstance(cap, int) or not lo <= cap <= p.max_pixels:
+        raise StsError(f"--max-pixels must be an integer in {lo}..{p.max_pixels} for {recipe.name} (the model's own "
+                       f"max_pixels is the top; below {lo} some images would exceed it), got {max_pixels}")
+    if cap == p.max_pixels:
+        return recipe
+    fewer = p.max_pixels // cell - cap // cell  # image tokens no image can reach any more
+    return recipe.replace(image_processor=dataclasses.replace(p, max_pixels=cap),
+                          max_prompt_tokens=recipe.max_prompt_tokens - fewer, max_context=recipe.max_context - fewer)
 
 
 def available_recipes() -> list[str]:

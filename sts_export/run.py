@@ -34,7 +34,7 @@ def main(export_dir: Path, image: str, prompt: str | None, input_ids: str | None
     with cli_errors():
         pipe = load_export_pipeline(export_dir, backend, device)
         ids = cli_input_ids(prompt, input_ids)
-        pv = pipe.pixel_values(image)
+        inp = pipe.prepare_image(image)  # the family's preprocessing (= its transformers processor)
         shown: list[int] = []
         printed = [""]
 
@@ -45,10 +45,11 @@ def main(export_dir: Path, image: str, prompt: str | None, input_ids: str | None
             sys.stdout.flush()
             printed[0] = text
 
-        gen = pipe.generate(pv, prompt, input_ids=ids, max_new_tokens=max_new_tokens, on_token=on_token)
+        gen = pipe.generate(inp, prompt, input_ids=ids, max_new_tokens=max_new_tokens, on_token=on_token)
         sys.stdout.write("\n")
         kp = "" if gen.keep_post is None else f", Stage 2 kept {gen.keep_post.shape[1]}"
-        click.echo(f"[{pipe.backend.name}] Stage 1 kept {gen.keep_pre.shape[1]}/{pipe.recipe.num_image_tokens}{kp}; "
+        total = inp.n_full if gen.keep_pre.shape[1] == inp.n_full else inp.n  # the whole span when Stage 1 kept it
+        click.echo(f"[{pipe.backend.name}] Stage 1 kept {gen.keep_pre.shape[1]}/{total}{kp}; "
                    f"TTFT {gen.timings['ttft'] * 1000:.1f} ms, decode {gen.timings['decode'] * 1000:.1f} ms/token", err=True)
         if compare and show_kept is None:
             raise StsError("--compare writes a picture: pass --show-kept OUT.png too")
@@ -65,14 +66,16 @@ def main(export_dir: Path, image: str, prompt: str | None, input_ids: str | None
             img.save(show_kept)
             click.echo(f"wrote {show_kept}", err=True)
         elif show_kept is not None:
-            from sts_export.show.pictures import draw_kept, draw_next_kept
+            from sts_export.show.pictures import draw_kept, draw_kept_boxes, draw_next_kept
             from sts_export.families.llava import load_image
 
             picture = load_image(image)
             post = None if gen.keep_post is None else gen.keep_post[0]
             title = f"{pipe.plan.method} b={pipe.plan.budget}"
-            if pipe.recipe.dynamic_tokens:  # LLaVA-NeXT: base-crop and tile panels from the candidates' boxes
-                img = draw_next_kept(picture, pipe.prepare_image(picture), gen.keep_pre[0], post, title=title)
+            if "packed_index" in inp.feeds:  # LLaVA-NeXT: base-crop and tile panels from the candidates' boxes
+                img = draw_next_kept(picture, inp, gen.keep_pre[0], post, title=title)
+            elif inp.boxes is not None:  # one box per candidate, keep_pre indexes them (Qwen2.5-VL: 28-px cells)
+                img = draw_kept_boxes(picture, inp.boxes, gen.keep_pre[0], post, title=title)
             else:
                 img = draw_kept(picture, gen.keep_pre[0], post, pipe.recipe.image_processor, title=title)
             img.save(show_kept)

@@ -22,27 +22,41 @@ Yes. No. One. Two. Three. Left. Right. Red, green, blue, yellow, black, white. U
 """
 
 
+VISION_SPECIALS = ("<|vision_start|>", "<|vision_end|>")  # Qwen2.5-VL's marks around the image pads
+
+
+def synthetic_specials(recipe: Recipe) -> list[str]:
+    """Special tokens of a synthetic tokenizer, in id order: SPECIALS (0..4), then the recipe's vision
+    start/end marks where it has them (<|vision_start|> = 5, <|vision_end|> = 6)."""
+    marks = [(recipe.vision_start_token_id, VISION_SPECIALS[0]), (recipe.vision_end_token_id, VISION_SPECIALS[1])]
+    return SPECIALS + [name for i, name in sorted(marks) if i >= 0]
+
+
 def build_synthetic_tokenizer(recipe: Recipe, out: Path) -> None:
-    """Train a small byte-level BPE tokenizer on a fixed corpus; specials at ids 0..4 (SYNTHETIC)."""
+    """Train a small byte-level BPE tokenizer on a fixed corpus; specials at ids 0..4 (+ vision marks) (SYNTHETIC)."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
 
+    specials = synthetic_specials(recipe)
     tok = Tokenizer(models.BPE(unk_token="<unk>"))
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
     vocab = min(recipe.text.vocab_size, 1024)
     trainer = trainers.BpeTrainer(
-        vocab_size=vocab, special_tokens=SPECIALS, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False
+        vocab_size=vocab, special_tokens=specials, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False
     )
     tok.train_from_iterator([_CORPUS] * 4, trainer=trainer)
-    ids = {s: tok.token_to_id(s) for s in SPECIALS}
-    want = {"<s>": recipe.bos_token_id, "</s>": recipe.eos_token_id, "<pad>": recipe.pad_token_id, "<image>": recipe.image_token_id}
+    ids = {s: tok.token_to_id(s) for s in specials}
+    want = {"<s>": recipe.bos_token_id, "</s>": recipe.eos_token_id, "<pad>": recipe.pad_token_id, "<image>": recipe.image_token_id,
+            VISION_SPECIALS[0]: recipe.vision_start_token_id, VISION_SPECIALS[1]: recipe.vision_end_token_id}
+    want = {k: v for k, v in want.items() if k in ids}
     if any(ids[k] != v for k, v in want.items()):
         raise StsError(f"synthetic tokenizer special ids {ids} do not match recipe {want}")
     tok.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", recipe.bos_token_id)])
     tok.save(str(out / "tokenizer.json"))
     (out / "tokenizer_config.json").write_text(json.dumps({
         "tokenizer_class": "PreTrainedTokenizerFast", "bos_token": "<s>", "eos_token": "</s>",
-        "unk_token": "<unk>", "pad_token": "<pad>", "extra_special_tokens": {"image_token": "<image>"},
+        "unk_token": "<unk>", "pad_token": "<pad>",
+        "extra_special_tokens": {"image_token": "<image>", **{n.strip("<|>"): n for n in specials[len(SPECIALS):]}},
         "model_max_length": recipe.max_context,
     }, indent=2))
 
@@ -70,18 +84,21 @@ class TextTokenizer:
             raise StsError(f"{path}: no tokenizer.json; pass token ids with --input-ids instead of --prompt")
         self.tok = Tokenizer.from_file(str(f))
         self.recipe = recipe
-        if self.tok.token_to_id("<image>") != recipe.image_token_id:
+        image = recipe.image_token  # the tokenizer's text of the image token (Qwen: <|image_pad|>)
+        if self.tok.token_to_id(image) != recipe.image_token_id:
             raise StsError(
-                f"{f}: <image> token id {self.tok.token_to_id('<image>')} differs from the recipe's {recipe.image_token_id}"
+                f"{f}: {image} token id {self.tok.token_to_id(image)} differs from the recipe's {recipe.image_token_id}"
             )
 
     def encode_prompt(self, text: str) -> Prompt:
-        """Apply the recipe's template and split the ids at the image token."""
+        """Apply the recipe's template (its <image> slot = the recipe's image token) and split the ids at it."""
         if not text or not text.strip():
             raise StsError("the prompt is empty; pass a question about the image")
-        if "<image>" in text:
-            raise StsError("the prompt must not contain '<image>'; the image is placed by the template")
-        ids = np.asarray(self.tok.encode(self.recipe.prompt_template.format(prompt=text)).ids, dtype=np.int64)
+        image = self.recipe.image_token
+        if "<image>" in text or image in text:
+            raise StsError(f"the prompt must not contain '{image}'; the image is placed by the template")
+        templated = self.recipe.prompt_template.replace("<image>", image).replace("{prompt}", text)
+        ids = np.asarray(self.tok.encode(templated).ids, dtype=np.int64)
         return split_ids(ids, self.recipe)
 
     def decode(self, ids: list[int] | np.ndarray) -> str:

@@ -27,6 +27,10 @@ CASES = [("tiny-llava", "none", "full"), ("tiny-llava", "sts", 64), ("tiny-llava
 NEXT = [("tiny-llava-next", "none", "full"), ("tiny-llava-next", "sts", 320), ("tiny-llava-next", "sts-s", 320),
         ("tiny-llava-next", "fastv", 2000), ("tiny-llava-next", "divprune", 320), ("tiny-llava-next", "cls", "10%")]
 CASES += NEXT
+# Qwen2.5-VL (dynamic resolution, 3-D M-RoPE ids): every method but cls (refused: no [CLS]) through one export each
+QWEN = [("tiny-qwen2.5-vl", "none", "full"), ("tiny-qwen2.5-vl", "sts", "20%"), ("tiny-qwen2.5-vl", "sts-s", "10%"),
+        ("tiny-qwen2.5-vl", "fastv", "60%"), ("tiny-qwen2.5-vl", "divprune", "10%")]
+CASES += QWEN
 _EXPORTS: dict[tuple, Path] = {}
 
 
@@ -83,6 +87,76 @@ def test_next_two_image_sizes_through_one_export(tmp_root: Path, name: str, meth
     vision_in = [v["name"] for v in m["graphs"]["vision"]["inputs"]]
     pruned = method not in ("none", "fastv")
     assert vision_in == ["pixel_values", "token_index" if pruned else "packed_index"] + (["k_pre"] if pruned else [])
+
+
+@pytest.mark.parametrize("name,method,budget", QWEN)
+def test_qwen_two_image_sizes_through_one_export(tmp_root: Path, name: str, method: str, budget: int | str) -> None:
+    """One Qwen2.5-VL export serves two image sizes (N = 252 and 77) token for token like torch; the graphs take
+    the host-computed ViT inputs and [3, B, S] position ids."""
+    d = exported(tmp_root, name, method, budget)
+    ref = Pipeline.from_pretrained(name, budget=budget, method=method)
+    ort_pipe = load_export_pipeline(d, backend="onnxruntime", device="cpu")
+    ns = set()
+    for img in (make_image(500, 400, seed=3), make_image(300, 200, seed=4)):
+        a = ref.generate(img, PROMPT, max_new_tokens=8)
+        b = ort_pipe.generate(img, PROMPT, max_new_tokens=8)
+        assert b.tokens.tolist() == a.tokens.tolist() and b.keep_pre.tolist() == a.keep_pre.tolist()
+        assert (a.keep_post is None) == (b.keep_post is None)
+        if a.keep_post is not None:
+            assert b.keep_post.tolist() == a.keep_post.tolist()
+        assert np.abs(a.first_logits - b.first_logits).max() <= ref.recipe.tolerance.fp32
+        assert (b.s1, b.s2) == (a.s1, a.s2)
+        ns.add(ort_pipe.prepare_image(img).n)
+    assert ns == {252, 77}
+    m = json.loads((d / "manifest.json").read_text())
+    assert m["max_pixels"] == ref.recipe.image_processor.max_pixels
+    io = {g: {v["name"]: v for v in m["graphs"][g]["inputs"]} for g in m["graphs"]}
+    pruned = method not in ("none", "fastv")
+    assert list(io["vision"]) == ["pixel_values", "rotary_pos", "window_index", "window_segment_ids"] + (
+        ["k_pre"] if pruned else [])
+    assert io["vision"]["pixel_values"]["shape"][1] == 1176 and isinstance(io["vision"]["pixel_values"]["shape"][0], str)
+    for g in ("segment1", "segment2", "prune"):
+        if g in io:
+            assert len(io[g]["position_ids"]["shape"]) == 3 and io[g]["position_ids"]["shape"][0] == 3
+    if "prune" in m["graphs"]:
+        out = {v["name"]: v for v in m["graphs"]["prune"]["outputs"]}
+        assert len(out["position_ids_out"]["shape"]) == 3
+
+
+def test_qwen_engine_profiles_span_the_patch_counts(tmp_root: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The TensorRT profiles of a Qwen export span 1..N_max LLM tokens (4 patches each), 1..K_max, 1..K'_max."""
+    import sts_export.backends.tensorrt.build as tb
+    from sts_export.backends.tensorrt.engines import build_engines
+
+    d = exported(tmp_root, "tiny-qwen2.5-vl", "sts", "20%")
+    seen: dict[str, list] = {}
+    monkeypatch.setattr(tb, "require_tensorrt", lambda *a, **k: type("trt", (), {"__version__": "10.3.0"}))
+    monkeypatch.setattr(tb, "device_info", lambda *a, **k: {"gpu": "stand-in", "compute_capability": "8.7"})
+
+    def fake_build(onnx_path, engine_path, **kw):
+        seen[Path(engine_path).stem] = kw["profiles"]
+        Path(engine_path).write_bytes(b"engine")
+        return {"profiles": [], "build_seconds": 0.0, "size_bytes": 6, "precision": "fp32", "io_dtypes": {}}
+
+    monkeypatch.setattr(tb, "build_engine", fake_build)
+    work = tmp_root / "qwen-profiles"
+    shutil.copytree(d, work)
+    build_engines(work, progress=lambda s: None)
+    m = json.loads((d / "manifest.json").read_text())
+    n_max = m["recipe"]["image_processor"]["max_pixels"] // 28**2
+    (vis,) = seen["vision"]
+    assert vis["pixel_values"] == ((4, 1176), (4 * n_max, 1176), (4 * n_max, 1176))
+    assert vis["window_index"] == ((1,), (n_max,), (n_max,)) and vis["window_segment_ids"][2] == (4 * n_max,)
+    assert vis["k_pre"][2] == (m["k_pre"],)
+    prefill, decode = seen["segment1"]
+    assert prefill["position_ids"][2][0] == 3 and decode["position_ids"] == ((3, 1, 1), (3, 1, 1), (3, 1, 1))
+    assert seen["prune"][0]["k_post"][2] == (m["k_post"],)
+
+
+def test_qwen_cls_export_refused(tmp_path: Path) -> None:
+    with pytest.raises(StsError, match=r"no \[CLS\] token"):
+        export("tiny-qwen2.5-vl", budget="10%", method="cls", out=tmp_path / "c", progress=lambda s: None)
+    assert not (tmp_path / "c").exists()
 
 
 EXPECTED = {
@@ -144,6 +218,7 @@ def test_validation_report_and_tokenizer(tmp_path: Path) -> None:
 def test_fp16_export_validates(tmp_path: Path) -> None:
     """fp16 graphs: Stage 1 still selects in float32 (casts in the graph), indices identical to torch fp16."""
     d = export("tiny-llava-gqa", budget=32, method="sts", dtype="fp16", out=tmp_path / "h", progress=lambda s: None)
+    _EXPORTS[("tiny-llava-gqa", "sts", 32, "fp16")] = d  # test_trt_versions.py builds engines from it
     rep = json.loads((d / "validation.json").read_text())
     assert rep["passed"] and rep["dtype"] == "float16"
     vis = onnx.load(str(d / "vision.onnx"), load_external_data=False)
@@ -241,10 +316,17 @@ def test_cli_out_exists_and_bad_image(tmp_root: Path, tmp_path: Path) -> None:
 
 @pytest.mark.parametrize("name,method,budget", CASES)
 def test_trt_static_check_passes_on_every_export(tmp_root: Path, name: str, method: str, budget: int | str) -> None:
-    from sts_export.backends.tensorrt.engines import check
+    """export.py --check-only against JetPack 6's 10.3, JetPack 7.2's 10.16 and desktop 11.4: one verdict each."""
+    from click.testing import CliRunner
 
-    ok, report = check(exported(tmp_root, name, method, budget), "10.3")
-    assert ok, report
+    import export as export_cli
+
+    d = exported(tmp_root, name, method, budget)
+    r = CliRunner().invoke(export_cli.main, ["--onnx-dir", str(d), "--target", "trt", "--check-only",
+                                             "--trt-version", "10.3,10.16,11.4"])
+    verdicts = [line for line in r.output.splitlines() if line.endswith(("compatibility: PASS", "compatibility: FAIL"))]
+    assert verdicts == [f"TensorRT {v} compatibility: PASS" for v in ("10.3", "10.16", "11.4")], r.output[-3000:]
+    assert r.exit_code == 0
 
 
 def test_trt_check_only_cli(tmp_root: Path) -> None:
@@ -260,22 +342,16 @@ def test_trt_check_only_cli(tmp_root: Path) -> None:
 
 
 def test_engine_build_modes(tmp_root: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    """Which TensorRT build each precision gets, and that the fp32 pin pattern really finds Stage 1's nodes."""
+    """Engines are strongly typed: their precision is the graphs' dtype, read from the files; another is refused."""
     import sts_export.backends.tensorrt.build as tb
-    from sts_export.backends.tensorrt.engines import SELECTION_PATTERN, build_engines, build_mode
+    from sts_export.backends.tensorrt.engines import build_engines, engine_precision
+    from sts_export.export.manifest import read_manifest
 
-    assert build_mode("fp16", None) == ("fp16", True, None)
-    assert build_mode("fp32", "bf16") == ("bf16", False, SELECTION_PATTERN)
-    with pytest.raises(StsError, match="needs an fp32"):
-        build_mode("fp16", "bf16")
     d = exported(tmp_root, "tiny-llava", "sts", 64)
-    vision = onnx.load(str(d / "vision.onnx"), load_external_data=False)
-    pinned = tb.onnx_nodes_matching(d / "vision.onnx", SELECTION_PATTERN)
-    argmins = {n.name for n in vision.graph.node if n.op_type == "ArgMin"}
-    assert argmins and argmins <= pinned  # every greedy pick of Stage 1 stays fp32
-    convs = {n.name for n in vision.graph.node if n.op_type == "Conv"}
-    assert convs and not convs & pinned  # the CLIP tower itself is not pinned
-    assert tb.onnx_nodes_matching(d / "prune.onnx", SELECTION_PATTERN)  # Stage 2 relevance too
+    m = read_manifest(d)
+    assert engine_precision(d, m, None) == "fp32" == m["dtype"]
+    with pytest.raises(StsError, match="re-export with --dtype bf16"):
+        engine_precision(d, m, "bf16")
 
     calls = []
     monkeypatch.setattr(tb, "require_tensorrt", lambda *a, **k: type("trt", (), {"__version__": "10.3.0"}))
@@ -283,14 +359,13 @@ def test_engine_build_modes(tmp_root: Path, monkeypatch: pytest.MonkeyPatch) -> 
     def fake_build(onnx_path, engine_path, **kw):
         calls.append(kw)
         Path(engine_path).write_bytes(b"engine")
-        return {"profiles": [], "build_seconds": 0.0, "size_bytes": 6}
+        return {"profiles": [], "build_seconds": 0.0, "size_bytes": 6, "precision": "fp32", "io_dtypes": {}}
     monkeypatch.setattr(tb, "build_engine", fake_build)
     work = tmp_root / "modes"
     shutil.copytree(d, work)
-    m = build_engines(work, precision="bf16", progress=lambda s: None)
-    assert {c["precision"] for c in calls} == {"bf16"} and not any(c["strongly_typed"] for c in calls)
-    assert all(c["fp32_layers_pattern"] == SELECTION_PATTERN for c in calls)
-    assert m["tensorrt"]["precision"] == "bf16" and all(g["engine_sha256"] for g in m["graphs"].values())
-    from sts_export.export.manifest import read_manifest  # the manifest stays readable with engines listed
+    m = build_engines(work, progress=lambda s: None)
+    assert {c["precision"] for c in calls} == {"fp32"} and not any("fp32_layers_pattern" in c for c in calls)
+    assert m["tensorrt"]["precision"] == "fp32" and m["tensorrt"]["strongly_typed"]
+    assert all(g["engine_sha256"] for g in m["graphs"].values())
+    assert read_manifest(work)["graphs"]["vision"]["engine"] == "vision.engine"  # still readable with engines listed
 
-    assert read_manifest(work)["graphs"]["vision"]["engine"] == "vision.engine"

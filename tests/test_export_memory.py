@@ -82,7 +82,7 @@ def test_validation_passes_and_report_keys(scene) -> None:
         assert e2e["ok"] and e2e["tokens_identical"] and e2e["keep_pre_identical"] and e2e["keep_post_identical"]
         assert e2e["ort_tokens"] == e2e["torch_tokens"] and e2e["first_divergence"] is None
     assert "one ONNX Runtime session at a time" in rep["end_to_end_mode"]
-    assert rep["memory_bytes"]["peak_rss"] > 0 and rep["seconds"]["total"] > 0
+    assert rep["memory_bytes"]["peak_rss"] >= rep["memory_bytes"]["peak_rss_before"] > 0 and rep["seconds"]["total"] > 0
     # one session per graph, in the loop's order, and the torch weights freed first
     staged = [l for l in lines if l.startswith("validation [")]
     assert [l.split()[2].rstrip(":") for l in staged] == ["vision", "embed", "segment1", "prune", "segment2"]
@@ -144,8 +144,8 @@ def test_cli_refuses_in_one_line_when_memory_is_short(tmp_path: Path, args: list
 def test_estimate_calibration_and_limits(monkeypatch: pytest.MonkeyPatch) -> None:
     rec = load_recipe("llava-1.5-7b")
     est = memory.export_estimate(rec, "sts", 96, "fp16", validate=True)
-    # measured peak on the 24 GB development machine: see README "Measured results"
-    assert 15.5e9 < est.need < 18.5e9
+    # measured: export + validation peaked at 15.41 GB (/usr/bin/time -v) on the 24 GB development machine
+    assert 15.41e9 <= est.need < 17e9
     assert memory.export_estimate(rec, "sts", 96, "fp32", validate=False).need > 28e9
     monkeypatch.setenv(memory.FAKE_ENV, "1.5GiB")
     assert memory.available_memory() == (int(1.5 * 1024**3), memory.FAKE_ENV)

@@ -227,29 +227,50 @@ def test_stage1_matches_algorithm1_on_transformers_features(spec, case) -> None:
     assert c.gen.keep_pre[0].tolist() == c.ref_keep
 
 
+class _GivenFeatures:
+    """A family (DESIGN.md's family contract) whose tower returns the given candidate features V [1, N, C]."""
+
+    def __init__(self, x: torch.Tensor) -> None:
+        self.x = x
+
+    def candidate_features(self, model, *inputs, cls_attention: bool = False):
+        return self.x, None
+
+    def project(self, model, feats: torch.Tensor) -> torch.Tensor:
+        return feats
+
+
 @pytest.mark.parametrize("n,k,k_max", [(40, 5, 40), (300, 37, 64), (2304, 83, 104), (600, 128, 700)])
-@pytest.mark.parametrize("kind", ["sts", "divprune"])
-def test_greedy_prefix_consistent(kind: str, n: int, k: int, k_max: int, case) -> None:
+@pytest.mark.parametrize("method", ["sts-s", "divprune"])
+def test_greedy_prefix_consistent(method: str, n: int, k: int, k_max: int) -> None:
     """The vision graph's greedy (K_max steps, first K kept) = a run of exactly K steps, for several N, K."""
     from sts_export.graphs import VisionGraph
-    from sts_export.pruning.loop import divprune_picks, potential_energy_picks
     from sts_export.pruning.selection import anchor_index, divprune_select, potential_energy_select
 
-    model = case(*STS_S, 1).pipe.model
+    model = Pipeline.from_pretrained(NAME, budget=STS_S[1], method=method).model
+    assert model.recipe.dynamic_tokens
     g = np.random.default_rng(n + k)
     centers = g.normal(size=(8, 16)) * 3  # clustered, as vision tokens are: picks are well separated
     x = torch.tensor((centers[g.integers(0, 8, n)] + g.normal(size=(n, 16)))[None], dtype=torch.float32)
-    long_run = VisionGraph(model, "sts-s", "3%", k_max)._greedy(kind, x, k, None)  # first k of k_max
-    short_run = VisionGraph(model, "sts-s", "3%", k)._greedy(kind, x, k, None)  # exactly k steps
-    ref = potential_energy_select(x, k) if kind == "sts" else divprune_select(x, k)  # unrolled k steps
-    assert long_run.shape == (1, k)
+
+    def vision(steps: int, keep: int) -> tuple[torch.Tensor, torch.Tensor]:
+        graph = VisionGraph(model, method, STS_S[1], steps)  # an export whose greedy runs `steps` steps
+        graph.family = _GivenFeatures(x)
+        with torch.no_grad():  # inputs: the (ignored) tower inputs, then the length-only k_pre [K]
+            return graph(torch.zeros(1), torch.zeros(keep, dtype=torch.int64))
+
+    emb, long_run = vision(k_max, k)  # first k of k_max steps
+    _, short_run = vision(k, k)  # exactly k steps
+    ref = potential_energy_select(x, k) if method == "sts-s" else divprune_select(x, k)  # unrolled k steps
+    assert long_run.shape == (1, k) and long_run.dtype == torch.int64
     assert long_run[0].tolist() == short_run[0].tolist() == ref[0].tolist()
-    # and the greedy orders themselves: the k_max-step run starts with the k-step run
-    if kind == "sts":
-        first = anchor_index(x, "mean")[0]
-        picks_long, picks_short = potential_energy_picks(x[0], first, k_max), potential_energy_picks(x[0], first, k)
+    assert torch.equal(emb, x[:, long_run[0]])  # image_embeds are the kept tokens, in keep_pre order
+    # and the greedy orders themselves (the export's custom ops): a k_max-step run starts with the k-step run
+    if method == "sts-s":
+        op, first = torch.ops.sts.potential_energy_picks, anchor_index(x, "mean")[0]
     else:
-        picks_long, picks_short = divprune_picks(x[0], torch.tensor(-1), k_max), divprune_picks(x[0], torch.tensor(-1), k)
+        op, first = torch.ops.sts.divprune_picks, torch.tensor(-1)  # -1: DivPrune's own seed
+    picks_long, picks_short = op(x[0], first, k_max), op(x[0], first, k)
     assert picks_long[:k].tolist() == picks_short.tolist()
     assert len(set(picks_long[:min(n, k_max)].tolist())) == min(n, k_max)  # no token picked twice
 
@@ -279,7 +300,7 @@ def test_stage2_matches_transformers_attention(case) -> None:
     kp = split_budget(c.budget, RECIPE, "sts", n=c.inp.n).k_post
     assert c.gen.keep_post.shape == (1, kp) and kp < c.pipe.plan.k_post  # the first K' of a K'_max TopK
     start = c.prompt.image_start
-    emb = c.embeds(c.ref.project(c.ref_keep))  # the S1 sequence on transformers' side
+    emb = c.embeds(c.ref.project(c.gen.keep_pre[0].tolist()))  # the S1 sequence, transformers' features of our picks
     with torch.no_grad():
         out = c.ref.hf.model.language_model(inputs_embeds=emb, output_attentions=True)
     rel = out.attentions[pl][0, :, -1].mean(0)[start:start + k]  # [K]
@@ -293,6 +314,31 @@ def test_stage2_matches_transformers_attention(case) -> None:
         ref_logits = hf_decoder_forward(c.ref.hf, emb, pl, keep_idx)
     diff = (torch.from_numpy(c.gen.first_logits) - ref_logits).abs().max().item()
     assert diff <= 1e-4, diff
+
+
+def test_fastv_stage2_over_the_whole_span(case) -> None:
+    """fastv: no Stage 1, so the decoder sees transformers' packed span (newlines included) and Stage 2 at
+    layer 2 ranks every position of it; keep_post = top-K' of transformers' eager attention there. K' is
+    in the thousands, so neighbouring scores sit ~1e-7 apart: only entries within 1e-8 of the K'-th score (some
+    100x the fp32 noise of two implementations, scores ~3e-4) may swap."""
+    c = case(*FASTV, 6)
+    k = c.gen.keep_pre.shape[1]
+    kp = split_budget(c.budget, RECIPE, "fastv", n=c.inp.n_full).k_post
+    assert k == c.inp.n_full and c.gen.keep_post.shape == (1, kp) and kp < k
+    start = c.prompt.image_start
+    with torch.no_grad():
+        out = c.ref.hf.model.language_model(inputs_embeds=c.embeds(c.ref.span), output_attentions=True)
+    rel = out.attentions[FASTV_LAYER][0, :, -1].mean(0)[start:start + k]  # [N_full]
+    kth = torch.sort(rel, descending=True).values[kp - 1].item()
+    kept = torch.zeros(k, dtype=torch.bool)
+    kept[torch.from_numpy(c.gen.keep_post[0])] = True
+    assert c.gen.keep_post[0].tolist() == sorted(set(c.gen.keep_post[0].tolist()))  # ascending, distinct
+    assert rel[kept].min().item() >= kth - 1e-8 and rel[~kept].max().item() <= kth + 1e-8
+    ref = set(torch.sort(rel, descending=True, stable=True).indices[:kp].tolist())
+    assert all(abs(rel[i].item() - kth) <= 1e-8 for i in ref ^ set(c.gen.keep_post[0].tolist()))
+    newline = (c.ref.span == c.ref.hf.model.image_newline).all(-1)  # [N_full] transformers' newline slots
+    assert newline.sum().item() == k - c.inp.n > 0  # one per row of the unpadded grid
+    assert (kept & newline).any()  # newline slots are Stage 2 candidates too (FastV / DART)
 
 
 # ---------------------------------------------------------------------------------------------------- 5. decode

@@ -11,8 +11,10 @@ from sts_export.recipe import RECIPE_DIR, available_recipes
 def test_every_recipe_loads(name: str) -> None:
     r = load_recipe(name)
     assert r.name == name
-    # LLaVA-1.5: one 336-px crop of 24x24 patches; LLaVA-NeXT: base crop + at most 4 tiles of them (2880)
-    assert r.num_image_tokens == {"llava-1.5": 576, "llava-next": 2880}[r.family]
+    # LLaVA-1.5: one 336-px crop of 24x24 patches; LLaVA-NeXT: base crop + at most 4 tiles of them (2880);
+    # Qwen2.5-VL: one LLM token per 28x28 px of the largest image smart_resize allows
+    expected = {"llava-1.5": 576, "llava-next": 2880, "qwen2.5-vl": r.image_processor.max_pixels // (28 * 28)}
+    assert r.num_image_tokens == expected[r.family] and r.num_image_tokens > 0
     assert dataclasses.is_dataclass(r)
     with pytest.raises(dataclasses.FrozenInstanceError):
         r.name = "x"  # type: ignore[misc]

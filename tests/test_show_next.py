@@ -236,7 +236,7 @@ def test_run_show_kept_draws_next_panels(sts_pipe: Pipeline, monkeypatch: pytest
     class Pipe:  # the torch pipeline in place of an export directory's
         recipe, plan, backend, decode = sts_pipe.recipe, sts_pipe.plan, sts_pipe.backend, sts_pipe.decode
         prepare_image = staticmethod(sts_pipe.prepare_image)
-        pixel_values = staticmethod(sts_pipe.prepare_image)  # NeXT generates from its ImageInput
+        pixel_values = staticmethod(sts_pipe.prepare_image)  # NeXT generates from its ImageInput, never bare pixels
 
         @staticmethod
         def generate(*a, **k):

@@ -4,6 +4,7 @@ from __future__ import annotations
 import builtins
 import sys
 import types
+from pathlib import Path
 
 import numpy as np
 import onnx
@@ -112,6 +113,98 @@ def test_op_missing_from_old_table_but_in_new() -> None:
     (line,) = _one(m, trt_version="10.3")
     assert "not in the TensorRT 10.3" in line
     assert trt_check.check_model(m, trt_version="10.14").ok
+
+
+def _attention(q_shape: list = (1, 2, 4, 8), extra_inputs: int = 0, extra_outputs: int = 0, **attrs) -> onnx.ModelProto:
+    names = ["q", "k", "v", "", "pk", "pv"][: 3 + extra_inputs]
+    outs = ["y", "present_key"][: 1 + extra_outputs]
+    inputs = [helper.make_tensor_value_info("q", FLOAT, list(q_shape))]
+    inputs += [helper.make_tensor_value_info(n, FLOAT, [1, 2, 4, 8]) for n in ("k", "v", "pk", "pv")[: 2 + extra_inputs]]
+    return _model([helper.make_node("Attention", names, outs, name="sdpa", **attrs)], inputs,
+                  [helper.make_tensor_value_info(o, FLOAT, None) for o in outs], opset=23)
+
+
+def test_attention_limits_from_10_14() -> None:
+    assert trt_check.check_model(_attention(), trt_version="11.4").ok
+    (line,) = _one(_attention(q_shape=[2, 4, 8]), trt_version="11.4")  # 3-D Q: heads folded the ONNX way
+    assert "`Q` is 3-D" in line and "4-D" in line
+    lines = _one(_attention(extra_inputs=3, extra_outputs=1, softcap=1.0), trt_version="10.16")
+    assert any("`past_key`" in l for l in lines) and any("`present_key`" in l for l in lines)
+    assert any("`softcap`" in l for l in lines)
+
+
+def test_rows_of_10_15_and_11_x() -> None:
+    rope = _model([helper.make_node("RotaryEmbedding", ["x", "c", "s", "pos"], ["y"], name="rope")],
+                  [helper.make_tensor_value_info("x", FLOAT, [1, 2, 4, 8]),
+                   helper.make_tensor_value_info("c", FLOAT, [4, 4]), helper.make_tensor_value_info("s", FLOAT, [4, 4]),
+                   helper.make_tensor_value_info("pos", TensorProto.INT32, [1, 4])],
+                  [helper.make_tensor_value_info("y", FLOAT, None)], opset=23)
+    assert "not in the TensorRT 10.14" in _one(rope, trt_version="10.14")[0]
+    assert "INT64 position ids" in _one(rope, trt_version="10.15")[0]
+    swish = _model([helper.make_node("Swish", ["x"], ["y"], name="swish")],
+                   [helper.make_tensor_value_info("x", FLOAT, [4])], [helper.make_tensor_value_info("y", FLOAT, None)],
+                   opset=24)
+    assert not trt_check.check_model(swish, trt_version="10.16").ok  # 11.0 parser release note: Swish added
+    assert trt_check.check_model(swish, trt_version="11.0").ok
+    dft = _model([helper.make_node("DFT", ["x"], ["y"], name="dft")],
+                 [helper.make_tensor_value_info("x", FLOAT, [1, 8, 1])],
+                 [helper.make_tensor_value_info("y", FLOAT, None)], opset=20)
+    assert "unsupported" in _one(dft, trt_version="11.1")[0] and trt_check.check_model(dft, trt_version="11.2").ok
+    assert [trt_check.max_opset(v) for v in ("10.3", "10.15", "10.16", "11.4", "11.5")] == [20, 24, 24, 24, 25]
+    rep = trt_check.check_model(swish, trt_version="11.9")  # past the table: checked, with a warning that says so
+    assert rep.ok and any("table ends at TensorRT 11.5" in w for w in rep.warnings)
+
+
+def _block_dq(elem: int, zero_point: int | None = None) -> onnx.ModelProto:
+    inits = [helper.make_tensor("w", elem, [4, 64], [0] * 256), _const("s", np.ones((4, 2), np.float32))]
+    ins = ["w", "s"]
+    if zero_point is not None:
+        inits.append(helper.make_tensor("zp", elem, [4, 2], [zero_point] * 8))
+        ins.append("zp")
+    return _model([helper.make_node("DequantizeLinear", ins, ["wd"], axis=1, block_size=32, name="dq"),
+                   helper.make_node("MatMul", ["x", "wd"], ["y"], name="mm")],
+                  [helper.make_tensor_value_info("x", FLOAT, [2, 4])], [helper.make_tensor_value_info("y", FLOAT, None)],
+                  inits, opset=21)
+
+
+def test_blockwise_dequantize_per_release() -> None:
+    assert trt_check.check_model(_block_dq(TensorProto.INT4), trt_version="10.3").ok  # INT4 weight-only blocks
+    fp8 = _block_dq(TensorProto.FLOAT8E4M3FN)
+    (line,) = _one(fp8, trt_version="10.12")
+    assert "block-wise (block_size=32) FP8" in line and "INT4 only" in line
+    assert trt_check.check_model(fp8, trt_version="10.13").ok
+    assert "INT4, FP8, FP4 only" in _one(_block_dq(TensorProto.INT8), trt_version="11.4")[0]
+    (line,) = _one(_block_dq(TensorProto.INT4, zero_point=1), trt_version="11.4")
+    assert "symmetric" in line
+    assert trt_check.check_model(_block_dq(TensorProto.INT4, zero_point=0), trt_version="11.4").ok
+
+
+@pytest.mark.parametrize("bad", ["abc", "9.0", "8.6", "12.0", "10.3.1.2.3.4", "11.x", "10", "", "10.3,", " ,10.3"])
+def test_bad_versions_are_one_line(bad: str) -> None:
+    with pytest.raises(trt_check.VersionError) as e:
+        trt_check.parse_versions(bad)
+    assert "\n" not in str(e.value) and isinstance(e.value, StsError) and isinstance(e.value, ValueError)
+
+
+def test_versions_parse_and_default(monkeypatch: pytest.MonkeyPatch) -> None:
+    assert trt_check.parse_versions("10.3,10.16,11.4,10.3") == ["10.3", "10.16", "11.4"]
+    assert trt_check.parse_version("10.3.0.26") == (10, 3) and trt_check.parse_version("11.4.1") == (11, 4)
+    monkeypatch.setitem(trt_build._TRT_CACHE, "mod", None)  # no TensorRT here: JetPack 6.1/6.2's 10.3
+    assert trt_check.default_version() == "10.3"
+    monkeypatch.setitem(trt_build._TRT_CACHE, "mod", type("trt", (), {"__version__": "10.16.1.11"}))
+    assert trt_check.default_version() == "10.16"  # a Jetson on JetPack 7.2 checks against its own TensorRT
+
+
+def test_check_main_one_verdict_per_version(tmp_path, capsys: pytest.CaptureFixture) -> None:
+    onnx.save(_attention(), str(tmp_path / "attn.onnx"))
+    assert trt_check.main([str(tmp_path), "--trt-version", "10.3,11.4"]) == 1
+    out = capsys.readouterr().out
+    assert "TensorRT 10.3 compatibility: FAIL" in out and "TensorRT 11.4 compatibility: PASS" in out
+    assert "op 'Attention' is not in the TensorRT 10.3 ONNX parser's support table" in out
+    with pytest.raises(SystemExit) as e:
+        trt_check.main([str(tmp_path), "--trt-version", "abc"])
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and err.count("\n") == 1 and err.startswith("error: --trt-version 'abc'")
 
 
 def test_double_tensor() -> None:
@@ -363,71 +456,21 @@ class _Enum:
     def __repr__(self) -> str:
         return self.name
 
+    def __int__(self) -> int:
+        return {"STRONGLY_TYPED": 1}.get(self.name, 0)
 
-class _FakeTrt:
-    """Just enough of the TensorRT 10 Python API (names as in its pybind bindings) to drive build_engine."""
 
-    __version__ = "10.3.0.30"
-    float32, float16, int64 = _Enum("FLOAT"), _Enum("HALF"), _Enum("INT64")
+# The float/int DataType members both APIs have (names as in the pybind bindings: trt.float32.name == "FLOAT").
+_DT = {n: _Enum(n) for n in ("FLOAT", "HALF", "BF16", "INT32", "INT64", "BOOL", "INT8", "UINT8")}
+_ONNX_TO_TRT = {1: "FLOAT", 10: "HALF", 16: "BF16", 6: "INT32", 7: "INT64", 9: "BOOL", 3: "INT8", 2: "UINT8"}
 
-    class Logger:
-        WARNING, VERBOSE = 2, 4
 
-        def __init__(self, level: int) -> None:
-            self.level = level
+class _Flags:
+    """An enum namespace that has only the members it was made with: touching a removed one is AttributeError."""
 
-    class BuilderFlag:
-        FP16, BF16, TF32, OBEY_PRECISION_CONSTRAINTS = "FP16", "BF16", "TF32", "OBEY"
-
-    class NetworkDefinitionCreationFlag:
-        STRONGLY_TYPED = 1
-
-    class MemoryPoolType:
-        WORKSPACE = "WORKSPACE"
-
-    class IProgressMonitor:
-        def __init__(self) -> None:
-            pass
-
-    def __init__(self, network: "_FakeNetwork", parse_ok: bool = True) -> None:
-        self.network, self.parse_ok, self.configs = network, parse_ok, []
-        fake = self
-
-        class Builder:
-            def __init__(self, logger: object) -> None:
-                pass
-
-            def create_network(self, flags: int) -> _FakeNetwork:
-                fake.network.flags = flags
-                return fake.network
-
-            def create_builder_config(self) -> _FakeConfig:
-                fake.configs.append(_FakeConfig())
-                return fake.configs[-1]
-
-            def create_optimization_profile(self) -> dict:
-                return {}
-
-            def build_serialized_network(self, network: object, config: _FakeConfig) -> bytes:
-                mon = config.progress_monitor
-                mon.phase_start("Building engine", None, 10)
-                for i in range(10):
-                    assert mon.step_complete("Building engine", i)
-                mon.phase_finish("Building engine")
-                return b"ENGINE-BYTES"
-
-        class OnnxParser:
-            def __init__(self, network: object, logger: object) -> None:
-                self.num_errors = 0 if fake.parse_ok else 1
-
-            def parse_from_file(self, path: str) -> bool:
-                return fake.parse_ok
-
-            def get_error(self, i: int) -> object:
-                return types.SimpleNamespace(node_name=lambda: "n7", node=lambda: 7, node_operator=lambda: "Unique",
-                                             desc=lambda: "No importer registered for op: Unique")
-
-        self.Builder, self.OnnxParser = Builder, OnnxParser
+    def __init__(self, *names: str) -> None:
+        for n in names:
+            setattr(self, n, _Enum(n))
 
 
 class _FakeTensor:
@@ -436,6 +479,8 @@ class _FakeTensor:
 
 
 class _FakeLayer:
+    """A TensorRT 10.3 ILayer: the weak-typing setters exist (and are recorded, so a test can prove none is used)."""
+
     def __init__(self, name: str, ins: list, outs: list, type_: str = "MATRIX_MULTIPLY", metadata: str = "") -> None:
         self.name, self.type, self.metadata, self.ins, self.outs = name, _Enum(type_), metadata, ins, outs
         self.num_inputs, self.num_outputs, self.precision, self.out_types = len(ins), len(outs), None, {}
@@ -450,12 +495,29 @@ class _FakeLayer:
         self.out_types[i] = dtype
 
 
+class _FakeLayer11:
+    """A TensorRT 11 ILayer: no `precision`, no `set_output_type` (removed with weak typing)."""
+
+    __slots__ = ("name", "type", "metadata", "ins", "outs", "num_inputs", "num_outputs")
+
+    def __init__(self, name: str, ins: list, outs: list, type_: str = "MATRIX_MULTIPLY", metadata: str = "") -> None:
+        self.name, self.type, self.metadata, self.ins, self.outs = name, _Enum(type_), metadata, ins, outs
+        self.num_inputs, self.num_outputs = len(ins), len(outs)
+
+    def get_input(self, i: int) -> _FakeTensor:
+        return self.ins[i]
+
+    def get_output(self, i: int) -> _FakeTensor:
+        return self.outs[i]
+
+
 class _FakeNetwork:
-    def __init__(self, layers: list, inputs: list) -> None:
-        self.layers, self.inputs = layers, inputs
+    def __init__(self, layers: list, inputs: list, outputs: list = ()) -> None:
+        self.layers, self.inputs, self.outputs = layers, inputs, list(outputs)
 
     num_layers = property(lambda self: len(self.layers))
     num_inputs = property(lambda self: len(self.inputs))
+    num_outputs = property(lambda self: len(self.outputs))
 
     def get_layer(self, i: int) -> _FakeLayer:
         return self.layers[i]
@@ -463,68 +525,180 @@ class _FakeNetwork:
     def get_input(self, i: int) -> _FakeTensor:
         return self.inputs[i]
 
+    def get_output(self, i: int) -> _FakeTensor:
+        return self.outputs[i]
+
+
+def network_from_onnx(path: str, api: str) -> _FakeNetwork:
+    """What TensorRT's parser makes of an ONNX file, as far as build_engine reads it: one CONSTANT layer per float
+    initializer (its dtype and shape), a MATRIX_MULTIPLY per MatMul, and the graph IO (dynamic dims are -1)."""
+    m = onnx.load(path, load_external_data=False)
+    layer = _FakeLayer if api == "10.3" else _FakeLayer11
+    layers = [layer(f"const_{t.name}", [], [_FakeTensor(t.name, _DT[_ONNX_TO_TRT[t.data_type]], tuple(t.dims))],
+                    "CONSTANT") for t in m.graph.initializer if t.data_type in _ONNX_TO_TRT]
+    layers += [layer(n.name, [], [_FakeTensor(n.output[0], _DT["FLOAT"])]) for n in m.graph.node if n.op_type == "MatMul"]
+
+    def io(v: onnx.ValueInfoProto) -> _FakeTensor:
+        dims = tuple(d.dim_value if d.HasField("dim_value") else -1 for d in v.type.tensor_type.shape.dim)
+        return _FakeTensor(v.name, _DT[_ONNX_TO_TRT[v.type.tensor_type.elem_type]], dims)
+
+    return _FakeNetwork(layers, [io(v) for v in m.graph.input], [io(v) for v in m.graph.output])
+
 
 class _FakeConfig:
-    def __init__(self) -> None:
+    def __init__(self, calls: list, api: str) -> None:
+        self.calls, self.api = calls, api
         self.flags, self.cleared, self.profiles, self.pools = set(), set(), [], {}
         self.builder_optimization_level, self.progress_monitor, self.cache = None, None, None
 
-    def set_flag(self, f: str) -> None:
-        self.flags.add(f)
+    def set_flag(self, f: _Enum) -> None:
+        self.calls.append(f"config.set_flag({f})")
+        self.flags.add(str(f))
 
-    def clear_flag(self, f: str) -> None:
-        self.cleared.add(f)
+    def clear_flag(self, f: _Enum) -> None:
+        self.calls.append(f"config.clear_flag({f})")
+        self.cleared.add(str(f))
 
-    def set_memory_pool_limit(self, pool: str, size: int) -> None:
-        self.pools[pool] = size
+    def set_memory_pool_limit(self, pool: object, size: int) -> None:
+        self.calls.append(f"config.set_memory_pool_limit({pool})")
+        self.pools[str(pool)] = size
 
     def add_optimization_profile(self, p: dict) -> int:
+        self.calls.append("config.add_optimization_profile")
         self.profiles.append(p)
         return len(self.profiles) - 1
 
     def create_timing_cache(self, blob: bytes) -> types.SimpleNamespace:
+        self.calls.append("config.create_timing_cache")
         return types.SimpleNamespace(blob=blob, serialize=lambda: b"CACHE" + blob[-3:])
 
     def set_timing_cache(self, cache: object, ignore_mismatch: bool) -> bool:
+        self.calls.append("config.set_timing_cache")
         self.cache = cache
         return True
 
     def get_timing_cache(self) -> object:
+        self.calls.append("config.get_timing_cache")
         return self.cache
 
 
-def _profile_recorder() -> type:
+def _profile_recorder(calls: list) -> object:
     class P(dict):
         def set_shape(self, name: str, lo: tuple, opt: tuple, hi: tuple) -> None:
+            calls.append("profile.set_shape")
             self[name] = (lo, opt, hi)
 
         def set_shape_input(self, name: str, lo: tuple, opt: tuple, hi: tuple) -> None:
+            calls.append("profile.set_shape_input")
             self["values:" + name] = (lo, opt, hi)
 
-    return P
+    return P()
 
 
-@pytest.fixture
-def fake_trt(monkeypatch: pytest.MonkeyPatch) -> _FakeTrt:
-    f32, i64 = _FakeTrt.float32, _FakeTrt.int64
-    x = _FakeTensor("hidden", f32, (-1, -1, 8))
+class _FakeTrt:
+    """A stand-in `tensorrt` module with the TensorRT 10.3 Python API (names as in its pybind bindings): the
+    weakly typed builder flags and layer precision setters still exist, next to strong typing."""
+
+    api = "10.3"
+    __version__ = "10.3.0.30"
+    float32, float16, bfloat16, int64 = _DT["FLOAT"], _DT["HALF"], _DT["BF16"], _DT["INT64"]
+    BuilderFlag = _Flags("FP16", "BF16", "INT8", "FP8", "TF32", "OBEY_PRECISION_CONSTRAINTS",
+                         "PREFER_PRECISION_CONSTRAINTS", "VERSION_COMPATIBLE")
+    NetworkDefinitionCreationFlag = _Flags("STRONGLY_TYPED")
+    MemoryPoolType = _Flags("WORKSPACE")
+
+    class Logger:
+        WARNING, VERBOSE = 2, 4
+
+        def __init__(self, level: int) -> None:
+            self.level = level
+
+    class IProgressMonitor:
+        def __init__(self) -> None:
+            pass
+
+    def __init__(self, network: _FakeNetwork | None = None, parse_ok: bool = True) -> None:
+        self.network, self.parse_ok, self.configs, self.calls = network, parse_ok, [], []
+        fake = self
+
+        class Builder:
+            def __init__(self, logger: object) -> None:
+                fake.calls.append("Builder")
+
+            def create_network(self, flags: int) -> _FakeNetwork:
+                fake.calls.append(f"builder.create_network({flags})")
+                fake.flags = flags
+                return fake.network if fake.network is not None else _FakeNetwork([], [])
+
+            def create_builder_config(self) -> _FakeConfig:
+                fake.calls.append("builder.create_builder_config")
+                fake.configs.append(_FakeConfig(fake.calls, fake.api))
+                return fake.configs[-1]
+
+            def create_optimization_profile(self) -> dict:
+                fake.calls.append("builder.create_optimization_profile")
+                return _profile_recorder(fake.calls)
+
+            def build_serialized_network(self, network: object, config: _FakeConfig) -> bytes:
+                fake.calls.append("builder.build_serialized_network")
+                mon = config.progress_monitor
+                mon.phase_start("Building engine", None, 10)
+                for i in range(10):
+                    assert mon.step_complete("Building engine", i)
+                mon.phase_finish("Building engine")
+                return b"ENGINE-BYTES"
+
+        class OnnxParser:
+            def __init__(self, network: _FakeNetwork, logger: object) -> None:
+                fake.calls.append("OnnxParser")
+                self.network = network
+                self.num_errors = 0 if fake.parse_ok else 1
+
+            def parse_from_file(self, path: str) -> bool:
+                fake.calls.append("parser.parse_from_file")
+                if fake.parse_ok and fake.network is None:  # parse the real file: constants, IO, MatMuls
+                    parsed = network_from_onnx(path, fake.api)
+                    self.network.layers, self.network.inputs = parsed.layers, parsed.inputs
+                    self.network.outputs = parsed.outputs
+                return fake.parse_ok
+
+            def get_error(self, i: int) -> object:
+                return types.SimpleNamespace(node_name=lambda: "n7", node=lambda: 7, node_operator=lambda: "Unique",
+                                             desc=lambda: "No importer registered for op: Unique")
+
+        self.Builder, self.OnnxParser = Builder, OnnxParser
+
+
+class _FakeTrt11(_FakeTrt):
+    """The same stand-in with TensorRT 11's API: weak typing removed (no BuilderFlag.FP16/BF16/INT8/FP8,
+    OBEY/PREFER_PRECISION_CONSTRAINTS; no ILayer.precision / set_output_type), STRONGLY_TYPED kept but ignored
+    (NVIDIA's "TensorRT 10.x to 11.x Python API" migration guide, "Removed Python APIs and Replacements")."""
+
+    api = "11"
+    __version__ = "11.4.1.2"
+    BuilderFlag = _Flags("TF32", "VERSION_COMPATIBLE")
+    NetworkDefinitionCreationFlag = _Flags("STRONGLY_TYPED")
+
+
+def _stand_in_layers(layer: type) -> tuple[list, list]:
+    f32, f16, i64 = _DT["FLOAT"], _DT["HALF"], _DT["INT64"]
+    x = _FakeTensor("hidden", f16, (-1, -1, 8))
     start = _FakeTensor("image_start", i64, (), is_shape_tensor=True)
     layers = [
-        _FakeLayer("stage1/MatMul", [x, x], [_FakeTensor("stage1/scores", f32)]),
-        _FakeLayer("ONNXTRT_shuffle_3", [_FakeTensor("stage1/scores", f32)], [_FakeTensor("t3", f32)], "SHUFFLE"),
-        _FakeLayer("node_12", [_FakeTensor("t3", f32)], [_FakeTensor("t4", f32)], "SOFTMAX",
-                   metadata="[ONNX Layer: stage1/softmax]"),
-        _FakeLayer("stage1/ArgMin", [_FakeTensor("t4", f32)], [_FakeTensor("idx", i64)], "TOPK"),
-        _FakeLayer("stage1/cast_idx", [_FakeTensor("idx", i64)], [_FakeTensor("idx32", _FakeTrt.int64)], "CAST"),
-        _FakeLayer("stage1/trip", [], [_FakeTensor("k", i64)], "TRIP_LIMIT"),
-        _FakeLayer("lm/MatMul", [x, x], [_FakeTensor("logits", f32)]),
-        # dynamo-style names: only the ONNX node's metadata says it is in the stage1 module
-        _FakeLayer("node_Sub_14", [x], [_FakeTensor("sub_14", f32)], "ELEMENTWISE", "[ONNX Layer: node_Sub_14]"),
-        _FakeLayer("node_Sub_14_1", [x], [_FakeTensor("sub_14b", f32)], "ELEMENTWISE"),
-        _FakeLayer("node_Add_3", [x], [_FakeTensor("add_3", f32)], "ELEMENTWISE", "[ONNX Layer: node_Add_3]"),
+        layer("w_proj", [], [_FakeTensor("w_proj", f16, (8, 8))], "CONSTANT"),
+        layer("stage1_eps", [], [_FakeTensor("stage1_eps", f32, (1,))], "CONSTANT"),  # a small fp32 Stage-1 constant
+        layer("stage1/MatMul", [x, x], [_FakeTensor("stage1/scores", f32)]),
+        layer("lm/MatMul", [x, x], [_FakeTensor("logits", f16)]),
     ]
-    fake = _FakeTrt(_FakeNetwork(layers, [x, start]))
-    fake.Builder.create_optimization_profile = lambda self: _profile_recorder()()
+    return layers, [x, start]
+
+
+@pytest.fixture(params=["10.3", "11"])
+def fake_trt(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> _FakeTrt:
+    """The build stand-in, once with TensorRT 10.3's API and once with TensorRT 11's."""
+    cls = _FakeTrt if request.param == "10.3" else _FakeTrt11
+    layers, inputs = _stand_in_layers(_FakeLayer if request.param == "10.3" else _FakeLayer11)
+    fake = cls(_FakeNetwork(layers, inputs, [_FakeTensor("logits", _DT["HALF"])]))
     monkeypatch.setitem(trt_build._TRT_CACHE, "mod", fake)
     return fake
 
@@ -538,58 +712,100 @@ def test_build_engine_plumbing(fake_trt: _FakeTrt, tmp_path) -> None:
     onnx.helper.set_metadata_props(m.graph.node[1], {"pkg.torch.onnx.name_scopes": "['', 'lm', 'add_3']"})
     onnx.save(m, str(onnx_path))
     assert trt_build.onnx_nodes_matching(onnx_path, "stage1") == {"node_Sub_14"}
-    spec = {"inputs": [{"name": "hidden", "dtype": "float32", "shape": ["B", "S1", 8]},
+    spec = {"inputs": [{"name": "hidden", "dtype": "float16", "shape": ["B", "S1", 8]},
                        {"name": "image_start", "dtype": "int64", "shape": []}]}
     profiles = trt_build.profiles_for_graph("prune", spec, max_batch=2, max_prompt=100, max_context=200)
     logs: list[str] = []
     cache = tmp_path / "timing.cache"
     info = trt_build.build_engine(onnx_path, tmp_path / "out" / "prune.engine", precision="fp16", profiles=profiles,
-                                  timing_cache_path=cache, workspace_bytes=1 << 30, fp32_layers_pattern="stage1",
-                                  progress=logs.append, opt_level=4)
+                                  timing_cache_path=cache, workspace_bytes=1 << 30, progress=logs.append, opt_level=4)
     assert (tmp_path / "out" / "prune.engine").read_bytes() == b"ENGINE-BYTES"
     assert not list((tmp_path / "out").glob(".*"))  # the temp file was renamed away
     assert cache.read_bytes() == b"CACHE"
     cfg = fake_trt.configs[-1]
-    assert cfg.flags == {"FP16", "OBEY"} and "TF32" in cfg.cleared
+    # strongly typed on both APIs: the STRONGLY_TYPED network flag, no precision builder flag, TF32 off
+    assert fake_trt.flags == 1 << 1 and cfg.flags == set() and cfg.cleared == {"TF32"}
+    assert not any("set_flag" in c for c in fake_trt.calls)
     assert cfg.builder_optimization_level == 4 and cfg.pools == {"WORKSPACE": 1 << 30}
-    layers = {l.name: l for l in fake_trt.network.layers}
-    # pinned: by name, by input tensor name (importer helper layer), by ONNX-node metadata
-    for name in ("stage1/MatMul", "ONNXTRT_shuffle_3", "node_12", "stage1/ArgMin", "node_Sub_14", "node_Sub_14_1"):
-        assert layers[name].precision is _FakeTrt.float32, name
-    assert layers["node_Add_3"].precision is None
-    assert layers["stage1/MatMul"].out_types == {0: _FakeTrt.float32}
-    assert layers["stage1/ArgMin"].out_types == {}  # int output left alone
-    assert layers["stage1/cast_idx"].precision is None  # no float IO
-    assert layers["stage1/trip"].precision is None and layers["lm/MatMul"].precision is None
-    assert info["fp32_layers"] == 6 and info["precision"] == "fp16" and info["trt_version"] == "10.3.0.30"
+    for layer in fake_trt.network.layers:  # no layer precision is pinned (11 has no setter to call)
+        assert getattr(layer, "precision", None) is None and getattr(layer, "out_types", {}) == {}
+    # precision read back from the network: fp16 weights (64 elements) outweigh the fp32 Stage-1 constant
+    assert info["precision"] == "fp16" and info["float_constants"] == {"fp16": 64, "fp32": 1}
+    assert info["strongly_typed"] and info["trt_version"] == fake_trt.__version__
+    assert info["io_dtypes"] == {"hidden": "HALF", "image_start": "INT64", "logits": "HALF"}
     (prof,) = cfg.profiles
     assert prof["hidden"] == ((1, 1, 8), (1, 100, 8), (2, 100, 8))
     assert prof["values:image_start"] == ((0,), (32,), (100,))
     assert any("Building engine" in m for m in logs) and any("100%" in m for m in logs)
     # the timing cache is loaded on the next build
-    trt_build.build_engine(onnx_path, tmp_path / "prune.engine", precision="fp32", profiles=profiles,
-                           timing_cache_path=cache, progress=logs.append)
+    trt_build.build_engine(onnx_path, tmp_path / "prune.engine", profiles=profiles, timing_cache_path=cache,
+                           progress=logs.append)
     assert fake_trt.configs[-1].cache.blob == b"CACHE" and fake_trt.configs[-1].flags == set()
-    # strongly typed (what engines.py asks for; the only mode TensorRT 11 has): types come from the ONNX graph
-    info = trt_build.build_engine(onnx_path, tmp_path / "st.engine", precision="fp16", profiles=profiles,
-                                  fp32_layers_pattern="stage1", strongly_typed=True, progress=logs.append)
-    assert fake_trt.network.flags == 1 << 1 and fake_trt.configs[-1].flags == set()
-    assert info["strongly_typed"] and info["fp32_layers"] == 0
+    # asked for another precision than the network has: one line, before anything is built
+    n_built = fake_trt.calls.count("builder.build_serialized_network")
+    with pytest.raises(StsError) as e:
+        trt_build.build_engine(onnx_path, tmp_path / "bf.engine", precision="bf16", profiles=profiles, progress=print)
+    assert "fp16 graph" in str(e.value) and "--dtype bf16" in str(e.value) and "\n" not in str(e.value)
+    assert fake_trt.calls.count("builder.build_serialized_network") == n_built
+    assert not (tmp_path / "bf.engine").exists()
+
+
+def _build_calls(cls: type, tmp_path: Path) -> list[str]:
+    """The TensorRT calls one build_engine makes on stand-in `cls` (the same graph, profiles and options)."""
+    fake = cls()
+    trt_build._TRT_CACHE["mod"] = fake
+    try:
+        path = tmp_path / f"g{cls.api}.onnx"
+        w = numpy_helper.from_array(np.ones((8, 8), np.float16), "w")
+        g = helper.make_graph([helper.make_node("MatMul", ["x", "w"], ["y"], name="mm")], "g",
+                              [helper.make_tensor_value_info("x", TensorProto.FLOAT16, ["B", 8])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT16, ["B", 8])], [w])
+        onnx.save(helper.make_model(g, opset_imports=[helper.make_opsetid("", 18)], ir_version=9), str(path))
+        spec = {"inputs": [{"name": "x", "dtype": "float16", "shape": ["B", 8]}]}
+        info = trt_build.build_engine(path, tmp_path / f"g{cls.api}.engine", precision="fp16", progress=lambda s: None,
+                                      profiles=trt_build.profiles_for_graph("g", spec, max_batch=2, max_prompt=8,
+                                                                            max_context=16),
+                                      timing_cache_path=tmp_path / f"t{cls.api}.cache", workspace_bytes=1 << 20)
+        assert info["precision"] == "fp16" and info["trt_version"] == cls.__version__
+        return fake.calls
+    finally:
+        trt_build._TRT_CACHE.pop("mod", None)
+
+
+def test_same_strongly_typed_calls_on_10_3_and_11(tmp_path) -> None:
+    calls_10, calls_11 = _build_calls(_FakeTrt, tmp_path), _build_calls(_FakeTrt11, tmp_path)
+    assert calls_10 == calls_11  # one code path: no version branch in the calls made
+    assert "builder.create_network(2)" in calls_10 and "config.clear_flag(TF32)" in calls_10
+    assert not [c for c in calls_10 if "set_flag" in c or "precision" in c]
+
+
+def test_network_flag_shim_without_strongly_typed_member() -> None:
+    later = type("trt", (), {"NetworkDefinitionCreationFlag": _Flags()})  # a TensorRT that dropped the member
+    assert trt_build._network_flags(later) == 0 and trt_build._network_flags(_FakeTrt11) == 2
 
 
 def test_build_engine_errors_are_one_line(fake_trt: _FakeTrt, tmp_path) -> None:
     onnx_path = tmp_path / "vision.onnx"
     onnx_path.write_bytes(b"x")
     with pytest.raises(StsError) as e:  # dynamic input without a profile
-        trt_build.build_engine(onnx_path, tmp_path / "v.engine", precision="fp32", profiles=[], progress=print)
+        trt_build.build_engine(onnx_path, tmp_path / "v.engine", profiles=[], progress=print)
     assert "profile" in str(e.value) and "\n" not in str(e.value)
     fake_trt.parse_ok = False
     with pytest.raises(StsError) as e:
-        trt_build.build_engine(onnx_path, tmp_path / "v.engine", precision="fp32", profiles=[], progress=print)
+        trt_build.build_engine(onnx_path, tmp_path / "v.engine", profiles=[], progress=print)
     assert "n7(Unique)" in str(e.value) and "sts_export.backends.tensorrt.check" in str(e.value) and "\n" not in str(e.value)
     with pytest.raises(StsError, match="precision"):
         trt_build.build_engine(onnx_path, tmp_path / "v.engine", precision="int8", profiles=[])
     assert not (tmp_path / "v.engine").exists()
+
+
+def test_require_tensorrt_refuses_an_unknown_major(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setitem(trt_build._TRT_CACHE, "mod", type("trt", (), {"__version__": "12.0.0"}))
+    with pytest.raises(StsError, match="newer than sts-export knows"):
+        trt_build.require_tensorrt()
+    monkeypatch.setitem(trt_build._TRT_CACHE, "mod", type("trt", (), {"__version__": "10.2.0"}))
+    with pytest.raises(StsError, match="too old"):
+        trt_build.require_tensorrt()
 
 
 class _FakeEngine:

@@ -78,8 +78,8 @@ def built(tmp_path_factory: pytest.TempPathFactory) -> dict:
     assert trt_check.check_dir(d)["mm"].ok and trt_check.check_dir(d)["segment1"].ok
     cache = d / "timing.cache"
     logs: list[str] = []
-    info_mm = trt_build.build_engine(
-        mm, d / "mm.engine", precision="fp16", fp32_layers_pattern="stage1", timing_cache_path=cache,
+    info_mm = trt_build.build_engine(  # strongly typed: an fp32 graph builds an fp32 engine
+        mm, d / "mm.engine", precision="fp32", timing_cache_path=cache,
         profiles=trt_build.profiles_for_graph("mm", MM_SPEC, max_batch=2, max_prompt=64, max_context=128),
         workspace_bytes=1 << 28, opt_level=1, progress=logs.append)
     info_seg = trt_build.build_engine(
@@ -92,7 +92,11 @@ def test_build_info_and_files(built: dict) -> None:
     info = built["info_mm"]
     assert Path(info["engine"]).stat().st_size == info["size_bytes"] > 0
     assert info["trt_version"] == trt.__version__ and info["compute_capability"]
-    assert info["fp32_layers"] >= 1  # the stage1/matmul layer was pinned
+    assert info["precision"] == "fp32" and info["strongly_typed"]  # read back from TensorRT's parsed network
+    with pytest.raises(StsError, match="--dtype fp16"):  # an fp32 graph is never labelled fp16
+        trt_build.build_engine(built["mm"], built["dir"] / "mm16.engine", precision="fp16", opt_level=1,
+                               profiles=trt_build.profiles_for_graph("mm", MM_SPEC, max_batch=2, max_prompt=64,
+                                                                     max_context=128))
     assert built["cache"].exists() and built["cache"].stat().st_size > 0
     assert not list(built["dir"].glob(".*.tmp"))  # atomic writes left nothing behind
     assert any("parsing" in m for m in built["logs"])
@@ -105,7 +109,7 @@ def test_matmul_softmax_matches_onnxruntime(built: dict) -> None:
     x = np.random.default_rng(1).standard_normal((2, 7, D)).astype(np.float32)
     (ref,) = _ort(built["mm"], {"x": x})
     y = be.to_numpy(be.run("mm", {"x": be.from_numpy(x)})["y"])
-    np.testing.assert_allclose(y, ref, atol=2e-2)  # fp16 softmax, fp32 (pinned) matmul
+    np.testing.assert_allclose(y, ref, atol=1e-4)  # fp32 engine (TF32 off)
 
 
 def test_segment_prefill_then_decode_on_device(built: dict) -> None:

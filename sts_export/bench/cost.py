@@ -96,26 +96,70 @@ def _dtype_bytes(dtype: str) -> int:
     return DTYPE_BYTES[dtype]
 
 
+def token_grid(recipe: Recipe, image_size: tuple[int, int] | None = None) -> tuple[int, int] | None:
+    """Dynamic-resolution recipes (Qwen2.5-VL): (rows, cols) of the LLM-token grid an image of (width, height)
+    gets after smart_resize; without a size, the largest square image max_pixels allows. None for the others
+    (their N comes from the recipe)."""
+    p = recipe.image_processor
+    if not p.max_pixels:
+        return None
+    from sts_export.families.qwen2_5_vl import token_layout
+
+    if image_size is None:
+        side = math.isqrt(p.max_pixels)
+        image_size = (side, side)
+    lay = token_layout(image_size, patch_size=recipe.vision.patch_size, merge_size=recipe.vision.spatial_merge_size,
+                       min_pixels=p.min_pixels, max_pixels=p.max_pixels)
+    return lay.llm_grid
+
+
 def sequence_lengths(
-    recipe: Recipe, budget: int | str, method: str = "sts", prompt_tokens: int | None = None
+    recipe: Recipe, budget: int | str, method: str = "sts", prompt_tokens: int | None = None,
+    image_size: tuple[int, int] | None = None,
 ) -> Sequence:
-    """T, K, K', prune_layer, S1 = T + K and S2 = S1 - K + K' for a method at a budget (or 'full')."""
+    """T, K, K', prune_layer, S1 = T + K and S2 = S1 - K + K' for a method at a budget (or 'full').
+
+    Dynamic-resolution recipes (Qwen2.5-VL): N is that of an image of `image_size` (width, height), see
+    `token_grid`, and K, K' are that image's (ratio budgets: of its N)."""
     check_method(method)
     budget = parse_budget(budget)
     text = DEFAULT_TEXT_TOKENS if prompt_tokens is None else prompt_tokens
     if isinstance(text, bool) or not isinstance(text, int) or text < 1:
         raise StsError(f"prompt_tokens (text tokens around the image) must be a positive integer, got {text!r}")
+    grid = token_grid(recipe, image_size)
+    if grid is not None:
+        k, k2 = split_budget(budget, recipe, method, n=grid[0] * grid[1])
+        k2 = k2 if has_stage2(method, budget) else k
+        return Sequence(text, k, k2, prune_layer_for(method, recipe), text + k, text + k2)
     k, k2 = split_budget(budget, recipe, method)
+    if (budget == "full" or method in ("none", "fastv")) and recipe.dynamic_tokens:
+        k = recipe.max_image_span  # no Stage 1: the whole packed span, anyres newline tokens included
+        k2 = k if not has_stage2(method, budget) else k2
     if not has_stage2(method, budget):
         k2 = k
     return Sequence(text, k, k2, prune_layer_for(method, recipe), text + k, text + k2)
 
 
+def _qwen_vision_params(v: Any) -> tuple[int, int]:
+    """(ViT, PatchMerger) parameters of Qwen2.5-VL's vision side."""
+    c, ic, u = v.hidden_size, v.intermediate_size, v.spatial_merge_size**2
+    block = (3 * c * c + 3 * c) + (c * c + c) + 3 * (c * ic) + 2 * ic + c + 2 * c  # qkv, proj, SwiGLU w/ bias, 2 norms
+    patch = 3 * v.temporal_patch_size * v.patch_size**2 * c  # Conv3d, no bias
+    merger = c + (u * c) ** 2 + u * c + u * c * v.out_hidden_size + v.out_hidden_size  # ln_q, Linear, Linear
+    return patch + v.num_layers * block, merger
+
+
 def param_counts(recipe: Recipe) -> dict[str, int]:
-    """Parameters per part: the CLIP layers that run, projector, decoder, lm_head, embedding."""
+    """Parameters per part: the CLIP layers that run (Qwen2.5-VL: its ViT), projector (its PatchMerger), decoder,
+    lm_head, embedding."""
     v, t = recipe.vision, recipe.text
     c, ic, h = v.hidden_size, v.intermediate_size, t.hidden_size
     kvd = t.num_kv_heads * t.head_dim
+    if recipe.image_processor.max_pixels:
+        vit, merger = _qwen_vision_params(v)
+        dec_layer = 2 * h * h + 2 * h * kvd + 3 * h * t.intermediate_size + 2 * h + (h + 2 * kvd)  # + q/k/v biases
+        return {"vision": vit, "projector": merger, "decoder_layer": dec_layer, "decoder": t.num_layers * dec_layer + h,
+                "lm_head": t.vocab_size * h, "embed": t.vocab_size * h}
     clip_layer = 4 * (c * c + c) + (c * ic + ic) + (ic * c + c) + 4 * c  # q,k,v,o + fc1,fc2 + 2 LayerNorms
     # patch conv (no bias) + class embedding + position embedding + pre-LayerNorm
     vision_embed = 3 * v.patch_size**2 * c + c + (v.num_patches + 1) * c + 2 * c
@@ -204,26 +248,87 @@ def _phase(dtype: str, detail: dict[str, float], fp32_flops: float, weight: floa
     )
 
 
-def _vision_cost(
-    recipe: Recipe, seq: Sequence, method: str, selecting: bool, anchor: str, batch: int, dtype: str
-) -> PhaseCost:
-    v, h = recipe.vision, recipe.text.hidden_size
-    n, c, db = v.num_patches, v.hidden_size, DTYPE_BYTES[dtype]
-    tv = n + 1  # CLS + patches run through the tower
-    patch = 2.0 * n * (3 * v.patch_size**2) * c  # conv as [N, 3*p*p] x [3*p*p, C]
-    # per layer: q,k,v,o + fc1,fc2 [T,C]x[C,*], then QK^T and PV, bidirectional over T tokens
-    layer = 2.0 * tv * (4 * c * c + 2 * c * v.intermediate_size) + 2 * 2.0 * tv * tv * c
-    n_proj = n if method == "divprune" and selecting else seq.k_pre  # divprune selects on projected tokens
+def vit_attention_flops(recipe: Recipe, grid: tuple[int, int], windowed: bool = False) -> float:
+    """QK^T and PV FLOPs of all Qwen2.5-VL ViT blocks on an image of `grid` LLM tokens: dense (every block
+    Np^2, what the exported graph computes) or `windowed` (the windowed blocks only within their windows)."""
+    from sts_export.families.qwen2_5_vl import window_layout
+
+    v = recipe.vision
+    m, u = v.spatial_merge_size, v.spatial_merge_size**2
+    np_ = grid[0] * grid[1] * u
+    n_full = len(v.fullatt_block_indexes)
+    keys = float(np_) * np_
+    if windowed:
+        _, win = window_layout((1, grid[0] * m, grid[1] * m), m, v.window_size, v.patch_size)  # units per window
+        keys = float(((win * u) ** 2).sum())
+    return 2 * 2.0 * v.hidden_size * (n_full * float(np_) * np_ + (v.num_layers - n_full) * keys)
+
+
+def _qwen_vision_cost(recipe: Recipe, seq: Sequence, method: str, selecting: bool, anchor: str, batch: int,
+                      dtype: str, grid: tuple[int, int]) -> PhaseCost:
+    """Qwen2.5-VL's vision graph on one image of `grid` LLM tokens: patch embedding (a linear over the 1176
+    pixels of each of the Np = 4N patches), the blocks, Stage 1 on the N 2x2-mean features, and the
+    PatchMerger (Linear 4C->4C, Linear 4C->Hd) on the kept tokens (on all N for `divprune`, which selects on
+    merged embeddings, and without Stage 1).
+
+    Attention is counted as the exported graph computes it: windowed blocks attend within their 112-px
+    window through a dense [Np, Np] equality mask (no data-dependent shapes), so every block does Np^2 work
+    on kernels that do not skip masked tiles (ONNX Runtime, TensorRT's fused MHA). A windowed / varlen kernel
+    (transformers with FlashAttention) would do sum over windows of (patches in it)^2 in the windowed
+    blocks instead: `vit_attention_flops(..., windowed=True)`."""
+    v, h, db = recipe.vision, recipe.text.hidden_size, DTYPE_BYTES[dtype]
+    u, c = v.spatial_merge_size**2, v.hidden_size
+    rows, cols = grid
+    n = rows * cols
+    np_ = n * u
+    patch = 2.0 * np_ * (3 * v.temporal_patch_size * v.patch_size**2) * c
+    linear = 2.0 * np_ * (3 * c * c + c * c + 3 * c * v.intermediate_size)  # qkv, proj, gate/up/down
+    attention = vit_attention_flops(recipe, grid)
+    n_proj = n if (method == "divprune" and selecting) or not selecting else seq.k_pre
     stage1 = _stage1_flops(method, n, c, h, seq.k_pre, anchor) if selecting else 0.0
     detail = {
-        "encoder": batch * (patch + v.layers_used * layer),
+        "encoder": batch * (patch + v.num_layers * linear + attention),
+        "stage1": batch * stage1,
+        "projector": batch * 2.0 * n_proj * (u * c * u * c + u * c * h),  # the PatchMerger's two linears
+    }
+    params = param_counts(recipe)
+    weight = (params["vision"] + params["projector"]) * db
+    act = np_ * 3 * v.temporal_patch_size * v.patch_size**2 * db  # pixel_values in
+    act += np_ * (v.hidden_size // v.num_heads // 2) * FP32_BYTES + (n + np_) * INDEX_BYTES  # rotary, window ids
+    act += np_ * np_ * FP32_BYTES  # the windowed blocks' equality mask, built once
+    act += v.num_layers * 2 * np_ * c * FP32_BYTES  # residual stream in/out per block (kept fp32, see layers.py)
+    act += n_proj * u * c * FP32_BYTES + seq.k_pre * (h * db + INDEX_BYTES)  # merger input, image_embeds + keep_pre
+    if selecting and method in ("sts", "sts-s", "divprune"):
+        feat_dim = h if method == "divprune" else c
+        act += n * feat_dim * db + 2 * n * n * FP32_BYTES  # features read; D [N,N] fp32 written + read
+    return _phase(dtype, detail, batch * stage1, weight, 0.0, batch * act)
+
+
+def _vision_cost(
+    recipe: Recipe, seq: Sequence, method: str, selecting: bool, anchor: str, batch: int, dtype: str,
+    grid: tuple[int, int] | None = None,
+) -> PhaseCost:
+    if grid is not None:
+        return _qwen_vision_cost(recipe, seq, method, selecting, anchor, batch, dtype, grid)
+    v, h = recipe.vision, recipe.text.hidden_size
+    crops = recipe.num_image_tokens // v.num_patches  # anyres: the base crop + the most tiles (LLaVA-1.5: 1)
+    n, c, db = recipe.num_image_tokens, v.hidden_size, DTYPE_BYTES[dtype]  # n: Stage 1 candidates of all crops
+    tv = v.num_patches + 1  # CLS + patches of one crop run through the tower
+    patch = 2.0 * n * (3 * v.patch_size**2) * c  # conv as [N, 3*p*p] x [3*p*p, C] over every crop
+    # per layer: q,k,v,o + fc1,fc2 [T,C]x[C,*], then QK^T and PV, bidirectional over T tokens
+    layer = 2.0 * tv * (4 * c * c + 2 * c * v.intermediate_size) + 2 * 2.0 * tv * tv * c
+    # divprune selects on projected tokens; without Stage 1 every crop's tokens are projected
+    n_proj = n if (method == "divprune" and selecting) or not selecting else seq.k_pre
+    stage1 = _stage1_flops(method, n, c, h, seq.k_pre, anchor) if selecting else 0.0
+    detail = {
+        "encoder": batch * (patch + crops * v.layers_used * layer),
         "stage1": batch * stage1,
         "projector": batch * 2.0 * n_proj * (c * h + h * h),  # [n,C]x[C,H], [n,H]x[H,H]
     }
     params = param_counts(recipe)
     weight = (params["vision"] + params["projector"]) * db
-    act = 3 * v.image_size**2 * db  # pixel_values in
-    act += v.layers_used * 2 * tv * c * db  # residual stream in/out per layer
+    act = crops * 3 * v.image_size**2 * db  # pixel_values in
+    act += crops * v.layers_used * 2 * tv * c * db  # residual stream in/out per layer
     act += n_proj * h * db + seq.k_pre * (h * db + INDEX_BYTES)  # projector output, image_embeds + keep_pre out
     if selecting and method in ("sts", "sts-s", "divprune"):
         feat_dim = h if method == "divprune" else c
@@ -284,12 +389,14 @@ def phase_costs(
     decode_context: int | None = None,
     batch: int = 1,
     anchor: str | None = None,
+    image_size: tuple[int, int] | None = None,
 ) -> dict[str, PhaseCost]:
     """FLOPs and bytes of the vision, prefill and decode phases (see the module docstring).
 
     prompt_tokens: text tokens around the image (default DEFAULT_TEXT_TOKENS = 36).
     decode_context: decode step t (tokens generated before it, default 0); the step attends to
     S1 + t + 1 keys in layers < prune_layer and S2 + t + 1 in the rest.
+    image_size: (width, height) of the image for dynamic-resolution recipes (Qwen2.5-VL; see `token_grid`).
     """
     check_method(method)
     budget = parse_budget(budget)
@@ -302,7 +409,7 @@ def phase_costs(
     anchor = recipe.pruning.anchor if anchor is None else anchor
     if anchor not in ("mean", "first", "saliency"):
         raise StsError(f"unknown anchor '{anchor}'; choose one of mean, first, saliency")
-    seq = sequence_lengths(recipe, budget, method, prompt_tokens)
+    seq = sequence_lengths(recipe, budget, method, prompt_tokens, image_size)
     if seq.s1 + step + 1 > recipe.text.max_position_embeddings:
         raise StsError(
             f"S1 + decode_context + 1 = {seq.s1 + step + 1} exceeds the model's "
@@ -310,7 +417,7 @@ def phase_costs(
         )
     selecting = budget != "full" and method in STAGE1_METHODS
     return {
-        "vision": _vision_cost(recipe, seq, method, selecting, anchor, batch, dtype),
+        "vision": _vision_cost(recipe, seq, method, selecting, anchor, batch, dtype, token_grid(recipe, image_size)),
         "prefill": _prefill_cost(recipe, seq, has_stage2(method, budget), batch, dtype),
         "decode": _decode_cost(recipe, seq, step, batch, dtype),
     }
@@ -330,6 +437,7 @@ class Device:
     bandwidth_gbs: float  # peak DRAM bandwidth, GB/s (1e9 bytes/s)
     memory_gb: float  # device memory (shared with the CPU on Jetson)
     source: str  # vendor document title/URL the figures come from
+    system_reserve_gb: float = 0.0  # what the OS keeps of memory_gb (Jetson: shared with Linux), for memory_fit
 
 
 def load_devices(path: str | os.PathLike | None = None) -> dict[str, Device]:
@@ -394,11 +502,13 @@ def cost_summary(
     decode_context: int | None = None,
     batch: int = 1,
     device: Device | str | None = None,
+    image_size: tuple[int, int] | None = None,
 ) -> dict[str, Any]:
     """Flat, JSON-ready summary for `--cost-only`: sequence lengths, KV bytes, per-phase FLOPs/bytes (+ roofline)."""
-    seq = sequence_lengths(recipe, budget, method, prompt_tokens)
+    seq = sequence_lengths(recipe, budget, method, prompt_tokens, image_size)
     costs = phase_costs(
-        recipe, budget, method, dtype=dtype, prompt_tokens=prompt_tokens, decode_context=decode_context, batch=batch
+        recipe, budget, method, dtype=dtype, prompt_tokens=prompt_tokens, decode_context=decode_context, batch=batch,
+        image_size=image_size,
     )
     out: dict[str, Any] = {
         "recipe": recipe.name,
@@ -419,4 +529,91 @@ def cost_summary(
         for phase, t in roofline_terms(costs, dev).items():
             out[f"{phase}_roofline_ms"] = t["bound_ms"]
             out[f"{phase}_bound"] = t["bound"]
+    return out
+
+
+# --------------------------------------------------------------------------- weights (quantized) and memory fit
+# What a configuration holds in memory besides weights, KV cache and activations: the CUDA context, cuBLAS/cuDNN
+# handles and TensorRT's execution context (or ONNX Runtime's arena). An assumption, not a measurement here: no
+# GPU or Jetson was available to this project (NVIDIA documents no figure; ~0.5-1 GB is what Jetson users report).
+RUNTIME_OVERHEAD_BYTES = 0.75e9
+
+
+def _linear_params(recipe: Recipe) -> dict[str, int]:
+    """Parameters that sit in linear layers (what weight-only quantization re-encodes), per part."""
+    v, t = recipe.vision, recipe.text
+    c, ic, h = v.hidden_size, v.intermediate_size, t.hidden_size
+    kvd = t.num_kv_heads * t.head_dim
+    if recipe.image_processor.max_pixels:  # Qwen2.5-VL: qkv + proj + SwiGLU per ViT block; the PatchMerger
+        u = v.spatial_merge_size**2
+        vision, projector = v.num_layers * (4 * c * c + 3 * c * ic), (u * c) ** 2 + u * c * v.out_hidden_size
+    else:
+        vision, projector = v.layers_used * (4 * c * c + 2 * c * ic), c * h + h * h
+    return {"vision": vision, "projector": projector,
+            "decoder": t.num_layers * (2 * h * h + 2 * h * kvd + 3 * h * t.intermediate_size), "lm_head": t.vocab_size * h,
+            "embed": t.vocab_size * h}
+
+
+def weight_bytes_by_part(recipe: Recipe, dtype: str, weights: str | None = None, block_size: int | None = None,
+                         encoding: str = "matmulnbits", quantize_vision: bool = False) -> dict[str, float]:
+    """Bytes of the weights one export holds, per graph part (vision tower, projector, decoder, lm_head, embed, and
+    `prune`: the float q_proj/k_proj Stage 2 keeps), as sts_export.export.quantize writes them: a quantized K x N
+    linear is K*N*bits/8 plus one `dtype` scale per block of `block_size` along K (per output channel when
+    block_size is None); the embedding is quantized only as int4 for ONNX Runtime (GatherBlockQuantized)."""
+    db = _dtype_bytes(dtype)
+    params, linear = param_counts(recipe), _linear_params(recipe)
+    t = recipe.text
+    out = {part: float(params[part] * db) for part in ("vision", "projector", "decoder", "lm_head", "embed")}
+    out["prune"] = float((t.hidden_size * t.hidden_size + t.hidden_size * t.num_kv_heads * t.head_dim) * db)
+    if weights in (None, "fp32", "fp16", "bf16"):
+        return out
+    bits = {"int8": 8, "int4": 4}[weights]
+    parts = ["projector", "decoder", "lm_head"] + (["vision"] if quantize_vision else [])
+    if weights == "int4" and encoding == "matmulnbits":
+        parts.append("embed")
+    for part in parts:
+        n = linear[part]
+        k_per_scale = block_size or (recipe.text.hidden_size if part != "vision" else recipe.vision.hidden_size)
+        out[part] += n * (bits / 8 + db / k_per_scale) - n * db
+    return out
+
+
+def with_weight_bytes(costs: Mapping[str, PhaseCost], parts: Mapping[str, float], stage2: bool) -> dict[str, PhaseCost]:
+    """`costs` with the weight traffic of each phase read at the bytes of `parts` (weight_bytes_by_part)."""
+    import dataclasses  # noqa: PLC0415
+
+    per_phase = {"vision": parts["vision"] + parts["projector"],
+                 "prefill": parts["decoder"] + parts["lm_head"] + (parts["prune"] if stage2 else 0.0),
+                 "decode": parts["decoder"] + parts["lm_head"]}
+    return {ph: dataclasses.replace(c, weight_bytes=per_phase[ph], bytes=c.bytes - c.weight_bytes + per_phase[ph])
+            for ph, c in costs.items()}
+
+
+def activation_bytes(recipe: Recipe, seq: Sequence, dtype: str, batch: int = 1) -> float:
+    """A peak-activation estimate: the larger of the vision graph's live set (one crop's residual stream, MLP hidden
+    and attention scores, and Stage 1's N x N float32 distances) and the prefill's (hidden states, q/k/v, MLP
+    hidden, the attention scores of one layer, the logits)."""
+    db = _dtype_bytes(dtype)
+    v, t = recipe.vision, recipe.text
+    tv = v.num_patches + 1
+    vision = (3 * tv * v.hidden_size + tv * v.intermediate_size + v.num_heads * tv * tv) * db
+    vision += recipe.num_image_tokens**2 * FP32_BYTES
+    s1 = seq.s1
+    prefill = (5 * s1 * t.hidden_size + 2 * s1 * t.intermediate_size + t.num_heads * s1 * s1) * db + t.vocab_size * db
+    return float(batch * max(vision, prefill))
+
+
+def memory_fit(recipe: Recipe, seq: Sequence, dtype: str, parts: Mapping[str, float], new_tokens: int,
+               device: Device | None, batch: int = 1) -> dict[str, Any]:
+    """What one configuration needs resident: weights (every graph) + KV cache after `new_tokens` decode steps +
+    activations + RUNTIME_OVERHEAD_BYTES, and with a device whether that fits its memory less the system's share."""
+    kv = batch * kv_cache_bytes(recipe, seq.s1 + new_tokens, seq.s2 + new_tokens, _dtype_bytes(dtype),
+                                prune_layer=seq.prune_layer)
+    w, act = float(sum(parts.values())), activation_bytes(recipe, seq, dtype, batch)
+    need = w + kv + act + RUNTIME_OVERHEAD_BYTES
+    out: dict[str, Any] = {"mem_weights_bytes": w, "mem_kv_bytes": float(kv), "mem_activation_bytes": act,
+                           "mem_runtime_bytes": RUNTIME_OVERHEAD_BYTES, "mem_need_bytes": need}
+    if device is not None:
+        avail = (device.memory_gb - device.system_reserve_gb) * 1e9
+        out.update(mem_available_bytes=avail, fits=bool(need <= avail))
     return out

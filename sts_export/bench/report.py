@@ -49,10 +49,12 @@ def format_table(result: dict[str, Any]) -> str:
     timed = any(r.get("ttft_ms_median") is not None for r in rows)
     roof = any("ttft_roofline_ms" in r for r in rows)
     cols: list[tuple[str, Callable[[dict[str, Any]], str]]] = [
-        ("model", lambda r: r["model"]), ("backend", lambda r: r["backend"]), ("method", lambda r: r["method"]),
+        ("model", lambda r: r["model"]), ("backend", lambda r: r["backend"]),
+        ("weights", lambda r: str(r.get("weights") or r["dtype"])), ("method", lambda r: r["method"]),
         ("budget", lambda r: str(r["budget"])), ("K", lambda r: str(r["k_pre"])), ("K'", lambda r: str(r["k_post"])),
         ("S1", lambda r: str(r["seq_len_stage1"])), ("S2", lambda r: str(r["seq_len_stage2"])),
         ("KV MB", lambda r: _fmt(r["kv_cache_bytes"], ".2f", 1e-6)),
+        ("W MB", lambda r: _fmt(r.get("weight_bytes"), ".0f", 1e-6)),
         ("GFLOP vis", lambda r: _fmt(r["flops_vision"], ".2f", 1e-9)),
         ("GFLOP pre", lambda r: _fmt(r["flops_prefill"], ".2f", 1e-9)),
     ]
@@ -78,9 +80,13 @@ def format_table(result: dict[str, Any]) -> str:
                  ("bound dec ms", lambda r: _fmt(r.get("decode_roofline_ms"), ".3f"))]
         if any(r.get("ttft_measured_over_bound") is not None for r in rows):
             cols.append(("meas/bound", lambda r: _fmt(r.get("ttft_measured_over_bound"), ".1f")))
+    if any(r.get("fits") is not None for r in rows):  # memory fit on --device: weights + KV + activations + runtime
+        cols += [("need GB", lambda r: _fmt(r.get("mem_need_bytes"), ".2f", 1e-9)),
+                 (f"fits {rows[0].get('roofline_device') or ''}".strip(),
+                  lambda r: "-" if r.get("fits") is None else ("yes" if r["fits"] else "NO"))]
     cells = [[name for name, _ in cols]] + [[f(r) for _, f in cols] for r in rows]
     widths = [max(len(row[i]) for row in cells) for i in range(len(cols))]
-    lines = ["  ".join(c.rjust(w) if i > 3 else c.ljust(w) for i, (c, w) in enumerate(zip(row, widths))) for row in cells]
+    lines = ["  ".join(c.rjust(w) if i > 4 else c.ljust(w) for i, (c, w) in enumerate(zip(row, widths))) for row in cells]
     lines.insert(1, "  ".join("-" * w for w in widths))
     out = "\n".join(lines)
     summary = []

@@ -41,14 +41,15 @@ from typing import Any, Callable, Iterable
 
 import numpy as np
 
-from sts_export.bench.cost import (DEFAULT_TEXT_TOKENS, DTYPE_BYTES, get_device, kv_cache_bytes, param_counts,
-                                   phase_costs, roofline_terms, sequence_lengths)
+from sts_export.bench.cost import (DEFAULT_TEXT_TOKENS, DTYPE_BYTES, get_device, kv_cache_bytes, memory_fit,
+                                   param_counts, phase_costs, roofline_terms, sequence_lengths, token_grid,
+                                   weight_bytes_by_part, with_weight_bytes)
 from sts_export.bench.report import SCHEMA_VERSION
 from sts_export.bench.timing import (STAT_KEYS, PeakMemory, TimedBackend, cpu_model, current_memory,
                                      detect_device_profile, free_memory, gpu_info, load_average, release_memory,
                                      stats_ms, system_info, time_repeats, timed_call)
 from sts_export.errors import StsError
-from sts_export.pruning.budget import METHODS, check_method, parse_budget, split_budget
+from sts_export.pruning.budget import METHODS, check_method, has_stage2, parse_budget, split_budget
 
 BACKENDS = {  # CLI name -> canonical
     "torch": "torch", "eager": "torch", "torch-eager": "torch",
@@ -88,6 +89,8 @@ class BenchOptions:
     cost_only: bool = False
     interleave: bool | None = None  # None: when every configuration's weights fit in memory at once
     threads: int | None = None  # intra-op threads for torch and ONNX Runtime (None: their defaults)
+    weights: list[str] = field(default_factory=list)  # int8 / int4 / the dtype (float); empty: the dtype
+    block_size: int | None = None  # quantization block along K (None: the exporter's default, 128)
     progress: Callable[[str], None] = lambda s: None
 
     def __post_init__(self) -> None:
@@ -115,6 +118,11 @@ class BenchOptions:
             raise StsError("--text-tokens must be >= 2 (BOS and at least one text token)")
         if self.threads is not None and self.threads < 1:
             raise StsError("--threads must be >= 1")
+        from sts_export.export.quantize import check_weights
+
+        self.weights = _unique(self.weights or [self.dtype])
+        for w in self.weights:
+            check_weights(w, self.block_size, dtype=self.dtype)  # one line for a bad --weights/--block-size
         if self.device is not None:
             get_device(self.device, self.devices_file)  # unknown name -> one-line error listing the valid ones
 
@@ -136,6 +144,34 @@ class Config:
     budget: int | str
     k_pre: int
     k_post: int
+    scheme: Any = None  # sts_export.export.quantize.Scheme of quantized weights; None: the dtype's float weights
+
+    def weights(self, dtype: str) -> str:
+        """The `weights` column: the scheme's label (int4-b128, int8-ch-qdq, ...) or the float dtype."""
+        return self.scheme.label if self.scheme is not None else dtype
+
+
+def configs_per_weights(configs: list[Config], opts: BenchOptions, backend: str, skipped: list[dict[str, Any]],
+                 notes: list[str]) -> list[Config]:
+    """Every configuration once per --weights entry (quantized for `backend`'s encoding: analytic rows with a
+    --device take TensorRT's, the one that runs on a GPU); torch runs float weights only."""
+    from sts_export.export.quantize import check_weights
+
+    out: list[Config] = []
+    target = "trt" if backend == "trt" or backend == "analytic" and opts.device is not None else "onnx"
+    for w in opts.weights:
+        if w in ("int8", "int4") and backend in ("torch", "torch-compile"):
+            notes.append(f"{backend}: --weights {w} skipped: the torch backend runs the float weights (quantized "
+                         f"weights are an export's: use --backends ort or trt)")
+            continue
+        try:
+            scheme = check_weights(w, opts.block_size, target=target, dtype=opts.dtype)
+        except StsError as e:
+            notes.append(f"{backend}: --weights {w} skipped: {e}")
+            skipped.append({"backend": backend, "weights": w, "reason": str(e)})
+            continue
+        out += [dataclasses.replace(c, scheme=scheme) for c in configs]
+    return out
 
 
 def configs_for(recipe: Any, model: str, methods: list[str], budgets: list[int | str],
@@ -162,30 +198,43 @@ def configs_for(recipe: Any, model: str, methods: list[str], budgets: list[int |
 
 
 def recipe_of(model: str) -> Any:
-    """The recipe of --model without loading weights (recipe name, local checkpoint dir, or error)."""
+    """The recipe of --model without loading weights (recipe name, local checkpoint dir, or error); for dynamic
+    resolution (Qwen2.5-VL) with an export's default pixel cap, which every backend then runs at."""
     from sts_export.families import recipe_from_hf_config
-    from sts_export.recipe import available_recipes, load_recipe
+    from sts_export.recipe import available_recipes, load_recipe, with_max_pixels
 
     path = Path(model).expanduser()
     if path.is_dir():
-        return recipe_from_hf_config(path)
+        return with_max_pixels(recipe_from_hf_config(path))
     if model in available_recipes() or path.suffix in (".yaml", ".yml"):
-        return load_recipe(model)
+        return with_max_pixels(load_recipe(model))
     from sts_export.checkpoint import resolve
 
-    return resolve(model).recipe  # a cached HF id (reads config.json only)
+    return with_max_pixels(resolve(model).recipe)  # a cached HF id (reads config.json only)
 
 
 # ----------------------------------------------------------------------------------------------- inputs
-def bench_image(size: int = 500, seed: int = 0) -> Any:
-    """A deterministic smooth random photo-like image (blocks + noise): nearby patches are similar."""
+def bench_image(size: int = 500, seed: int = 0, aspect: float = 0.8) -> Any:
+    """A deterministic smooth random photo-like image (blocks + noise): nearby patches are similar.
+
+    size x (aspect * size) pixels; anyres families get a square one (aspect 1), whose 2x2 tiles keep
+    every token after unpad: 5 x 576 = 2880 candidates, the paper's LLaVA-NeXT setting.
+    """
     from PIL import Image
 
     rng = np.random.default_rng(seed)
     blocks = rng.integers(0, 256, (8, 10, 3)).astype(np.uint8)
-    img = Image.fromarray(blocks).resize((size, int(size * 0.8)), Image.BILINEAR)
-    arr = np.asarray(img).astype(np.int16) + rng.integers(-20, 21, (int(size * 0.8), size, 3))
+    img = Image.fromarray(blocks).resize((size, int(size * aspect)), Image.BILINEAR)
+    arr = np.asarray(img).astype(np.int16) + rng.integers(-20, 21, (int(size * aspect), size, 3))
     return Image.fromarray(arr.clip(0, 255).astype(np.uint8))
+
+
+def default_image(recipe: Any) -> Any:
+    """The bench's image when none is given: 500 x 400; anyres (LLaVA-NeXT) a square 500 x 500 (5 x 576
+    candidates); dynamic resolution (Qwen2.5-VL) 640 x 480 (391 tokens after smart_resize)."""
+    if recipe.image_processor.max_pixels:
+        return bench_image(size=640, aspect=0.75)
+    return bench_image(aspect=1.0 if recipe.dynamic_tokens else 0.8)
 
 
 def prompt_ids(pipe: Any, prompt: str, text_tokens: int | None) -> np.ndarray:
@@ -197,10 +246,13 @@ def prompt_ids(pipe: Any, prompt: str, text_tokens: int | None) -> np.ndarray:
         pr = pipe.encode(prompt)
         return np.concatenate([pr.prefix, [r.image_token_id], pr.suffix]).astype(np.int64)
     t = text_tokens or DEFAULT_TEXT_TOKENS
-    specials = {r.image_token_id, r.bos_token_id, r.eos_token_id, r.pad_token_id}
+    specials = {r.image_token_id, r.bos_token_id, r.eos_token_id, r.pad_token_id, r.vision_start_token_id,
+                r.vision_end_token_id}
     pool = np.array([i for i in range(5, min(r.text.vocab_size, 1024)) if i not in specials], dtype=np.int64)
     text = np.random.default_rng(0).choice(pool, size=t - 1)
     p = min(4, t - 1)
+    if r.vision_start_token_id >= 0 and p < t - 1:  # Qwen2.5-VL: the pad between <|vision_start|>, <|vision_end|>
+        text[p - 1], text[p] = r.vision_start_token_id, r.vision_end_token_id
     return np.concatenate([[r.bos_token_id], text[:p], [r.image_token_id], text[p:]]).astype(np.int64)
 
 
@@ -235,7 +287,8 @@ def _export_matches(d: Path, recipe: Any, cfg: Config, dtype: str, random_weight
     same_config = (m.get("k_pre"), m.get("k_post")) == (cfg.k_pre, cfg.k_post) and (
         cfg.budget == "full" and m.get("budget") == "full" or (m.get("method"), m.get("budget")) == (cfg.method, cfg.budget))
     has_engines = all("engine" in g for g in m.get("graphs", {}).values())
-    return (same_recipe and same_config and m.get("dtype") == dtype
+    same_weights = (m.get("weights") or {}).get("label") == (cfg.scheme.label if cfg.scheme is not None else None)
+    return (same_recipe and same_config and same_weights and m.get("dtype") == dtype
             and bool(m.get("model", {}).get("random_weights")) == random_weights and (has_engines or not engines))
 
 
@@ -273,10 +326,13 @@ def ensure_onnx_export(model: str, recipe: Any, cfg: Config, opts: BenchOptions)
         opts.progress(f"  reusing export {found}")
         return found
     suffix = "-rw" if opts.random_weights else ""
+    q = cfg.scheme
+    suffix += f"-{q.label}" if q is not None else ""
     out = root / f"{recipe.name}-{_recipe_digest(recipe)}-{cfg.method}-b{cfg.budget}-{opts.dtype}{suffix}"
     opts.progress(f"  exporting {model} {cfg.method} b={cfg.budget} to {out} (once; reused later) ...")
     _, secs = timed_call(lambda: export(model, budget=cfg.budget, method=cfg.method, out=out, dtype=opts.dtype,
                                         random_weights=opts.random_weights, validate=False, force=True,
+                                        weights=q.weights if q else None, block_size=q.block_size if q else None,
                                         progress=lambda s: None))
     opts.progress(f"  exported in {secs:.0f} s")
     return out
@@ -316,10 +372,11 @@ def load_pipeline(model: str, recipe: Any, cfg: Config, backend: str, opts: Benc
     from sts_export.pipeline import Pipeline
 
     cuda = _want_cuda(opts)
-    if backend in ("torch", "torch-compile"):
+    if backend in ("torch", "torch-compile"):  # dynamic resolution: the same pixel cap as the exports (recipe_of)
         return Pipeline.from_pretrained(model, budget=cfg.budget, method=cfg.method, backend="torch", dtype=opts.dtype,
                                         device="cuda" if cuda else "cpu", random_weights=opts.random_weights,
-                                        compile=backend == "torch-compile")
+                                        compile=backend == "torch-compile",
+                                        max_pixels=recipe.image_processor.max_pixels or None)
     if opts.dtype == "bf16":
         raise StsError("ONNX exports are fp32 or fp16; run the ort/trt backends with --dtype fp32 or fp16")
     from sts_export.pipeline import load_export_pipeline
@@ -335,13 +392,17 @@ def load_pipeline(model: str, recipe: Any, cfg: Config, backend: str, opts: Benc
 
 
 # ----------------------------------------------------------------------------------------------- Stage 1 probe
-def _stage1_module(method: str, k: int, anchor: str) -> Any:
+def _stage1_module(method: str, k: int, anchor: str, dynamic: bool = False) -> Any:
+    """Stage 1 alone, as the vision graph runs it (unrolled for a fixed N; the Loop form for image-dependent N)."""
     import torch
 
+    from sts_export.pruning.loop import keep_first_k
     from sts_export.pruning.selection import divprune_select, potential_energy_select, topk_ascending
 
     class Stage1(torch.nn.Module):
         def forward(self, x: torch.Tensor, cls_att: torch.Tensor) -> torch.Tensor:
+            if dynamic:
+                return keep_first_k(method, x, k, k, anchor, cls_att)
             if method == "divprune":
                 return divprune_select(x, k)
             if method == "cls":
@@ -365,7 +426,7 @@ def stage1_probe(pipe: Any, cfg: Config, backend: str, opts: BenchOptions) -> tu
     import torch
 
     recipe, anchor = pipe.recipe, pipe.anchor
-    mod = _stage1_module(cfg.method, cfg.k_pre, anchor)
+    mod = _stage1_module(cfg.method, cfg.k_pre, anchor, recipe.dynamic_tokens)
     x, cls_att = _stage1_inputs(recipe, cfg.method)
     warm, reps = max(opts.warmup, 1), max(opts.repeats, 10)
     if backend in ("torch", "torch-compile"):
@@ -383,13 +444,17 @@ def stage1_probe(pipe: Any, cfg: Config, backend: str, opts: BenchOptions) -> tu
 
         d = _cache_root() / "bench-exports" / "stage1"
         d.mkdir(parents=True, exist_ok=True)
-        path = d / f"{cfg.method}-n{x.shape[1]}-c{x.shape[2]}-k{cfg.k_pre}-{anchor}.onnx"
+        form = "loop" if recipe.dynamic_tokens else "unrolled"
+        path = d / f"{cfg.method}-n{x.shape[1]}-c{x.shape[2]}-k{cfg.k_pre}-{anchor}-{form}.onnx"
         if not path.is_file():
             import warnings
 
             with warnings.catch_warnings(), torch.no_grad():
                 warnings.simplefilter("ignore")
+                from sts_export.pruning.loop import translation_table
+
                 prog = torch.onnx.export(mod, (torch.from_numpy(x), torch.from_numpy(cls_att)), dynamo=True,
+                                         custom_translation_table=translation_table(),
                                          input_names=["features", "cls_attention"], output_names=["keep_pre"],
                                          opset_version=18, optimize=True, verbose=False)
             tmp = path.with_suffix(f".tmp{os.getpid()}")
@@ -405,17 +470,33 @@ def stage1_probe(pipe: Any, cfg: Config, backend: str, opts: BenchOptions) -> tu
 
 # ----------------------------------------------------------------------------------------------- rows
 def cost_fields(recipe: Any, method: str, budget: int | str, dtype: str, text_tokens: int, decode_context: int,
-                device: str | None, devices_file: str | None) -> dict[str, Any]:
-    """A row's analytic fields: flops_/bytes_ per phase (cost.phase_costs) and, with a device, the roofline."""
-    costs = phase_costs(recipe, budget, method, dtype=dtype, prompt_tokens=text_tokens, decode_context=decode_context)
+                device: str | None, devices_file: str | None, image_size: tuple[int, int] | None = None,
+                scheme: Any = None, new_tokens: int = 0) -> dict[str, Any]:
+    """A row's analytic fields: flops_/bytes_ per phase (cost.phase_costs) and, with a device, the roofline.
+    `image_size` (width, height): the image of dynamic-resolution recipes (Qwen2.5-VL), whose N it sets.
+    `scheme` (quantized weights): the weight traffic at its bytes; every row gets the analytic weight bytes and the
+    memory it needs resident after `new_tokens` decode steps (cost.memory_fit), with a device whether it fits."""
+    costs = phase_costs(recipe, budget, method, dtype=dtype, prompt_tokens=text_tokens, decode_context=decode_context,
+                        image_size=image_size)
     out: dict[str, Any] = {}
     for ph, c in costs.items():
         out[f"flops_{ph}"] = c.flops
         out[f"bytes_{ph}"] = c.bytes
     out["flops_stage1"] = costs["vision"].detail.get("stage1", 0.0)
     out["flops_stage2"] = costs["prefill"].detail.get("stage2", 0.0)
+    q = scheme
+    parts = weight_bytes_by_part(recipe, dtype, q.weights if q else None, q.block_size if q else None,
+                                 q.encoding if q else "matmulnbits", bool(q and q.quantize_vision))
+    if q is not None:
+        costs = with_weight_bytes(costs, parts, has_stage2(method, budget))
+        for ph, c in costs.items():
+            out[f"bytes_{ph}"] = c.bytes
+    out["weight_bytes_analytic"] = float(sum(parts.values()))
+    dev = get_device(device, devices_file) if device is not None else None
+    seq = sequence_lengths(recipe, budget, method, text_tokens, image_size)
+    out.update(memory_fit(recipe, seq, dtype, parts, new_tokens, dev))
     if device is not None:
-        terms = roofline_terms(costs, get_device(device, devices_file))
+        terms = roofline_terms(costs, dev)
         out["roofline_device"] = device
         for ph, t in terms.items():
             out[f"{ph}_roofline_ms"] = t["bound_ms"]
@@ -435,6 +516,20 @@ def _blank_timing() -> dict[str, Any]:
     return row
 
 
+def _export_weight_bytes(export_dir: str) -> int | None:
+    """Bytes of an export's ONNX graphs (weights included: `.onnx` + `.onnx.data`), from its manifest."""
+    from sts_export.export.manifest import read_manifest
+
+    d = Path(export_dir)
+    try:
+        m = read_manifest(d, verify=False)
+    except StsError:
+        return None
+    files = [g["onnx"] for g in m["graphs"].values()] + [g["external_data"]["file"] for g in m["graphs"].values()
+                                                          if "external_data" in g]
+    return int(sum((d / f).stat().st_size for f in files))
+
+
 class Runner:
     """One loaded configuration: its pipeline wrapped for timing, its inputs, and the samples taken so far."""
 
@@ -443,7 +538,8 @@ class Runner:
         self.cuda = _want_cuda(opts)
         self.pipe = load_pipeline(model, recipe, cfg, backend, opts)
         self.recipe = self.pipe.recipe
-        self.pv = self.pipe.pixel_values(image)
+        self.image = self.pipe.prepare_image(image)  # the family's vision-graph inputs
+        self.weight_bytes = _export_weight_bytes(self.pipe.source) if backend in ("ort", "trt") else None
         self.ids = prompt_ids(self.pipe, opts.prompt, opts.text_tokens)
         events = self.cuda and backend in ("torch", "torch-compile", "trt")
         self.timed = TimedBackend(self.pipe.backend, self.recipe.eos_token_id if opts.ignore_eos else None, events)
@@ -460,7 +556,7 @@ class Runner:
         if record:
             rss0, gpu0 = current_memory(self.mem.cuda)
             self.mem.start()
-        gen = self.pipe.generate(self.pv, input_ids=self.ids, max_new_tokens=self.opts.max_new_tokens)
+        gen = self.pipe.generate(self.image, input_ids=self.ids, max_new_tokens=self.opts.max_new_tokens)
         calls = self.timed.take_calls()
         if not record:
             return
@@ -486,7 +582,7 @@ class Runner:
         dtype_bytes = DTYPE_BYTES[opts.dtype] if torch_backend else np.dtype(plan.dtype).itemsize
         per_entry = 2 * plan.num_kv_heads * plan.head_dim * dtype_bytes  # K and V of one token in one layer
         lengths = gen.cache_lengths  # entries per segment after prefill, read off the returned cache tensors
-        batch = self.pv.shape[0]
+        batch = self.image.batch
         kv = batch * per_entry * (plan.prune_layer * lengths.get("segment1", 0)
                                   + (plan.num_layers - plan.prune_layer) * lengths.get("segment2", 0))
         text_tokens = int(len(self.ids) - 1)
@@ -494,7 +590,11 @@ class Runner:
         row: dict[str, Any] = {
             "model": self.model, "recipe": self.recipe.name, "method": cfg.method, "budget": cfg.budget,
             "backend": self.backend, "dtype": opts.dtype, "device": _device_name(self.backend, self.cuda, self.pipe),
-            "k_pre": plan.k_pre, "k_post": plan.k_post, "prune_layer": plan.prune_layer, "text_tokens": text_tokens,
+            "weights": cfg.weights(opts.dtype),
+            # K, K' this image got (read off the run; for image-dependent N the export's own are K_max, K'_max)
+            "k_pre": int(gen.keep_pre.shape[1]),
+            "k_post": int(gen.keep_post.shape[1]) if gen.keep_post is not None else int(gen.keep_pre.shape[1]),
+            "prune_layer": plan.prune_layer, "text_tokens": text_tokens,
             "seq_len_stage1": gen.s1, "seq_len_stage2": gen.s2, "kv_cache_bytes": int(kv),
             "kv_cache_bytes_final": int(kv + batch * per_entry * plan.num_layers * max(n_tok - 1, 0)),
             "keep_pre_shape": list(gen.keep_pre.shape),
@@ -518,8 +618,14 @@ class Runner:
         row["samples_ms"] = {ph: [x * 1e3 for x in self.samples[ph]] for ph in PHASES}
         if s1_samples:
             row["samples_ms"]["stage1"] = [x * 1e3 for x in s1_samples]
+        size = tuple(self.image.size) if self.recipe.image_processor.max_pixels else None  # Qwen: this image's N
         row.update(cost_fields(self.recipe, cfg.method, cfg.budget, opts.dtype, text_tokens,
-                               max(n_tok - 2, 0) // 2, opts.device, opts.devices_file))
+                               max(n_tok - 2, 0) // 2, opts.device, opts.devices_file, size,
+                               scheme=cfg.scheme, new_tokens=opts.max_new_tokens))
+        row["weight_bytes"] = self.weight_bytes if self.weight_bytes is not None else row["weight_bytes_analytic"]
+        row["weight_bytes_source"] = "export files" if self.weight_bytes is not None else "analytic"
+        if size is not None:
+            row["image_size"], row["n_tokens"] = list(size), int(self.image.n)
         return row
 
     def close(self) -> None:
@@ -609,10 +715,18 @@ def _device_name(backend: str, cuda: bool, pipe: Any) -> str:
     return "cuda" if cuda else "cpu"
 
 
-def cost_row(model: str, recipe: Any, cfg: Config, opts: BenchOptions) -> dict[str, Any]:
+def cost_image_size(recipe: Any, image: Any) -> tuple[int, int] | None:
+    """(width, height) of the bench image where it sets N (dynamic resolution: Qwen2.5-VL), else None."""
+    if not recipe.image_processor.max_pixels:
+        return None
+    return tuple((image if image is not None else default_image(recipe)).size)
+
+
+def cost_row(model: str, recipe: Any, cfg: Config, opts: BenchOptions, image: Any = None) -> dict[str, Any]:
     """An analytic-only row (--cost-only): no weights, no timings."""
     t = opts.text_tokens or None
-    seq = sequence_lengths(recipe, cfg.budget, cfg.method, t)
+    size = cost_image_size(recipe, image)
+    seq = sequence_lengths(recipe, cfg.budget, cfg.method, t, size)
     row: dict[str, Any] = {
         "model": model, "recipe": recipe.name, "method": cfg.method, "budget": cfg.budget, "backend": "analytic",
         "dtype": opts.dtype, "device": None, "k_pre": seq.k_pre, "k_post": seq.k_post,
@@ -623,7 +737,13 @@ def cost_row(model: str, recipe: Any, cfg: Config, opts: BenchOptions) -> dict[s
     }
     row.update(_blank_timing())
     row.update(cost_fields(recipe, cfg.method, cfg.budget, opts.dtype, seq.text_tokens,
-                           max(opts.max_new_tokens - 2, 0) // 2, opts.device, opts.devices_file))
+                           max(opts.max_new_tokens - 2, 0) // 2, opts.device, opts.devices_file, size,
+                           scheme=cfg.scheme, new_tokens=opts.max_new_tokens))
+    row["weights"] = cfg.weights(opts.dtype)
+    row["weight_bytes"], row["weight_bytes_source"] = row["weight_bytes_analytic"], "analytic"
+    if size is not None:
+        rows, cols = token_grid(recipe, size)
+        row["image_size"], row["n_tokens"] = list(size), rows * cols
     return row
 
 
@@ -631,7 +751,8 @@ def add_ratios(rows: list[dict[str, Any]], on_device: str | None) -> None:
     """Speedups over the `full` row of the same model/backend, beside the analytic FLOP ratios; measured/bound."""
     for row in rows:
         base = next((r for r in rows if r["budget"] == "full" and r["model"] == row["model"]
-                     and r["backend"] == row["backend"] and r["dtype"] == row["dtype"]), None)
+                     and r["backend"] == row["backend"] and r["dtype"] == row["dtype"]
+                     and r.get("weights") == row.get("weights")), None)
         row.update(speedup_ttft=None, speedup_prefill=None, flop_ratio_ttft=None, flop_ratio_prefill=None,
                    speedup_over_flop_ratio=None)
         if base is not None:
@@ -679,9 +800,7 @@ def run_bench(opts: BenchOptions) -> dict[str, Any]:
     system = system_info()
     system["load_average_start"] = load_average()
     image = opts.image
-    if image is None:
-        image = bench_image()
-    else:
+    if image is not None:
         from sts_export.families.llava import load_image
 
         image = load_image(image)
@@ -696,8 +815,9 @@ def run_bench(opts: BenchOptions) -> dict[str, Any]:
     for model in opts.models:
         recipe = recipe_of(model)
         if opts.cost_only:
-            for cfg in configs_for(recipe, model, opts.methods, opts.budgets, skipped, "analytic"):
-                rows.append(cost_row(model, recipe, cfg, opts))
+            for cfg in configs_per_weights(configs_for(recipe, model, opts.methods, opts.budgets, skipped, "analytic"),
+                                    opts, "analytic", skipped, notes):
+                rows.append(cost_row(model, recipe, cfg, opts, image))
             continue
         for backend in opts.backends:
             why = backend_unavailable(backend, opts)
@@ -706,7 +826,8 @@ def run_bench(opts: BenchOptions) -> dict[str, Any]:
                 skipped.append({"model": model, "backend": backend, "reason": why})
                 opts.progress(f"skip {backend}: {why}")
                 continue
-            configs = configs_for(recipe, model, opts.methods, opts.budgets, skipped, backend)
+            configs = configs_per_weights(configs_for(recipe, model, opts.methods, opts.budgets, skipped, backend), opts,
+                                   backend, skipped, notes)
             if backend == "trt":
                 configs = _trt_configs(recipe, configs, opts, skipped, notes)
             if not configs:
@@ -716,7 +837,8 @@ def run_bench(opts: BenchOptions) -> dict[str, Any]:
                 notes.append(f"{model} {backend}: configurations interleaved (all loaded; warm-ups and repeats "
                              "round-robin); peak RSS/GPU include every loaded configuration, *_delta_bytes do not")
             try:
-                rows += measure_backend(model, recipe, configs, backend, opts, image, interleave)
+                img = image if image is not None else default_image(recipe)
+                rows += measure_backend(model, recipe, configs, backend, opts, img, interleave)
             except StsError as e:
                 if backend != "trt":  # a user-facing problem (missing weights, bad option): stop with one line
                     raise

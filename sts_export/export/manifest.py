@@ -33,6 +33,47 @@ def write_manifest(export_dir: Path, manifest: dict[str, Any]) -> None:
 
 FORMAT_VERSION = 1
 
+# ONNX element type -> the project's dtype name, for the float types a graph can be "in".
+_ONNX_FLOAT = {1: "fp32", 10: "fp16", 16: "bf16"}  # TensorProto.FLOAT, FLOAT16, BFLOAT16
+
+
+def _model(path: Path) -> Any:
+    import onnx  # noqa: PLC0415 - torch-free, and only needed where graphs are read
+
+    try:
+        return onnx.load(str(path), load_external_data=False)
+    except Exception as e:  # noqa: BLE001 - a truncated or foreign file: one line
+        raise StsError(f"{path} is not a readable ONNX file ({type(e).__name__}); copy it again or re-export") from None
+
+
+def graph_dtype(path: Path) -> str | None:
+    """The dtype a graph computes in, read from the file: the float type holding most initializer elements (its
+    weights; Stage 1/2 keep a few small float32 constants). None for a graph without float weights."""
+    counts: dict[str, int] = {}
+    for t in _model(path).graph.initializer:
+        name = _ONNX_FLOAT.get(t.data_type)
+        if name:
+            n = 1
+            for d in t.dims:
+                n *= max(int(d), 1)
+            counts[name] = counts.get(name, 0) + n
+    return max(counts, key=lambda k: counts[k]) if counts else None
+
+
+def graph_opset(path: Path) -> int:
+    """The default-domain opset a graph file imports."""
+    return max((o.version for o in _model(path).opset_import if o.domain in ("", "ai.onnx")), default=0)
+
+
+def export_dtype(export_dir: Path, manifest: dict[str, Any]) -> str:
+    """The one dtype of every graph of an export, read from the graph files (not from the manifest's own field)."""
+    found = {name: graph_dtype(export_dir / g["onnx"]) for name, g in manifest["graphs"].items()}
+    kinds = {d for d in found.values() if d is not None}
+    if len(kinds) != 1:
+        raise StsError(f"{export_dir}: the graphs do not share one dtype ({', '.join(f'{k} {v}' for k, v in found.items())}); "
+                       f"re-export")
+    return kinds.pop()
+
 
 def read_manifest(export_dir: Path, verify: bool = True) -> dict[str, Any]:
     """manifest.json of an export directory, with every graph present and matching its sha256."""

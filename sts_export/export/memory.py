@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import gc
 import json
+import warnings
 import os
 import re
 import resource
@@ -45,11 +46,16 @@ FAKE_ENV = "STS_FAKE_AVAILABLE_MEMORY"
 DTYPE_BYTES = {"fp32": 4, "fp16": 2, "bf16": 2, "float32": 4, "float16": 2, "bfloat16": 2}
 
 # ---- calibration (development machine, torch 2.13 CPU, onnxruntime 1.32; README "Measured results") ----
-BASE_BYTES = 600 * MiB  # python + torch + onnx + onnxruntime imported, allocator slack
-EXPORT_GRAPH_FACTOR = 0.30  # torch.onnx transient, as a fraction of the largest graph's weight bytes
-EXPORT_GRAPH_EXTRA = 512 * MiB  # ... plus this (FX graph, ONNX IR, optimiser passes)
+BASE_BYTES = 450 * MiB  # python + torch + onnx imported, the modules' own overhead
+LOAD_TEMP_BYTES = 4  # per parameter of the largest tensor: random init draws float32, then casts
+# torch.onnx transient, as a fraction of the largest graph's weight bytes. Measured: llava-1.5-7b fp16
+# (random weights) export + validation peaked at 15.41 GB (estimate 16.0); a 2.0 B-parameter synthetic
+# at 5.0 GB (estimate 5.0); in both the peak is within 0.1 GB of the weight-loading phase's.
+EXPORT_GRAPH_FACTOR = 0.20
+EXPORT_GRAPH_EXTRA = 64 * MiB
 ORT_CPU_WEIGHT_BYTES = 4  # bytes per parameter in an ONNX Runtime CPU session (fp16 is upcast to fp32)
-ORT_SESSION_EXTRA = 256 * MiB  # arena, kernels, activations of the validation's short prompts
+ORT_SESSION_FACTOR = 1.10  # ... times this (prepacked/aligned copies, activations of validation's prompts)
+ORT_BASE_EXTRA = 400 * MiB  # the onnxruntime library and its arena, once a session was loaded
 VALIDATION_TOKENS = 80  # text tokens + decode steps around the image in validation's prompts (upper bound)
 # TensorRT: not measured here (no TensorRT/GPU on the development machine) -- documented assumptions
 TRT_HOST_BASE = 1536 * MiB  # CUDA context + TensorRT libraries on the host side
@@ -194,6 +200,26 @@ def release_memory() -> None:
             pass
 
 
+def forget_onnx_rewriter_state() -> int:
+    """onnxscript's module-level rewrite rules keep their last match: the last exported graph's ONNX IR,
+    whose initialisers wrap the torch parameters, stays reachable (so those weights cannot be freed).
+    Forget it (each match() sets these again); returns how many matchers were reset."""
+    try:
+        from onnxscript.rewriter._matcher import PatternMatcher
+    except ImportError:
+        return 0
+    n = 0
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # isinstance() on some lazy torch modules warns about deprecations
+        matchers = [obj for obj in gc.get_objects() if isinstance(obj, PatternMatcher)]
+    for obj in matchers:
+        for attr in ("_match", "_graph", "_current_node", "_tracer"):
+            if obj.__dict__.get(attr) is not None:
+                obj.__dict__[attr] = None
+                n += 1
+    return n
+
+
 # ---------------------------------------------------------------------------------------------------------
 # Estimates
 # ---------------------------------------------------------------------------------------------------------
@@ -244,17 +270,19 @@ def export_estimate(recipe: Any, method: str, k_pre: int, dtype: str, validate: 
     sizes = graph_params(recipe, method)
     big = max(sizes, key=sizes.get)
     weights = total_params(recipe) * b
+    t = recipe.text
+    largest_tensor = t.vocab_size * t.hidden_size  # embed_tokens / lm_head
+    load_tmp = largest_tensor * (LOAD_TEMP_BYTES + (b if b != LOAD_TEMP_BYTES else 0))
     graph_tmp = int(EXPORT_GRAPH_FACTOR * sizes[big] * b) + EXPORT_GRAPH_EXTRA
-    phases = {"exporting the largest graph": BASE_BYTES + weights + graph_tmp}
-    parts = {f"weights {dtype}": weights, f"exporting {big}": graph_tmp}
+    phases = {"loading the weights": BASE_BYTES + weights + load_tmp,
+              "exporting the largest graph": BASE_BYTES + weights + graph_tmp}
+    parts = {"base": BASE_BYTES, f"weights {dtype}": weights, f"exporting {big}": graph_tmp}
     if validate:
-        t = recipe.text
         # KV caches of batch 2 over K + text + decode tokens, held by the loop, the recording and the traces
         kv = 2 * t.num_layers * t.num_kv_heads * t.head_dim * b * 2 * (k_pre + VALIDATION_TOKENS)
-        work = 3 * kv + ORT_SESSION_EXTRA
-        session = ORT_CPU_WEIGHT_BYTES * sizes[big] + ORT_SESSION_EXTRA
-        phases["validation's torch reference"] = BASE_BYTES + weights + work
-        phases[f"validation's {big} ONNX Runtime session"] = BASE_BYTES + session + work
+        session = int(ORT_SESSION_FACTOR * ORT_CPU_WEIGHT_BYTES * sizes[big]) + ORT_BASE_EXTRA
+        phases["validation's torch reference"] = BASE_BYTES + weights + 3 * kv + 64 * MiB
+        phases[f"validation's {big} ONNX Runtime session"] = BASE_BYTES + session + kv + 64 * MiB  # traces: no KV
         parts[f"validation: {big} ORT session (after torch weights are freed)"] = session
     phase = max(phases, key=phases.get)
     return Estimate("export" + (" + validation" if validate else ""), phases[phase], parts, phase)
@@ -287,7 +315,16 @@ def check_export_memory(recipe: Any, method: str, budget: int | str, dtype: str,
                 fixes.append(f"--dtype {smaller}{'' if v else ' --no-validate'} (needs {fmt(alt.need)})")
                 break
     more = f"a machine with at least {fmt(est.need)} available"
-    hint = f"use {' or '.join(fixes)}, or {more}" if fixes else f"use {more}"
+    if fixes:
+        hint = f"use {' or '.join(fixes)}, or {more}"
+    else:
+        why = []
+        if validate:
+            alt = export_estimate(recipe, method, k_pre, dtype, False).need
+            why.append("--no-validate would not lower the peak" if alt >= est.need else
+                       f"--no-validate would still need {fmt(alt)}")
+        why += ["fp16 is the smallest --dtype"] if dtype == "fp16" else ["--dtype fp16 would still need more"]
+        hint = f"use {more} ({'; '.join(why)})"
     raise StsError(f"not enough memory for this export: it needs {fmt(est.need)} ({est.what}, peak at "
                    f"{est.peak_phase}) but only {fmt(have)} is available ({source}); {hint}")
 

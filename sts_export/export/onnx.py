@@ -8,6 +8,7 @@ never leaves a directory that looks valid. Graphs are exported one at a time.
 """
 from __future__ import annotations
 
+import dataclasses
 import gc
 import json
 import os
@@ -35,8 +36,56 @@ from sts_export.generate import NP_DTYPES, TORCH_DTYPES, Plan
 GRAPH_ORDER = ("vision", "embed", "segment1", "prune", "segment2")
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "preprocessor_config.json",
                    "generation_config.json", "chat_template.json")
-EXPORT_DTYPES = ("fp32", "fp16")
+EXPORT_DTYPES = ("fp32", "fp16", "bf16")
+# Opsets the export honours: torch.onnx's dynamo exporter writes opset 18 or newer (asked for 7 it writes 18), and
+# 25 is the newest any TensorRT in the static check's table reads (11.5). bf16 graphs need 22: ONNX gave Conv,
+# pooling and the activations bfloat16 types in opset 22 (an opset-18 bf16 Conv fails onnx.checker).
+OPSETS = (18, 25)
+DEFAULT_OPSET = {"fp32": 18, "fp16": 18, "bf16": 22}
+MIN_OPSET = {"bf16": 22}
+
+
+def check_opset(opset: int | None, dtype: str) -> int:
+    """The opset to export `dtype` graphs at (None: the default for the dtype); one line when it cannot be met."""
+    if opset is None:
+        return DEFAULT_OPSET.get(dtype, OPSETS[0])
+    lo, hi = OPSETS
+    if not lo <= int(opset) <= hi:
+        raise StsError(f"--opset {opset} cannot be written: torch.onnx exports opset {lo} to {hi} here ({lo} is its "
+                       f"oldest, {hi} the newest any supported TensorRT reads); choose one in {lo}..{hi}")
+    if int(opset) < MIN_OPSET.get(dtype, lo):
+        raise StsError(f"--opset {opset} cannot hold {dtype} graphs: ONNX gives Conv and friends bfloat16 types from "
+                       f"opset {MIN_OPSET[dtype]}; use --opset {MIN_OPSET[dtype]} or newer (the default for {dtype})")
+    return int(opset)
+
+
+def check_out(out: Path) -> None:
+    """Refuse in one line, before any work, an output place that cannot be created and written (nothing is left)."""
+    probe = Path(os.path.abspath(out))
+    while not probe.exists():
+        probe = probe.parent
+    why = None
+    if not probe.is_dir():
+        why = f"{probe} is not a directory"
+    else:
+        try:
+            t = tempfile.mkdtemp(prefix=".sts-export-probe-", dir=probe)
+            os.rmdir(t)
+        except OSError as e:
+            why = e.strerror or type(e).__name__
+    if why is not None:
+        raise StsError(f"--out {out} cannot be written ({why} at {probe}); choose another --out")
 TWO_GB = 2 * 1024**3
+
+
+def _example_positions(plan: Plan, b: int, start: int, s: int, batch: Any, seq: Any) -> tuple[torch.Tensor, dict]:
+    """Example position ids start..start+s-1 and their dynamic axes: [B, S], or [3, B, S] for M-RoPE
+    (distinct rows, so no axis is traced as equal to another)."""
+    ids = torch.arange(start, start + s).expand(b, s)
+    if plan.position_axes == 1:
+        return ids.contiguous(), {0: batch, 1: seq}
+    rows = torch.stack([ids + r for r in range(plan.position_axes)])  # [3, B, S]
+    return rows, {1: batch, 2: seq}
 
 
 def example_inputs(graph: str, plan: Plan, recipe: Recipe, dtype: torch.dtype) -> tuple[tuple, tuple]:
@@ -61,23 +110,25 @@ def example_inputs(graph: str, plan: Plan, recipe: Recipe, dtype: torch.dtype) -
             k, kp = min(plan.k_pre, 40), min(plan.k_post, 13)
             s1 = k + 8
             seq = Dim("S1", min=2, max=recipe.max_prompt_tokens)
-            args = (torch.randn(b, s1, t.hidden_size, dtype=dtype), torch.arange(s1).expand(b, s1).contiguous(),
+            pos, pos_shape = _example_positions(plan, b, 0, s1, batch, seq)
+            args = (torch.randn(b, s1, t.hidden_size, dtype=dtype), pos,
                     torch.tensor(3, dtype=torch.int64), torch.zeros(k, dtype=torch.int64), torch.zeros(kp, dtype=torch.int64))
-            return args, ({0: batch, 1: seq}, {0: batch, 1: seq}, None,
+            return args, ({0: batch, 1: seq}, pos_shape, None,
                           ({0: Dim("K", min=1, max=plan.k_pre)}, {0: Dim("Kp", min=1, max=plan.k_post)}))
         s1 = plan.k_pre + 8
         seq = Dim("S1", min=plan.k_pre + 1, max=recipe.max_prompt_tokens)
-        args = (torch.randn(b, s1, t.hidden_size, dtype=dtype), torch.arange(s1).expand(b, s1).contiguous(),
-                torch.tensor(3, dtype=torch.int64))
-        return args, ({0: batch, 1: seq}, {0: batch, 1: seq}, None)
+        pos, pos_shape = _example_positions(plan, b, 0, s1, batch, seq)
+        args = (torch.randn(b, s1, t.hidden_size, dtype=dtype), pos, torch.tensor(3, dtype=torch.int64))
+        return args, ({0: batch, 1: seq}, pos_shape, None)
     layers = plan.segment_layers[graph]
     seq = Dim("S", min=1, max=recipe.max_context)
     past = Dim("P", min=0, max=recipe.max_context)
     # a distinct tensor per past slot: aliased example inputs would be merged into one graph input
     kv = tuple(torch.randn(b, t.num_kv_heads, p, t.head_dim, dtype=dtype) for _ in range(2 * len(layers)))
-    args = (torch.randn(b, s, t.hidden_size, dtype=dtype), torch.arange(p, p + s).expand(b, s).contiguous(), *kv)
+    pos, pos_shape = _example_positions(plan, b, p, s, batch, seq)
+    args = (torch.randn(b, s, t.hidden_size, dtype=dtype), pos, *kv)
     # forward(hidden, position_ids, *past): torch.export sees *past as one nested argument
-    shapes = ({0: batch, 1: seq}, {0: batch, 1: seq}, tuple([{0: batch, 2: past}] * (2 * len(layers))))
+    shapes = ({0: batch, 1: seq}, pos_shape, tuple([{0: batch, 2: past}] * (2 * len(layers))))
     return args, shapes
 
 
@@ -127,8 +178,17 @@ def export_graph(module: torch.nn.Module, graph: str, plan: Plan, recipe: Recipe
     del prog
 
 
-def manifest_for(recipe: Recipe, source: Source, method: str, budget: int | str, plan: Plan, anchor: str,
-                 dtype: str, out: Path, graphs: list[str], opset: int) -> dict[str, Any]:
+def graph_entries(out: Path, graphs: list[str], dtype: str, opset: int) -> tuple[int, dict[str, Any]]:
+    """(the opset, the manifest's "graphs") of the graph files in `out`: sha256, IO, external data; dtype and opset
+    are read from the written files, never copied from the request (one line when they differ from it)."""
+    from sts_export.export.manifest import graph_dtype, graph_opset
+
+    found = {g: graph_dtype(out / f"{g}.onnx") for g in graphs}
+    if {d for d in found.values() if d is not None} != {dtype}:
+        raise StsError(f"the exported graphs are {found}, not {dtype} as asked: this is a bug, please report it")
+    opsets = {g: graph_opset(out / f"{g}.onnx") for g in graphs}
+    if set(opsets.values()) != {opset}:
+        raise StsError(f"torch.onnx wrote opsets {opsets} where {opset} was asked; choose another --opset")
     files = {}
     for g in graphs:
         entry = {"onnx": f"{g}.onnx", "sha256": sha256(out / f"{g}.onnx"), **_io_spec(out / f"{g}.onnx")}
@@ -136,6 +196,12 @@ def manifest_for(recipe: Recipe, source: Source, method: str, budget: int | str,
         if data.exists():
             entry["external_data"] = {"file": data.name, "sha256": sha256(data)}
         files[g] = entry
+    return opsets[graphs[0]], files
+
+
+def manifest_for(recipe: Recipe, source: Source, method: str, budget: int | str, plan: Plan, anchor: str,
+                 dtype: str, out: Path, graphs: list[str], opset: int) -> dict[str, Any]:
+    written_opset, files = graph_entries(out, graphs, dtype, opset)
     return {
         "format_version": FORMAT_VERSION,
         "tool": "sts-export", "tool_version": __version__,
@@ -145,15 +211,24 @@ def manifest_for(recipe: Recipe, source: Source, method: str, budget: int | str,
                   "synthetic": recipe.synthetic},
         "recipe": recipe.to_dict(),
         "method": method, "budget": budget, "k_pre": plan.k_pre, "k_post": plan.k_post,
-        "prune_layer": plan.prune_layer, "anchor": anchor, "dtype": dtype, "opset": opset,
+        "prune_layer": plan.prune_layer, "anchor": anchor, "dtype": dtype, "opset": written_opset,
+        "max_pixels": recipe.image_processor.max_pixels or None,  # dynamic resolution: the export's pixel cap
         "torch_version": torch.__version__, "host": platform.platform(),
         "graphs": files,
     }
 
 
-def default_out(model: str, method: str, budget: int | str) -> Path:
+def default_out(model: str, method: str, budget: int | str, weights: str | None = None) -> Path:
     name = Path(model).name if Path(model).exists() else model.replace("/", "--")
-    return Path("exports") / f"{name}-{method}-b{budget}"
+    return Path("exports") / (f"{name}-{method}-b{budget}" + (f"-{weights}" if weights else ""))
+
+
+def _keep_failed(tmp: Path, out: Path, summary: str) -> None:
+    """A failed validation: the graphs move to <out>.failed for inspection, and the export stops in one line."""
+    failed = tmp.with_name(out.name + ".failed")
+    shutil.rmtree(failed, ignore_errors=True)
+    os.replace(tmp, failed)
+    raise StsError(f"validation failed: {summary}; the graphs are kept in {failed} for inspection")
 
 
 def export(
@@ -166,27 +241,52 @@ def export(
     dtype: str = "fp32",
     anchor: str | None = None,
     random_weights: bool = False,
-    opset: int = 18,
+    opset: int | None = None,
     validate: bool = True,
     force: bool = False,
+    weights: str | None = None,
+    block_size: int | None = None,
+    quantize_vision: bool = False,
+    target: str = "onnx",
+    max_pixels: int | None = None,
     progress: Callable[[str], None] = print,
 ) -> Path:
-    """Export a model's pruned graphs to an ONNX directory; returns its path. Validates with ORT unless told not to."""
+    """Export a model's pruned graphs to an ONNX directory; returns its path. Validates with ORT unless told not to.
+
+    weights int8|int4 quantizes the linear weights after export (sts_export.export.quantize); `target` picks their
+    encoding: onnx -> MatMulNBits (ONNX Runtime), trt -> DequantizeLinear + MatMul (TensorRT).
+    max_pixels (dynamic-resolution models): the largest image the graphs serve (default: the recipe's, at most
+    1280 * 28 * 28); recorded in the manifest's recipe and `max_pixels`."""
     check_method(method)
     budget = parse_budget(budget)
+    from sts_export.export.quantize import check_weights, required_opset
+
+    scheme = check_weights(weights, block_size, quantize_vision, target=target, dtype=dtype)
+    opset = required_opset(scheme, opset)
     if dtype not in EXPORT_DTYPES:
-        raise StsError(f"--dtype must be fp32 or fp16 for ONNX export, got '{dtype}'")
-    out = Path(out) if out else default_out(model, method, budget)
+        raise StsError(f"--dtype must be fp32, fp16 or bf16 for ONNX export, got '{dtype}'")
+    opset = check_opset(opset, dtype)
+    if dtype == "bf16" and validate:  # validate_export runs ONNX Runtime on the CPU
+        raise StsError("bf16 graphs cannot be validated here: ONNX Runtime's CPU provider has no bfloat16 kernels "
+                       "(Conv, Mul, MatMul); pass --no-validate (then the TensorRT engine is the first runtime to "
+                       "execute them), or export --dtype fp16")
+    out = Path(out) if out else default_out(model, method, budget, scheme.label if scheme else None)
     if out.exists() and not force:
         raise StsError(f"output directory {out} already exists; pass --force to replace it or choose --out")
+    check_out(out)
     src = resolve(model, recipe, random_weights)
+    from sts_export.recipe import with_max_pixels
+
+    # dynamic resolution: the export's pixel cap (N, K_max, profiles); the modules carry it too
+    src = dataclasses.replace(src, recipe=with_max_pixels(src.recipe, max_pixels))
     rec = src.recipe
     split_budget(budget, rec, method)  # range check before any heavy work
     anchor = anchor or rec.pruning.anchor
     plan = Plan.create(rec, method, budget, NP_DTYPES[dtype])
     torch_dtype = getattr(torch, TORCH_DTYPES[dtype])
     progress(f"model: {src.description} | recipe {rec.name} | method {method} budget {budget} -> "
-             f"K={plan.k_pre} K'={plan.k_post} prune_layer={prune_layer_for(method, rec)} | {dtype}")
+             f"K={plan.k_pre} K'={plan.k_post} prune_layer={prune_layer_for(method, rec)} | {dtype}"
+             + (f" | weights {scheme.label}" if scheme else ""))
     from sts_export.export import memory
 
     memory.clean_stale_tmp(out.parent, progress)  # what killed exports left here (dead owner pid only)
@@ -225,10 +325,21 @@ def export(
             (tmp / "validation.json").write_text(json.dumps(report, indent=2))
             progress(f"validation: {'PASS' if report['passed'] else 'FAIL'} (see validation.json)")
             if not report["passed"]:
-                failed = tmp.with_name(out.name + ".failed")
-                shutil.rmtree(failed, ignore_errors=True)
-                os.replace(tmp, failed)
-                raise StsError(f"validation failed: {report['summary']}; the graphs are kept in {failed} for inspection")
+                _keep_failed(tmp, out, report["summary"])
+        if scheme is not None:  # weight-only int8/int4: graph by graph, once the torch weights are freed
+            from sts_export.export.quantize import quantize_and_compare
+
+            fidelity = quantize_and_compare(tmp, scheme, None if validate else graphs, validate, progress)
+            if fidelity is not None:
+                report = {**report, "weights": fidelity, "passed": report["passed"] and fidelity["passed"]}
+                (tmp / "validation.json").write_text(json.dumps(report, indent=2))
+                e2e = fidelity["end_to_end"]
+                progress(f"validation of {scheme.label} vs the unquantized graphs: "
+                         f"{'PASS' if fidelity['passed'] else 'FAIL'} (first-token logits cosine "
+                         f"{e2e['first_logits_cosine']:.4f}, greedy agreement {e2e['greedy_agreement']:.2f} over "
+                         f"{e2e['tokens']} tokens)")
+                if not fidelity["passed"]:
+                    _keep_failed(tmp, out, fidelity["summary"])
         if out.exists():
             shutil.rmtree(out)
         (tmp / memory.OWNER_FILE).unlink(missing_ok=True)

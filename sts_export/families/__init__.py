@@ -16,6 +16,18 @@ generation loop, export, validation, backends or bench, which are shared):
     full_embeds(model, *inputs) -> [B, N_full, Hd]        the image span exactly as transformers packs it
     project(model, feats [B,K,C]) -> [B,K,Hd]             the projector
 
+Optional, where a family differs from LLaVA:
+
+    candidate_features may return a third tensor [B,N,D]: what `project` takes per candidate when it
+                              is not V itself (Qwen2.5-VL: each LLM token's four pre-merger patches,
+                              while V are their means)
+    vision_example(recipe, pruned) -> (args, dynamic shapes)   example vision inputs for torch.export
+    position_ids(image, prompt, recipe) -> [R, S_full]    explicit position ids of the *unpruned* prompt
+                              (M-RoPE: R = 3); every kept token keeps its own (default: 1-D ids,
+                              renumbered 0..S1-1 after Stage 1)
+    check_selection(method, anchor)                       refuse a method/anchor the tower cannot serve
+    preprocessor_config(recipe) -> dict                   preprocessor_config.json of synthetic checkpoints
+
 Family modules import numpy/PIL at top level only, so the ONNX Runtime and TensorRT paths (which
 need `prepare_image`) never import torch. Shared PyTorch layers live in `layers.py`.
 """
@@ -34,7 +46,7 @@ import numpy as np
 from sts_export.errors import StsError
 from sts_export.recipe import Recipe
 
-FAMILIES = {"llava-1.5": "llava", "llava-next": "llava_next"}
+FAMILIES = {"llava-1.5": "llava", "llava-next": "llava_next", "qwen2.5-vl": "qwen2_5_vl"}
 
 
 @dataclass(frozen=True)
@@ -46,9 +58,13 @@ class ImageInput:
     n_full: int  # image tokens the decoder sees without pruning (newline tokens included)
     size: tuple[int, int] = (0, 0)  # original (width, height)
     boxes: np.ndarray | None = field(default=None, compare=False)  # [N, 4] candidate boxes on the original image
+    grid: tuple[int, ...] = ()  # the vision tower's patch grid where positions depend on it (Qwen2.5-VL: grid_thw)
+    images: int = 0  # images in this input; 0: the leading axis of pixel_values (a batch of fixed-size images)
 
     @property
     def batch(self) -> int:
+        if self.images:
+            return self.images
         return 1 if "token_index" in self.feeds else int(next(iter(self.feeds.values())).shape[0])
 
 

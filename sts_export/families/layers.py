@@ -1,5 +1,6 @@
 """Shared PyTorch layers of the families, in flat gpt-fast style: the CLIP vision tower, the
-LLaVA projector and the Llama decoder (RMSNorm, RoPE, grouped-KV attention, SwiGLU MLP).
+LLaVA projector, Qwen2.5-VL's window-attention ViT and PatchMerger, and the Llama/Qwen2 decoder
+(RMSNorm, RoPE or 3-D M-RoPE, grouped-KV attention with optional q/k/v bias, SwiGLU MLP).
 
 Parameter names mirror transformers' checkpoints after each family's key map, so weights load
 without conversion. The causal mask follows sequence order, never position ids: after Stage 2
@@ -144,10 +145,19 @@ class RMSNorm(nn.Module):
         return self.weight * h.to(x.dtype)
 
 
-def rope_cos_sin(position_ids: torch.Tensor, head_dim: int, theta: float, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-    """cos, sin [B, 1, S, d] for integer position ids [B, S] (float32 math, as transformers)."""
+def rope_cos_sin(position_ids: torch.Tensor, head_dim: int, theta: float, dtype: torch.dtype,
+                 mrope_section: tuple[int, ...] = ()) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos, sin [B, 1, S, d] for integer position ids [B, S] (float32 math, as transformers).
+
+    M-RoPE (Qwen2.5-VL, `mrope_section` = (t, h, w) sizes summing to d/2): ids are [3, B, S] and
+    frequency slot j takes its angle from the axis of the section it falls in (transformers'
+    Qwen2_5_VLRotaryEmbedding: section i reads axis i % 3), so text tokens (equal ids on all axes)
+    get plain RoPE.
+    """
     inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, device=position_ids.device).float() / head_dim))
-    freqs = position_ids[..., None].float() * inv_freq  # [B, S, d/2]
+    freqs = position_ids[..., None].float() * inv_freq  # [B, S, d/2] | M-RoPE: [3, B, S, d/2]
+    if mrope_section:
+        freqs = torch.cat([f[i % 3] for i, f in enumerate(freqs.split(list(mrope_section), dim=-1))], dim=-1)
     emb = torch.cat([freqs, freqs], dim=-1)[:, None]  # [B, 1, S, d]
     return emb.cos().to(dtype), emb.sin().to(dtype)
 
@@ -169,19 +179,19 @@ class Attention(nn.Module):
     def __init__(self, cfg: TextConfig) -> None:
         super().__init__()
         self.cfg = cfg
-        h, d, kvh = cfg.num_heads, cfg.head_dim, cfg.num_kv_heads
-        self.q_proj = nn.Linear(cfg.hidden_size, h * d, bias=False)
-        self.k_proj = nn.Linear(cfg.hidden_size, kvh * d, bias=False)
-        self.v_proj = nn.Linear(cfg.hidden_size, kvh * d, bias=False)
+        h, d, kvh, bias = cfg.num_heads, cfg.head_dim, cfg.num_kv_heads, cfg.attention_bias  # bias: Qwen2
+        self.q_proj = nn.Linear(cfg.hidden_size, h * d, bias=bias)
+        self.k_proj = nn.Linear(cfg.hidden_size, kvh * d, bias=bias)
+        self.v_proj = nn.Linear(cfg.hidden_size, kvh * d, bias=bias)
         self.o_proj = nn.Linear(h * d, cfg.hidden_size, bias=False)
 
     def qk(self, x: torch.Tensor, position_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """RoPE'd queries [B,h,S,d] and keys [B,kvh,S,d] of the normed input x [B,S,Hd]."""
+        """RoPE'd queries [B,h,S,d] and keys [B,kvh,S,d] of the normed input x [B,S,Hd]; ids [B,S] or [3,B,S] (M-RoPE)."""
         b, s, _ = x.shape
         c = self.cfg
         q = self.q_proj(x).view(b, s, c.num_heads, c.head_dim).transpose(1, 2)
         k = self.k_proj(x).view(b, s, c.num_kv_heads, c.head_dim).transpose(1, 2)
-        cos, sin = rope_cos_sin(position_ids, c.head_dim, c.rope_theta, x.dtype)
+        cos, sin = rope_cos_sin(position_ids, c.head_dim, c.rope_theta, x.dtype, c.mrope_section)
         return apply_rope(q, cos, sin), apply_rope(k, cos, sin)
 
     def forward(
@@ -205,14 +215,17 @@ class Attention(nn.Module):
 
 
 class MLP(nn.Module):
-    def __init__(self, cfg: TextConfig) -> None:
+    """SwiGLU: down(act(gate(x)) * up(x)); the decoder's has no bias, Qwen2.5-VL's ViT blocks' has."""
+
+    def __init__(self, hidden: int, intermediate: int, bias: bool = False, act: str = "silu") -> None:
         super().__init__()
-        self.gate_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=False)
-        self.up_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=False)
-        self.down_proj = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=False)
+        self.gate_proj = nn.Linear(hidden, intermediate, bias=bias)
+        self.up_proj = nn.Linear(hidden, intermediate, bias=bias)
+        self.down_proj = nn.Linear(intermediate, hidden, bias=bias)
+        self.act = ACTIVATIONS[act]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+        return self.down_proj(self.act(self.gate_proj(x)) * self.up_proj(x))
 
 
 class DecoderLayer(nn.Module):
@@ -221,7 +234,7 @@ class DecoderLayer(nn.Module):
         self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.self_attn = Attention(cfg)
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
-        self.mlp = MLP(cfg)
+        self.mlp = MLP(cfg.hidden_size, cfg.intermediate_size)
 
     def forward(
         self, x: torch.Tensor, position_ids: torch.Tensor, past_k: torch.Tensor, past_v: torch.Tensor
@@ -244,3 +257,123 @@ class Llava(nn.Module):
         self.layers = nn.ModuleList(DecoderLayer(t) for _ in range(t.num_layers))
         self.norm = RMSNorm(t.hidden_size, t.rms_norm_eps)
         self.lm_head = nn.Linear(t.hidden_size, t.vocab_size, bias=False)
+
+
+# ----------------------------------------------------------------------------- Qwen2.5-VL vision tower
+# Np patches (processor order: merge units in raster order, the 2x2 patches of a unit contiguous),
+# N = Np / unit LLM tokens (unit = merge**2 = 4), C the ViT width, d = C / heads.
+class QwenPatchEmbed(nn.Module):
+    """The checkpoint's Conv3d patch embedding (stride = kernel, no bias) run as one linear over the
+    flattened patch: pixel_values [Np, 3*T*ps*ps] (1176) -> [Np, C]."""
+
+    def __init__(self, cfg: VisionConfig) -> None:
+        super().__init__()
+        k = (cfg.temporal_patch_size, cfg.patch_size, cfg.patch_size)
+        self.proj = nn.Conv3d(3, cfg.hidden_size, k, k, bias=False)  # weight [C, 3, T, ps, ps]: (C, T, y, x) = patch order
+
+    def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        w = self.proj.weight
+        return pixel_values.to(w.dtype) @ w.reshape(w.shape[0], -1).t()  # [Np, C]
+
+
+class QwenVisionAttention(nn.Module):
+    """Bidirectional attention over the patches with 2-D rotary; a windowed block gets an additive bias
+    (0 within a window, dtype-min across), a full-attention block none (one image per call)."""
+
+    def __init__(self, cfg: VisionConfig) -> None:
+        super().__init__()
+        c = cfg.hidden_size
+        self.num_heads, self.head_dim = cfg.num_heads, c // cfg.num_heads
+        self.qkv = nn.Linear(c, 3 * c)
+        self.proj = nn.Linear(c, c)
+
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        """x [Np, C], cos/sin [Np, 1, d] float32, bias [Np, Np] (x's dtype) | None -> [Np, C]."""
+        n = x.shape[0]
+        q, k, v = self.qkv(x).view(n, 3, self.num_heads, self.head_dim).unbind(1)  # [Np, h, d] each
+        q, k = apply_rope(q.float(), cos, sin).to(x.dtype), apply_rope(k.float(), cos, sin).to(x.dtype)  # fp32, as HF
+        q, k, v = (t.transpose(0, 1)[None] for t in (q, k, v))  # [1, h, Np, d]
+        o = F.scaled_dot_product_attention(q, k, v, attn_mask=bias)
+        return self.proj(o[0].transpose(0, 1).reshape(n, -1))
+
+
+class QwenVisionBlock(nn.Module):
+    def __init__(self, cfg: VisionConfig) -> None:
+        super().__init__()
+        self.norm1 = RMSNorm(cfg.hidden_size, cfg.layer_norm_eps)
+        self.norm2 = RMSNorm(cfg.hidden_size, cfg.layer_norm_eps)
+        self.attn = QwenVisionAttention(cfg)
+        self.mlp = MLP(cfg.hidden_size, cfg.intermediate_size, bias=True, act=cfg.hidden_act)
+
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        """x [Np, C] float32 (the residual stream stays fp32 in reduced-precision models; the linears run in
+        the weights' dtype on the normed input) -> [Np, C] float32."""
+        dt = self.attn.qkv.weight.dtype
+        x = x + self.attn(self.norm1(x).to(dt), cos, sin, bias).float()
+        return x + self.mlp(self.norm2(x).to(dt)).float()
+
+
+class QwenPatchMerger(nn.Module):
+    """RMSNorm per patch, then the 2x2 group's patches concatenated -> MLP (Linear, GELU, Linear)."""
+
+    def __init__(self, cfg: VisionConfig) -> None:
+        super().__init__()
+        self.unit, c = cfg.spatial_merge_size**2, cfg.hidden_size
+        self.ln_q = RMSNorm(c, cfg.layer_norm_eps)
+        self.mlp = nn.Sequential(nn.Linear(self.unit * c, self.unit * c), nn.GELU(), nn.Linear(self.unit * c, cfg.out_hidden_size))
+
+    def forward(self, groups: torch.Tensor) -> torch.Tensor:
+        """groups [..., unit*C] (a merge unit's patches concatenated, as the ViT returns them) -> [..., out]."""
+        x = self.ln_q(groups.unflatten(-1, (self.unit, -1))).flatten(-2)  # RMSNorm over each patch's C
+        return self.mlp(x.to(self.mlp[0].weight.dtype))
+
+
+class QwenVision(nn.Module):
+    """Qwen2.5-VL's ViT up to (not including) the PatchMerger, as transformers runs it: patches permuted
+    into window order, windowed blocks attend within their 112-px window (segment-id equality), the
+    full-attention blocks everywhere; the output is returned per LLM token in raster order."""
+
+    def __init__(self, cfg: VisionConfig) -> None:
+        super().__init__()
+        self.cfg, self.unit = cfg, cfg.spatial_merge_size**2
+        self.full = frozenset(cfg.fullatt_block_indexes)
+        self.patch_embed = QwenPatchEmbed(cfg)
+        self.blocks = nn.ModuleList(QwenVisionBlock(cfg) for _ in range(cfg.num_layers))
+        self.merger = QwenPatchMerger(cfg)
+
+    def forward(self, pixel_values: torch.Tensor, rotary_pos: torch.Tensor, window_index: torch.Tensor,
+                window_segment_ids: torch.Tensor) -> torch.Tensor:
+        """pixel_values [Np, 1176], rotary_pos [Np, d/2] (processor order), window_index [N] (window order ->
+        raster unit), window_segment_ids [Np] (window order) -> groups [N, unit*C] float32: each LLM token's
+        pre-merger patches concatenated, raster (LLM-token) order."""
+        unit, n = self.unit, window_index.shape[0]
+        perm = (window_index[:, None] * unit + torch.arange(unit, device=window_index.device)).reshape(-1)  # [Np]
+        x = self.patch_embed(pixel_values).float()[perm]  # [Np, C] window order
+        rot = rotary_pos.float()[perm]  # [Np, d/2]
+        emb = torch.cat([rot, rot], dim=-1)[:, None]  # [Np, 1, d]
+        cos, sin = emb.cos(), emb.sin()
+        seg, dt = window_segment_ids, self.patch_embed.proj.weight.dtype
+        # windowed blocks: attention only within a window (no data-dependent shapes: an equality mask), additive
+        # in the attention's dtype (no row is fully masked: each patch sees its own window)
+        bias = torch.zeros(seg.shape[0], seg.shape[0], dtype=dt, device=x.device).masked_fill(
+            seg[:, None] != seg[None, :], torch.finfo(dt).min)  # [Np, Np]
+        for i, blk in enumerate(self.blocks):
+            x = blk(x, cos, sin, None if i in self.full else bias)
+        groups = x.reshape(n, -1)  # [N, unit*C] window order
+        # window order -> raster: reverse = argsort(window_index), as a scatter of the permutation (no Sort op)
+        reverse = torch.zeros_like(window_index).scatter(0, window_index, torch.arange(n, device=x.device))
+        return groups[reverse]
+
+
+class QwenVL(nn.Module):
+    """All weights of a Qwen2.5-VL model: the ViT with its PatchMerger (`vision`), the Qwen2 decoder."""
+
+    def __init__(self, recipe: Recipe) -> None:
+        super().__init__()
+        self.recipe = recipe
+        t = recipe.text
+        self.vision = QwenVision(recipe.vision)
+        self.embed_tokens = nn.Embedding(t.vocab_size, t.hidden_size)
+        self.layers = nn.ModuleList(DecoderLayer(t) for _ in range(t.num_layers))
+        self.norm = RMSNorm(t.hidden_size, t.rms_norm_eps)
+        self.lm_head = nn.Linear(t.hidden_size, t.vocab_size, bias=False)  # tied checkpoints: a copy of embed_tokens

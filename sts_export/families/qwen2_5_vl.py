@@ -24,20 +24,30 @@ Orders (Np patches, N = Np/4 LLM tokens / merge units):
 """
 from __future__ import annotations
 
+import json
 import math
+import os
 from dataclasses import dataclass
-from typing import Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Sequence
 
 import numpy as np
 from PIL import Image
 
 from sts_export.errors import StsError
+from sts_export.families import ImageInput
 from sts_export.families.llava import load_image, to_rgb  # noqa: F401  (load_image re-exported)
+from sts_export.recipe import ImageProcessorConfig, PruningConfig, Recipe, TextConfig, VisionConfig, from_dict
+
+if TYPE_CHECKING:
+    import torch
+
+    from sts_export.tokenizer import Prompt
+
+# ---- host side: preprocessing, vision-graph inputs, M-RoPE ids (numpy/PIL only)
 
 NAME = "qwen2.5-vl"
 MODEL_TYPES = ("qwen2_5_vl",)
-
-# ---- host side: preprocessing, vision-graph inputs, M-RoPE ids (numpy/PIL only)
 
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)  # OPENAI_CLIP_MEAN, Qwen's preprocessor_config image_mean
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
@@ -75,8 +85,8 @@ def smart_resize(height: int, width: int, factor: int = 28, min_pixels: int = 56
 def max_llm_tokens(max_pixels: int, patch_size: int = 14, merge_size: int = 2) -> int:
     """Upper bound of N over all images: smart_resize keeps h*w <= max_pixels, so N <= max_pixels / 28^2.
 
-    Exact whenever max_pixels >= 200 * 28^2 (below that, the `max(factor, ...)` clamp of a 200:1 image
-    could exceed it); the export's K_max and TensorRT profiles come from this.
+    A true bound whenever max_pixels >= 200 * 28^2 (below that, the `max(factor, ...)` clamp of a 200:1
+    image could exceed it); the export's K_max and TensorRT profiles come from this.
     """
     return int(max_pixels) // (patch_size * merge_size) ** 2
 
@@ -99,7 +109,8 @@ def preprocess_qwen(image: Image.Image, *, patch_size: int = 14, temporal_patch_
                     mean: Sequence[float] = CLIP_MEAN, std: Sequence[float] = CLIP_STD
                     ) -> tuple[np.ndarray, GridTHW]:
     """PIL image -> (pixel_values [Np, 3*T*ps*ps] float32, grid_thw (1, gh, gw)); equal bit for bit to
-    transformers' Qwen2VLImageProcessorPil with the same settings (Np = gh*gw; 1176 = 3*2*14*14)."""
+    transformers' Qwen2VLImageProcessorPil with the same settings (Np = gh*gw; 1176 = 3*2*14*14).
+    Exception: 16-bit grayscale ("I;16") images, which `to_rgb` scales to 8 bit where transformers clips."""
     img = to_rgb(image)
     w0, h0 = img.size
     h, w = smart_resize(h0, w0, factor=patch_size * merge_size, min_pixels=min_pixels, max_pixels=max_pixels)
@@ -124,7 +135,7 @@ def _grid(grid_thw: Sequence[int] | np.ndarray, merge_size: int) -> tuple[int, i
     return gh, gw
 
 
-# ---------------------------------------------------------------- vision-graph host inputs
+# host side: vision-graph inputs from grid_thw
 def vision_position_ids(grid_thw: Sequence[int], merge_size: int = 2) -> np.ndarray:
     """[Np, 2] int64 (row, col) of each patch in the patch grid, in processor order."""
     gh, gw = _grid(grid_thw, merge_size)
@@ -269,7 +280,7 @@ def merge_group_mean(vit_out_window: np.ndarray, window_index: np.ndarray, merge
     return window_to_raster(groups, window_index)
 
 
-# ---------------------------------------------------------------- token layout (raster order of the merged grid)
+# host side: token layout (raster order of the merged grid)
 @dataclass(frozen=True)
 class QwenLayout:
     """Where the N LLM tokens of one image come from."""
@@ -278,11 +289,12 @@ class QwenLayout:
     resized: tuple[int, int]  # (width, height) after smart_resize
     grid_thw: GridTHW  # (1, gh, gw) patches
     boxes: np.ndarray  # [N, 4] float64 (x0, y0, x1, y1) on the original image, raster order
+    merge_size: int = 2
 
     @property
     def llm_grid(self) -> tuple[int, int]:
-        """(rows, cols) of the merged grid, gh/2 x gw/2."""
-        return self.grid_thw[1] // 2, self.grid_thw[2] // 2
+        """(rows, cols) of the merged grid, gh/m x gw/m."""
+        return self.grid_thw[1] // self.merge_size, self.grid_thw[2] // self.merge_size
 
     @property
     def n(self) -> int:
@@ -306,10 +318,11 @@ def token_layout(size: tuple[int, int], *, patch_size: int = 14, merge_size: int
     w, h = int(size[0]), int(size[1])
     factor = patch_size * merge_size
     rh, rw = smart_resize(h, w, factor=factor, min_pixels=min_pixels, max_pixels=max_pixels)
-    return QwenLayout((w, h), (rw, rh), (1, rh // patch_size, rw // patch_size), token_boxes((w, h), (rw, rh), factor))
+    return QwenLayout((w, h), (rw, rh), (1, rh // patch_size, rw // patch_size), token_boxes((w, h), (rw, rh), factor),
+                      merge_size)
 
 
-# ---------------------------------------------------------------- 3-D M-RoPE position ids
+# host side: 3-D M-RoPE position ids
 def image_position_ids(grid_thw: Sequence[int], start: int, merge_size: int = 2) -> np.ndarray:
     """[3, N] int64 (t, h, w) ids of the image's LLM tokens in raster order: (start, start+row, start+col)."""
     gh, gw = _grid(grid_thw, merge_size)
@@ -363,7 +376,7 @@ def decode_position_ids(prompt_position_ids: np.ndarray, steps: int, start: int 
     return np.broadcast_to(np.arange(nxt, nxt + int(steps), dtype=np.int64), (3, int(steps))).copy()
 
 
-# ---------------------------------------------------------------- one image, everything the host computes
+# host side: one image, everything the host computes
 @dataclass(frozen=True)
 class QwenImage:
     """One preprocessed image: vision-graph feeds and the token layout."""
@@ -395,3 +408,253 @@ def prepare_qwen_image(image: Image.Image | str, *, head_dim: int, patch_size: i
     layout = token_layout(img.size, patch_size=patch_size, merge_size=merge_size,
                           min_pixels=min_pixels, max_pixels=max_pixels)
     return QwenImage(pv, vis, layout)
+
+
+# ---- family interface (see sts_export.families); torch is imported lazily
+#
+# Vision graph: pixel_values [Np, 1176], rotary_pos [Np, d/2], window_index [N], window_segment_ids [Np]
+# (host-computed, `vision_host_inputs`), one image per call. Stage 1 selects on V [1, N, C] = the 2x2
+# means of the pre-merger ViT output, raster order; the PatchMerger then runs on the kept tokens' own
+# four pre-merger patches (candidate_features' third output), so a kept token's embedding is exactly
+# transformers' merger output for it. Position ids are 3-D (M-RoPE), from `rope_index` on the unpruned
+# layout; kept tokens keep theirs (`position_ids`).
+DEFAULT_EXPORT_MAX_PIXELS = 1280 * 28 * 28  # an export's default --max-pixels: N <= 1280 (K_max, TensorRT profiles)
+VIDEO_TOKEN_ID = 151656  # <|video_pad|> of the published tokenizer (no video here; transformers' config wants one)
+CHAT_TEMPLATE = ("<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n<|im_start|>user\n"
+                 "<|vision_start|><image><|vision_end|>{prompt}<|im_end|>\n<|im_start|>assistant\n")
+NO_CLS = ("Qwen2.5-VL's ViT has no [CLS] token, so method 'cls' (and anchor 'saliency') cannot run; "
+          "use sts, sts-s, divprune, fastv or none (anchor mean or first)")
+
+
+def _preprocessor_bounds(config_dir: Path) -> tuple[int, int]:
+    """(min_pixels, max_pixels) from a checkpoint's preprocessor_config.json (published values without one)."""
+    f = Path(config_dir) / "preprocessor_config.json"
+    if not f.is_file():
+        return MIN_PIXELS, MAX_PIXELS
+    try:
+        pp = json.loads(f.read_text())
+    except json.JSONDecodeError as e:
+        raise StsError(f"{f}: not valid JSON ({e})") from None
+    size = pp.get("size") or {}
+    return (int(pp.get("min_pixels") or size.get("shortest_edge") or MIN_PIXELS),
+            int(pp.get("max_pixels") or size.get("longest_edge") or MAX_PIXELS))
+
+
+def recipe_from_config(cfg: dict[str, Any], config_dir: Path, name: str) -> Recipe:
+    """A recipe from a Qwen2.5-VL config.json: the published (flat text fields, `rope_scaling`) and the
+    transformers-5 layout (`text_config`, `rope_parameters`) alike. Family defaults: prune_layer = L // 2, rho = 1/3."""
+    cfg_path = Path(config_dir) / "config.json"
+    v = cfg.get("vision_config") or {}
+    t = {**{k: x for k, x in cfg.items() if k not in ("vision_config", "text_config")}, **(cfg.get("text_config") or {})}
+    rope = t.get("rope_parameters") or t.get("rope_scaling") or {}
+    if rope.get("rope_type", rope.get("type", "default")) not in ("default", "mrope"):
+        raise StsError(f"{cfg_path}: only M-RoPE with default frequencies is supported, got {rope}")
+    heads = t.get("num_attention_heads", 28)
+    layers = t.get("num_hidden_layers", 28)
+    vrope = v.get("rope_parameters") or {}
+    vision = VisionConfig(  # image_size keeps its default: unused at dynamic resolution
+        patch_size=v.get("patch_size", 14),
+        hidden_size=v.get("hidden_size", 1280),
+        intermediate_size=v.get("intermediate_size", 3420),
+        num_layers=v.get("depth", 32),
+        num_heads=v.get("num_heads", 16),
+        feature_layer=-1,
+        layer_norm_eps=1e-6,  # transformers fixes the ViT's and merger's RMSNorm eps
+        hidden_act=v.get("hidden_act", "silu"),
+        temporal_patch_size=v.get("temporal_patch_size", 2),
+        spatial_merge_size=v.get("spatial_merge_size", 2),
+        window_size=v.get("window_size", 112),
+        fullatt_block_indexes=tuple(v.get("fullatt_block_indexes", (7, 15, 23, 31))),
+        out_hidden_size=v.get("out_hidden_size", t.get("hidden_size", 3584)),
+        rope_theta=float(vrope.get("rope_theta", 10000.0)),
+    )
+    text = TextConfig(
+        hidden_size=t.get("hidden_size", 3584),
+        intermediate_size=t.get("intermediate_size", 18944),
+        num_layers=layers,
+        num_heads=heads,
+        num_kv_heads=t.get("num_key_value_heads") or heads,
+        vocab_size=t.get("vocab_size", 152064),
+        max_position_embeddings=t.get("max_position_embeddings", 128000),
+        rms_norm_eps=t.get("rms_norm_eps", 1e-6),
+        rope_theta=float(rope.get("rope_theta", t.get("rope_theta", 1000000.0))),
+        mrope_section=tuple(rope.get("mrope_section", (16, 24, 24))),
+        attention_bias=True,  # transformers' Qwen2.5-VL always has q/k/v biases
+        tie_word_embeddings=bool(cfg.get("tie_word_embeddings", t.get("tie_word_embeddings", False))),
+    )
+    lo, hi = _preprocessor_bounds(config_dir)
+    eos = t.get("eos_token_id", 151645)
+    eos_ids = list(eos) if isinstance(eos, (list, tuple)) else [eos]
+    gen = Path(config_dir) / "generation_config.json"
+    if gen.is_file():
+        g = json.loads(gen.read_text()).get("eos_token_id")
+        eos_ids += [x for x in (g if isinstance(g, list) else [g]) if x is not None and x not in eos_ids]
+    n_max = max_llm_tokens(hi, vision.patch_size, vision.spatial_merge_size)
+    recipe = Recipe(
+        name=name,
+        family=NAME,
+        source=str(config_dir),
+        vision=vision,
+        text=text,
+        image_token_id=cfg.get("image_token_id", 151655),
+        vision_start_token_id=cfg.get("vision_start_token_id", 151652),
+        vision_end_token_id=cfg.get("vision_end_token_id", 151653),
+        image_token="<|image_pad|>",
+        stop_token_ids=tuple(eos_ids),
+        pad_token_id=t.get("pad_token_id") if t.get("pad_token_id") is not None else 151643,
+        bos_token_id=t.get("bos_token_id") if t.get("bos_token_id") is not None else 151643,
+        eos_token_id=eos_ids[0],
+        pruning=PruningConfig(prune_layer=max(1, layers // 2)),
+        image_processor=ImageProcessorConfig(min_pixels=lo, max_pixels=hi, image_mean=CLIP_MEAN, image_std=CLIP_STD),
+        prompt_template=CHAT_TEMPLATE,
+        max_prompt_tokens=n_max + 1024,
+        max_context=min(n_max + 2048, text.max_position_embeddings),
+        description=f"derived from config.json with {NAME} family defaults",
+    )
+    return from_dict(Recipe, json.loads(json.dumps(recipe.to_dict())), cfg_path.name)  # the recipe checks
+
+
+def hf_config(recipe: Recipe) -> dict[str, Any]:
+    """A transformers Qwen2_5_VLConfig dict (transformers-5 layout) for the recipe's architecture."""
+    v, t = recipe.vision, recipe.text
+    if not t.attention_bias:
+        raise StsError(f"recipe '{recipe.name}': Qwen2.5-VL's q/k/v projections always have a bias (attention_bias: true)")
+    used = {recipe.image_token_id, recipe.vision_start_token_id, recipe.vision_end_token_id, recipe.bos_token_id,
+            recipe.eos_token_id, recipe.pad_token_id}
+    video = VIDEO_TOKEN_ID if VIDEO_TOKEN_ID < t.vocab_size and VIDEO_TOKEN_ID not in used else max(used) + 1
+    return {
+        "architectures": ["Qwen2_5_VLForConditionalGeneration"],
+        "model_type": "qwen2_5_vl",
+        "image_token_id": recipe.image_token_id,
+        "video_token_id": video,
+        "vision_start_token_id": recipe.vision_start_token_id,
+        "vision_end_token_id": recipe.vision_end_token_id,
+        "tie_word_embeddings": t.tie_word_embeddings,
+        "vision_config": {
+            "model_type": "qwen2_5_vl_vision", "depth": v.num_layers, "hidden_size": v.hidden_size,
+            "intermediate_size": v.intermediate_size, "num_heads": v.num_heads, "hidden_act": v.hidden_act,
+            "patch_size": v.patch_size, "temporal_patch_size": v.temporal_patch_size, "in_channels": 3,
+            "spatial_merge_size": v.spatial_merge_size, "window_size": v.window_size,
+            "fullatt_block_indexes": list(v.fullatt_block_indexes), "out_hidden_size": v.out_hidden_size,
+            "rope_parameters": {"rope_type": "axial", "rope_theta": v.rope_theta},
+        },
+        "text_config": {
+            "model_type": "qwen2_5_vl_text", "hidden_size": t.hidden_size, "intermediate_size": t.intermediate_size,
+            "num_hidden_layers": t.num_layers, "num_attention_heads": t.num_heads,
+            "num_key_value_heads": t.num_kv_heads, "vocab_size": t.vocab_size,
+            "max_position_embeddings": t.max_position_embeddings, "rms_norm_eps": t.rms_norm_eps,
+            "rope_parameters": {"rope_type": "default", "rope_theta": t.rope_theta,
+                                "mrope_section": list(t.mrope_section)},
+            "bos_token_id": recipe.bos_token_id, "eos_token_id": recipe.eos_token_id,
+            "pad_token_id": recipe.pad_token_id, "tie_word_embeddings": t.tie_word_embeddings, "hidden_act": "silu",
+            "use_sliding_window": False,
+        },
+    }
+
+
+def preprocessor_config(recipe: Recipe) -> dict[str, Any]:
+    """preprocessor_config.json as the published checkpoints hold it (transformers builds its processor from it)."""
+    v, p = recipe.vision, recipe.image_processor
+    return {
+        "image_processor_type": "Qwen2VLImageProcessor", "processor_class": "Qwen2_5_VLProcessor",
+        "min_pixels": p.min_pixels, "max_pixels": p.max_pixels,
+        "size": {"shortest_edge": p.min_pixels, "longest_edge": p.max_pixels},
+        "patch_size": v.patch_size, "temporal_patch_size": v.temporal_patch_size, "merge_size": v.spatial_merge_size,
+        "image_mean": list(p.image_mean), "image_std": list(p.image_std), "do_resize": True, "resample": 3,
+        "do_rescale": True, "rescale_factor": 1 / 255, "do_normalize": True, "do_convert_rgb": True,
+    }
+
+
+def _prepare(img: Image.Image, recipe: Recipe) -> QwenImage:
+    v, p = recipe.vision, recipe.image_processor
+    return prepare_qwen_image(img, head_dim=v.hidden_size // v.num_heads, patch_size=v.patch_size,
+                              temporal_patch_size=v.temporal_patch_size, merge_size=v.spatial_merge_size,
+                              window_size=v.window_size, theta=v.rope_theta, min_pixels=p.min_pixels,
+                              max_pixels=p.max_pixels, mean=p.image_mean, std=p.image_std)
+
+
+def prepare_image(image: Image.Image | str | os.PathLike | Sequence, recipe: Recipe) -> ImageInput:
+    """One image -> the vision graph's feeds (patches [Np, 1176] and the host-computed ViT inputs), its
+    N LLM tokens (raster order of the merged grid), their 28-px cells on the original image, grid_thw."""
+    if isinstance(image, (list, tuple)):
+        if len(image) != 1:
+            raise StsError(f"{recipe.family} takes one image per call, got {len(image)}")
+        image = image[0]
+    qi = _prepare(load_image(image), recipe)
+    if qi.n > recipe.num_image_tokens:  # only a >= 200:1 strip under a small max_pixels can get here
+        raise StsError(f"this image gives {qi.n} visual tokens, more than the {recipe.num_image_tokens} the recipe "
+                       f"allows (max_pixels {recipe.image_processor.max_pixels}); crop it")
+    return ImageInput(qi.feeds(), n=qi.n, n_full=qi.n, size=qi.layout.size, boxes=qi.layout.boxes,
+                      grid=qi.vision.grid_thw, images=1)
+
+
+def position_ids(image: ImageInput, prompt: "Prompt", recipe: Recipe) -> np.ndarray:
+    """[3, S] int64 M-RoPE ids of the unpruned prompt prefix + N image tokens + suffix (`rope_index`)."""
+    ids = np.concatenate([prompt.prefix, np.full(image.n_full, recipe.image_token_id, np.int64), prompt.suffix])
+    pos, _ = rope_index(ids, image.grid, recipe.image_token_id, recipe.vision_start_token_id,
+                        recipe.vision.spatial_merge_size)
+    return pos
+
+
+def check_selection(method: str, anchor: str) -> None:
+    if method == "cls" or anchor == "saliency":
+        raise StsError(NO_CLS)
+
+
+def vision_inputs(pruned: bool) -> list[str]:
+    """pixel_values [Np,1176], rotary_pos [Np,d/2], window_index [N], window_segment_ids [Np] (pruned or not)."""
+    return ["pixel_values", "rotary_pos", "window_index", "window_segment_ids"]
+
+
+def min_llm_tokens(recipe: Recipe) -> int:
+    """Smallest N any image gives: smart_resize keeps h*w >= min_pixels."""
+    cell = recipe.vision.patch_size * recipe.vision.spatial_merge_size
+    return max(1, math.ceil(recipe.image_processor.min_pixels / cell**2))
+
+
+def vision_example(recipe: Recipe, pruned: bool) -> tuple[tuple, tuple]:
+    """Example vision inputs (a 6 x 8-token image: two windows across, ragged) and their dynamic axes:
+    N LLM tokens in [min, max] of the recipe's pixel bounds, Np = merge**2 * N patches."""
+    import torch
+    from torch.export import Dim
+
+    v = recipe.vision
+    unit = v.spatial_merge_size**2
+    grid = (1, 6 * v.spatial_merge_size, 8 * v.spatial_merge_size)
+    host = vision_host_inputs(grid, head_dim=v.hidden_size // v.num_heads, merge_size=v.spatial_merge_size,
+                              window_size=v.window_size, patch_size=v.patch_size, theta=v.rope_theta)
+    n = Dim("tokens", min=min_llm_tokens(recipe), max=recipe.num_image_tokens)  # not "N": sympy reads that as N()
+    np_ = grid[1] * grid[2]
+    args = (torch.randn(np_, 3 * v.temporal_patch_size * v.patch_size**2), torch.from_numpy(host.rotary_pos),
+            torch.from_numpy(host.window_index), torch.from_numpy(host.window_segments))
+    return args, ({0: unit * n}, {0: unit * n}, {0: n}, {0: unit * n})
+
+
+def build(recipe: Recipe) -> "torch.nn.Module":
+    """Empty Qwen2.5-VL modules (ViT + PatchMerger, Qwen2 decoder)."""
+    from sts_export.families.layers import QwenVL
+
+    return QwenVL(recipe)
+
+
+def candidate_features(model: "torch.nn.Module", pixel_values: "torch.Tensor", rotary_pos: "torch.Tensor",
+                       window_index: "torch.Tensor", window_segment_ids: "torch.Tensor", cls_attention: bool = False
+                       ) -> tuple["torch.Tensor", None, "torch.Tensor"]:
+    """Stage 1 features V [1, N, C] = the 2x2 means of the pre-merger ViT output in LLM-token (raster)
+    order; no CLS attention; and each token's four pre-merger patches [1, N, 4C] for `project`."""
+    if cls_attention:
+        raise StsError(NO_CLS)
+    groups = model.vision(pixel_values, rotary_pos, window_index, window_segment_ids)  # [N, unit*C] float32
+    n, unit = groups.shape[0], model.vision.unit
+    return groups.view(n, unit, -1).mean(dim=1)[None], None, groups[None]
+
+
+def full_embeds(model: "torch.nn.Module", pixel_values: "torch.Tensor", rotary_pos: "torch.Tensor",
+                window_index: "torch.Tensor", window_segment_ids: "torch.Tensor") -> "torch.Tensor":
+    """The merger output of every LLM token in raster order [1, N, Hd], as transformers splices it."""
+    return project(model, model.vision(pixel_values, rotary_pos, window_index, window_segment_ids)[None])
+
+
+def project(model: "torch.nn.Module", groups: "torch.Tensor") -> "torch.Tensor":
+    """The PatchMerger on (kept) tokens' pre-merger patches [B, K, 4C] -> [B, K, Hd]."""
+    return model.vision.merger(groups)

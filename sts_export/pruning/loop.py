@@ -31,7 +31,8 @@ from typing import Callable, Optional, Union
 
 import torch
 
-from sts_export.pruning.selection import EPS, cosine_distance, divprune_seed, pairwise_sq_dist
+from sts_export.errors import StsError
+from sts_export.pruning.selection import EPS, anchor_index, cosine_distance, divprune_seed, pairwise_sq_dist, topk_ascending
 
 __all__ = [
     "potential_energy_picks",
@@ -131,21 +132,44 @@ def _(projected: torch.Tensor, first: torch.Tensor, k_max: int) -> torch.Tensor:
 # First k picks, ascending (plain torch ops: exports without a Sort op)
 # ---------------------------------------------------------------------------------------------------------------
 
-def first_k_ascending(picks: torch.Tensor, k: torch.Tensor, n: Union[int, torch.SymInt, torch.Tensor]) -> torch.Tensor:
-    """The first k of `picks` [k_max] (greedy order) in ascending order -> [k] int64. k: 0-d int64, 1 <= k <= k_max.
+def first_k_ascending(picks: torch.Tensor, k: int | torch.SymInt | torch.Tensor,
+                      n: Union[int, torch.SymInt, torch.Tensor]) -> torch.Tensor:
+    """The first k of `picks` [k_max] (greedy order) in ascending order -> [k] int64; 1 <= k <= k_max.
 
-    Kept picks are keyed by their (distinct: k <= N) index, the others by `n` (> every index), and a constant-k
-    TopK(k_max, largest=False) puts the k kept ones first, ascending; a Slice keeps them. No Sort op. The output
-    length k is a runtime value (an unbacked size in torch.export, a data-dependent Slice end in ONNX).
+    k is an int, a symbolic size (a graph input's length: stays a dimension in ONNX/TensorRT) or a
+    0-d int64 tensor (then a data-dependent Slice end). Kept picks are keyed by their (distinct:
+    k <= N) index, the others by `n` (> every index), and a constant-k TopK(k_max, largest=False)
+    puts the k kept ones first, ascending; a Slice keeps them. No Sort op.
     """
     k_max = picks.shape[0]
     pos = torch.arange(k_max, device=picks.device)
-    keyed = torch.where(pos < k, picks, torch.full_like(picks, n) if not isinstance(n, torch.Tensor) else n.to(picks))
+    kk = k.item() if isinstance(k, torch.Tensor) else k
+    fill = n.to(picks) if isinstance(n, torch.Tensor) else torch.full_like(picks, n)
+    keyed = torch.where(pos < kk, picks, fill)
     ordered = torch.topk(keyed, k_max, largest=False, sorted=True).values  # [k_max]
-    kk = k.item() if isinstance(k, torch.Tensor) else int(k)
-    torch._check(kk >= 1)
-    torch._check(kk <= k_max)
+    if isinstance(k, torch.Tensor):
+        torch._check(kk >= 1)
+        torch._check(kk <= k_max)
     return ordered[:kk]
+
+
+def keep_first_k(method: str, x: torch.Tensor, k: int | torch.SymInt, k_max: int, anchor: str = "mean",
+                 cls_attention: torch.Tensor | None = None) -> torch.Tensor:
+    """Stage 1 for an image-dependent N: keep [1, k] ascending = the first k picks of a k_max-step greedy.
+
+    x [1, N, C]: pre-projector features (sts, sts-s) or projected embeddings (divprune); `cls`
+    takes the top-k of cls_attention [1, N] with a constant TopK(k_max). The greedy order is
+    prefix-consistent, so this equals a run of exactly k steps.
+    """
+    if method == "cls":
+        if cls_attention is None:
+            raise StsError("method 'cls' needs cls_attention [1, N]")
+        return topk_ascending(cls_attention, k, k_max)
+    if method == "divprune":
+        picks = torch.ops.sts.divprune_picks(x[0], torch.tensor(-1, dtype=torch.int64, device=x.device), k_max)
+    else:
+        picks = torch.ops.sts.potential_energy_picks(x[0], anchor_index(x, anchor, cls_attention)[0], k_max)
+    return first_k_ascending(picks, k, x.shape[1])[None]  # [1, k]
 
 
 # ---------------------------------------------------------------------------------------------------------------

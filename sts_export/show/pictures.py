@@ -13,6 +13,10 @@ The geometry is the exact inverse of the model's HF image processor (CLIP / LLaV
 The crop is cut into a grid of ``patch_size`` patches; vision token i (CLS dropped) is patch row
 ``i // grid``, column ``i % grid``. PIL's resize maps continuous coordinates linearly
 (``x_out = x_in * out / in``), so each patch is an axis-aligned rectangle of the original image.
+
+Families whose preprocessing gives each candidate's box directly (LLaVA-NeXT's ``ImageInput.boxes``)
+use :func:`draw_kept_boxes` instead: one panel per token group (base crop, tiles), same styling;
+:func:`draw_next_kept` maps a NeXT Generation's keep_pre/keep_post onto the candidates first.
 """
 from __future__ import annotations
 

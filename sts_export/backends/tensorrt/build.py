@@ -1,4 +1,4 @@
-"""Build TensorRT engines from the exported ONNX graphs (TensorRT 10 Python API; floor 10.3 = JetPack 6.1).
+"""Build TensorRT engines from the exported ONNX graphs: one strongly typed build on TensorRT 10.3, 10.16 and 11.x.
 
 Importable without TensorRT: `tensorrt` is imported inside the functions that need it.
 
@@ -19,20 +19,18 @@ A graph with a past ("P") input (`segment1`, `segment2`) gets two optimisation p
 (S in 1..max_prompt, P = 0) and 1 = decode (S = 1, P in 0..max_context-1); every other graph gets one.
 The runtime (`trt_runtime.TrtBackend`) picks the profile from the input shapes.
 
-Precision. `precision="fp16"|"bf16"` sets the builder flag (weakly typed network), and every layer that belongs
-to the Stage-1 selection is pinned to float32. `fp32_layers_pattern` is a regex (a plain substring such as
-"stage1" works). A layer matches when the pattern is found in its name, its metadata, or the name of one of its
-input/output tensors (the ONNX parser names layers and tensors after the ONNX nodes and stores
-"[ONNX Layer: <node>]" as layer metadata), or when its ONNX node matches: the node's name or its torch exporter
-metadata (`namespace`, `pkg.torch.onnx.name_scopes`, `pkg.torch.onnx.class_hierarchy`: the module path, e.g.
-"vision/stage1"; `pkg.torch.onnx.stack_trace`: the source line that called it, e.g.
-"keep = potential_energy_select(...)") contains the pattern. torch.onnx's dynamo exporter names nodes
-`node_Mul_12`, so the metadata route is what finds Stage-1 nodes. Pinned layers get
-`layer.precision = float32` and `set_output_type(i, float32)` on their float outputs, and the config gets
-OBEY_PRECISION_CONSTRAINTS so TensorRT may not override them. TF32 is switched off so float32 means float32
-(DESIGN.md: "All selection math in float32, also inside fp16 engines"). On TensorRT builds without weak typing
-(11+), or with `strongly_typed=True`, the network is strongly typed: layer types follow the ONNX tensor types
-and the exporter must have put the casts in the graph.
+Precision. Every engine is built strongly typed (TensorRT 11 has no other mode; NVIDIA's "TensorRT 10.x to 11.x
+Python API" migration guide lists BuilderFlag.FP16/BF16/INT8, OBEY_PRECISION_CONSTRAINTS and the per-layer
+precision setters as removed): layer types follow the ONNX tensor types, so an engine's precision is the dtype of
+the graph it was built from, and Stage 1/2 stay float32 through the casts the exporter put in the graph. No builder
+precision flag is set and no layer is pinned. `network_precision` reads the precision back from TensorRT's own
+parsed network (the dtype of its float constants, weighted by size) and `build_engine` refuses, before building,
+a network whose precision differs from the one asked for. TF32 is switched off where the flag exists, so float32
+means float32 (DESIGN.md: "All selection math in float32").
+
+TensorRT API. Every call below exists, with the same meaning, in TensorRT 10.3, 10.16 and 11.x; the one that differs
+is the network-creation flag (`_network_flags`): 10.x needs STRONGLY_TYPED, 11.0 deprecates it ("always enabled,
+retained for API compatibility but ignored").
 """
 from __future__ import annotations
 
@@ -53,10 +51,12 @@ Profile = dict[str, Any]  # input name -> (min_shape, opt_shape, max_shape); opt
 MIN_TRT = (10, 3)
 VALUES_KEY = "__values__"
 _TRT_CACHE: dict[str, Any] = {}
+MAX_MAJOR = 11  # the newest TensorRT major whose API this module was written against
 _INSTALL_HINT = (
-    "TensorRT is not installed (Python package `tensorrt` >= 10.3 is needed for --target trt): "
-    "on x86-64 with an NVIDIA driver run `pip install tensorrt` (NVIDIA's CUDA 12 wheels), "
-    "on Jetson it ships with JetPack 6.1 or newer (python3-libnvinfer); or export with --target onnx"
+    "TensorRT is not installed (Python package `tensorrt` is needed for --target trt): on a Jetson it ships with "
+    "JetPack (6.1/6.2: TensorRT 10.3; 7.2: TensorRT 10.16; 7.2.2+: TensorRT 11.4.1+, python3-libnvinfer), on x86-64 "
+    "with an NVIDIA driver run `pip install tensorrt` (TensorRT 11.x wheels); see README 'TensorRT and Jetson'; "
+    "or export with --target onnx"
 )
 
 
@@ -93,6 +93,9 @@ def require_tensorrt(min_version: tuple[int, int] = MIN_TRT) -> Any:
     if _version_tuple(trt.__version__)[:2] < tuple(min_version):
         raise StsError(f"TensorRT {trt.__version__} is too old: sts-export needs TensorRT >= "
                        f"{min_version[0]}.{min_version[1]} (`pip install -U tensorrt`, or JetPack 6.1+ on Jetson)")
+    if _version_tuple(trt.__version__)[0] > MAX_MAJOR:
+        raise StsError(f"TensorRT {trt.__version__} is newer than sts-export knows (10.3 to {MAX_MAJOR}.x): its "
+                       f"Python API may differ; install TensorRT {MAX_MAJOR}.x (`pip install 'tensorrt<{MAX_MAJOR + 1}'`)")
     return trt
 
 
@@ -158,7 +161,8 @@ def check_engine_compatible(manifest_trt: dict[str, Any], *, here: dict[str, Any
         raise StsError(_INSTALL_HINT)
     if built_v and _version_tuple(built_v)[:3] != _version_tuple(here["trt_version"])[:3]:
         raise StsError(f"the engines were built with TensorRT {built_v} but this machine has TensorRT "
-                       f"{here['trt_version']}: rebuild them here (--target trt) or install TensorRT {built_v}")
+                       f"{here['trt_version']} (sts-export builds no version-compatible engines): rebuild them here "
+                       f"(python export.py --onnx-dir DIR --target trt) or install TensorRT {built_v}")
     cc = here.get("compute_capability")
     if built_cc and cc is None:
         raise StsError("no CUDA GPU is visible, and TensorRT engines need one "
@@ -176,7 +180,13 @@ def check_engine_compatible(manifest_trt: dict[str, Any], *, here: dict[str, Any
 # Optimisation profiles
 # ---------------------------------------------------------------------------------------------------------------
 
+_TOKEN_KINDS = ("T", "N", "K", "Kp")  # image-dependent N: crops, token index, this image's K and K'
+_TOKEN_ALIASES = {"tokens": "N"}  # Qwen2.5-VL's LLM-token axis (not named N: sympy reads that as its N())
+
+
 def _dim_kind(d: int | str) -> str:
+    """fixed, batch, past, seq, a token kind (T, N, K, Kp), or c*kind for an axis c times one (Qwen's 4*tokens
+    patches: 4 per LLM token); unknown otherwise."""
     if isinstance(d, int):
         return "fixed"
     s = str(d).strip()
@@ -186,8 +196,11 @@ def _dim_kind(d: int | str) -> str:
         return "past"
     if s.startswith("S") or s.lower().startswith("seq"):
         return "seq"
-    if s in ("T", "N", "K", "Kp"):  # image-dependent N: crops, token index, this image's K and K'
-        return s
+    if s in _TOKEN_KINDS or s in _TOKEN_ALIASES:
+        return _TOKEN_ALIASES.get(s, s)
+    scaled = re.fullmatch(r"(\d+)\s*\*\s*(\w+)", s)
+    if scaled and _dim_kind(scaled.group(2)) in _TOKEN_KINDS:
+        return f"{int(scaled.group(1))}*{_dim_kind(scaled.group(2))}"
     return "unknown"
 
 
@@ -210,15 +223,19 @@ def profiles_for_graph(graph_name: str, io_spec: dict[str, Any], *, max_batch: i
     inputs = io_spec.get("inputs", [])
     kinds = {inp["name"]: [_dim_kind(d) for d in inp["shape"]] for inp in inputs}
     limits = token_limits or {}
+    scaled = {k for ks in kinds.values() for k in ks if "*" in k}
     for inp in inputs:
         for d, k in zip(inp["shape"], kinds[inp["name"]]):
-            if k in ("T", "N", "K", "Kp") and k not in limits:
+            if k.split("*")[-1] in _TOKEN_KINDS and k.split("*")[-1] not in limits:
                 raise StsError(f"{graph_name}: input '{inp['name']}' has dim '{d}' but no limit for it was given")
             if k == "unknown":
                 raise StsError(f"{graph_name}: input '{inp['name']}' has symbolic dim '{d}' that has no profile "
                                f"rule (use an int, B, S…, or P)")
     has_past = any("past" in ks for ks in kinds.values())
     tokens = {k: (1, v, v) for k, v in limits.items()}
+    for k in scaled:  # c*N: c times the token range (Qwen: 4 patches per LLM token)
+        c, base = k.split("*")
+        tokens[k] = tuple(int(c) * x for x in tokens[base])
     ranges = {  # kind -> (min, opt, max) per phase
         "prefill": {"batch": (1, opt_b, max_batch), "seq": (min_prompt, opt_s, max_prompt), "past": (0, 0, 0), **tokens},
         "decode": {"batch": (1, opt_b, max_batch), "seq": (1, 1, 1), "past": (0, opt_p, max_context - 1), **tokens},
@@ -305,35 +322,23 @@ def _atomic_write(path: Path, data: Any) -> int:
     return path.stat().st_size
 
 
-_FLOAT_NAMES = ("FLOAT", "HALF", "BF16")
-# Layers that carry no arithmetic of their own (loop/conditional plumbing, shape queries): left alone.
-_SKIP_LAYER_TYPES = ("TRIP_LIMIT", "ITERATOR", "RECURRENCE", "LOOP_OUTPUT", "CONDITION", "CONDITIONAL_INPUT",
-                     "CONDITIONAL_OUTPUT", "SHAPE", "ASSERTION", "CONSTANT")
+# TensorRT DataType name -> the project's dtype name (the float types an engine can be "in").
+TRT_FLOAT_DTYPES = {"FLOAT": "fp32", "HALF": "fp16", "BF16": "bf16"}
+PRECISIONS = ("fp32", "fp16", "bf16")
 
 
 def _enum_name(v: Any) -> str:
     return getattr(v, "name", str(v).rsplit(".", 1)[-1])
 
 
-def _layer_names(layer: Any) -> list[str]:
-    names = [layer.name or "", getattr(layer, "metadata", "") or ""]
-    for get, n in ((layer.get_input, layer.num_inputs), (layer.get_output, layer.num_outputs)):
-        for i in range(n):
-            t = get(i)
-            if t is not None:
-                names.append(t.name)
-    return names
-
-
 _NODE_META_KEYS = ("namespace", "pkg.torch.onnx.name_scopes", "pkg.torch.onnx.class_hierarchy",
                    "pkg.torch.onnx.stack_trace")
-_LAYER_NODE = re.compile(r"\[ONNX Layer: ([^|\]]+?)\s*(?:\||\])")
 
 
 def onnx_nodes_matching(onnx_path: str | os.PathLike, pattern: str) -> set[str]:
     """Names of ONNX nodes (subgraphs included) whose name or torch-exporter metadata matches `pattern`.
 
-    Loads the graph without weights. Empty when `onnx` is not installed (then only layer/tensor names match).
+    Loads the graph without weights. Empty when `onnx` is not installed.
     """
     try:
         import onnx  # noqa: PLC0415 - optional on a bare Jetson build box
@@ -355,40 +360,47 @@ def onnx_nodes_matching(onnx_path: str | os.PathLike, pattern: str) -> set[str]:
     return found
 
 
-def _layer_matches(layer: Any, rx: re.Pattern, nodes: set[str]) -> bool:
-    names = _layer_names(layer)
-    if any(rx.search(n) for n in names):
-        return True
-    if not nodes:
-        return False
-    m = _LAYER_NODE.search(getattr(layer, "metadata", "") or "")
-    candidates = {layer.name, re.sub(r"_\d+$", "", layer.name or "")} | ({m.group(1)} if m else set())
-    return bool(candidates & nodes)
+def _volume(shape: Any) -> int:
+    n = 1
+    for d in tuple(shape):
+        n *= max(int(d), 1)
+    return n
 
 
-def pin_layers_fp32(trt: Any, network: Any, pattern: str, nodes: set[str] = frozenset()) -> list[str]:
-    """Pin every float layer matching `pattern` (or made from one of the ONNX `nodes`) to float32.
+def network_precision(network: Any) -> tuple[str | None, dict[str, int], dict[str, str]]:
+    """(precision, float-constant elements per dtype, IO tensor dtypes) of a parsed TensorRT network.
 
-    Returns the pinned layer names."""
-    rx = re.compile(pattern)
-    pinned = []
+    In a strongly typed network the tensor types are the ONNX types, so the precision is the dtype that holds most
+    of the float constants (the weights; Stage 1/2 keep a few small fp32 ones) — the same rule as
+    `export.onnx.graph_dtype` on the ONNX file. None when the network has no float constant (then the float IO
+    dtype decides)."""
+    counts: dict[str, int] = {}
     for i in range(network.num_layers):
         layer = network.get_layer(i)
-        if _enum_name(layer.type) in _SKIP_LAYER_TYPES or not _layer_matches(layer, rx, nodes):
+        if _enum_name(layer.type) != "CONSTANT":
             continue
-        float_io = False
         for j in range(layer.num_outputs):
-            out = layer.get_output(j)
-            if out is not None and _enum_name(out.dtype) in _FLOAT_NAMES:
-                layer.set_output_type(j, trt.float32)
-                float_io = True
-        for j in range(layer.num_inputs):
-            t = layer.get_input(j)
-            float_io |= t is not None and _enum_name(t.dtype) in _FLOAT_NAMES
-        if float_io:
-            layer.precision = trt.float32
-            pinned.append(layer.name)
-    return pinned
+            t = layer.get_output(j)
+            name = TRT_FLOAT_DTYPES.get(_enum_name(t.dtype)) if t is not None else None
+            if name:
+                counts[name] = counts.get(name, 0) + _volume(t.shape)
+    io: dict[str, str] = {}
+    for get, n in ((network.get_input, network.num_inputs), (network.get_output, network.num_outputs)):
+        for i in range(n):
+            t = get(i)
+            io[t.name] = _enum_name(t.dtype)
+    if counts:
+        return max(counts, key=lambda k: counts[k]), counts, io
+    floats = [TRT_FLOAT_DTYPES[d] for d in io.values() if d in TRT_FLOAT_DTYPES]
+    return (max(set(floats), key=floats.count) if floats else None), counts, io
+
+
+def _network_flags(trt: Any) -> int:
+    """The one API difference the build path has: TensorRT 10.x builds strongly typed only when the network is
+    created with NetworkDefinitionCreationFlag.STRONGLY_TYPED; TensorRT 11.0 deprecated that flag (strong typing is
+    always on; the flag is "retained for API compatibility but is ignored"). Set it wherever it still exists."""
+    flag = getattr(getattr(trt, "NetworkDefinitionCreationFlag", None), "STRONGLY_TYPED", None)
+    return 0 if flag is None else 1 << int(flag)
 
 
 def _parse_onnx(trt: Any, network: Any, logger: Any, onnx_path: Path) -> Any:
@@ -447,18 +459,18 @@ def _load_timing_cache(config: Any, path: Path | None, log: Callable[[str], None
     return cache
 
 
-def build_engine(onnx_path: str | os.PathLike, engine_path: str | os.PathLike, *, precision: str = "fp16",
+def build_engine(onnx_path: str | os.PathLike, engine_path: str | os.PathLike, *, precision: str | None = None,
                  profiles: list[Profile] | None = None, timing_cache_path: str | os.PathLike | None = None,
-                 opt_level: int = 3, workspace_bytes: int | None = None, fp32_layers_pattern: str | None = None,
-                 progress: Callable[[str], None] | None = None, strongly_typed: bool = False,
-                 verbose: bool = False) -> dict[str, Any]:
-    """Parse `onnx_path`, build a serialized engine and write it atomically to `engine_path`.
+                 opt_level: int = 3, workspace_bytes: int | None = None,
+                 progress: Callable[[str], None] | None = None, verbose: bool = False) -> dict[str, Any]:
+    """Parse `onnx_path`, build a strongly typed serialized engine and write it atomically to `engine_path`.
 
-    precision: "fp16" | "bf16" | "fp32" (see the module docstring for the float32 pinning of
-    `fp32_layers_pattern` layers). profiles: from `profiles_for_graph`. timing_cache_path: loaded when present
-    and rewritten after the build (share one file across graphs and builds). Returns the info for manifest.json.
+    precision: what the engine must be ("fp32" | "fp16" | "bf16"), checked against the precision TensorRT's parsed
+    network has (`network_precision`) before anything is built; None: whatever the graph is. profiles: from
+    `profiles_for_graph`. timing_cache_path: loaded when present and rewritten after the build (share one file
+    across graphs and builds). Returns the info for manifest.json (precision read from the network).
     """
-    if precision not in ("fp16", "bf16", "fp32"):
+    if precision is not None and precision not in PRECISIONS:
         raise StsError(f"unknown TensorRT precision '{precision}'; choose fp16, bf16 or fp32")
     if not 0 <= opt_level <= 5:
         raise StsError(f"builder optimisation level must be 0..5 (got {opt_level})")
@@ -472,41 +484,22 @@ def build_engine(onnx_path: str | os.PathLike, engine_path: str | os.PathLike, *
 
     logger = trt.Logger(trt.Logger.VERBOSE if verbose else trt.Logger.WARNING)
     builder = trt.Builder(logger)
-    weak_ok = hasattr(trt.BuilderFlag, "FP16")  # TensorRT 11 removed weak typing
-    typed = strongly_typed or not weak_ok
-    flags = 0
-    if typed and hasattr(trt.NetworkDefinitionCreationFlag, "STRONGLY_TYPED"):
-        flags |= 1 << int(trt.NetworkDefinitionCreationFlag.STRONGLY_TYPED)
-    network = builder.create_network(flags)
+    network = builder.create_network(_network_flags(trt))
     log(f"parsing {onnx_path.name}")
     parser = _parse_onnx(trt, network, logger, onnx_path)  # owns the weights: keep it alive until the build
+    got, counts, io = network_precision(network)
+    if precision is not None and got is not None and got != precision:
+        raise StsError(f"{onnx_path.name} is a {got} graph, so its strongly typed engine would be {got}, not "
+                       f"{precision}: re-export the ONNX graphs with --dtype {precision}")
+    log(f"strongly typed network: {got or 'no float'} weights"
+        + (f" ({', '.join(f'{k} {v}' for k, v in sorted(counts.items()))} elements)" if counts else ""))
 
     config = builder.create_builder_config()
     config.builder_optimization_level = int(opt_level)
     if workspace_bytes:
         config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, int(workspace_bytes))
-    if hasattr(trt.BuilderFlag, "TF32"):
+    if hasattr(trt.BuilderFlag, "TF32"):  # float32 layers really run in float32
         config.clear_flag(trt.BuilderFlag.TF32)
-    pinned: list[str] = []
-    if typed:
-        log("strongly typed network: layer precisions follow the ONNX tensor types"
-            + (f" (no {precision} builder flag; fp32_layers_pattern unused)" if precision != "fp32" else ""))
-    else:
-        if precision == "fp16":
-            config.set_flag(trt.BuilderFlag.FP16)
-        elif precision == "bf16":
-            config.set_flag(trt.BuilderFlag.BF16)
-        if precision != "fp32" and fp32_layers_pattern:
-            try:
-                nodes = onnx_nodes_matching(onnx_path, fp32_layers_pattern)
-            except Exception as e:  # noqa: BLE001 - unreadable here but parsed by TensorRT: names still match
-                log(f"could not read node metadata of {onnx_path.name} ({type(e).__name__}); matching layer names only")
-                nodes = set()
-            pinned = pin_layers_fp32(trt, network, fp32_layers_pattern, nodes)
-            config.set_flag(trt.BuilderFlag.OBEY_PRECISION_CONSTRAINTS)
-            log(f"pinned {len(pinned)} layers matching '{fp32_layers_pattern}' to float32")
-            if not pinned:
-                log(f"warning: no layer matches '{fp32_layers_pattern}'; nothing pinned to float32")
     _add_profiles(trt, builder, config, network, profiles or [], onnx_path.stem)
     _load_timing_cache(config, cache_path, log)
     monitor = None
@@ -519,7 +512,7 @@ def build_engine(onnx_path: str | os.PathLike, engine_path: str | os.PathLike, *
     serialized = builder.build_serialized_network(network, config)
     if serialized is None:
         raise StsError(f"TensorRT failed to build {onnx_path.name} (its log above says why); a larger workspace "
-                       f"or precision fp32 may help")
+                       f"may help")
     build_s = time.monotonic() - t0
     del parser
     if cache_path is not None:
@@ -530,8 +523,8 @@ def build_engine(onnx_path: str | os.PathLike, engine_path: str | os.PathLike, *
     dev = device_info()
     return {
         "engine": str(engine_path), "onnx": str(onnx_path), "trt_version": trt.__version__,
-        "gpu": dev["gpu"], "compute_capability": dev["compute_capability"], "precision": precision,
-        "strongly_typed": typed, "fp32_layers_pattern": fp32_layers_pattern, "fp32_layers": len(pinned),
+        "gpu": dev["gpu"], "compute_capability": dev["compute_capability"], "precision": got,
+        "strongly_typed": True, "float_constants": counts, "io_dtypes": io,
         "profiles": [{k: [list(s) for s in v] for k, v in p.items() if k != VALUES_KEY} for p in profiles or []],
         "opt_level": int(opt_level), "workspace_bytes": workspace_bytes,
         "timing_cache": str(cache_path) if cache_path else None, "build_seconds": round(build_s, 2),

@@ -18,7 +18,13 @@ Source of the op table: onnx/onnx-tensorrt `docs/operators.md`, "ONNX-TensorRT 1
 to 20"), https://github.com/onnx/onnx-tensorrt/blob/96e781103cfc4adf4a6bb557e94bac8e693f6f4c/docs/operators.md
 That table is what TensorRT 10.2/10.3 ship: the onnx-tensorrt `docs/Changelog.md` lists no added operator for
 10.2 or 10.3 (10.3 only lifts "Slice `axes` must be an initializer"). Later releases are applied as deltas from
-the same Changelog and the 10.15 GA `docs/operators.md` (see `_DELTAS`).
+the same Changelog and the 10.15 GA `docs/operators.md` (see `_DELTAS`); TensorRT 11.x rows come from NVIDIA's
+TensorRT release pages (github.com/NVIDIA/TensorRT/releases, "Parsers" sections), which is where the 11.x parser
+changes are announced. Every row names its source.
+
+Versions: `parse_version` accepts "10.3", "10.16.1" or "11.4.1.2" (2 to 4 numbers) of TensorRT 10.x or 11.x and
+refuses anything else (`VersionError`, a one-line StsError that is also a ValueError); `parse_versions("10.3,11.4")`
+reads a comma-separated list; `default_version()` is the installed TensorRT's major.minor, else 10.3 (JetPack 6.1/6.2).
 """
 from __future__ import annotations
 
@@ -32,6 +38,8 @@ from typing import Any, Iterable
 import numpy as np
 import onnx
 from onnx import numpy_helper
+
+from sts_export.errors import StsError
 
 # ---------------------------------------------------------------------------------------------------------------
 # The support table (data). Types are the table's "Supported Types" column; None = listed as not supported.
@@ -89,10 +97,38 @@ OPS_10_1: dict[str, tuple[str, ...] | None] = {
 _DELTAS: dict[tuple[int, int], dict[str, tuple[str, ...] | None]] = {
     (10, 4): {"BlackmanWindow": F2, "HammingWindow": F2, "HannWindow": F2},
     (10, 5): {"STFT": ("FP32",)},
+    # 10.8 release notes: "Added support for E2M1 FP4 data type ... using explicit quantization"; the 10.15 GA
+    # operators.md DequantizeLinear row reads "INT8, FP8, FP4, INT4".
+    (10, 8): {"DequantizeLinear": ("INT8", "FP8", "INT4", "FP4")},
     (10, 12): {"Pow": FI},  # integer-typed base tensors
+    # Changelog 10.14 GA (2025-11-7): "Added support for the `Attention` operator"; types and limits from the 10.15
+    # GA operators.md row (Q/K/V/attn_mask 4-D; no past_key/past_value/nonpad_kv_seqlen inputs; no present_key/
+    # present_value/qk_matmul_output outputs; no qk_matmul_output_mode/softcap): see `rule_Attention`.
     (10, 14): {"Attention": F + ("INT8", "FP8")},
+    # Changelog 10.15 GA (2026-2-2): "Added support for `RotaryEmbedding`, `RMSNormalization` and `TensorScatter`";
+    # types/limits from the 10.15 GA operators.md rows (see `rule_RotaryEmbedding`, `rule_TensorScatter`).
     (10, 15): {"RotaryEmbedding": F, "RMSNormalization": F, "TensorScatter": F + ("INT32",)},
+    # 10.16: NVIDIA's TensorRT 10.16.0/10.16.1 release notes (docs.nvidia.com/deeplearning/tensorrt/10.16.x,
+    # release-notes-10) announce MoE/multi-device layers and JetPack Orin support but no new ONNX operator, and no
+    # onnx-tensorrt Changelog entry for 10.16 was available: 10.16 reads the 10.15 table.
+    (10, 16): {},
+    # TensorRT 11.0 release (github.com/NVIDIA/TensorRT/releases/tag/v11.0, 2026-06-02), Parsers: "Added support
+    # for Swish operator" (also the TRT_Attention/TRT_MoE/TRT_KVCacheUpdate custom ops, which need no row: they are
+    # custom-domain ops and stay plugin errors here). No operators.md row was available for its types: ONNX Swish
+    # (opset 24) is float-only, read as FP32/FP16/BF16 like Sigmoid.
+    (11, 0): {"Swish": F},
+    # 11.1 (releases/tag/v11.1): Parsers only "Updated TRT_Attention to support raggedness" (custom op).
+    # TensorRT 11.2 release (releases/tag/v11.2, 2026-08-04), Parsers: "Added support for the DFT operator and 5D
+    # GridSample operators" (DFT runs as the new cuFFT FFTPlugin); no types row was available: FP32/FP16 read from
+    # cuFFT's real/half transforms.
+    (11, 2): {"DFT": F2},
+    # 11.3 (releases/tag/v11.3) and 11.4 (releases/tag/v11.4): parser refit/external-weights changes only.
+    # 11.5 (releases/tag/v11.5, onnx-tensorrt release/11.5-GA): "Added support for ONNX opset 25" and Squeeze
+    # without `axes`: no new operator.
 }
+# Releases the table has a row for (the deltas above plus the releases that changed nothing the check reads).
+_KNOWN_RELEASES = sorted({(10, m) for m in range(0, 17)} | {(11, m) for m in range(0, 6)})
+_TABLE_LATEST = _KNOWN_RELEASES[-1]
 # "must be a constant" input restrictions: (op, input index) -> (first release without it, input name).
 _CONST_INPUT_UNTIL: dict[tuple[str, int], tuple[tuple[int, int], str]] = {
     ("Slice", 3): ((10, 3), "axes"),  # Changelog 10.3: "Added support for tensor `axes` inputs for `Slice` nodes"
@@ -105,8 +141,21 @@ _CONST_INPUT_UNTIL: dict[tuple[str, int], tuple[tuple[int, int], str]] = {
 }
 # Highest default-domain opset the parser documents / vendors (header of operators.md, ONNX submodule version in
 # the Changelog). Newer opsets only log a warning in the parser, so this is a warning here too.
-_MAX_OPSET: list[tuple[tuple[int, int], int]] = [((10, 0), 20), ((10, 6), 22), ((10, 11), 23), ((10, 15), 24)]
-_TABLE_LATEST = (10, 15)
+_MAX_OPSET: list[tuple[tuple[int, int], int]] = [
+    ((10, 0), 20), ((10, 6), 22), ((10, 11), 23),
+    ((10, 15), 24),  # 10.15 GA operators.md: "supports operators in the inclusive range of opset 9 to opset 24"
+    ((11, 5), 25),  # releases/tag/v11.5: "Added support for ONNX opset 25" (so 10.16 and 11.0-11.4 stay at 24)
+]
+# Block-wise DequantizeLinear (`block_size` > 0, opset 21+): the quantized types the parser takes per release.
+# TensorRT's "Working with Quantized Types" (10.11 docs): symmetric quantization only, INT4 weight-only; block
+# quantization of FP8/FP4 weights arrives with 10.13 (per the issue brief's reading of NVIDIA's notes; the latest
+# IQuantizeLayer/IDequantizeLayer operator page lists block quantization for INT4, FP4, FP8 and INT8 scales).
+_BLOCK_DQ_TYPES: list[tuple[tuple[int, int], tuple[str, ...]]] = [((10, 0), ("INT4",)),
+                                                                   ((10, 13), ("INT4", "FP8", "FP4"))]
+# Block-wise INT4 (same page, "Quantization Schemes"): "INT4 quantization requires per-block scales. The supported
+# block sizes are {64, 128}. The block dimension should be one of the last two dimensions." Blocks are weight-only:
+# the quantized tensor and its scales are build-time constants (TensorRT "only supports INT4 for weight quantization").
+_BLOCK_DQ_INT4_SIZES = (64, 128)
 
 TOPK_MAX_K = 3840  # operators.md, TopK: "`K` input must be less than 3840"
 _INT32_MAX = 2**31 - 1  # the parser treats a Loop trip count >= INT32_MAX as "no trip count" (while-loop)
@@ -195,18 +244,64 @@ def format_reports(reports: dict[str, Report]) -> str:
 # Version handling
 # ---------------------------------------------------------------------------------------------------------------
 
+class VersionError(StsError, ValueError):
+    """A TensorRT version the check cannot read or does not cover (one line; also a ValueError)."""
+
+
+SUPPORTED = "TensorRT 10.x and 11.x (e.g. 10.3 = JetPack 6.1/6.2, 10.16 = JetPack 7.2, 11.4 = desktop wheels)"
+_VERSION = re.compile(r"(\d{1,3})\.(\d{1,3})(?:\.(\d{1,5})){0,2}")
+
+
 def parse_version(v: str | tuple[int, ...]) -> tuple[int, int]:
-    """'10.3', '10.3.0.26' or (10, 3) -> (10, 3). Only TensorRT 10+ is covered by the table."""
+    """'10.3', '10.16.1', '11.4.1.2' or (10, 3) -> (major, minor). Refuses what is not a TensorRT 10.x/11.x version."""
     if isinstance(v, tuple):
-        parts = [int(x) for x in v[:2]] + [0] * (2 - len(v[:2]))
+        if len(v) < 2 or not all(isinstance(x, int) and x >= 0 for x in v):
+            raise VersionError(f"TensorRT version {v!r} must be (major, minor, ...) integers")
+        major, minor = int(v[0]), int(v[1])
+        text = ".".join(str(x) for x in v)
     else:
-        m = re.match(r"^\s*(\d+)(?:\.(\d+))?", str(v))
+        text = str(v).strip()
+        m = _VERSION.fullmatch(text)
         if not m:
-            raise ValueError(f"cannot parse TensorRT version {v!r} (expected e.g. '10.3')")
-        parts = [int(m.group(1)), int(m.group(2) or 0)]
-    if parts[0] < 10:
-        raise ValueError(f"TensorRT {v} is older than the table this check encodes (TensorRT 10.x)")
-    return parts[0], parts[1]
+            raise VersionError(f"--trt-version '{v}' is not a TensorRT version: give major.minor (2 to 4 numbers, "
+                               f"e.g. 10.3 or 11.4.1); supported: {SUPPORTED}")
+        major, minor = int(m.group(1)), int(m.group(2))
+    if major not in (10, 11):
+        raise VersionError(f"TensorRT {text} is not covered by this check or by sts-export's build and runtime: "
+                           f"supported are {SUPPORTED}")
+    return major, minor
+
+
+def parse_versions(text: str) -> list[str]:
+    """'10.3,10.16,11.4' -> ['10.3', '10.16', '11.4'] (each checked by `parse_version`, duplicates dropped)."""
+    parts = [p.strip() for p in str(text).split(",")]
+    if not parts or any(not p for p in parts):
+        raise VersionError(f"--trt-version '{text}' has an empty entry: give versions separated by commas, e.g. "
+                           f"10.3,10.16,11.4")
+    out: list[str] = []
+    for p in parts:
+        parse_version(p)
+        if p not in out:
+            out.append(p)
+    return out
+
+
+def version_label(v: str | tuple[int, ...]) -> str:
+    major, minor = parse_version(v)
+    return f"{major}.{minor}"
+
+
+def default_version() -> str:
+    """The installed TensorRT's major.minor when there is one (and it is covered), else 10.3 (JetPack 6.1/6.2)."""
+    from sts_export.backends.tensorrt.build import _import_trt  # noqa: PLC0415 - tensorrt stays optional
+
+    trt = _import_trt()
+    if trt is not None:
+        try:
+            return version_label(str(trt.__version__))
+        except VersionError:
+            pass
+    return "10.3"
 
 
 def op_table(trt_version: str | tuple[int, ...] = "10.3") -> dict[str, tuple[str, ...] | None]:
@@ -676,6 +771,88 @@ class _Checker:
             res.append(d[1] if d else None)
         return res
 
+    def _rank(self, name: str, scope: _Scope) -> int | None:
+        t = scope.type(name) if name else None
+        return len(t[1]) if t is not None and t[1] is not None else None
+
+    def rule_Attention(self, node: onnx.NodeProto, label: str, scope: _Scope) -> None:
+        # 10.15 GA operators.md, Attention: "`Q`, `K`, `V` and `attn_mask` must be 4D. `past_key`, `past_value` and
+        # `nonpad_kv_seqlen` inputs are unsupported. `present_key`, `present_value` and `qk_matmul_output` outputs
+        # are unsupported. `qk_matmul_output_mode` and `softcap` attributes are unsupported."
+        for idx, what in enumerate(("Q", "K", "V", "attn_mask")):
+            if idx < len(node.input) and node.input[idx]:
+                r = self._rank(node.input[idx], scope)
+                if r is not None and r != 4:
+                    self.add(label, "Attention", f"`{what}` is {r}-D: TensorRT {self._v()} takes 4-D Q, K, V and "
+                                                 f"attn_mask only (fold the heads into dim 1)")
+        for idx, what in ((4, "past_key"), (5, "past_value"), (6, "nonpad_kv_seqlen")):
+            if idx < len(node.input) and node.input[idx]:
+                self.add(label, "Attention", f"input `{what}` is not supported by TensorRT {self._v()}'s Attention "
+                                             f"importer (concatenate the KV cache outside the node)")
+        for idx, what in ((1, "present_key"), (2, "present_value"), (3, "qk_matmul_output")):
+            if idx < len(node.output) and node.output[idx]:
+                self.add(label, "Attention", f"output `{what}` is not supported by TensorRT {self._v()}'s Attention "
+                                             f"importer")
+        for a in ("qk_matmul_output_mode", "softcap"):
+            if _attr(node, a, 0):
+                self.add(label, "Attention", f"attribute `{a}` is not supported by TensorRT {self._v()}")
+
+    def rule_RotaryEmbedding(self, node: onnx.NodeProto, label: str, scope: _Scope) -> None:
+        # 10.15 GA operators.md, RotaryEmbedding: "`position_ids` must be INT64"
+        if len(node.input) > 3 and node.input[3]:
+            t = scope.type(node.input[3])
+            if t is not None and t[0] and t[0] != onnx.TensorProto.INT64:
+                self.add(label, "RotaryEmbedding", f"`position_ids` is {onnx.TensorProto.DataType.Name(t[0])}: "
+                                                   f"TensorRT takes INT64 position ids")
+
+    def rule_TensorScatter(self, node: onnx.NodeProto, label: str, scope: _Scope) -> None:
+        # 10.15 GA operators.md, TensorScatter: "`past_cache` and `update` must be 4D. `axis` must be -2."
+        for idx, what in ((0, "past_cache"), (1, "update")):
+            r = self._rank(node.input[idx], scope) if idx < len(node.input) else None
+            if r is not None and r != 4:
+                self.add(label, "TensorScatter", f"`{what}` is {r}-D: TensorRT takes 4-D past_cache and update only")
+        axis = _attr(node, "axis", -2)
+        if axis != -2:
+            self.add(label, "TensorScatter", f"axis={axis}: TensorRT supports axis=-2 only")
+
+    def rule_DequantizeLinear(self, node: onnx.NodeProto, label: str, scope: _Scope) -> None:
+        # operators.md (10.1 and 10.15 GA), DequantizeLinear: "`x_zero_point` must be zero" (symmetric only)
+        if len(node.input) > 2 and node.input[2]:
+            zp = scope.const(node.input[2])
+            if zp is None:
+                self.add(label, "DequantizeLinear", f"`x_zero_point` ('{node.input[2]}') is not a constant: TensorRT "
+                                                    f"quantization is symmetric (zero point must be 0)")
+            elif zp is not _UNKNOWN and np.any(np.asarray(zp).astype(np.float64) != 0):
+                self.add(label, "DequantizeLinear", "`x_zero_point` is not zero: TensorRT supports symmetric "
+                                                    "quantization only")
+        block = _attr(node, "block_size", 0)
+        if not block:
+            return
+        t = scope.type(node.input[0]) if node.input else None
+        tname = onnx.TensorProto.DataType.Name(t[0]) if t is not None and t[0] else None
+        token = _TYPE_TOKEN.get(tname or "", tname)
+        allowed = max((since, types) for since, types in _BLOCK_DQ_TYPES if self.ver >= since)[1]
+        if token is not None and token not in allowed:
+            self.add(label, "DequantizeLinear", f"block-wise (block_size={block}) {token} weights: TensorRT "
+                                                f"{self._v()} dequantizes blocks of {', '.join(allowed)} only")
+        self._block_dq_rules(node, label, scope, block, token)
+
+    def _block_dq_rules(self, node: onnx.NodeProto, label: str, scope: _Scope, block: int, token: str | None) -> None:
+        """Block-wise DequantizeLinear: constant weights and scales, INT4 blocks of 64/128, block axis in the last two
+        dims (see `_BLOCK_DQ_INT4_SIZES`)."""
+        for idx, what in ((0, "x"), (1, "x_scale")):
+            if idx < len(node.input) and node.input[idx] and scope.const(node.input[idx], strict=True) is None:
+                self.add(label, "DequantizeLinear", f"block-wise `{what}` ('{node.input[idx]}') is not an "
+                                                    f"initializer: TensorRT dequantizes blocks of constant weights only")
+        if token == "INT4" and block not in _BLOCK_DQ_INT4_SIZES:
+            self.add(label, "DequantizeLinear", f"INT4 block_size={block}: TensorRT takes INT4 blocks of "
+                                                f"{' or '.join(map(str, _BLOCK_DQ_INT4_SIZES))} only")
+        rank = self._rank(node.input[0], scope) if node.input else None
+        axis = _attr(node, "axis", 1)
+        if rank is not None and rank >= 2 and axis % rank < rank - 2:
+            self.add(label, "DequantizeLinear", f"block axis {axis} of a {rank}-D tensor: TensorRT blocks one of the "
+                                                f"last two dimensions only")
+
     def rule_ScatterND(self, node: onnx.NodeProto, label: str, scope: _Scope) -> None:
         red = _attr(node, "reduction", b"none")
         red = red.decode() if isinstance(red, bytes) else red
@@ -720,6 +897,10 @@ class _Checker:
         if self.ver > _TABLE_LATEST:
             self.add("<model>", "table", f"the encoded table ends at TensorRT {_TABLE_LATEST[0]}.{_TABLE_LATEST[1]}; "
                                          f"{self._v()} may support more", "warning")
+        elif self.ver not in _KNOWN_RELEASES:
+            known = max(r for r in _KNOWN_RELEASES if r <= self.ver)
+            self.add("<model>", "table", f"TensorRT {self._v()} is not a release the table has a row for; checked "
+                                         f"with the {known[0]}.{known[1]} table", "warning")
         top = self.scope(self.model.graph, None, top=True)
         self.check_graph(self.model.graph, top)
         return self.report
@@ -804,21 +985,37 @@ def problems_of(reports: Iterable[Report]) -> list[str]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """`python -m sts_export.backends.tensorrt.check EXPORT_DIR_OR_ONNX... [--trt-version 10.3]`; exit 1 on problems."""
+    """`python -m sts_export.backends.tensorrt.check EXPORT_DIR_OR_ONNX... [--trt-version 10.3,11.4]`; exit 1 on problems.
+
+    One report and one verdict line per TensorRT version; the default version is the installed TensorRT, else 10.3.
+    """
     import argparse  # noqa: PLC0415
 
     ap = argparse.ArgumentParser(prog="python -m sts_export.backends.tensorrt.check", description=main.__doc__)
     ap.add_argument("paths", nargs="+", help="export directories (every *.onnx) or .onnx files")
-    ap.add_argument("--trt-version", default="10.3", help="TensorRT release to check against (default 10.3)")
+    ap.add_argument("--trt-version", default=None,
+                    help="TensorRT release(s) to check against, comma-separated (default: the installed one, else 10.3)")
     args = ap.parse_args(argv)
-    reports: dict[str, Report] = {}
-    for p in map(Path, args.paths):
-        if p.is_dir():
-            reports.update(check_dir(p, trt_version=args.trt_version))
-        else:
-            reports[p.stem] = check_model(p, trt_version=args.trt_version)
-    print(format_reports(reports))
-    return 0 if all(r.ok for r in reports.values()) else 1
+    from sts_export.errors import cli_errors  # noqa: PLC0415
+
+    with cli_errors():
+        versions = parse_versions(args.trt_version) if args.trt_version else [default_version()]
+        for p in map(Path, args.paths):
+            if not p.exists():
+                raise StsError(f"{p} does not exist")
+        verdicts = []
+        for v in versions:
+            reports: dict[str, Report] = {}
+            for p in map(Path, args.paths):
+                if p.is_dir():
+                    reports.update(check_dir(p, trt_version=v))
+                else:
+                    reports[p.stem] = check_model(p, trt_version=v)
+            print(format_reports(reports))
+            verdicts.append((v, all(r.ok for r in reports.values())))
+        for v, ok in verdicts:
+            print(f"TensorRT {v} compatibility: {'PASS' if ok else 'FAIL'}")
+        return 0 if all(ok for _, ok in verdicts) else 1
 
 
 if __name__ == "__main__":

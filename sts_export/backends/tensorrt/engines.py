@@ -13,26 +13,27 @@ from sts_export.export.manifest import manifest_recipe, read_manifest, sha256, w
 from sts_export.export.memory import check_engine_memory, claim_engine_dir, release_engine_dir
 
 PRECISIONS = ("fp16", "bf16", "fp32")
-# Selection math stays float32 in reduced-precision engines. The torch exporter records each node's
-# source stack trace, so the selection functions' names find their nodes (see trt_build.onnx_nodes_matching).
+# The selection functions of Stage 1/2, found in a graph through the torch exporter's node metadata (see
+# trt_build.onnx_nodes_matching); their math stays float32 in fp16/bf16 graphs by the graph's own casts.
 SELECTION_PATTERN = (r"\b(potential_energy_select|divprune_select|topk_ascending|sorted_indices|anchor_index|"
                      r"pairwise_sq_dist|last_token_relevance)\b")
 
 
-def build_mode(onnx_dtype: str, precision: str | None) -> tuple[str, bool, str | None]:
-    """(precision, strongly_typed, fp32 layer pattern) for ONNX graphs of `onnx_dtype`.
+def engine_precision(onnx_dir: Path, m: dict[str, Any], precision: str | None) -> str:
+    """The precision the engines will have: the dtype of the ONNX graphs, read from the files (TensorRT builds
+    strongly typed). A `precision` that differs is refused in one line: converting graphs here could not be
+    validated against torch like an export is (onnxconverter-common's float16 pass, measured on the tiny export,
+    leaves 3 of 5 graphs with type errors and converts Stage 1's Loop too), so the fix is to re-export."""
+    from sts_export.export.manifest import export_dtype
 
-    Same precision as the graphs: a strongly typed build (the graph's own casts keep Stage 1 in fp32).
-    fp32 graphs built as fp16/bf16: a weakly typed build with the selection layers pinned to fp32.
-    """
-    precision = precision or onnx_dtype
-    if precision not in PRECISIONS:
+    have = export_dtype(onnx_dir, m)
+    if precision is not None and precision not in PRECISIONS:
         raise StsError(f"--precision must be one of {', '.join(PRECISIONS)}, got '{precision}'")
-    if precision == onnx_dtype:
-        return precision, True, None
-    if onnx_dtype == "fp32":
-        return precision, False, SELECTION_PATTERN
-    raise StsError(f"the ONNX graphs are {onnx_dtype}; a {precision} engine needs an fp32 (or {precision}) ONNX export")
+    if precision is not None and precision != have:
+        raise StsError(f"--precision {precision} cannot be met: the ONNX graphs in {onnx_dir} are {have}, and "
+                       f"TensorRT builds strongly typed engines whose precision is the graphs' dtype; re-export with "
+                       f"--dtype {precision} (python export.py --model ... --dtype {precision})")
+    return have
 
 
 def check(onnx_dir: Path, trt_version: str = "10.3") -> tuple[bool, str]:
@@ -45,6 +46,26 @@ def check(onnx_dir: Path, trt_version: str = "10.3") -> tuple[bool, str]:
     return all(r.ok for r in reports.values()), format_reports(reports)
 
 
+def check_versions(onnx_dir: Path, versions: list[str]) -> list[tuple[str, bool, str]]:
+    """`check` for each TensorRT version: [(version, compatible, report), ...] in the order given."""
+    return [(v, *check(onnx_dir, v)) for v in versions]
+
+
+def build_version(trt_version: str | None) -> str:
+    """The TensorRT version the build's check targets: the installed one (which parses the graphs); a different
+    --trt-version is refused in one line (it only applies to --check-only)."""
+    from sts_export.backends.tensorrt.build import require_tensorrt
+    from sts_export.backends.tensorrt.check import parse_versions, version_label
+
+    here = version_label(str(require_tensorrt().__version__))
+    if trt_version is not None:
+        asked = parse_versions(trt_version)
+        if [version_label(v) for v in asked] != [here]:
+            raise StsError(f"--trt-version {trt_version}: engines are built by the installed TensorRT {here}, so "
+                           f"the build checks against {here}; use --check-only to check other versions")
+    return here
+
+
 def build_engines(
     onnx_dir: Path,
     *,
@@ -53,7 +74,7 @@ def build_engines(
     opt_level: int = 3,
     workspace_gb: float | None = None,
     timing_cache: Path | None = None,
-    trt_version: str = "10.3",
+    trt_version: str | None = None,
     progress: Callable[[str], None] = print,
 ) -> dict[str, Any]:
     """Check, then build `<graph>.engine` for every graph; the manifest gains engine hashes and TensorRT info.
@@ -62,20 +83,21 @@ def build_engines(
     Jetson it includes the engine's weights on the GPU and the workspace) against what is available."""
     m = read_manifest(onnx_dir)
     recipe = manifest_recipe(m)
-    precision, typed, pattern = build_mode(m["dtype"], precision)
+    precision = engine_precision(onnx_dir, m, precision)  # the graphs' own dtype; another one is refused here
+    trt_version = build_version(trt_version)
     workspace_bytes = int(workspace_gb * 1024**3) if workspace_gb else None
     check_engine_memory(onnx_dir, m, precision, workspace_bytes, progress)  # one line before parsing when it cannot fit
     lock = claim_engine_dir(onnx_dir, progress)  # removes what a killed build (dead pid) left; refuses a live one
     try:
-        return _build_all(onnx_dir, m, recipe, precision, typed, pattern, max_batch, opt_level, workspace_bytes,
-                          timing_cache, trt_version, progress)
+        return _build_all(onnx_dir, m, recipe, precision, max_batch, opt_level, workspace_bytes, timing_cache,
+                          trt_version, progress)
     finally:
         release_engine_dir(lock)
 
 
-def _build_all(onnx_dir: Path, m: dict[str, Any], recipe: Any, precision: str, typed: bool, pattern: str | None,
-               max_batch: int, opt_level: int, workspace_bytes: int | None, timing_cache: Path | None,
-               trt_version: str, progress: Callable[[str], None]) -> dict[str, Any]:
+def _build_all(onnx_dir: Path, m: dict[str, Any], recipe: Any, precision: str, max_batch: int, opt_level: int,
+               workspace_bytes: int | None, timing_cache: Path | None, trt_version: str,
+               progress: Callable[[str], None]) -> dict[str, Any]:
     from sts_export.backends.tensorrt.build import build_engine, device_info, profiles_for_graph, require_tensorrt
 
     ok, report = check(onnx_dir, trt_version)
@@ -96,17 +118,23 @@ def _build_all(onnx_dir: Path, m: dict[str, Any], recipe: Any, precision: str, t
                                       min_prompt=m["k_pre"] + 1 if name == "prune" and not dynamic else 1)  # prune: S1 > K
         progress(f"[{i}/{len(names)}] building {name}.engine ({precision}, {len(profiles)} profile(s)) ...")
         info = build_engine(onnx_dir / g["onnx"], onnx_dir / f"{name}.engine", precision=precision, profiles=profiles,
-                            timing_cache_path=cache, opt_level=opt_level, strongly_typed=typed,
-                            fp32_layers_pattern=pattern,
-                            workspace_bytes=workspace_bytes, progress=progress)
+                            timing_cache_path=cache, opt_level=opt_level, workspace_bytes=workspace_bytes,
+                            progress=progress)
         built[name] = info
         progress(f"[{i}/{len(names)}] {name}.engine: {info['build_seconds']} s, {info['size_bytes'] / 1e6:.1f} MB")
+    got = {info.get("precision") for info in built.values()} - {None}
+    if got - {precision}:  # build_engine refuses this per graph already; the manifest must never say otherwise
+        raise StsError(f"the engines are {', '.join(sorted(got))}, not {precision}; nothing was recorded")
     for name, info in built.items():
         m["graphs"][name]["engine"] = f"{name}.engine"
         m["graphs"][name]["engine_sha256"] = sha256(onnx_dir / f"{name}.engine")
         m["graphs"][name]["engine_profiles"] = info["profiles"]
+        m["graphs"][name]["engine_precision"] = info.get("precision")
+        m["graphs"][name]["engine_io_dtypes"] = info.get("io_dtypes")
     dev = device_info()
+    # read from what was built: TensorRT's version and the GPU from the build, precision from the parsed networks
     m["tensorrt"] = {"version": trt.__version__, "gpu": dev["gpu"], "compute_capability": dev["compute_capability"],
-                     "precision": precision, "max_batch": max_batch, "opt_level": opt_level}
+                     "precision": got.pop() if got else precision, "strongly_typed": True,
+                     "version_compatible": False, "max_batch": max_batch, "opt_level": opt_level}
     write_manifest(onnx_dir, m)
     return m

@@ -1,0 +1,50 @@
+#!/usr/bin/env python
+"""Measure onnxruntime.quantization's int4 algorithms on one float export: RTN (symmetric, the default) vs HQQ
+(asymmetric, float zero points, half-quadratic refinement of scales and zeros), each against the unquantized graphs.
+
+    python scripts/quant_algorithms.py --export exports/llava-1.5-7b-cpu-sts-b64 [--block-size 128] [--json out.json]
+
+The export must be float (no --weights) at opset 21 (`export.py ... --opset 21`). Each algorithm quantizes a copy
+(sts_export.export.quantize.quantize_and_compare), so the figures are those validation.json reports. GPTQ
+(GPTQWeightOnlyQuantConfig) needs calibration inputs per model and is not measured here.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import tempfile
+import time
+from pathlib import Path
+
+from sts_export.export.quantize import Scheme, quantize_and_compare
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--export", required=True, type=Path)
+    ap.add_argument("--block-size", type=int, default=128)
+    ap.add_argument("--algorithms", default="rtn,hqq")
+    ap.add_argument("--json", type=Path, default=None)
+    args = ap.parse_args()
+    results = {}
+    for alg in args.algorithms.split(","):
+        with tempfile.TemporaryDirectory(dir=args.export.parent) as tmp:
+            d = Path(tmp) / "q"
+            shutil.copytree(args.export, d)
+            t = time.perf_counter()
+            r = quantize_and_compare(d, Scheme("int4", args.block_size, "matmulnbits", algorithm=alg),
+                                     progress=lambda s: None)
+            e2e = r["end_to_end"]
+            seg = {k: v.get("logits", v.get("hidden_out", {})).get("cosine") for k, v in r["graphs"].items()
+                   if k.startswith("segment")}
+            results[alg] = {"seconds": round(time.perf_counter() - t, 1), **{k: e2e[k] for k in (
+                "first_logits_cosine", "first_logits_rms_error_over_std", "greedy_agreement",
+                "free_running_identical_prefix", "keep_post_agreement")}, "segment_cosines": seg}
+            print(alg, json.dumps(results[alg]))
+    if args.json:
+        args.json.write_text(json.dumps(results, indent=2))
+
+
+if __name__ == "__main__":
+    main()
