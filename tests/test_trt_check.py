@@ -156,22 +156,22 @@ def test_rows_of_10_15_and_11_x() -> None:
 
 
 def _block_dq(elem: int, zero_point: int | None = None) -> onnx.ModelProto:
-    inits = [helper.make_tensor("w", elem, [4, 64], [0] * 256), _const("s", np.ones((4, 2), np.float32))]
+    inits = [helper.make_tensor("w", elem, [4, 128], [0] * 512), _const("s", np.ones((4, 2), np.float32))]
     ins = ["w", "s"]
     if zero_point is not None:
         inits.append(helper.make_tensor("zp", elem, [4, 2], [zero_point] * 8))
         ins.append("zp")
-    return _model([helper.make_node("DequantizeLinear", ins, ["wd"], axis=1, block_size=32, name="dq"),
+    return _model([helper.make_node("DequantizeLinear", ins, ["wd"], axis=1, block_size=64, name="dq"),
                    helper.make_node("MatMul", ["x", "wd"], ["y"], name="mm")],
                   [helper.make_tensor_value_info("x", FLOAT, [2, 4])], [helper.make_tensor_value_info("y", FLOAT, None)],
-                  inits, opset=21)
+                  inits, opset=21)  # w [4, 128] in blocks of 64 along axis 1: scales [4, 2]
 
 
 def test_blockwise_dequantize_per_release() -> None:
     assert trt_check.check_model(_block_dq(TensorProto.INT4), trt_version="10.3").ok  # INT4 weight-only blocks
     fp8 = _block_dq(TensorProto.FLOAT8E4M3FN)
     (line,) = _one(fp8, trt_version="10.12")
-    assert "block-wise (block_size=32) FP8" in line and "INT4 only" in line
+    assert "block-wise (block_size=64) FP8" in line and "INT4 only" in line
     assert trt_check.check_model(fp8, trt_version="10.13").ok
     assert "INT4, FP8, FP4 only" in _one(_block_dq(TensorProto.INT8), trt_version="11.4")[0]
     (line,) = _one(_block_dq(TensorProto.INT4, zero_point=1), trt_version="11.4")
