@@ -29,8 +29,11 @@ def _split(value: str) -> list[str]:
               help="Comma-separated budgets (average visual tokens per decoder layer) or 'full'.")
 @click.option("--methods", default="sts", show_default=True, help="Comma-separated: sts, sts-s, divprune, cls, fastv.")
 @click.option("--backends", default="torch", show_default=True,
-              help="Comma-separated: torch (eager), torch-compile, ort (ONNX Runtime), trt (TensorRT). "
-                   "A backend that cannot run here is skipped with a note.")
+              help="Comma-separated: torch (eager), torch-compile, ort (ONNX Runtime), trt (TensorRT), aoti "
+                   "(AOTInductor packages, compiled here once and reused); peers, on the "
+                   "same weights and inputs: transformers (the family's own class, sdpa), ort-genai (onnxruntime-genai's "
+                   "model builder on the text decoder: decoder only). A backend that cannot run here is skipped with "
+                   "a note.")
 @click.option("--repeats", default=5, show_default=True, type=int, help="Timed runs per configuration.")
 @click.option("--warmup", default=1, show_default=True, type=int, help="Untimed runs first.")
 @click.option("--max-new-tokens", default=8, show_default=True, type=int,

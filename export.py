@@ -4,6 +4,7 @@
     python export.py --model tiny-llava --budget 64                 # ONNX, validated with ONNX Runtime
     python export.py --model llava-1.5-7b --budget 64 --target trt  # ONNX + engines (needs TensorRT)
     python export.py --onnx-dir exports/x --target trt [--check-only]  # Jetson: engines from copied ONNX
+    python export.py --model tiny-llava --budget 64 --target aoti [--aoti-device cuda]  # AOTInductor packages
 """
 from __future__ import annotations
 
@@ -19,7 +20,13 @@ import click
 @click.option("--budget", default="64", show_default=True, help="Average visual tokens per decoder layer, or 'full'.")
 @click.option("--method", type=click.Choice(["sts", "sts-s", "fastv", "divprune", "cls", "none"]), default="sts", show_default=True)
 @click.option("--anchor", type=click.Choice(["mean", "first", "saliency"]), default=None, help="Stage 1 first pick (recipe default).")
-@click.option("--target", type=click.Choice(["onnx", "trt"]), default="onnx", show_default=True)
+@click.option("--target", type=click.Choice(["onnx", "trt", "aoti"]), default="onnx", show_default=True,
+              help="onnx graphs; trt: + TensorRT engines; aoti: AOTInductor packages (<graph>.pt2) built for this machine.")
+@click.option("--aoti-device", type=click.Choice(["cpu", "cuda"]), default=None,
+              help="With --target aoti: the device the packages are compiled for, on this machine [cpu].")
+@click.option("--aoti-cache", type=click.Path(path_type=Path), default=None,
+              help="With --target aoti: reuse packages compiled before for the same graph (embed and segments are "
+                   "shared by methods and budgets) from this directory, and add new ones to it.")
 @click.option("--out", type=click.Path(path_type=Path), default=None, help="Output directory [exports/<model>-<method>-b<budget>].")
 @click.option("--dtype", type=click.Choice(["fp32", "fp16", "bf16"]), default=None,
               help="ONNX dtype = engine precision [fp32 for onnx, fp16 for trt]; bf16 for Thor / desktop Blackwell.")
@@ -50,11 +57,34 @@ def main(model: str | None, recipe: str | None, budget: str, method: str, anchor
          out: Path | None, dtype: str | None, random_weights: bool, opset: int | None, no_validate: bool, force: bool,
          onnx_dir: Path | None, check_only: bool, trt_version: str | None, precision: str | None, max_batch: int,
          opt_level: int, workspace_gb: float | None, weights: str | None, block_size: str | None,
-         quantize_vision: bool, max_pixels: int | None) -> None:
+         quantize_vision: bool, max_pixels: int | None, aoti_device: str | None, aoti_cache: Path | None) -> None:
     """Export graphs with STS pruning inside (see README)."""
     from sts_export.errors import StsError, cli_errors
 
     with cli_errors("interrupted: nothing was left in the output directory"):
+        if target == "aoti" or aoti_device is not None or aoti_cache is not None:
+            given = {"--onnx-dir": onnx_dir, "--check-only": check_only or None, "--trt-version": trt_version,
+                     "--precision": precision, "--opset": opset, "--weights": weights, "--block-size": block_size,
+                     "--quantize-vision": quantize_vision or None, "--workspace-gb": workspace_gb}
+            if target != "aoti":
+                raise StsError("--aoti-device/--aoti-cache compile AOTInductor packages: use them with --target aoti")
+            bad = [k for k, v in given.items() if v is not None]
+            if bad:
+                verb = "does" if len(bad) == 1 else "do"
+                raise StsError(f"{', '.join(bad)} {verb} not apply to --target aoti (AOTInductor packages of the "
+                               f"torch graphs, in --dtype); drop them, or use --target onnx/trt")
+            if not model:
+                raise StsError("pass --model (a recipe name, a checkpoint directory or a cached HF id)")
+            from sts_export.export.aoti import check_aoti_device, export_aoti
+            from sts_export.export.onnx import check_out
+
+            check_aoti_device(aoti_device or "cpu")
+            if out is not None:
+                check_out(out)
+            export_aoti(model, budget=budget, method=method, out=out, recipe=recipe, dtype=dtype or "fp32",
+                        anchor=anchor, random_weights=random_weights, force=force, max_pixels=max_pixels,
+                        device=aoti_device or "cpu", cache=aoti_cache)
+            return
         # every flag is checked before any work: a version, opset or output place that cannot be honoured is one line
         from sts_export.backends.tensorrt.check import default_version, parse_versions
         from sts_export.export.quantize import check_weights, refuse_ort_weights, required_opset

@@ -1,6 +1,11 @@
 """The one generation loop: prefill (vision, embed, segment1, prune, segment2), then greedy decode
 with per-segment KV caches, on any backend (`sts_export.backends`). Also the graphs' IO names
 (DESIGN.md's contract) and the Plan that tells the loop what an export configuration holds.
+
+KV caches: one object per segment (`segment_cache`) gives each call its cache feeds and takes its
+outputs back. A backend may offer its own (`kv_cache`: preallocated to prompt + new tokens and
+updated in place, e.g. ONNX Runtime's ORT form); every other backend gets a ConcatCache (past in,
+past + new out). The loop is the same for every method, budget, family and backend.
 """
 from __future__ import annotations
 
@@ -10,7 +15,7 @@ from typing import Any, Callable
 
 import numpy as np
 
-from sts_export.backends import Backend
+from sts_export.backends import Backend, KVCache
 from sts_export.families import ImageInput
 from sts_export.pruning.budget import export_split, has_stage2, prune_layer_for, split_budget
 from sts_export.recipe import Recipe
@@ -137,13 +142,29 @@ class Generation:
     timings: dict[str, float] = field(default_factory=dict)  # seconds: vision, prefill, ttft, decode (per token)
 
 
-def _past(backend: Backend, plan: Plan, batch: int, layers: list[int]) -> dict[str, Any]:
-    empty = np.zeros((batch, plan.num_kv_heads, 0, plan.head_dim), dtype=plan.dtype)
-    return {f"past_{kv}_{i}": backend.from_numpy(empty) for i in layers for kv in ("key", "value")}
+class ConcatCache:
+    """A segment's KV cache as every backend can hold it: past in, past + new out (the graph concatenates;
+    each call's presents are the next call's past). The fallback of `segment_cache`."""
+
+    def __init__(self, backend: Backend, plan: Plan, layers: list[int], batch: int) -> None:
+        empty = np.zeros((batch, plan.num_kv_heads, 0, plan.head_dim), dtype=plan.dtype)
+        self.past = {f"past_{kv}_{i}": backend.from_numpy(empty) for i in layers for kv in ("key", "value")}
+        self.length = 0
+
+    def feeds(self, new: int) -> dict[str, Any]:
+        return self.past
+
+    def update(self, out: dict[str, Any], new: int) -> None:
+        self.past = {k.replace("present_", "past_"): v for k, v in out.items() if k.startswith("present_")}
+        self.length += new
 
 
-def _presents_as_past(out: dict[str, Any]) -> dict[str, Any]:
-    return {k.replace("present_", "past_"): v for k, v in out.items() if k.startswith("present_")}
+def segment_cache(backend: Backend, plan: Plan, graph: str, batch: int, capacity: int) -> KVCache:
+    """The KV cache of one segment for `capacity` entries: the backend's own (`kv_cache`, e.g. preallocated and
+    updated in place) when it has one for this graph, else a ConcatCache. The loop drives both alike."""
+    make = getattr(backend, "kv_cache", None)
+    cache = make(graph, plan.segment_layers[graph], batch, capacity) if make is not None else None
+    return cache if cache is not None else ConcatCache(backend, plan, plan.segment_layers[graph], batch)
 
 
 def generate(
@@ -186,9 +207,9 @@ def generate(
     prompt_pos = plan.prompt_positions(image, prompt, keep_pre)  # [B, S1] or [3, B, S1]
     next_pos = int(prompt_pos.max()) + 1  # decode step t has id max(prompt ids) + 1 + t (1-D: S1 + t) on every axis
     pos = backend.from_numpy(prompt_pos)
-    seg = plan.segment_layers
-    o1 = backend.run("segment1", {"hidden": hidden, "position_ids": pos, **_past(backend, plan, b, seg["segment1"])})
-    cache1 = _presents_as_past(o1)
+    cache1 = segment_cache(backend, plan, "segment1", b, s1 + max_new_tokens)
+    o1 = backend.run("segment1", {"hidden": hidden, "position_ids": pos, **cache1.feeds(s1)})
+    cache1.update(o1, s1)
     hidden, keep_post = o1["hidden_out"], None
     if plan.has_prune:
         feeds = {"hidden": hidden, "position_ids": pos,
@@ -198,13 +219,14 @@ def generate(
             feeds["k_post"] = backend.from_numpy(np.zeros(k_post, dtype=np.int64))
         pr = backend.run("prune", feeds)
         hidden, pos, keep_post = pr["hidden_out"], pr["position_ids_out"], backend.to_numpy(pr["keep_post"])
-    o2 = backend.run("segment2", {"hidden": hidden, "position_ids": pos, **_past(backend, plan, b, seg["segment2"])})
-    cache2 = _presents_as_past(o2)
+    s2 = s1 - k_img + keep_post.shape[1] if keep_post is not None else s1
+    cache2 = segment_cache(backend, plan, "segment2", b, s2 + max_new_tokens)
+    o2 = backend.run("segment2", {"hidden": hidden, "position_ids": pos, **cache2.feeds(s2)})
+    cache2.update(o2, s2)
     logits = backend.to_numpy(o2["logits"]).astype(np.float32)  # [B, V]
     t_first = time.perf_counter()
-    s2 = s1 - k_img + keep_post.shape[1] if keep_post is not None else s1
-    # entries each segment's KV cache holds after prefill, read off the returned tensors
-    lengths = {name: int(next(iter(c.values())).shape[2]) for name, c in (("segment1", cache1), ("segment2", cache2)) if c}
+    # entries each segment's KV cache holds after prefill
+    lengths = {name: c.length for name, c in (("segment1", cache1), ("segment2", cache2)) if plan.segment_layers[name]}
 
     tokens = np.zeros((b, 0), dtype=np.int64)
     done = np.zeros(b, dtype=bool)
@@ -220,9 +242,10 @@ def generate(
             break
         h = backend.run("embed", {"input_ids": backend.from_numpy(nxt[:, None])})["inputs_embeds"]
         p = backend.from_numpy(np.full((*prompt_pos.shape[:-1], 1), next_pos + t, dtype=np.int64))  # [B,1] | [3,B,1]
-        o1 = backend.run("segment1", {"hidden": h, "position_ids": p, **cache1})
-        o2 = backend.run("segment2", {"hidden": o1["hidden_out"], "position_ids": p, **cache2})
-        cache1, cache2 = _presents_as_past(o1), _presents_as_past(o2)
+        o1 = backend.run("segment1", {"hidden": h, "position_ids": p, **cache1.feeds(1)})
+        cache1.update(o1, 1)
+        o2 = backend.run("segment2", {"hidden": o1["hidden_out"], "position_ids": p, **cache2.feeds(1)})
+        cache2.update(o2, 1)
         step_logits = backend.to_numpy(o2["logits"]).astype(np.float32)
     t_end = time.perf_counter()
     n_dec = max(tokens.shape[1] - 1, 1)

@@ -49,16 +49,17 @@ class Pipeline:
     ) -> "Pipeline":
         """Load a model (recipe name, local dir or cached HF id) and build its pruned graphs.
 
-        backend "torch" runs our PyTorch modules; "onnxruntime"/"ort" and "tensorrt" take an export directory.
+        backend "torch" runs our PyTorch modules; "onnxruntime"/"ort", "tensorrt" and "aoti" (AOTInductor
+        packages) take an export directory.
         max_pixels (dynamic resolution, torch): cap the image area as an export's --max-pixels does (default:
         the recipe's own, as transformers' processor).
         """
         check_method(method)
         budget = parse_budget(budget)
-        if backend in ("onnxruntime", "ort", "tensorrt", "trt"):
+        if backend in ("onnxruntime", "ort", "tensorrt", "trt", "aoti"):
             return load_export_pipeline(Path(path_or_id), backend=backend, device=device)
         if backend != "torch":
-            raise StsError(f"unknown backend '{backend}'; choose torch, onnxruntime or tensorrt")
+            raise StsError(f"unknown backend '{backend}'; choose torch, onnxruntime, tensorrt or aoti")
         import torch
 
         from sts_export.backends.torch import TorchBackend
@@ -138,22 +139,31 @@ class Pipeline:
 
 
 def load_export_pipeline(export_dir: Path, backend: str = "auto", device: str = "auto",
-                         threads: int | None = None) -> Pipeline:
-    """A Pipeline over an export directory (ONNX Runtime or TensorRT)."""
+                         threads: int | None = None, form: str = "auto") -> Pipeline:
+    """A Pipeline over an export directory (ONNX Runtime, TensorRT or AOTInductor; "auto": engines, else ONNX
+    graphs, else AOTInductor packages). `form` (ONNX Runtime): the decoder graphs
+    to run, "auto" (the export's ORT form when it has one), "ort" or "portable" (backends/onnxruntime.py)."""
 
     m = read_manifest(Path(export_dir))
     recipe = manifest_recipe(m)
     plan = manifest_plan(m, recipe)
     has_engines = all("engine" in g for g in m["graphs"].values())
-    if backend in ("tensorrt", "trt") or (backend == "auto" and has_engines):
+    has_onnx = all("onnx" in g for g in m["graphs"].values())
+    if backend == "aoti" or (backend == "auto" and not has_engines and not has_onnx):
+        from sts_export.backends.aoti import AotiBackend
+
+        be: Any = AotiBackend(Path(export_dir), m, plan, device)
+    elif not has_onnx:
+        raise StsError(f"{export_dir} holds AOTInductor packages, no ONNX graphs; run it with --backend aoti")
+    elif backend in ("tensorrt", "trt") or (backend == "auto" and has_engines):
         if not has_engines:
             raise StsError(f"{export_dir} holds no TensorRT engines; build them with export.py --onnx-dir {export_dir} --target trt")
         from sts_export.backends.tensorrt.runtime import TrtBackend
 
-        be: Any = TrtBackend(Path(export_dir))
+        be = TrtBackend(Path(export_dir))
     else:
         from sts_export.backends.onnxruntime import OrtBackend
 
-        be = OrtBackend(Path(export_dir), m, device, threads)
+        be = OrtBackend(Path(export_dir), m, device, threads, form=form, cache=True)
     tok = TextTokenizer(Path(export_dir), recipe) if (Path(export_dir) / "tokenizer.json").is_file() else None
     return Pipeline(recipe, be, plan, tok, m["anchor"], str(export_dir))

@@ -2,7 +2,7 @@
 
 Needs only the directory: recipe, tokenizer and graphs come from it; preprocessing is PIL + numpy
 (equal to the HF processor); no transformers model is loaded. ONNX Runtime by default (CUDA
-provider when present); TensorRT when the directory holds engines.
+provider when present); TensorRT when the directory holds engines; AOTInductor packages with --backend aoti.
 """
 from __future__ import annotations
 
@@ -24,7 +24,8 @@ from sts_export.tokenizer import cli_input_ids
 @click.option("--prompt", default=None, help="Question about the image (the recipe's template is applied).")
 @click.option("--input-ids", default=None, help="Comma-separated token ids holding one image token (no tokenizer needed).")
 @click.option("--max-new-tokens", default=64, show_default=True, type=click.IntRange(0, 4096))
-@click.option("--backend", type=click.Choice(["auto", "onnxruntime", "tensorrt"]), default="auto", show_default=True)
+@click.option("--backend", type=click.Choice(["auto", "onnxruntime", "tensorrt", "aoti"]), default="auto", show_default=True,
+              help="auto: TensorRT engines, else ONNX graphs, else AOTInductor packages (export.py --target aoti).")
 @click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True)
 @click.option("--show-kept", type=click.Path(path_type=Path), default=None, help="Write a PNG of the kept patches.")
 @click.option("--compare", default=None, help="With --show-kept: one panel per method (e.g. sts,divprune,cls,fastv), same budget, torch backend.")

@@ -52,17 +52,18 @@ def tmp_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def test_ort_generation_equals_torch(tmp_root: Path, name: str, method: str, budget: int | str) -> None:
     d = exported(tmp_root, name, method, budget)
     ref = Pipeline.from_pretrained(name, budget=budget, method=method)
-    ort_pipe = load_export_pipeline(d, backend="onnxruntime", device="cpu")
     img = make_image(seed=21)
     a = ref.generate(img, PROMPT, max_new_tokens=16)
-    b = ort_pipe.generate(img, PROMPT, max_new_tokens=16)
-    assert b.tokens.tolist() == a.tokens.tolist()
-    assert b.keep_pre.tolist() == a.keep_pre.tolist()
-    assert (a.keep_post is None) == (b.keep_post is None)
-    if a.keep_post is not None:
-        assert b.keep_post.tolist() == a.keep_post.tolist()
-    assert np.abs(a.first_logits - b.first_logits).max() <= ref.recipe.tolerance.fp32
-    assert (b.s1, b.s2) == (a.s1, a.s2)
+    for form in ("auto", "portable"):  # auto: the ORT form (fused kernels, in-place KV cache) users run
+        ort_pipe = load_export_pipeline(d, backend="onnxruntime", device="cpu", form=form)
+        b = ort_pipe.generate(img, PROMPT, max_new_tokens=16)
+        assert b.tokens.tolist() == a.tokens.tolist(), form
+        assert b.keep_pre.tolist() == a.keep_pre.tolist()
+        assert (a.keep_post is None) == (b.keep_post is None)
+        if a.keep_post is not None:
+            assert b.keep_post.tolist() == a.keep_post.tolist()
+        assert np.abs(a.first_logits - b.first_logits).max() <= ref.recipe.tolerance.fp32
+        assert (b.s1, b.s2) == (a.s1, a.s2)
 
 
 @pytest.mark.parametrize("name,method,budget", NEXT)
@@ -172,7 +173,8 @@ def test_graph_io_contract(tmp_root: Path, name: str, method: str, budget: int |
     d = exported(tmp_root, name, method, budget)
     m = json.loads((d / "manifest.json").read_text())
     pl, layers = m["prune_layer"], m["recipe"]["text"]["num_layers"]
-    files = sorted(p.stem for p in d.glob("*.onnx"))
+    files = sorted(p.stem for p in d.glob("*.onnx") if not p.name.endswith(".ort.onnx"))  # the portable graphs
+    assert sorted(p.name for p in d.glob("*.ort.onnx")) == ["segment1.ort.onnx", "segment2.ort.onnx"]  # ORT form
     assert files == sorted(["vision", "embed", "segment1", "segment2"] + (["prune"] if method == "sts" else []))
     T = onnx.TensorProto
     for g in files:
@@ -199,6 +201,12 @@ def test_graph_io_contract(tmp_root: Path, name: str, method: str, budget: int |
             assert list(outs) == [first, *[p.replace("past_", "present_") for p in past]]
             assert outs[first][1] == (3 if g == "segment1" else 2)
     assert m["graphs"]["vision"]["outputs"][0]["shape"][1] == m["k_pre"]  # K fixed per export
+    for g in ("segment1", "segment2"):  # the ORT form: the portable IO plus the cache's lengths
+        spec = m["ort_form"][g]
+        portable = m["graphs"][g]
+        ins = [v["name"] for v in spec["inputs"]]
+        assert ins == ["hidden", "position_ids", "seqlens_k", "total_sequence_length", *[v["name"] for v in portable["inputs"][2:]]]
+        assert [v["name"] for v in spec["outputs"]] == [v["name"] for v in portable["outputs"]]
 
 
 def test_validation_report_and_tokenizer(tmp_path: Path) -> None:

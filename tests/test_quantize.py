@@ -73,6 +73,16 @@ def test_scheme_quantizes_validates_and_runs(float_export: Path, root: Path, wei
     pipe = load_export_pipeline(d, backend="onnxruntime", device="cpu")
     out = pipe.generate(make_image(seed=3), PROMPT, max_new_tokens=4)
     assert out.tokens.shape == (1, 4) and out.keep_pre.shape == (1, 96) and out.keep_post.shape == (1, 32)
+    from sts_export.export.quantize import graph_weights
+
+    if encoding == "MatMulNBits":  # the ORT form (fused kernels) is quantized with its graphs, checked against them
+        assert report["ort_form"]["ok"] and report["ort_form"]["tokens_identical"], report["ort_form"]
+        for g in ("segment1", "segment2"):
+            fw = graph_weights(d / m["ort_form"][g]["onnx"])
+            assert fw["float_matmuls"] == 0 and sum(fw["quantized"].values()) > 0, fw
+        assert pipe.backend.form == "ort"
+    else:  # TensorRT's QDQ export: ONNX Runtime's ORT form is dropped
+        assert "ort_form" not in m and not list(d.glob("*.ort.onnx*"))
     # the static TensorRT check: the QDQ form passes, ONNX Runtime's MatMulNBits is a custom op TensorRT lacks
     from sts_export.backends.tensorrt.check import check_dir
 
@@ -193,3 +203,34 @@ def test_bench_weights_column_and_fit(float_export: Path, root: Path) -> None:
     assert dec["int4-b128-qdq"] < 0.4 * dec["fp16"]  # decode reads the weights: int4 is ~3.5x fewer bytes
     assert "fits jetson-orin-nano-8gb" in format_table(res)
     assert np.isfinite([r["mem_need_bytes"] for r in res["rows"]]).all()
+
+
+def test_qwen_family_quantizes(root: Path) -> None:
+    """Qwen2.5-VL (ViT + PatchMerger, M-RoPE decoder with q/k/v bias): the decoder and the merger's linears
+    quantize; keep_pre is untouched (the ViT stays float), and the quantized export runs."""
+    d = export("tiny-qwen2.5-vl", budget="20%", out=root / "qwen-fp32", opset=21, validate=False,
+               progress=lambda s: None)
+    report = quantize_and_compare(d, check_weights("int4"), progress=lambda s: None)
+    assert report["passed"] and report["end_to_end"]["keep_pre_identical"], report["summary"]
+    assert report["end_to_end"]["first_logits_cosine"] > 0.9
+    m = read_manifest(d)
+    assert m["weights"]["label"] == "int4-b128" and m["weights"]["graphs"]["segment2"]["float_matmuls"] == 0
+    assert sum(m["weights"]["graphs"]["vision"]["quantized"].values()) >= 2  # the merger's two linears
+    pipe = load_export_pipeline(d, backend="onnxruntime", device="cpu")
+    assert pipe.generate(make_image(seed=4), PROMPT, max_new_tokens=2).tokens.shape == (1, 2)
+
+
+def test_comparison_one_session_at_a_time_when_memory_is_short(float_export: Path, root: Path,
+                                                               monkeypatch: pytest.MonkeyPatch) -> None:
+    """When the reference's sessions do not fit together (a 7B fp16 reference on a 24 GB host), the comparison
+    loads one session at a time and runs the prefill only: first token, keep_pre, keep_post are still compared."""
+    d = root / "tiny-int4-short-memory"
+    shutil.copytree(float_export, d)
+    monkeypatch.setenv("STS_FAKE_AVAILABLE_MEMORY", "100M")
+    lines: list[str] = []
+    report = quantize_and_compare(d, check_weights("int4"), progress=lines.append)
+    e2e = report["end_to_end"]
+    assert e2e["mode"].startswith("one session at a time") and e2e["tokens"] == 1, e2e
+    assert report["passed"] and e2e["keep_pre_identical"] and e2e["keep_post_agreement"] is not None
+    assert any("one session at a time" in s for s in lines)
+    assert {k.split("/")[1] for k in report["graphs"]} == {"prefill"}  # no decode call was made

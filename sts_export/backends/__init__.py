@@ -3,10 +3,15 @@
     torch.py        our PyTorch modules (the reference; eager or torch.compile)
     onnxruntime.py  the ONNX graphs of an export directory (CPU or CUDA provider)
     tensorrt/       static parser check, engine build and the engine runtime
+    aoti.py         the AOTInductor packages (<graph>.pt2) of an export directory (torch tensors)
 
 Three array helpers (`from_numpy`, `to_numpy`, `concat`) keep KV caches in the backend's own
 memory (torch tensors, ORT values, TensorRT device buffers) between steps; `synchronize` (optional)
 waits for the device before a timer is read. This module imports no backend library.
+
+Optional: `kv_cache(graph, layers, batch, capacity) -> KVCache | None`, a backend's own KV cache for a
+segment (ONNX Runtime: buffers preallocated to `capacity` entries, updated in place by the graph);
+None, or no such method, and the loop uses `generate.ConcatCache` (past in, past + new out).
 """
 from __future__ import annotations
 
@@ -22,3 +27,12 @@ class Backend(Protocol):
     def from_numpy(self, x: np.ndarray) -> Any: ...
     def to_numpy(self, x: Any) -> np.ndarray: ...
     def concat(self, xs: list[Any], axis: int) -> Any: ...
+
+
+class KVCache(Protocol):
+    """One segment's KV cache as the generation loop drives it."""
+
+    length: int  # valid entries
+
+    def feeds(self, new: int) -> dict[str, Any]: ...  # the cache's feeds for a call adding `new` entries
+    def update(self, out: dict[str, Any], new: int) -> None: ...  # take that call's outputs back

@@ -1,6 +1,27 @@
-"""The ONNX Runtime backend: the ONNX graphs of an export directory (numpy in, numpy out)."""
+"""The ONNX Runtime backend: the ONNX graphs of an export directory, run through I/O binding.
+
+    form      the decoder graphs it runs: "ort" (the export's ORT form: fused attention/rotary/norm kernels,
+              `export/ort_form.py`), "portable" (the graphs TensorRT reads), "auto" (ORT form when the export
+              has one and the provider runs it, else portable)
+    inplace   ORT form only: KV caches preallocated to prompt + new tokens and updated in place (past and
+              present bound to one OrtValue, GroupQueryAttention's shared buffer); False: the same graphs
+              return past + new each call (the concatenating path, kept to check the in-place one against)
+    resident  outputs stay OrtValues (on the GPU with CUDA) and are fed back as they are: hidden states and
+              caches never leave the device between graphs and steps; the loop copies to the host only what it
+              reads (logits, keep_pre, keep_post). False: every output comes back as numpy (host consumers:
+              validation, quantization checks)
+    cache     session start-up: the optimized graph ONNX Runtime builds at load is saved once beside the
+              export (`ort_cache/`, keyed by the graph's sha256, ONNX Runtime's version and the providers) and
+              loaded as it is afterwards, instead of re-optimizing each time
+
+Same code path on CPU and CUDA (I/O binding throughout); on CPU "device" memory is host memory.
+"""
 from __future__ import annotations
 
+import hashlib
+import json
+import os
+import re
 from pathlib import Path
 from typing import Any
 
@@ -8,46 +29,182 @@ import numpy as np
 
 from sts_export.errors import StsError
 
+CACHE_DIR = "ort_cache"
+
+
+class OrtCache:
+    """One segment's KV cache for an ORT-form graph: OrtValues [B, kvh, C, dh] written in place by the graph
+    (C = capacity), or (inplace=False) growing [B, kvh, P, dh] buffers replaced by each call's presents."""
+
+    def __init__(self, be: "OrtBackend", layers: list[int], batch: int, capacity: int, inplace: bool) -> None:
+        t = be.text
+        dt = be.np_dtype
+        n = capacity if inplace else 0
+        # one buffer per name (on CPU an OrtValue wraps its numpy array: never share one array)
+        self.kv = {f"past_{kv}_{i}": be.from_numpy(np.zeros((batch, t["num_kv_heads"], n, t["head_dim"]), dtype=dt))
+                   for i in layers for kv in ("key", "value")}
+        self.batch, self.capacity, self.inplace, self.length = batch, capacity, inplace, 0
+
+    def feeds(self, new: int) -> dict[str, Any]:
+        total = self.length + new
+        if self.inplace and total > self.capacity:
+            raise StsError(f"KV cache full: {total} entries asked of a cache preallocated to {self.capacity}")
+        return {**self.kv, "seqlens_k": np.full(self.batch, total - 1, dtype=np.int32),
+                "total_sequence_length": np.array(total, dtype=np.int32)}
+
+    def update(self, out: dict[str, Any], new: int) -> None:
+        if not self.inplace:  # in place: the presents are our own buffers, already written
+            self.kv = {k: out[k.replace("past_", "present_")] for k in self.kv}
+        self.length += new
+
 
 class OrtBackend:
-    """Runs the ONNX graphs of an export directory with ONNX Runtime (numpy in, numpy out)."""
+    """Runs the ONNX graphs of an export directory with ONNX Runtime (see the module docstring)."""
 
     name = "onnxruntime"
 
-    def __init__(self, export_dir: Path, manifest: dict[str, Any], device: str = "auto", threads: int | None = None) -> None:
+    def __init__(self, export_dir: Path, manifest: dict[str, Any], device: str = "auto", threads: int | None = None,
+                 *, form: str = "auto", inplace: bool = True, resident: bool = True, cache: bool = False) -> None:
         import onnxruntime as ort
 
-        self.dir, self.manifest = export_dir, manifest
+        self.ort = ort
+        self.dir, self.manifest = Path(export_dir), manifest
         avail = ort.get_available_providers()
         want_cuda = device in ("auto", "cuda") and "CUDAExecutionProvider" in avail
         if device == "cuda" and not want_cuda:
             raise StsError("the CUDA provider of onnxruntime is not available; pip install onnxruntime-gpu or use --device cpu")
         self.providers = (["CUDAExecutionProvider"] if want_cuda else []) + ["CPUExecutionProvider"]
+        self.device_type = "cuda" if want_cuda else "cpu"
         self.opts = ort.SessionOptions()
         if threads:
             self.opts.intra_op_num_threads = threads
         self.opts.log_severity_level = 3
         self.sessions: dict[str, Any] = {}
+        self.load_seconds: dict[str, float] = {}
+        self.resident, self.inplace, self.cache = resident, inplace, cache
+        from sts_export.export.manifest import manifest_recipe
+
+        t = manifest_recipe(manifest).text
+        self.text = {"num_kv_heads": t.num_kv_heads, "head_dim": t.head_dim}
+        from sts_export.generate import NP_DTYPES
+
+        self.np_dtype = np.dtype(NP_DTYPES[manifest.get("dtype", "fp32")])
+        have = {g for g in manifest.get("ort_form", {}) if g in ("segment1", "segment2")}
+        if form not in ("auto", "ort", "portable"):
+            raise StsError(f"unknown graph form '{form}'; choose auto, ort or portable")
+        if form == "ort" and not have:
+            raise StsError(f"{export_dir} has no ORT form of its decoder graphs; re-export it")
+        # the ORT form's kernels are float32 on the CPU provider (GroupQueryAttention has no float32 CUDA kernel)
+        runs_here = not want_cuda or manifest.get("dtype") != "fp32"
+        self.form_graphs = have if form == "ort" or (form == "auto" and runs_here) else set()
+
+    @property
+    def form(self) -> str:
+        return "ort" if self.form_graphs else "portable"
+
+    # ------------------------------------------------------------------ sessions
+    def _entry(self, graph: str) -> dict[str, Any]:
+        return self.manifest["ort_form"][graph] if graph in self.form_graphs else self.manifest["graphs"][graph]
+
+    def _cached_model(self, graph: str, entry: dict[str, Any]) -> tuple[Path, bool] | None:
+        """(path of the saved optimized graph, whether it exists yet), or None when no cache can be kept here."""
+        if not self.cache or os.environ.get("STS_ORT_CACHE", "1") == "0":
+            return None
+        key = json.dumps([entry["sha256"], entry.get("external_data", {}).get("sha256"), self.ort.__version__,
+                          self.providers, int(self.opts.graph_optimization_level)])
+        digest = hashlib.sha256(key.encode()).hexdigest()[:16]
+        d = self.dir / CACHE_DIR
+        path = d / f"{Path(entry['onnx']).stem}.{digest}.onnx"
+        if path.is_file():
+            return path, True
+        try:
+            d.mkdir(exist_ok=True)
+            stale = re.compile(re.escape(Path(entry["onnx"]).stem) + r"\.[0-9a-f]{16}\.onnx")
+            for old in d.iterdir():  # another key: a stale optimized copy of this graph (and its data, a partial write)
+                if stale.match(old.name):
+                    old.unlink()
+        except OSError:
+            return None
+        return (path, False) if os.access(d, os.W_OK) else None
 
     def session(self, graph: str) -> Any:
         if graph not in self.sessions:
-            import onnxruntime as ort
+            import time
 
-            path = self.dir / self.manifest["graphs"][graph]["onnx"]
-            self.sessions[graph] = ort.InferenceSession(str(path), self.opts, providers=self.providers)
+            ort = self.ort
+            entry = self._entry(graph)
+            src = self.dir / entry["onnx"]
+            t0 = time.perf_counter()
+            cached = self._cached_model(graph, entry)
+            if cached is not None and cached[1]:  # already optimized for this ORT and these providers: load as is
+                opts = self._options()
+                opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+                sess = ort.InferenceSession(str(cached[0]), opts, providers=self.providers)
+            else:
+                opts = self._options()
+                tmp = None
+                if cached is not None:
+                    tmp = cached[0].with_name(f"{cached[0].name}.tmp{os.getpid()}")
+                    opts.optimized_model_filepath = str(tmp)
+                    opts.add_session_config_entry("session.optimized_model_external_initializers_file_name",
+                                                  cached[0].name + ".data")
+                    opts.add_session_config_entry("session.optimized_model_external_initializers_min_size_in_bytes", "1024")
+                sess = ort.InferenceSession(str(src), opts, providers=self.providers)
+                if tmp is not None and tmp.is_file():
+                    os.replace(tmp, cached[0])  # complete: the next load takes it
+            self.load_seconds[graph] = time.perf_counter() - t0
+            self.sessions[graph] = sess
         return self.sessions[graph]
 
+    def _options(self) -> Any:
+        o = self.ort.SessionOptions()
+        o.intra_op_num_threads = self.opts.intra_op_num_threads
+        o.log_severity_level = self.opts.log_severity_level
+        o.graph_optimization_level = self.opts.graph_optimization_level
+        # the export's sessions run one after another, each with its own intra-op pool: a pool that spins after its
+        # graph (ONNX Runtime's default) keeps the cores busy while the next session's pool needs them
+        o.add_session_config_entry("session.intra_op.allow_spinning", os.environ.get("STS_ORT_SPIN", "0"))
+        return o
+
+    # ------------------------------------------------------------------ run
     def run(self, graph: str, feeds: dict[str, Any]) -> dict[str, Any]:
         sess = self.session(graph)
+        io = sess.io_binding()
+        for i in sess.get_inputs():
+            x = feeds[i.name]
+            if isinstance(x, self.ort.OrtValue):
+                io.bind_ortvalue_input(i.name, x)
+            else:  # host array (ONNX Runtime copies it where the kernel needs it)
+                io.bind_cpu_input(i.name, np.ascontiguousarray(x))
+        shared = self.inplace and graph in self.form_graphs
         names = [o.name for o in sess.get_outputs()]
-        outs = sess.run(names, {i.name: np.asarray(feeds[i.name]) for i in sess.get_inputs()})
-        return dict(zip(names, outs))
+        for n in names:
+            past = n.replace("present_", "past_")
+            if shared and n.startswith("present_") and isinstance(feeds.get(past), self.ort.OrtValue):
+                io.bind_ortvalue_output(n, feeds[past])  # the same buffer: GroupQueryAttention writes in place
+            else:
+                io.bind_output(n, self.device_type)
+        sess.run_with_iobinding(io)
+        outs = dict(zip(names, io.get_outputs()))
+        if not self.resident:
+            return {k: v.numpy() for k, v in outs.items()}
+        return outs
 
-    def from_numpy(self, x: np.ndarray) -> np.ndarray:
-        return x
+    def kv_cache(self, graph: str, layers: list[int], batch: int, capacity: int) -> OrtCache | None:
+        """The ORT form's cache (in place unless `inplace=False`); None for portable graphs (the loop concatenates)."""
+        if graph not in self.form_graphs:
+            return None
+        return OrtCache(self, layers, batch, capacity, self.inplace)
 
-    def to_numpy(self, x: np.ndarray) -> np.ndarray:
-        return x
+    def from_numpy(self, x: np.ndarray) -> Any:
+        if not self.resident:
+            return x
+        return self.ort.OrtValue.ortvalue_from_numpy(np.ascontiguousarray(x), self.device_type, 0)
 
-    def concat(self, xs: list[np.ndarray], axis: int) -> np.ndarray:
-        return np.concatenate(xs, axis=axis)
+    def to_numpy(self, x: Any) -> np.ndarray:
+        return x.numpy() if isinstance(x, self.ort.OrtValue) else np.asarray(x)
+
+    def concat(self, xs: list[Any], axis: int) -> Any:
+        """Prefill only (prefix embeds + image + suffix embeds): through the host, once per prompt."""
+        host = np.concatenate([self.to_numpy(x) for x in xs], axis=axis)
+        return self.from_numpy(host) if self.resident else host

@@ -75,6 +75,15 @@ def format_table(result: dict[str, Any]) -> str:
     else:
         cols += [("GFLOP dec", lambda r: _fmt(r["flops_decode"], ".3f", 1e-9)),
                  ("FLOP x", lambda r: _fmt(r.get("flop_ratio_ttft"), ".2f"))]
+    peers = {r["backend"] for r in rows if r.get("peer")}
+    if peers:  # read every row against the peers (bench.peers): their median / ours
+        cols.append(("scope", lambda r: r.get("scope") or "full model"))
+        for peer, short, phases in (("transformers", "HF", ("ttft", "prefill", "decode")),
+                                    ("ort-genai", "GenAI", ("prefill", "decode"))):
+            if peer in peers:
+                cols += [(f"{ph[:3] if ph != 'ttft' else 'TTFT'} vs {short} x",
+                          lambda r, k=f"speedup_{ph}_vs_{peer.replace('-', '_')}": _fmt(r.get(k), ".2f"))
+                         for ph in phases]
     if roof:
         cols += [("bound TTFT ms", lambda r: _fmt(r.get("ttft_roofline_ms"), ".2f")),
                  ("bound dec ms", lambda r: _fmt(r.get("decode_roofline_ms"), ".3f"))]
@@ -98,6 +107,14 @@ def format_table(result: dict[str, Any]) -> str:
                            f"{r['speedup_ttft']:.2f}x vs FLOP ratio {r['flop_ratio_ttft']:.2f}x "
                            f"({r['speedup_over_flop_ratio']:.2f} of it); prefill {r['speedup_prefill']:.2f}x vs "
                            f"{r['flop_ratio_prefill']:.2f}x{s1}")
+    for r in rows:  # ours against the peers
+        vs = [f"{what} {r[k]:.2f}x {peer}" for k, what, peer in (
+            ("speedup_ttft_vs_transformers", "TTFT", "transformers'"),
+            ("speedup_decode_vs_transformers", "decode", "transformers'"),
+            ("speedup_prefill_vs_ort_genai", "LLM prefill", "ORT GenAI's (decoder only)"),
+            ("speedup_decode_vs_ort_genai", "decode", "ORT GenAI's")) if r.get(k) is not None]
+        if vs:
+            summary.append(f"{r['model']} {r['backend']} {r['method']} b={r['budget']} vs peers: {', '.join(vs)}")
     if summary:
         out += "\n\n" + "\n".join(summary)
     if result.get("notes"):

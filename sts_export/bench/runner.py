@@ -41,6 +41,7 @@ from typing import Any, Callable, Iterable
 
 import numpy as np
 
+from sts_export.bench.peers import PEERS, add_peer_ratios, load_peer, peer_unavailable
 from sts_export.bench.cost import (DEFAULT_TEXT_TOKENS, DTYPE_BYTES, get_device, kv_cache_bytes, memory_fit,
                                    param_counts, phase_costs, roofline_terms, sequence_lengths, token_grid,
                                    weight_bytes_by_part, with_weight_bytes)
@@ -56,6 +57,10 @@ BACKENDS = {  # CLI name -> canonical
     "torch-compile": "torch-compile", "compile": "torch-compile", "torch.compile": "torch-compile",
     "ort": "ort", "onnxruntime": "ort",
     "trt": "trt", "tensorrt": "trt",
+    "aoti": "aoti", "aotinductor": "aoti",  # AOTInductor packages (export.py --target aoti), built here
+    # peers (sts_export.bench.peers): other runtimes on the same weights and inputs
+    "transformers": "transformers", "hf": "transformers",
+    "ort-genai": "ort-genai", "genai": "ort-genai", "onnxruntime-genai": "ort-genai",
 }
 PHASES = ("vision", "prefill", "ttft", "decode")  # timed per run (Generation.timings)
 DEFAULT_PROMPT = "What is shown in this image? Answer the question using a single word or phrase."
@@ -104,7 +109,8 @@ class BenchOptions:
             raise StsError(f"no method given; pass --methods from {', '.join(METHODS)}")
         bad = [b for b in self.backends if b not in BACKENDS]
         if bad:
-            raise StsError(f"unknown backend(s) {', '.join(bad)}; choose from torch, torch-compile, ort, trt")
+            raise StsError(f"unknown backend(s) {', '.join(bad)}; choose from torch, torch-compile, ort, trt, aoti, "
+                           "transformers, ort-genai")
         self.backends = _unique([BACKENDS[b] for b in self.backends])
         if self.repeats < 1 or self.warmup < 0:
             raise StsError("--repeats must be >= 1 and --warmup >= 0")
@@ -274,7 +280,8 @@ def _export_roots(opts: BenchOptions) -> list[Path]:
     return _unique([root, Path("exports")])
 
 
-def _export_matches(d: Path, recipe: Any, cfg: Config, dtype: str, random_weights: bool, engines: bool) -> bool:
+def _export_matches(d: Path, recipe: Any, cfg: Config, dtype: str, random_weights: bool, engines: bool,
+                    aoti: str | None = None) -> bool:
     from sts_export.export.manifest import read_manifest
 
     if not (d / "manifest.json").is_file():
@@ -287,19 +294,28 @@ def _export_matches(d: Path, recipe: Any, cfg: Config, dtype: str, random_weight
     same_config = (m.get("k_pre"), m.get("k_post")) == (cfg.k_pre, cfg.k_post) and (
         cfg.budget == "full" and m.get("budget") == "full" or (m.get("method"), m.get("budget")) == (cfg.method, cfg.budget))
     has_engines = all("engine" in g for g in m.get("graphs", {}).values())
+    if aoti is not None:  # AOTInductor packages for this device, built by this torch (else: ONNX graphs)
+        import torch
+
+        built = m.get("aoti") or {}
+        if not (all("aoti" in g for g in m.get("graphs", {}).values()) and built.get("device") == aoti
+                and built.get("torch_version") == torch.__version__):
+            return False
+    elif not all("onnx" in g for g in m.get("graphs", {}).values()):
+        return False
     same_weights = (m.get("weights") or {}).get("label") == (cfg.scheme.label if cfg.scheme is not None else None)
     return (same_recipe and same_config and same_weights and m.get("dtype") == dtype
             and bool(m.get("model", {}).get("random_weights")) == random_weights and (has_engines or not engines))
 
 
 def find_export(recipe: Any, cfg: Config, dtype: str, random_weights: bool, roots: list[Path],
-                engines: bool = False) -> Path | None:
+                engines: bool = False, aoti: str | None = None) -> Path | None:
     """An existing export directory for this configuration under any of `roots` (one level deep)."""
     for root in roots:
         if not root.is_dir():
             continue
         for d in sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith(".")):
-            if _export_matches(d, recipe, cfg, dtype, random_weights, engines):
+            if _export_matches(d, recipe, cfg, dtype, random_weights, engines, aoti):
                 return d
     return None
 
@@ -338,6 +354,37 @@ def ensure_onnx_export(model: str, recipe: Any, cfg: Config, opts: BenchOptions)
     return out
 
 
+def ensure_aoti_export(model: str, recipe: Any, cfg: Config, opts: BenchOptions, device: str) -> Path:
+    """Reuse a matching AOTInductor export (this device and torch) or compile one into --exports / the cache;
+    packages already compiled for the same graph (embed, segments) come from the cache's .aoti-packages."""
+    from sts_export.export.aoti import export_aoti
+
+    roots = _export_roots(opts)
+    found = find_export(recipe, cfg, opts.dtype, opts.random_weights, roots, aoti=device)
+    if found is not None:
+        opts.progress(f"  reusing AOTInductor export {found}")
+        return found
+    suffix = "-rw" if opts.random_weights else ""
+    out = roots[0] / f"{recipe.name}-{_recipe_digest(recipe)}-{cfg.method}-b{cfg.budget}-{opts.dtype}-aoti-{device}{suffix}"
+    opts.progress(f"  compiling AOTInductor packages of {model} {cfg.method} b={cfg.budget} to {out} (once) ...")
+    _, secs = timed_call(lambda: export_aoti(model, budget=cfg.budget, method=cfg.method, out=out, dtype=opts.dtype,
+                                             random_weights=opts.random_weights, force=True, device=device,
+                                             cache=roots[0] / ".aoti-packages", progress=lambda s: None))
+    opts.progress(f"  compiled in {secs:.0f} s")
+    return out
+
+
+def _aoti_packages(export_dir: str) -> dict[str, Any] | None:
+    """Per graph: compile seconds, package bytes, cache hit (from an AOTInductor export's manifest)."""
+    from sts_export.export.manifest import read_manifest
+
+    try:
+        m = read_manifest(Path(export_dir), verify=False)
+    except StsError:
+        return None
+    return {g: {k: e["aoti"][k] for k in ("compile_s", "size_bytes", "cached")} for g, e in m["graphs"].items()}
+
+
 # ----------------------------------------------------------------------------------------------- pipelines
 def _want_cuda(opts: BenchOptions) -> bool:
     import torch
@@ -349,6 +396,8 @@ def _want_cuda(opts: BenchOptions) -> bool:
 
 def backend_unavailable(backend: str, opts: BenchOptions) -> str | None:
     """Why a backend cannot run here (None when it can)."""
+    if backend in PEERS:
+        return peer_unavailable(backend, opts, _want_cuda(opts))
     if backend == "ort" and importlib.util.find_spec("onnxruntime") is None:
         return "onnxruntime is not installed (pip install onnxruntime, or onnxruntime-gpu)"
     if backend == "trt":
@@ -362,6 +411,13 @@ def backend_unavailable(backend: str, opts: BenchOptions) -> str | None:
 
         if not torch.cuda.is_available():
             return "TensorRT needs a CUDA GPU; torch sees none"
+    if backend == "aoti":
+        from sts_export.export.aoti import check_aoti_device
+
+        try:
+            check_aoti_device("cuda" if _want_cuda(opts) else "cpu")
+        except StsError as e:
+            return str(e)
     if backend == "torch-compile" and not _want_cuda(opts):
         if not any(shutil.which(c) for c in (os.environ.get("CXX", "g++"), "g++", "clang++", "c++")):
             return "torch.compile on CPU needs a C++ compiler (g++/clang++) for inductor; none found"
@@ -381,6 +437,9 @@ def load_pipeline(model: str, recipe: Any, cfg: Config, backend: str, opts: Benc
         raise StsError("ONNX exports are fp32 or fp16; run the ort/trt backends with --dtype fp32 or fp16")
     from sts_export.pipeline import load_export_pipeline
 
+    if backend == "aoti":
+        dev = "cuda" if cuda else "cpu"
+        return load_export_pipeline(ensure_aoti_export(model, recipe, cfg, opts, dev), backend="aoti", device=dev)
     if backend == "ort":
         d = ensure_onnx_export(model, recipe, cfg, opts)
         return load_export_pipeline(d, backend="onnxruntime", device="cuda" if cuda else "cpu", threads=opts.threads)
@@ -541,7 +600,7 @@ class Runner:
         self.image = self.pipe.prepare_image(image)  # the family's vision-graph inputs
         self.weight_bytes = _export_weight_bytes(self.pipe.source) if backend in ("ort", "trt") else None
         self.ids = prompt_ids(self.pipe, opts.prompt, opts.text_tokens)
-        events = self.cuda and backend in ("torch", "torch-compile", "trt")
+        events = self.cuda and backend in ("torch", "torch-compile", "trt", "aoti")
         self.timed = TimedBackend(self.pipe.backend, self.recipe.eos_token_id if opts.ignore_eos else None, events)
         self.pipe.backend = self.timed
         self.mem = PeakMemory(self.cuda and backend != "ort")
@@ -624,6 +683,8 @@ class Runner:
                                scheme=cfg.scheme, new_tokens=opts.max_new_tokens))
         row["weight_bytes"] = self.weight_bytes if self.weight_bytes is not None else row["weight_bytes_analytic"]
         row["weight_bytes_source"] = "export files" if self.weight_bytes is not None else "analytic"
+        if self.backend == "aoti":  # per graph: compile seconds and package bytes
+            row["aoti_packages"] = _aoti_packages(self.pipe.source)
         if size is not None:
             row["image_size"], row["n_tokens"] = list(size), int(self.image.n)
         return row
@@ -656,44 +717,78 @@ def interleave_fits(recipe: Any, n_configs: int, opts: BenchOptions) -> bool:
 
 
 def measure_backend(model: str, recipe: Any, configs: list[Config], backend: str, opts: BenchOptions, image: Any,
-                    interleave: bool) -> list[dict[str, Any]]:
-    """Rows for every configuration of one backend. Interleaved: all loaded, warm-ups and repeats round-robin (so
-    a change in machine load hits every configuration alike); else one configuration after the other."""
+                    interleave: bool, peers: Iterable[str] = (),
+                    peer_errors: list[tuple[str, BaseException, str]] | None = None) -> list[dict[str, Any]]:
+    """Rows for every configuration of one backend, and of the `peers` (sts_export.bench.peers) measured with them.
+    Interleaved: all loaded, warm-ups and repeats round-robin (so a change in machine load hits every configuration
+    and peer alike); else one after the other. A peer that fails (to load or to run) is dropped and reported in
+    `peer_errors` as (peer, exception, traceback); the other rows are kept."""
     cuda = _want_cuda(opts)
     check_fits(recipe, opts)
+    loaders: list[tuple[str, str | None, Callable[[], Any]]] = [  # (label, peer or None, load)
+        (f"{cfg.method} b={cfg.budget} (K={cfg.k_pre}, K'={cfg.k_post})", None,
+         lambda cfg=cfg: Runner(model, recipe, cfg, backend, opts, image)) for cfg in configs]
+    loaders += [(f"peer {p}", p, lambda p=p: load_peer(p, model, recipe, opts, image, cuda, _export_roots(opts)[0]))
+                for p in peers]
+
+    def guarded(peer: str | None, fn: Callable[[], Any]) -> tuple[bool, Any]:
+        """(True, fn()); for a peer, (False, None) when fn raises (the error kept in peer_errors)."""
+        if peer is None or peer_errors is None:
+            return True, fn()
+        try:
+            return True, fn()
+        except Exception as e:  # noqa: BLE001 - a failing peer must not lose our rows
+            peer_errors.append((peer, e, traceback.format_exc()))
+            opts.progress(f"  peer {peer} failed: {type(e).__name__}: {(str(e).strip().splitlines() or [''])[0]}")
+            return False, None
+
     rows: list[dict[str, Any]] = []
     if interleave:
-        runners: list[Runner] = []
+        runners: list[tuple[str | None, Any]] = []
+
+        def run_all(record: bool) -> None:
+            for peer, r in list(runners):
+                if not guarded(peer, lambda: r.run(record=record))[0]:
+                    runners.remove((peer, r))
+                    r.close()
+
         try:
-            for cfg in configs:
-                opts.progress(f"{model} | {backend} | loading {cfg.method} b={cfg.budget} (K={cfg.k_pre}, K'={cfg.k_post})")
-                runners.append(Runner(model, recipe, cfg, backend, opts, image))
+            for label, peer, fn in loaders:
+                opts.progress(f"{model} | {backend} | loading {label}")
+                ok, r = guarded(peer, fn)
+                if ok:
+                    runners.append((peer, r))
             for _ in range(opts.warmup):
-                for r in runners:
-                    r.run(record=False)
+                run_all(False)
             for i in range(opts.repeats):
                 opts.progress(f"{model} | {backend} | round {i + 1}/{opts.repeats}")
-                for r in runners:
-                    r.run(record=True)
-            for r in runners:
+                run_all(True)
+            for _, r in runners:
                 rows.append(r.row())
                 _progress_row(opts, rows[-1])
         finally:
-            for r in runners:
+            for _, r in runners:
                 r.close()
             runners.clear()
             release_memory(cuda)
         return rows
-    for cfg in configs:
-        opts.progress(f"{model} | {backend} | {cfg.method} b={cfg.budget} (K={cfg.k_pre}, K'={cfg.k_post}) ...")
-        runner = Runner(model, recipe, cfg, backend, opts, image)
+    for label, peer, fn in loaders:
+        opts.progress(f"{model} | {backend} | {label} ...")
+        ok, runner = guarded(peer, fn)
+        if not ok:
+            continue
         try:
-            for _ in range(opts.warmup):
-                runner.run(record=False)
-            for _ in range(opts.repeats):
-                runner.run(record=True)
-            rows.append(runner.row())
-            _progress_row(opts, rows[-1])
+            def measure() -> dict[str, Any]:
+                for _ in range(opts.warmup):
+                    runner.run(record=False)
+                for _ in range(opts.repeats):
+                    runner.run(record=True)
+                return runner.row()
+
+            ok, row = guarded(peer, measure)
+            if ok:
+                rows.append(row)
+                _progress_row(opts, rows[-1])
         finally:
             runner.close()
             del runner
@@ -702,10 +797,13 @@ def measure_backend(model: str, recipe: Any, configs: list[Config], backend: str
 
 
 def _progress_row(opts: BenchOptions, row: dict[str, Any]) -> None:
-    dec = row["decode_ms_median"]
-    opts.progress(f"  {row['method']} b={row['budget']}: ttft {row['ttft_ms_median']:.1f} ms (vision "
-                  f"{row['vision_ms_median']:.1f}, prefill {row['prefill_ms_median']:.1f}), decode "
-                  f"{'-' if dec is None else f'{dec:.1f}'} ms/token")
+    def ms(ph: str) -> str:
+        v = row[f"{ph}_ms_median"]
+        return "-" if v is None else f"{v:.1f}"
+
+    who = f"peer {row['backend']} ({row['scope']})" if row.get("peer") else f"{row['method']} b={row['budget']}"
+    opts.progress(f"  {who}: ttft {ms('ttft')} ms (vision {ms('vision')}, prefill {ms('prefill')}), decode "
+                  f"{ms('decode')} ms/token")
 
 
 def _device_name(backend: str, cuda: bool, pipe: Any) -> str:
@@ -819,6 +917,9 @@ def run_bench(opts: BenchOptions) -> dict[str, Any]:
                                     opts, "analytic", skipped, notes):
                 rows.append(cost_row(model, recipe, cfg, opts, image))
             continue
+        img = image if image is not None else default_image(recipe)
+        peer_errors: list[tuple[str, BaseException, str]] = []
+        pending: list[str] = []  # peers that can run: they join the round-robin of the first of our backends that runs
         for backend in opts.backends:
             why = backend_unavailable(backend, opts)
             if why:
@@ -826,19 +927,26 @@ def run_bench(opts: BenchOptions) -> dict[str, Any]:
                 skipped.append({"model": model, "backend": backend, "reason": why})
                 opts.progress(f"skip {backend}: {why}")
                 continue
+            if backend in PEERS:
+                pending.append(backend)
+                continue
             configs = configs_per_weights(configs_for(recipe, model, opts.methods, opts.budgets, skipped, backend), opts,
                                    backend, skipped, notes)
             if backend == "trt":
                 configs = _trt_configs(recipe, configs, opts, skipped, notes)
             if not configs:
                 continue
-            interleave = opts.interleave if opts.interleave is not None else interleave_fits(recipe, len(configs), opts)
-            if interleave and len(configs) > 1:
+            interleave = (opts.interleave if opts.interleave is not None
+                          else interleave_fits(recipe, len(configs) + len(pending), opts))
+            if interleave and len(configs) + len(pending) > 1:
                 notes.append(f"{model} {backend}: configurations interleaved (all loaded; warm-ups and repeats "
                              "round-robin); peak RSS/GPU include every loaded configuration, *_delta_bytes do not")
+            if pending:
+                notes.append(f"{model}: peers {', '.join(pending)} measured with {backend}'s configurations "
+                             f"({'in the same round-robin' if interleave else 'one after the other'})")
             try:
-                img = image if image is not None else default_image(recipe)
-                rows += measure_backend(model, recipe, configs, backend, opts, img, interleave)
+                rows += measure_backend(model, recipe, configs, backend, opts, img, interleave, pending, peer_errors)
+                pending = []
             except StsError as e:
                 if backend != "trt":  # a user-facing problem (missing weights, bad option): stop with one line
                     raise
@@ -850,7 +958,18 @@ def run_bench(opts: BenchOptions) -> dict[str, Any]:
                 failures.append({"model": model, "backend": backend, "error": why,
                                  "traceback": traceback.format_exc()})
                 opts.progress(f"  {backend} failed: {why}")
+        if pending:  # no backend of ours ran: the peers alone
+            interleave = opts.interleave if opts.interleave is not None else interleave_fits(recipe, len(pending), opts)
+            try:
+                rows += measure_backend(model, recipe, [], "peers", opts, img, interleave, pending, peer_errors)
+            except Exception as e:  # noqa: BLE001 - as for a backend of ours
+                peer_errors.append((", ".join(pending), e, traceback.format_exc()))
+        for peer, e, tb in peer_errors:
+            why = f"{type(e).__name__}: {(str(e).strip().splitlines() or [''])[0]}"
+            notes.append(f"peer {peer} FAILED on {model}: {why} (--json FILE keeps the traceback under 'failures')")
+            failures.append({"model": model, "backend": peer, "error": why, "traceback": tb})
     add_ratios(rows, on_device)
+    add_peer_ratios(rows)
     for s in skipped:
         if "method" in s and s.get("backend") in ("*", "analytic", opts.backends[0]):
             notes.append(f"{s['method']} b={s['budget']} skipped: {s['reason']}")

@@ -89,8 +89,11 @@ def read_manifest(export_dir: Path, verify: bool = True) -> dict[str, Any]:
     fmt = m.get("format_version")
     if not isinstance(fmt, int) or fmt > FORMAT_VERSION:
         raise StsError(f"{path} has format version {fmt}, newer than this sts-export reads ({FORMAT_VERSION}); upgrade sts-export")
-    for name, g in m.get("graphs", {}).items():
-        files = [(g["onnx"], g["sha256"])] + ([(g["external_data"]["file"], g["external_data"]["sha256"])] if "external_data" in g else [])
+    form = {k: v for k, v in m.get("ort_form", {}).items() if isinstance(v, dict) and "onnx" in v}
+    for name, g in [*m.get("graphs", {}).items(), *form.items()]:
+        files = [(g["onnx"], g["sha256"])] if "onnx" in g else []  # an AOTInductor-only export has no ONNX
+        files += [(g["external_data"]["file"], g["external_data"]["sha256"])] if "external_data" in g else []
+        files += [(g["aoti"]["package"], g["aoti"]["sha256"])] if "aoti" in g else []
         for fname, digest in files:
             f = export_dir / fname
             if not f.is_file():

@@ -202,6 +202,13 @@ def graph_entries(out: Path, graphs: list[str], dtype: str, opset: int) -> tuple
 def manifest_for(recipe: Recipe, source: Source, method: str, budget: int | str, plan: Plan, anchor: str,
                  dtype: str, out: Path, graphs: list[str], opset: int) -> dict[str, Any]:
     written_opset, files = graph_entries(out, graphs, dtype, opset)
+    base = manifest_base(recipe, source, method, budget, plan, anchor, dtype)
+    return {**base, "opset": written_opset, "graphs": files}
+
+
+def manifest_base(recipe: Recipe, source: Source, method: str, budget: int | str, plan: Plan, anchor: str,
+                  dtype: str) -> dict[str, Any]:
+    """The manifest's fields every target shares (model, recipe, configuration, tool and torch versions)."""
     return {
         "format_version": FORMAT_VERSION,
         "tool": "sts-export", "tool_version": __version__,
@@ -211,11 +218,22 @@ def manifest_for(recipe: Recipe, source: Source, method: str, budget: int | str,
                   "synthetic": recipe.synthetic},
         "recipe": recipe.to_dict(),
         "method": method, "budget": budget, "k_pre": plan.k_pre, "k_post": plan.k_post,
-        "prune_layer": plan.prune_layer, "anchor": anchor, "dtype": dtype, "opset": written_opset,
+        "prune_layer": plan.prune_layer, "anchor": anchor, "dtype": dtype,
         "max_pixels": recipe.image_processor.max_pixels or None,  # dynamic resolution: the export's pixel cap
         "torch_version": torch.__version__, "host": platform.platform(),
-        "graphs": files,
     }
+
+
+def write_side_files(tmp: Path, src: Source, rec: Recipe, progress: Callable[[str], None]) -> None:
+    """The checkpoint's tokenizer/processor files and recipe.yaml, beside the graphs."""
+    if src.path is not None:
+        copied = [f for f in TOKENIZER_FILES if (src.path / f).is_file()]
+        for f in copied:
+            shutil.copy2(src.path / f, tmp / f)
+        if "tokenizer.json" not in copied:
+            warnings.warn(f"{src.path} has no tokenizer.json: the runner will need --input-ids", stacklevel=2)
+            progress("warning: no tokenizer.json in the checkpoint; run with --input-ids")
+    (tmp / "recipe.yaml").write_text(yaml.safe_dump(json.loads(json.dumps(rec.to_dict())), sort_keys=False))
 
 
 def default_out(model: str, method: str, budget: int | str, weights: str | None = None) -> Path:
@@ -249,6 +267,7 @@ def export(
     quantize_vision: bool = False,
     target: str = "onnx",
     max_pixels: int | None = None,
+    ort_form: bool = True,
     progress: Callable[[str], None] = print,
 ) -> Path:
     """Export a model's pruned graphs to an ONNX directory; returns its path. Validates with ORT unless told not to.
@@ -256,7 +275,11 @@ def export(
     weights int8|int4 quantizes the linear weights after export (sts_export.export.quantize); `target` picks their
     encoding: onnx -> MatMulNBits (ONNX Runtime), trt -> DequantizeLinear + MatMul (TensorRT).
     max_pixels (dynamic-resolution models): the largest image the graphs serve (default: the recipe's, at most
-    1280 * 28 * 28); recorded in the manifest's recipe and `max_pixels`."""
+    1280 * 28 * 28); recorded in the manifest's recipe and `max_pixels`.
+    ort_form: also write the ORT form of segment1/segment2 (fused ONNX Runtime kernels, in-place KV cache;
+    `export/ort_form.py`) for fp32 exports (float, or int8/int4 MatMulNBits: quantized like the portable graphs),
+    not for target trt;
+    validated with the rest."""
     check_method(method)
     budget = parse_budget(budget)
     from sts_export.export.quantize import check_weights, required_opset
@@ -306,15 +329,18 @@ def export(
             size = sum(f.stat().st_size for f in tmp.glob(f"{g}.onnx*"))
             progress(f"[{i}/{len(names)}] {g}: {time.perf_counter() - t:.1f} s, {size / 1e6:.1f} MB")
             gc.collect()
-        if src.path is not None:
-            copied = [f for f in TOKENIZER_FILES if (src.path / f).is_file()]
-            for f in copied:
-                shutil.copy2(src.path / f, tmp / f)
-            if "tokenizer.json" not in copied:
-                warnings.warn(f"{src.path} has no tokenizer.json: the runner will need --input-ids", stacklevel=2)
-                progress("warning: no tokenizer.json in the checkpoint; run with --input-ids")
-        (tmp / "recipe.yaml").write_text(yaml.safe_dump(json.loads(json.dumps(rec.to_dict())), sort_keys=False))
+        write_side_files(tmp, src, rec, progress)
         manifest = manifest_for(rec, src, method, budget, plan, anchor, dtype, tmp, names, opset)
+        # before validation frees the torch weights; MatMulNBits exports quantize it with the portable graphs
+        # (not for --target trt: the engines' directory goes to the device without ONNX Runtime's form)
+        if ort_form and target != "trt" and dtype == "fp32" and (scheme is None or scheme.encoding == "matmulnbits"):
+            from sts_export.export.ort_form import export_ort_form
+
+            t = time.perf_counter()
+            progress("exporting the ORT form of segment1/segment2 (fused kernels, in-place KV cache) ...")
+            manifest["ort_form"] = export_ort_form(graphs, plan, rec, torch_dtype, tmp, opset)
+            progress(f"ORT form: {time.perf_counter() - t:.1f} s")
+            gc.collect()
         write_manifest(tmp, manifest)
         if validate:
             from sts_export.export.validate import validate_export

@@ -56,6 +56,7 @@ TRT_INT4_BLOCK_SIZES = (64, 128)
 TRT_WOQ_SINCE = (10, 0)
 QDQ_OPSET = 21  # INT4 tensors and DequantizeLinear's block_size are opset 21 (float16 scales 19)
 GATHER_INT4_OPSET = 21  # GatherBlockQuantized's INT4 table: the library raises the model to opset 21
+PROJECTOR_SCOPES = ("projector", "merger")  # LLaVA's multi_modal_projector, Qwen2.5-VL's PatchMerger
 QUANTIZED_GRAPHS = ("vision", "embed", "segment1", "segment2")  # never "prune" (Stage 2 math stays float)
 
 
@@ -178,7 +179,8 @@ def _scopes(node: Any) -> str:
 
 
 def _gemm_to_matmul(model: Any) -> None:
-    """Rewrite Gemm(A, W, [C]) with a constant W, alpha 1, transA 0 into MatMul(A, W or W^T) [+ Add(C)], in place.
+    """Rewrite Gemm(A, W, [C]) with a constant W, alpha = beta = 1, transA 0 into MatMul(A, W or W^T) [+ Add(C)],
+    in place (any other Gemm is left as it is, float).
 
     torch exports a Linear on a 2-D input (lm_head on the last position) as Gemm(transB=1); the weight-only
     quantizer takes MatMul. The rewritten node keeps the Gemm's name and metadata (so it is still found by scope)."""
@@ -195,7 +197,7 @@ def _gemm_to_matmul(model: Any) -> None:
     for n in g.node:
         attrs = {a.name: onnx.helper.get_attribute_value(a) for a in n.attribute}
         if (n.op_type != "Gemm" or len(n.input) < 2 or n.input[1] not in inits or users.get(n.input[1], 0) != 1
-                or attrs.get("transA", 0) or attrs.get("alpha", 1.0) != 1.0):
+                or attrs.get("transA", 0) or attrs.get("alpha", 1.0) != 1.0 or attrs.get("beta", 1.0) != 1.0):
             nodes.append(n)
             continue
         w = inits[n.input[1]]
@@ -204,20 +206,13 @@ def _gemm_to_matmul(model: Any) -> None:
             new = numpy_helper.from_array(arr, w.name)
             w.CopyFrom(new)
             del arr, new
-        has_c = len(n.input) > 2 and n.input[2] and attrs.get("beta", 1.0) != 0.0
+        has_c = len(n.input) > 2 and bool(n.input[2])
         out = n.output[0] + "_mm" if has_c else n.output[0]
         mm = onnx.helper.make_node("MatMul", [n.input[0], n.input[1]], [out], name=n.name)
         mm.metadata_props.extend(n.metadata_props)
         nodes.append(mm)
         if has_c:
-            c = n.input[2]
-            if attrs.get("beta", 1.0) != 1.0:
-                beta = numpy_helper.from_array(np.array(attrs["beta"], dtype=numpy_helper.to_array(inits[c]).dtype
-                                                        if c in inits else np.float32), n.name + "_beta")
-                g.initializer.append(beta)
-                nodes.append(onnx.helper.make_node("Mul", [c, beta.name], [c + "_beta"], name=n.name + "_beta"))
-                c = c + "_beta"
-            nodes.append(onnx.helper.make_node("Add", [out, c], [n.output[0]], name=n.name + "_bias"))
+            nodes.append(onnx.helper.make_node("Add", [out, n.input[2]], [n.output[0]], name=n.name + "_bias"))
     del g.node[:]
     g.node.extend(nodes)
 
@@ -230,7 +225,8 @@ def _targets(model: Any, graph: str, scheme: Scheme) -> tuple[list[str], list[st
         if n.op_type == "MatMul" and len(n.input) > 1 and n.input[1] in inits:
             scope = _scopes(n)
             wanted = graph in ("segment1", "segment2") or (
-                graph == "vision" and ("projector" in scope or scheme.quantize_vision and "vision" in scope))
+                graph == "vision" and (any(p in scope for p in PROJECTOR_SCOPES)
+                                       or scheme.quantize_vision and "vision" in scope))
             (take if wanted else leave).append(n.name)
         elif n.op_type == "Gather" and n.input and n.input[0] in inits:
             wanted = graph == "embed" and scheme.bits == 4 and scheme.encoding == "matmulnbits"
@@ -338,7 +334,8 @@ def quantize_export(export_dir: Path, graphs: list[str], scheme: Scheme, *, keep
                 os.link(f, ref / f.name)
     from sts_export.export.memory import fmt, release_memory, rss  # noqa: PLC0415
 
-    for i, g in enumerate([g for g in graphs if g in quantized_graphs(scheme)], 1):
+    # a graph is a file stem: "segment1", or "segment1.ort" (its ORT form); the part before the dot picks the weights
+    for i, g in enumerate([g for g in graphs if g.split(".")[0] in quantized_graphs(scheme)], 1):
         work = ref if keep_reference else export_dir / f".{g}.float"
         if not keep_reference:
             work.mkdir(exist_ok=True)
@@ -348,7 +345,7 @@ def quantize_export(export_dir: Path, graphs: list[str], scheme: Scheme, *, keep
             for f in _graph_files(export_dir, g):
                 f.unlink()  # the hard link in `ref` keeps the float graph
         before = sum(f.stat().st_size for f in _graph_files(work, g))
-        n = quantize_graph(work / f"{g}.onnx", export_dir / f"{g}.onnx", g, scheme)
+        n = quantize_graph(work / f"{g}.onnx", export_dir / f"{g}.onnx", g.split(".")[0], scheme)
         after = sum(f.stat().st_size for f in _graph_files(export_dir, g))
         if not keep_reference:
             shutil.rmtree(work)
@@ -464,6 +461,43 @@ class _Recorder:
         return self.inner.concat(xs, axis)
 
 
+class _OneLive:
+    """A backend of which only the graph being run has a live session: a new one (from `make`) whenever the graph
+    changes. For exports whose sessions do not fit in memory together (a 7B fp16 reference on a 24 GB host: ONNX
+    Runtime's CPU kernels hold fp16 weights as fp32); a session load per graph call, so only a prefill is run."""
+
+    def __init__(self, make: Callable[[], Any]) -> None:
+        self.make, self.graph, self.inner = make, None, make()
+
+    def run(self, graph: str, feeds: dict[str, Any]) -> dict[str, Any]:
+        if graph != self.graph:
+            from sts_export.export.memory import release_memory  # noqa: PLC0415
+
+            self.inner = None
+            release_memory()
+            self.inner, self.graph = self.make(), graph
+        return self.inner.run(graph, feeds)
+
+    def from_numpy(self, x: np.ndarray) -> Any:
+        return self.inner.from_numpy(x)
+
+    def to_numpy(self, x: Any) -> np.ndarray:
+        return self.inner.to_numpy(x)
+
+    def concat(self, xs: list[Any], axis: int) -> Any:
+        return self.inner.concat(xs, axis)
+
+
+def session_bytes(export_dir: Path, manifest: dict[str, Any]) -> int:
+    """Resident bytes of ONNX Runtime CPU sessions of every graph of an export at once (an upper bound for quantized
+    graphs): float weights as fp32, times the session factor (sts_export.export.memory)."""
+    from sts_export.export.memory import DTYPE_BYTES, ORT_BASE_EXTRA, ORT_CPU_WEIGHT_BYTES, ORT_SESSION_FACTOR  # noqa: PLC0415
+
+    upcast = ORT_CPU_WEIGHT_BYTES / DTYPE_BYTES[manifest["dtype"]]
+    files = sum(f.stat().st_size for g in manifest["graphs"] for f in _graph_files(export_dir, g))
+    return int(files * upcast * ORT_SESSION_FACTOR) + ORT_BASE_EXTRA
+
+
 def _diff(ours: np.ndarray, ref: np.ndarray) -> dict[str, Any]:
     """max abs / rel error and cosine of one float output; integer outputs: identical and the share that agrees."""
     if ours.shape != ref.shape:
@@ -512,18 +546,33 @@ def compare_exports(ref_dir: Path, q_dir: Path, scheme: Scheme, new_tokens: int 
     from sts_export.families import family_module  # noqa: PLC0415
     from sts_export.generate import generate  # noqa: PLC0415
 
+    from sts_export.export.memory import available_memory, fmt  # noqa: PLC0415
+
     t0 = time.perf_counter()
     m_ref, m_q = read_manifest(ref_dir), read_manifest(q_dir)
     recipe = manifest_recipe(m_q)
     plan = manifest_plan(m_q, recipe)
     image = family_module(recipe.family).prepare_image(sample_image(), recipe)
     _, prompt = sample_inputs(q_dir, recipe)
-    ref = _Recorder(OrtBackend(ref_dir, m_ref, device="cpu"), recipe.eos_token_id)
+    need, (have, source) = session_bytes(ref_dir, m_ref), available_memory()
+    one_live = need > have  # one session at a time, prefill only (the first token and both stages' picks)
+    if one_live:
+        progress(f"quantized vs unquantized: the reference's sessions need ~{fmt(need)} together, {fmt(have)} is "
+                 f"available ({source}): one session at a time, prefill only (first token, keep_pre, keep_post; "
+                 f"no {new_tokens}-token greedy agreement)")
+        new_tokens = 1
+
+    def backend(d: Path, m: dict[str, Any]) -> Any:
+        # numpy outputs, portable graphs on both sides (the quantized export has no ORT form)
+        make = lambda: OrtBackend(d, m, device="cpu", form="portable", resident=False)  # noqa: E731
+        return _OneLive(make) if one_live else make()
+
+    ref = _Recorder(backend(ref_dir, m_ref), recipe.eos_token_id)
     g_ref = generate(ref, plan, image, prompt, new_tokens)
     del ref.inner
     release_memory()
     progress(f"quantized vs unquantized: reference run {time.perf_counter() - t0:.1f} s")
-    q_be = OrtBackend(q_dir, m_q, device="cpu")
+    q_be = backend(q_dir, m_q)
     graphs: dict[str, Any] = {}
     for key, feeds in ref.calls.items():
         g = key.split("/")[0]
@@ -538,7 +587,10 @@ def compare_exports(ref_dir: Path, q_dir: Path, scheme: Scheme, new_tokens: int 
     free = _Recorder(q_be, recipe.eos_token_id)
     g_free = generate(free, plan, image, prompt, new_tokens)
     forced = _Recorder(q_be, recipe.eos_token_id, forced=g_ref.tokens)
-    generate(forced, plan, image, prompt, new_tokens)
+    if new_tokens > 1:
+        generate(forced, plan, image, prompt, new_tokens)
+    else:  # prefill only: the one prediction is the free run's first token
+        forced.logits = free.logits[:1]
     del q_be, free.inner, forced.inner
     release_memory()
     preds = np.stack([lg.argmax(-1) for lg in forced.logits[:new_tokens]], axis=1)  # [B, steps]
@@ -554,6 +606,8 @@ def compare_exports(ref_dir: Path, q_dir: Path, scheme: Scheme, new_tokens: int 
             for lg in ref.logits[:new_tokens]]
     e2e = {
         "tokens": int(n), "eos_masked": True,
+        "mode": ("one session at a time, prefill only: the reference's sessions need ~" + fmt(need) + ", " + fmt(have)
+                 + " available") if one_live else "all sessions loaded",
         "first_logits_cosine": first.get("cosine"), "first_logits_max_abs": first.get("max_abs"),
         "first_logits_rms_error_over_std": rms / max(sd, 1e-12),
         "reference_top1_gap_over_std_median": float(np.median(gaps)),
@@ -596,15 +650,68 @@ def quantize_and_compare(export_dir: Path, scheme: Scheme, torch_graphs: dict[st
 
         release_weights(torch_graphs)  # the ONNX graph being quantized must not sit beside the torch weights
     graphs = list(m["graphs"])
-    ref = quantize_export(export_dir, graphs, scheme, keep_reference=compare, progress=progress)
+    form = {g: e for g, e in m.get("ort_form", {}).items() if isinstance(e, dict) and "onnx" in e}
+    if form and scheme.encoding != "matmulnbits":  # TensorRT's QDQ weights: the ORT form (ONNX Runtime's) goes
+        for e in form.values():
+            for f in export_dir.glob(f"{e['onnx']}*"):
+                f.unlink()
+        m = {k: v for k, v in m.items() if k != "ort_form"}
+        write_manifest(export_dir, m)  # before the reference's links are made
+        form = {}
+        progress("quantize: the ORT form is ONNX Runtime's; a DequantizeLinear (TensorRT) export drops it")
+    stems = graphs + [e["onnx"][: -len(".onnx")] for e in form.values()]  # the ORT form quantizes like its graph
+    ref = quantize_export(export_dir, stems, scheme, keep_reference=compare, progress=progress)
     try:
         opset, files = graph_entries(export_dir, graphs, m["dtype"], m["opset"])
-        write_manifest(export_dir, {**m, "opset": opset, "graphs": files,
-                                    "weights": weights_record(export_dir, graphs, scheme)})
-        return compare_exports(ref, export_dir, scheme, progress=progress) if ref is not None else None
+        new = {**m, "opset": opset, "graphs": files, "weights": weights_record(export_dir, graphs, scheme)}
+        if form:
+            from sts_export.export.ort_form import form_entry  # noqa: PLC0415
+
+            new["ort_form"] = {**m["ort_form"], **{g: {**e, **form_entry(export_dir / e["onnx"])} for g, e in form.items()}}
+            new["ort_form"].pop("validation", None)  # it was the float form's
+        write_manifest(export_dir, new)
+        if ref is None:
+            return None
+        report = compare_exports(ref, export_dir, scheme, progress=progress)
+        if form:
+            report["ort_form"] = check_quantized_form(export_dir, progress)
+            report["passed"] = report["passed"] and report["ort_form"]["ok"]
+            if not report["ort_form"]["ok"]:
+                report["summary"] += "; the quantized ORT form disagrees with the quantized portable graphs"
+        return report
     finally:
         if ref is not None:
             shutil.rmtree(ref, ignore_errors=True)
+
+
+def check_quantized_form(export_dir: Path, progress: Callable[[str], None] = print, new_tokens: int = 8) -> dict[str, Any]:
+    """The quantized ORT form (fused kernels, in-place cache) against the quantized portable graphs of the same
+    export on ONNX Runtime, batch 1: identical greedy tokens, keep_pre and keep_post; first-logits difference.
+    Both hold the same quantized weights (packing q|k|v and gate|up joins output columns; MatMulNBits blocks run
+    along K), so only the kernels differ."""
+    from sts_export.backends.onnxruntime import OrtBackend  # noqa: PLC0415
+    from sts_export.export.manifest import manifest_plan, manifest_recipe, read_manifest  # noqa: PLC0415
+    from sts_export.export.validate import sample_inputs  # noqa: PLC0415
+    from sts_export.families import family_module  # noqa: PLC0415
+    from sts_export.generate import generate  # noqa: PLC0415
+
+    m = read_manifest(export_dir)
+    recipe = manifest_recipe(m)
+    plan = manifest_plan(m, recipe)
+    image = family_module(recipe.family).prepare_image(sample_image(), recipe)
+    _, prompt = sample_inputs(export_dir, recipe)
+    ref = generate(OrtBackend(export_dir, m, device="cpu", form="portable"), plan, image, prompt, new_tokens)
+    got = generate(OrtBackend(export_dir, m, device="cpu", form="ort"), plan, image, prompt, new_tokens)
+    row = {"against": "the quantized portable graphs, ONNX Runtime CPU, batch 1", "tokens": int(ref.tokens.shape[1]),
+           "tokens_identical": bool(np.array_equal(ref.tokens, got.tokens)),
+           "keep_pre_identical": bool(np.array_equal(ref.keep_pre, got.keep_pre)),
+           "keep_post_identical": bool(ref.keep_post is None and got.keep_post is None or (
+               ref.keep_post is not None and got.keep_post is not None and np.array_equal(ref.keep_post, got.keep_post))),
+           "first_logits": _diff(got.first_logits, ref.first_logits)}
+    row["ok"] = row["tokens_identical"] and row["keep_pre_identical"] and row["keep_post_identical"]
+    progress(f"quantized ORT form vs quantized portable graphs: tokens {'identical' if row['tokens_identical'] else 'DIFFER'}"
+             f", first logits max |diff| {row['first_logits'].get('max_abs')}")
+    return row
 
 
 def refuse_ort_weights(export_dir: Path) -> None:

@@ -235,7 +235,7 @@ def validate_export(export_dir: Path, graphs: dict[str, torch.nn.Module], plan: 
     ok = True
     for i, g in enumerate(order, 1):
         t = time.perf_counter()
-        be = OrtBackend(export_dir, manifest, device="cpu")
+        be = OrtBackend(export_dir, manifest, device="cpu", form="portable", resident=False)
         for key, feeds in torch_be.calls.items():
             if key.split("/")[0] != g:
                 continue
@@ -280,8 +280,15 @@ def validate_export(export_dir: Path, graphs: dict[str, torch.nn.Module], plan: 
             e2e["tokens_identical"] or dtype == torch.float16)
         results["end_to_end"][f"batch{batch}"] = {**e2e, "ok": e2e_ok}
         ok &= e2e_ok
+    if "ort_form" in manifest:  # the decoder graphs users run on ONNX Runtime: free-running, in place, vs torch
+        t = time.perf_counter()
+        results["ort_form"] = validate_ort_form(export_dir, manifest, plan, inputs, refs, tol, dtype)
+        ok &= all(r["ok"] for r in results["ort_form"].values())
+        seconds["ort_form"] = round(time.perf_counter() - t, 2)
+        say(f"validation: ORT form (fused kernels, in-place KV cache) end to end {seconds['ort_form']:.1f} s")
     bad = [f"{k}:{r['output']}" for k, rows in results["graphs"].items() for r in rows if not r["ok"]]
     bad += [f"end_to_end:{k}" for k, r in results["end_to_end"].items() if not r["ok"]]
+    bad += [f"ort_form:{k}" for k, r in results.get("ort_form", {}).items() if not r["ok"]]
     results["passed"] = bool(ok)
     results["summary"] = "all outputs within tolerance" if ok else "mismatch in " + ", ".join(bad[:6])
     results["dtype"], results["tolerance"] = str(dtype).replace("torch.", ""), tol
@@ -293,3 +300,31 @@ def validate_export(export_dir: Path, graphs: dict[str, torch.nn.Module], plan: 
     say(f"validation: done in {seconds['total']:.1f} s; process peak RSS before validation {fmt(peak_before)}, "
         f"validation {raised}")
     return results
+
+
+def validate_ort_form(export_dir: Path, manifest: dict[str, Any], plan: Plan, inputs: dict[int, tuple[ImageInput, Prompt]],
+                      refs: dict[int, Generation], tol: float, dtype: torch.dtype) -> dict[str, Any]:
+    """The ORT form (ORT-form segments, portable vision/embed/prune) free-running per batch, KV cache in place:
+    greedy tokens, keep_pre, keep_post and first-token logits against the torch reference. All of the export's
+    ONNX Runtime sessions are alive at once here (as when users run it)."""
+    from sts_export.backends.onnxruntime import OrtBackend
+
+    be = OrtBackend(export_dir, manifest, device="cpu", form="ort")
+    out: dict[str, Any] = {}
+    for batch, (pv, prompt) in inputs.items():
+        ref = refs[batch]
+        got = run_loop(be, plan, pv, prompt, ref.tokens.shape[1])
+        row = {
+            "keep_pre_identical": bool(np.array_equal(ref.keep_pre, got.keep_pre)),
+            "keep_post_identical": bool((ref.keep_post is None and got.keep_post is None)
+                                        or np.array_equal(ref.keep_post, got.keep_post)),
+            "tokens_identical": bool(np.array_equal(ref.tokens, got.tokens)),
+            "first_logits": compare("logits", got.first_logits, ref.first_logits, tol),
+            "ort_tokens": got.tokens.tolist(), "first_divergence": _first_divergence(ref.tokens, got.tokens),
+        }
+        row["ok"] = row["keep_pre_identical"] and row["keep_post_identical"] and row["first_logits"]["ok"] and (
+            row["tokens_identical"] or dtype == torch.float16)
+        out[f"batch{batch}"] = row
+    del be
+    release_memory()
+    return out

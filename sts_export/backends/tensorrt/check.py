@@ -974,8 +974,9 @@ def check_model(model_or_path: onnx.ModelProto | str | os.PathLike, *, trt_versi
 
 
 def check_dir(onnx_dir: str | os.PathLike, *, trt_version: str = "10.3") -> dict[str, Report]:
-    """`check_model` on every `*.onnx` of a directory, keyed by graph name (the file stem)."""
-    paths = sorted(Path(onnx_dir).glob("*.onnx"))
+    """`check_model` on every `*.onnx` of a directory, keyed by graph name (the file stem); an export's ORT form
+    (`*.ort.onnx`: ONNX Runtime's fused kernels, never built by TensorRT) is not TensorRT's and is left out."""
+    paths = sorted(p for p in Path(onnx_dir).glob("*.onnx") if not p.name.endswith(".ort.onnx"))
     return {p.stem: check_model(p, trt_version=trt_version) for p in paths}
 
 

@@ -1,0 +1,363 @@
+"""The ORT form of the decoder graphs (DESIGN.md "Graph forms"): segment1/segment2 with ONNX Runtime's fused
+kernels and an in-place KV cache, exported from the same torch layers as the portable graphs.
+
+    <export>/segment1.ort.onnx  segment2.ort.onnx   manifest.json "ort_form": {graph: entry, "cache": ...}
+
+Per decoder layer (ops in the com.microsoft domain unless noted):
+    SimplifiedLayerNormalization (ai.onnx; the first layer's input norm only) | SkipSimplifiedLayerNormalization
+      (residual add + the next RMSNorm in one kernel), one packed QKV MatMul, RotaryEmbedding on q and k,
+    GroupQueryAttention (causal, no rotary of its own), o_proj, one packed gate/up MatMul, SiLU * up, down_proj.
+Rotary: the graph computes cos/sin of *our* position ids once per call, float32 as the portable graphs
+(`rope_cos_sin`, M-RoPE's section mix included), as a per-token table [B*S, d/2] that RotaryEmbedding
+indexes with 0..B*S-1. So gapped ids after Stage 2 and Qwen's [3, B, S] ids are honoured exactly;
+GroupQueryAttention's own rotary (implied positions) is never used.
+
+IO: the portable segment's, plus `seqlens_k` [B] int32 (entries after this call - 1) and
+`total_sequence_length` [] int32 (entries after this call). past_*/present_* [B, kvh, C, dh] are one
+buffer when bound to the same OrtValue (C = the cache's capacity, updated in place; the backend's
+in-place cache), or past [.., P, ..] -> present [.., P+S, ..] when not (the same graph then concatenates).
+The causal mask is by cache order, as the portable graphs'. Stage 1 and Stage 2 are not here: vision,
+embed and prune stay portable (their float32 math and picks are the validated ones).
+"""
+from pathlib import Path
+from typing import Any, Callable, Optional
+
+import torch
+from torch import nn
+
+from sts_export.families.layers import repeat_kv, rope_cos_sin
+
+FORM_GRAPHS = ("segment1", "segment2")
+CACHE_INPUTS = ("seqlens_k", "total_sequence_length")
+
+
+def ort_file(graph: str) -> str:
+    return f"{graph}.ort.onnx"
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Custom ops: eager math = the portable layers'; ONNX = the contrib op (translation table below)
+# ---------------------------------------------------------------------------------------------------------------
+
+def _rms(x: torch.Tensor, w: torch.Tensor, eps: float) -> torch.Tensor:
+    h = x.float()
+    return w * (h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + eps)).to(x.dtype)
+
+
+@torch.library.custom_op("sts_ort::rms_norm", mutates_args=())
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """RMSNorm as `layers.RMSNorm` (float32 statistics) -> SimplifiedLayerNormalization."""
+    return _rms(x, weight, eps)
+
+
+@rms_norm.register_fake
+def _(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    return torch.empty_like(x)
+
+
+@torch.library.custom_op("sts_ort::skip_rms_norm", mutates_args=())
+def skip_rms_norm(x: torch.Tensor, skip: torch.Tensor, weight: torch.Tensor, eps: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """(RMSNorm(x + skip), x + skip) -> SkipSimplifiedLayerNormalization (outputs 0 and 3)."""
+    s = x + skip
+    return _rms(s, weight, eps), s
+
+
+@skip_rms_norm.register_fake
+def _(x: torch.Tensor, skip: torch.Tensor, weight: torch.Tensor, eps: float) -> tuple[torch.Tensor, torch.Tensor]:
+    return torch.empty_like(x), torch.empty_like(x)
+
+
+@torch.library.custom_op("sts_ort::rotary", mutates_args=())
+def rotary(x: torch.Tensor, ids: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Half-split RoPE of x [B, S, H*d] with per-row tables cos/sin [T, d/2] taken at ids [B, S] -> RotaryEmbedding."""
+    b, s, hd = x.shape
+    half = cos.shape[-1]
+    c, sn = cos[ids], sin[ids]  # [B, S, d/2]
+    c, sn = torch.cat([c, c], -1)[:, :, None], torch.cat([sn, sn], -1)[:, :, None]  # [B, S, 1, d]
+    xh = x.view(b, s, hd // (2 * half), 2 * half)
+    x1, x2 = xh.chunk(2, dim=-1)
+    return (xh * c + torch.cat([-x2, x1], dim=-1) * sn).reshape(b, s, hd)
+
+
+@rotary.register_fake
+def _(x: torch.Tensor, ids: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    return torch.empty_like(x)
+
+
+@torch.library.custom_op("sts_ort::gqa", mutates_args=())
+def gqa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, past_k: torch.Tensor, past_v: torch.Tensor,
+        seqlens_k: torch.Tensor, total: torch.Tensor, num_heads: int, kv_num_heads: int
+        ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Causal grouped-query attention with a KV cache -> GroupQueryAttention (share-buffer when past is the capacity).
+
+    q [B,S,h*d], k/v [B,S,kvh*d]; past [B,kvh,C,d] holds P = total - S valid entries. C >= total: present is
+    the same buffer with the new entries written at P..total-1; else present = past + new ([B,kvh,P+S,d]).
+    """
+    b, s, _ = q.shape
+    d = past_k.shape[-1]
+    t = int(total)
+    p = t - s
+    kn = k.view(b, s, kv_num_heads, d).transpose(1, 2)
+    vn = v.view(b, s, kv_num_heads, d).transpose(1, 2)
+    if past_k.shape[2] >= t:  # one buffer of capacity C
+        pk, pv = past_k.clone(), past_v.clone()
+        pk[:, :, p:t], pv[:, :, p:t] = kn, vn
+    else:
+        pk, pv = torch.cat([past_k[:, :, :p], kn], 2), torch.cat([past_v[:, :, :p], vn], 2)
+    qh = q.view(b, s, num_heads, d).transpose(1, 2)
+    allowed = torch.arange(t)[None, :] <= (torch.arange(s) + p)[:, None]
+    bias = torch.zeros(allowed.shape, dtype=q.dtype).masked_fill(~allowed, torch.finfo(q.dtype).min)
+    rep = num_heads // kv_num_heads
+    o = torch.nn.functional.scaled_dot_product_attention(qh, repeat_kv(pk[:, :, :t], rep), repeat_kv(pv[:, :, :t], rep),
+                                                         attn_mask=bias)
+    return o.transpose(1, 2).reshape(b, s, -1), pk, pv
+
+
+@gqa.register_fake
+def _(q, k, v, past_k, past_v, seqlens_k, total, num_heads, kv_num_heads):
+    return torch.empty_like(q), torch.empty_like(past_k), torch.empty_like(past_v)
+
+
+_TRANSLATIONS: Optional[dict] = None
+
+
+def translation_table() -> dict:
+    global _TRANSLATIONS
+    if _TRANSLATIONS is None:
+        from sts_export.export.ort_ops import TRANSLATIONS  # onnxscript: only when exporting
+
+        _TRANSLATIONS = TRANSLATIONS
+    ops = torch.ops.sts_ort
+    return {ops.rms_norm.default: _TRANSLATIONS["rms_norm"], ops.skip_rms_norm.default: _TRANSLATIONS["skip_rms_norm"],
+            ops.rotary.default: _TRANSLATIONS["rotary"], ops.gqa.default: _TRANSLATIONS["gqa"]}
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The fused segment
+# ---------------------------------------------------------------------------------------------------------------
+
+class FusedSegment(nn.Module):
+    """A portable SegmentGraph's decoder layers in the ORT form (weights packed: q|k|v and gate|up per layer).
+
+    forward(hidden [B,S,Hd], position_ids [B,S] | [3,B,S], seqlens_k [B] int32, total_sequence_length [] int32,
+            past_key_i, past_value_i, ...) -> (hidden_out [B,S,Hd] | logits [B,V], present_key_i, present_value_i, ...)
+    """
+
+    def __init__(self, seg: nn.Module, cfg: Any) -> None:
+        super().__init__()
+        self.cfg = cfg
+        self.final = seg.final
+        layers = seg.layers
+        with torch.no_grad():
+            self.qkv = nn.ModuleList(self._packed([l.self_attn.q_proj, l.self_attn.k_proj, l.self_attn.v_proj]) for l in layers)
+            self.gate_up = nn.ModuleList(self._packed([l.mlp.gate_proj, l.mlp.up_proj]) for l in layers)
+        self.o_proj = nn.ModuleList(l.self_attn.o_proj for l in layers)
+        self.down = nn.ModuleList(l.mlp.down_proj for l in layers)
+        self.act = layers[0].mlp.act if len(layers) else torch.nn.functional.silu
+        self.in_norm = nn.ParameterList(l.input_layernorm.weight for l in layers)
+        self.post_norm = nn.ParameterList(l.post_attention_layernorm.weight for l in layers)
+        self.eps = cfg.rms_norm_eps
+        if self.final:
+            self.norm, self.lm_head = seg.norm, seg.lm_head
+
+    @staticmethod
+    def _packed(linears: list[nn.Linear]) -> nn.Linear:
+        w = torch.cat([l.weight for l in linears], 0)
+        out = nn.Linear(w.shape[1], w.shape[0], bias=linears[0].bias is not None, dtype=w.dtype)
+        out.weight = nn.Parameter(w, requires_grad=False)
+        if linears[0].bias is not None:
+            out.bias = nn.Parameter(torch.cat([l.bias for l in linears], 0), requires_grad=False)
+        return out
+
+    def forward(self, hidden: torch.Tensor, position_ids: torch.Tensor, seqlens_k: torch.Tensor, total: torch.Tensor,
+                *past: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        c = self.cfg
+        b, s, _ = hidden.shape
+        h, kvh, d = c.num_heads, c.num_kv_heads, c.head_dim
+        cos, sin = rope_cos_sin(position_ids, d, c.rope_theta, hidden.dtype, c.mrope_section)  # [B, 1, S, d]
+        cos, sin = cos[:, 0, :, : d // 2].reshape(b * s, d // 2), sin[:, 0, :, : d // 2].reshape(b * s, d // 2)
+        ids = torch.arange(b * s, device=hidden.device).view(b, s)  # row of each token in the per-token tables
+        ops = torch.ops.sts_ort
+        x, presents = hidden, []
+        n = len(self.qkv)
+        y = ops.rms_norm(x, self.in_norm[0], self.eps) if n else x
+        for i in range(n):
+            q, k, v = self.qkv[i](y).split([h * d, kvh * d, kvh * d], dim=-1)
+            q, k = ops.rotary(q, ids, cos, sin), ops.rotary(k, ids, cos, sin)
+            o, pk, pv = ops.gqa(q, k, v, past[2 * i], past[2 * i + 1], seqlens_k, total, h, kvh)
+            presents += [pk, pv]
+            y, x = ops.skip_rms_norm(self.o_proj[i](o), x, self.post_norm[i], self.eps)
+            g, u = self.gate_up[i](y).split([c.intermediate_size, c.intermediate_size], dim=-1)
+            m = self.down[i](self.act(g) * u)
+            if i + 1 < n:
+                y, x = ops.skip_rms_norm(m, x, self.in_norm[i + 1], self.eps)
+            elif self.final:  # final norm + lm_head on the last position only
+                y, _ = ops.skip_rms_norm(m[:, -1], x[:, -1], self.norm.weight, self.eps)
+                return (self.lm_head(y), *presents)
+            else:
+                x = x + m
+        if self.final:  # a final segment without layers (not produced by any budget today)
+            return (self.lm_head(ops.rms_norm(x[:, -1], self.norm.weight, self.eps)), *presents)
+        return (x, *presents)
+
+
+def form_io(graph: str, layers: list[int]) -> tuple[list[str], list[str]]:
+    from sts_export.generate import graph_io
+
+    inputs, outputs = graph_io(graph, layers)
+    return [*inputs[:2], *CACHE_INPUTS, *inputs[2:]], outputs
+
+
+def _example(plan: Any, recipe: Any, graph: str, dtype: torch.dtype) -> tuple[tuple, tuple]:
+    from torch.export import Dim
+
+    from sts_export.export.onnx import _example_positions
+
+    b, s, p = 2, 5, 3
+    t = recipe.text
+    batch = Dim("B", min=1, max=256)
+    seq = Dim("S", min=1, max=recipe.max_context)
+    cap = Dim("C", min=0, max=recipe.max_context)
+    layers = plan.segment_layers[graph]
+    kv = tuple(torch.randn(b, t.num_kv_heads, p + s + 4, t.head_dim, dtype=dtype) for _ in range(2 * len(layers)))
+    pos, pos_shape = _example_positions(plan, b, p, s, batch, seq)
+    args = (torch.randn(b, s, t.hidden_size, dtype=dtype), pos, torch.full((b,), p + s - 1, dtype=torch.int32),
+            torch.tensor(p + s, dtype=torch.int32), *kv)
+    shapes = ({0: batch, 1: seq}, pos_shape, {0: batch}, None, tuple([{0: batch, 2: cap}] * (2 * len(layers))))
+    return args, shapes
+
+
+def _fix_cache_dims(path: Path) -> None:
+    """present_* have their own length symbol (the capacity when shared, P+S when not); drop traced value_info."""
+    import onnx
+
+    m = onnx.load(str(path), load_external_data=False)
+    for o in m.graph.output:
+        if o.name.startswith("present_"):
+            o.type.tensor_type.shape.dim[2].dim_param = "present_length"
+    del m.graph.value_info[:]
+    onnx.save(m, str(path))
+
+
+def form_entry(path: Path) -> dict[str, Any]:
+    """The manifest entry of one ORT-form graph file, read from the file (name, sha256, IO, external data)."""
+    from sts_export.export.manifest import sha256
+    from sts_export.export.onnx import _io_spec
+
+    e = {"onnx": path.name, "sha256": sha256(path), **_io_spec(path)}
+    data = path.with_name(f"{path.name}.data")
+    if data.exists():
+        e["external_data"] = {"file": data.name, "sha256": sha256(data)}
+    return e
+
+
+def export_ort_form(graphs: dict[str, nn.Module], plan: Any, recipe: Any, dtype: torch.dtype, out: Path,
+                    opset: int) -> dict[str, Any]:
+    """Write segment1/segment2 in the ORT form next to the portable graphs; -> the manifest's "ort_form" entry.
+
+    `graphs` are the export's torch modules (their SegmentGraphs' layers are reused, q|k|v and gate|up packed)."""
+    import warnings
+
+    from sts_export.export.onnx import TWO_GB
+
+    entry: dict[str, Any] = {}
+    for g in FORM_GRAPHS:
+        fused = FusedSegment(graphs[g], recipe.text).eval()
+        args, shapes = _example(plan, recipe, g, dtype)
+        inputs, outputs = form_io(g, plan.segment_layers[g])
+        path = out / ort_file(g)
+        with warnings.catch_warnings(), torch.inference_mode(False), torch.no_grad():
+            warnings.simplefilter("ignore")
+            prog = torch.onnx.export(fused, args, dynamo=True, input_names=inputs, output_names=outputs,
+                                     custom_translation_table=translation_table(), dynamic_shapes=shapes,
+                                     opset_version=opset, optimize=True, verbose=False)
+        n_bytes = sum(p.numel() * p.element_size() for p in fused.parameters())
+        prog.save(str(path), external_data=n_bytes > TWO_GB - 64 * 1024**2)
+        del prog, fused
+        _fix_cache_dims(path)
+        entry[g] = form_entry(path)
+    entry["cache"] = {"inputs": list(CACHE_INPUTS), "layout": "BNSH", "share_buffer": True,
+                      "ops": ["SimplifiedLayerNormalization", "com.microsoft.SkipSimplifiedLayerNormalization",
+                              "com.microsoft.RotaryEmbedding", "com.microsoft.GroupQueryAttention"]}
+    return entry
+
+
+
+def add_ort_form(export_dir: Path, progress: Callable[[str], None] = print) -> dict[str, Any]:
+    """Add the ORT form to an existing fp32 export (its weights rebuilt from the manifest's model source), checked
+    before it is recorded: free-running generations (batch 1 and 2) of the ORT form, in place, against the
+    export's portable graphs on ONNX Runtime: identical tokens, keep_pre and keep_post, first-token logits within
+    the recipe's fp32 tolerance. -> the manifest's new "ort_form" entry (nothing is written when the check fails)."""
+    import time
+
+    import numpy as np
+
+    from sts_export.backends.onnxruntime import OrtBackend
+    from sts_export.checkpoint import Source, ensure_synthetic, load_model
+    from sts_export.errors import StsError
+    from sts_export.export.manifest import manifest_plan, manifest_recipe, read_manifest, write_manifest
+    from sts_export.export.validate import compare, sample_inputs
+    from sts_export.generate import generate
+    from sts_export.graphs import build_graphs
+
+    export_dir = Path(export_dir)
+    m = read_manifest(export_dir)
+    if m["dtype"] != "fp32" or any(g.get("weights") for g in m["graphs"].values()) or m.get("weights"):
+        raise StsError(f"{export_dir}: the ORT form is made for fp32 exports without weight quantization")
+    recipe = manifest_recipe(m)
+    plan = manifest_plan(m, recipe)
+    src = m["model"]
+    path = None if src["random_weights"] else ensure_synthetic(recipe) if src.get("synthetic") else Path(src["source"])
+    t0 = time.perf_counter()
+    model = load_model(Source(recipe, path), torch.float32)
+    graphs = build_graphs(model, m["method"], m["budget"], m["anchor"])
+    entry = export_ort_form(graphs, plan, recipe, torch.float32, export_dir, m["opset"])
+    del graphs, model
+    progress(f"ORT form written in {time.perf_counter() - t0:.1f} s; checking it against the portable graphs ...")
+    trial = {**m, "ort_form": entry}
+    report: dict[str, Any] = {}
+    for batch in (1, 2):
+        image, prompt = sample_inputs(export_dir, recipe, batch)
+        ref = generate(OrtBackend(export_dir, trial, device="cpu", form="portable"), plan, image, prompt, 8)
+        got = generate(OrtBackend(export_dir, trial, device="cpu", form="ort"), plan, image, prompt, 8)
+        row = {"tokens_identical": bool(np.array_equal(ref.tokens, got.tokens)),
+               "keep_pre_identical": bool(np.array_equal(ref.keep_pre, got.keep_pre)),
+               "keep_post_identical": bool((ref.keep_post is None) == (got.keep_post is None) and (
+                   ref.keep_post is None or np.array_equal(ref.keep_post, got.keep_post))),
+               "first_logits": compare("logits", got.first_logits, ref.first_logits, recipe.tolerance.fp32)}
+        row["ok"] = all(row[k] for k in ("tokens_identical", "keep_pre_identical", "keep_post_identical")) and \
+            row["first_logits"]["ok"]
+        report[f"batch{batch}"] = row
+    if not all(r["ok"] for r in report.values()):
+        for g in FORM_GRAPHS:
+            for f in export_dir.glob(f"{ort_file(g)}*"):
+                f.unlink()
+        raise StsError(f"the ORT form of {export_dir} disagrees with its portable graphs: {report}")
+    entry["validation"] = {"against": "portable graphs on ONNX Runtime", **report}
+    write_manifest(export_dir, {**m, "ort_form": entry})
+    progress(f"ORT form recorded in {export_dir / 'manifest.json'}")
+    return entry
+
+
+def main(argv: list[str] | None = None) -> int:
+    """python -m sts_export.export.ort_form EXPORT_DIR...: add the ORT form to fp32 exports (one line on bad input)."""
+    import argparse
+    import sys
+
+    from sts_export.errors import StsError
+
+    ap = argparse.ArgumentParser(prog="python -m sts_export.export.ort_form",
+                                 description="Add the fused ONNX Runtime form of the decoder segments to fp32 exports.")
+    ap.add_argument("export_dirs", nargs="+", type=Path, metavar="EXPORT_DIR")
+    args = ap.parse_args(argv)
+    try:
+        for d in args.export_dirs:
+            add_ort_form(d)
+    except StsError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

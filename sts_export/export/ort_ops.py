@@ -1,0 +1,39 @@
+"""onnxscript translations of `ort_form`'s custom ops to ONNX Runtime's kernels (imported only when exporting;
+onnxscript resolves a script's annotations in module globals, hence a module of its own)."""
+from typing import TypeVar, Union
+
+from onnxscript import FLOAT, FLOAT16, script
+from onnxscript import opset18 as op
+from onnxscript.values import Opset
+
+ms = Opset("com.microsoft", 1)
+T = TypeVar("T", bound=Union[FLOAT, FLOAT16])  # the exporter reads each function's outputs off its return annotation
+
+
+@script(default_opset=op)
+def ort_rms_norm(x: T, weight: T, eps: float) -> T:
+    y = op.SimplifiedLayerNormalization(x, weight, axis=-1, epsilon=eps, stash_type=1)
+    return y
+
+
+@script(default_opset=op)
+def ort_skip_rms_norm(x: T, skip: T, weight: T, eps: float) -> tuple[T, T]:
+    out, _mean, _inv, total = ms.SkipSimplifiedLayerNormalization(x, skip, weight, epsilon=eps)
+    return out, total
+
+
+@script(default_opset=op)
+def ort_rotary(x: T, ids, cos: T, sin: T) -> T:
+    y = ms.RotaryEmbedding(x, ids, cos, sin)
+    return y
+
+
+@script(default_opset=op)
+def ort_gqa(q: T, k: T, v: T, past_k: T, past_v: T, seqlens_k, total, num_heads: int, kv_num_heads: int
+            ) -> tuple[T, T, T]:
+    o, pk, pv = ms.GroupQueryAttention(q, k, v, past_k, past_v, seqlens_k, total,
+                                       num_heads=num_heads, kv_num_heads=kv_num_heads)
+    return o, pk, pv
+
+
+TRANSLATIONS = {"rms_norm": ort_rms_norm, "skip_rms_norm": ort_skip_rms_norm, "rotary": ort_rotary, "gqa": ort_gqa}

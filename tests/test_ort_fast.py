@@ -1,0 +1,168 @@
+"""The ORT form of the decoder graphs (fused ONNX Runtime kernels, in-place KV cache) against the portable graphs
+and torch: greedy tokens, keep_pre/keep_post, first logits, for every method on the tiny model of every family;
+the in-place cache against the concatenating one; the saved optimized sessions.
+
+Per family the ORT-form segments are exported once per prune layer (the recipe's; FastV's) and the loop runs
+with the method's vision/embed/prune on torch and the segments on ONNX Runtime, in place and concatenating, so
+each method's Stage 2 (gapped position ids, M-RoPE ids) reaches the fused graphs without a full export per
+method (test_export.py runs every method's full export in both forms). One full export (shared with
+test_export.py when both run) checks the directory path: manifest, portable = ORT form = torch, start-up cache.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+import torch
+
+from sts_export import Pipeline
+from sts_export.backends.onnxruntime import OrtBackend
+from sts_export.generate import generate
+from tests.conftest import make_image
+
+PROMPT = "What is shown in this image?"
+METHODS = {  # family's tiny model -> (method, budget) for every method (budgets as test_export.py's)
+    "tiny-llava": [("none", "full"), ("sts", 64), ("sts-s", 64), ("fastv", 300), ("divprune", 64)],
+    "tiny-llava-next": [("none", "full"), ("sts", 320), ("sts-s", 320), ("fastv", 2000), ("divprune", 320)],
+    "tiny-qwen2.5-vl": [("none", "full"), ("sts", "20%"), ("sts-s", "10%"), ("fastv", "60%"), ("divprune", "10%")],
+}
+FORMS = [("ort", True), ("ort", False)]  # (form, in place)
+NEW_TOKENS = 8
+
+
+class Routed:
+    """vision/embed/prune on torch (the method's own graphs), segment1/segment2 on an OrtBackend; host arrays
+    between the two, OrtValues (KV caches, hidden states) fed back to ONNX Runtime as they are."""
+
+    name = "routed"
+
+    def __init__(self, torch_be: Any, ort_be: OrtBackend) -> None:
+        self.torch, self.ort = torch_be, ort_be
+
+    def _np(self, x: Any) -> np.ndarray:
+        if isinstance(x, torch.Tensor):
+            return x.detach().numpy()
+        return self.ort.to_numpy(x)
+
+    def run(self, graph: str, feeds: dict[str, Any]) -> dict[str, Any]:
+        if graph.startswith("segment"):
+            return self.ort.run(graph, {k: v if isinstance(v, self.ort.ort.OrtValue) else self._np(v) for k, v in feeds.items()})
+        return self.torch.run(graph, {k: torch.from_numpy(np.ascontiguousarray(self._np(v))) for k, v in feeds.items()})
+
+    def kv_cache(self, graph: str, layers: list[int], batch: int, capacity: int) -> Any:
+        return self.ort.kv_cache(graph, layers, batch, capacity)
+
+    def from_numpy(self, x: np.ndarray) -> np.ndarray:
+        return x
+
+    def to_numpy(self, x: Any) -> np.ndarray:
+        return self._np(x)
+
+    def concat(self, xs: list[Any], axis: int) -> np.ndarray:
+        return np.concatenate([self._np(x) for x in xs], axis=axis)
+
+
+@pytest.fixture(scope="module")
+def segments(tmp_path_factory: pytest.TempPathFactory) -> Any:
+    """(family, prune layer) -> a directory with the ORT form of segment1/segment2 and its manifest-like dict."""
+    from sts_export.export.ort_form import export_ort_form
+
+    made: dict[tuple[str, int], tuple[Path, dict[str, Any]]] = {}
+
+    def get(name: str, pipe: Pipeline) -> tuple[Path, dict[str, Any]]:
+        key = (name, pipe.plan.prune_layer)
+        if key not in made:
+            d = tmp_path_factory.mktemp(f"seg-{name}-{key[1]}")
+            graphs, plan, rec = pipe.backend.graphs, pipe.plan, pipe.recipe
+            form = export_ort_form(graphs, plan, rec, torch.float32, d, 18)
+            m = {"recipe": rec.to_dict(), "dtype": "fp32", "ort_form": form,
+                 "graphs": {g: {"onnx": f"{g}.onnx"} for g in ("segment1", "segment2")}}
+            made[key] = (d, m)
+        return made[key]
+
+    return get
+
+
+def method_pipelines(name: str) -> Any:
+    """The family's torch Pipeline per method, all on one loaded model (graphs built per method)."""
+    from sts_export.backends.torch import TorchBackend
+    from sts_export.generate import Plan
+    from sts_export.graphs import build_graphs
+
+    base = Pipeline.from_pretrained(name, budget="full", method="none")
+    for method, budget in METHODS[name]:
+        plan = Plan.create(base.recipe, method, budget)
+        graphs = build_graphs(base.model, method, budget, base.anchor)
+        yield method, budget, Pipeline(base.recipe, TorchBackend(graphs, plan), plan, base.tokenizer, base.anchor,
+                                       base.source, base.model)
+
+
+@pytest.mark.parametrize("name", list(METHODS))
+def test_fused_segments_equal_torch_for_every_method(segments: Any, name: str) -> None:
+    img = make_image(seed=21)
+    for method, budget, pipe in method_pipelines(name):
+        image, prompt = pipe.prepare_image(img), pipe.encode(PROMPT)
+        ref = generate(pipe.backend, pipe.plan, image, prompt, NEW_TOKENS)
+        d, m = segments(name, pipe)
+        runs = {}
+        for form, inplace in FORMS:
+            be = OrtBackend(d, m, device="cpu", form=form, inplace=inplace)
+            assert be.form == form
+            runs[(form, inplace)] = got = generate(Routed(pipe.backend, be), pipe.plan, image, prompt, NEW_TOKENS)
+            what = f"{name} {method} b={budget} {form} in_place={inplace}"
+            assert got.tokens.tolist() == ref.tokens.tolist(), what
+            assert got.keep_pre.tolist() == ref.keep_pre.tolist(), what
+            assert (got.keep_post is None) == (ref.keep_post is None), what
+            if ref.keep_post is not None:
+                assert got.keep_post.tolist() == ref.keep_post.tolist(), what
+            assert np.abs(got.first_logits - ref.first_logits).max() <= pipe.recipe.tolerance.fp32, what
+            assert (got.s1, got.s2, got.cache_lengths) == (ref.s1, ref.s2, ref.cache_lengths), what
+        # in place = concatenating, on the same fused graphs (bit for bit: the same kernels read the same entries)
+        a, b = runs[("ort", True)], runs[("ort", False)]
+        assert np.array_equal(a.first_logits, b.first_logits) and a.tokens.tolist() == b.tokens.tolist()
+
+
+def test_in_place_cache_is_written_in_place(segments: Any) -> None:
+    """The ORT form's presents are the preallocated past buffers themselves: no per-step copy, no growth."""
+    pipe = Pipeline.from_pretrained("tiny-llava", budget=64, method="sts")
+    d, m = segments("tiny-llava", pipe)
+    be = OrtBackend(d, m, device="cpu", form="ort")
+    cache = be.kv_cache("segment1", pipe.plan.segment_layers["segment1"], 1, 20)
+    bufs = dict(cache.kv)
+    h = np.random.default_rng(0).standard_normal((1, 5, pipe.recipe.text.hidden_size)).astype(np.float32)
+    out = be.run("segment1", {"hidden": h, "position_ids": np.arange(5)[None], **cache.feeds(5)})
+    cache.update(out, 5)
+    for k, v in bufs.items():
+        present = out[k.replace("past_", "present_")]
+        assert present.shape() == [1, pipe.recipe.text.num_kv_heads, 20, pipe.recipe.text.head_dim]
+        assert present.data_ptr() == v.data_ptr()  # the same memory: written in place
+    assert cache.length == 5 and np.abs(bufs[next(iter(bufs))].numpy()[:, :, :5]).sum() > 0
+
+
+def test_export_records_validates_and_caches_the_ort_form(tmp_path_factory: pytest.TempPathFactory) -> None:
+    """A full export holds the ORT form in its manifest; the pipeline runs it (auto), equal to the portable graphs
+    and torch; the second load reads the optimized sessions saved beside the export."""
+    from sts_export.pipeline import load_export_pipeline
+    from tests.test_export import exported
+
+    from sts_export.export.manifest import read_manifest
+
+    d = exported(tmp_path_factory.mktemp("exports"), "tiny-llava", "none", "full")  # test_export.py's too
+    m = read_manifest(d)
+    assert set(m["ort_form"]) >= {"segment1", "segment2", "cache"}
+    img = make_image(seed=21)
+    ref = Pipeline.from_pretrained("tiny-llava", budget="full", method="none").generate(img, PROMPT, max_new_tokens=NEW_TOKENS)
+    portable = load_export_pipeline(d, backend="onnxruntime", device="cpu", form="portable")
+    fused = load_export_pipeline(d, backend="onnxruntime", device="cpu")
+    assert fused.backend.form == "ort" and portable.backend.form == "portable"
+    a, b = portable.generate(img, PROMPT, max_new_tokens=NEW_TOKENS), fused.generate(img, PROMPT, max_new_tokens=NEW_TOKENS)
+    assert a.tokens.tolist() == b.tokens.tolist() == ref.tokens.tolist()
+    assert a.keep_pre.tolist() == b.keep_pre.tolist() == ref.keep_pre.tolist() and a.keep_post is b.keep_post is None
+    saved = sorted(p.name for p in (d / "ort_cache").glob("*.onnx"))
+    assert any(n.startswith("segment1.ort.") for n in saved) and any(n.startswith("vision.") for n in saved)
+    again = load_export_pipeline(d, backend="onnxruntime", device="cpu")
+    c = again.generate(img, PROMPT, max_new_tokens=NEW_TOKENS)
+    assert c.tokens.tolist() == b.tokens.tolist() and np.array_equal(c.first_logits, b.first_logits)
+    assert sorted(p.name for p in (d / "ort_cache").glob("*.onnx")) == saved  # read, not written again
