@@ -10,14 +10,14 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 
+from sts_export.backends.torch import TorchTensors
 from sts_export.export.aoti import check_packages
 from sts_export.generate import Plan
 
 
-class AotiBackend:
+class AotiBackend(TorchTensors):
     """Runs the AOTInductor packages of an export directory on the device they were built for."""
 
     name = "aoti"
@@ -42,17 +42,3 @@ class AotiBackend:
             outs = self.model(graph)(*[feeds[n] for n in inputs])
         outs = tuple(outs) if isinstance(outs, (tuple, list)) else (outs,)
         return dict(zip(outputs, outs))
-
-    def from_numpy(self, x: np.ndarray) -> torch.Tensor:
-        return torch.from_numpy(np.ascontiguousarray(x)).to(self.device)
-
-    def to_numpy(self, x: torch.Tensor) -> np.ndarray:
-        x = x.detach().cpu()
-        return (x.float() if x.dtype == torch.bfloat16 else x).numpy()  # numpy has no bfloat16
-
-    def concat(self, xs: list[torch.Tensor], axis: int) -> torch.Tensor:
-        return torch.cat(xs, dim=axis)
-
-    def synchronize(self) -> None:
-        if self.device.type == "cuda":
-            torch.cuda.synchronize(self.device)

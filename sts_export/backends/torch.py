@@ -9,7 +9,27 @@ import torch
 from sts_export.generate import Plan
 
 
-class TorchBackend:
+class TorchTensors:
+    """The array helpers of a backend whose tensors are torch tensors on `self.device` (torch, AOTInductor)."""
+
+    device: torch.device
+
+    def from_numpy(self, x: np.ndarray) -> torch.Tensor:
+        return torch.from_numpy(np.ascontiguousarray(x)).to(self.device)
+
+    def to_numpy(self, x: torch.Tensor) -> np.ndarray:
+        x = x.detach().cpu()
+        return (x.float() if x.dtype == torch.bfloat16 else x).numpy()  # numpy has no bfloat16
+
+    def concat(self, xs: list[torch.Tensor], axis: int) -> torch.Tensor:
+        return torch.cat(xs, dim=axis)
+
+    def synchronize(self) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+
+
+class TorchBackend(TorchTensors):
     """Runs the torch graph modules (eager, or torch.compile'd) on a device."""
 
     name = "torch"
@@ -24,17 +44,3 @@ class TorchBackend:
             outs = self.graphs[graph](*[feeds[n] for n in inputs])
         outs = outs if isinstance(outs, tuple) else (outs,)
         return dict(zip(outputs, outs))
-
-    def from_numpy(self, x: np.ndarray) -> torch.Tensor:
-        return torch.from_numpy(np.ascontiguousarray(x)).to(self.device)
-
-    def to_numpy(self, x: torch.Tensor) -> np.ndarray:
-        x = x.detach().cpu()
-        return (x.float() if x.dtype == torch.bfloat16 else x).numpy()  # numpy has no bfloat16
-
-    def concat(self, xs: list[torch.Tensor], axis: int) -> torch.Tensor:
-        return torch.cat(xs, dim=axis)
-
-    def synchronize(self) -> None:
-        if self.device.type == "cuda":
-                torch.cuda.synchronize(self.device)
