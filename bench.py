@@ -42,7 +42,9 @@ def _split(value: str) -> list[str]:
 @click.option("--accelerator", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True,
               help="Where the model runs (auto: CUDA when torch sees a GPU).")
 @click.option("--device", default=None,
-              help="Roofline profile from sts_export/data/devices.yaml (e.g. jetson-agx-orin-64gb, h100-sxm).")
+              help="Roofline profile from sts_export/data/devices.yaml (e.g. jetson-agx-orin-64gb, h100-sxm), or "
+                   "'host': this machine, its read bandwidth and fp32 GEMM rate measured at the start of the run "
+                   "(every row then gets measured/bound).")
 @click.option("--devices-file", default=None, type=click.Path(dir_okay=False),
               help="Another device-profile YAML (same keys as devices.yaml).")
 @click.option("--on-device", is_flag=True,
@@ -73,6 +75,10 @@ def _split(value: str) -> list[str]:
                    "exports, MatMulNBits / DequantizeLinear), e.g. fp32,int4 [the --dtype].")
 @click.option("--block-size", type=click.Choice(["32", "128"]), default=None,
               help="Quantization block along K for --weights int8/int4 [128].")
+@click.option("--ort-forms", default=None,
+              help="Comma-separated ONNX Runtime decoder forms per ort configuration: auto (the export's ORT form, "
+                   "in place, when it has one), ort, ort-concat (the ORT form, cache concatenated each step), "
+                   "portable (the TensorRT-portable graphs) [auto].")
 @click.option("--cost-only", is_flag=True, help="Analytic FLOPs/bytes/KV/roofline only: no weights, no timing.")
 @click.option("--json", "json_path", default=None, type=click.Path(dir_okay=False), help="Write results as JSON.")
 @click.option("--plot", "plot_path", default=None, type=click.Path(dir_okay=False),
@@ -82,7 +88,7 @@ def main(models: str, budgets: str, methods: str, backends: str, repeats: int, w
          dtype: str, accelerator: str, device: str | None, devices_file: str | None, on_device: bool,
          random_weights: bool, prompt: str | None, text_tokens: int | None, image: str | None, exports: str | None,
          interleave: bool | None, threads: int | None, no_stage1_probe: bool, keep_eos: bool, weights: str | None,
-         block_size: str | None, cost_only: bool, json_path: str | None, plot_path: str | None,
+         block_size: str | None, ort_forms: str | None, cost_only: bool, json_path: str | None, plot_path: str | None,
          quiet: bool) -> None:
     """Time vision (+ Stage 1), prefill, TTFT and decode per budget, method and backend; report KV cache bytes,
     peak memory, analytic FLOPs and the roofline."""
@@ -96,6 +102,7 @@ def main(models: str, budgets: str, methods: str, backends: str, repeats: int, w
             prompt=prompt or DEFAULT_PROMPT, text_tokens=text_tokens, image=image, exports=exports,
             stage1_probe=not no_stage1_probe, interleave=interleave, threads=threads, ignore_eos=not keep_eos, cost_only=cost_only,
             weights=_split(weights) if weights else [], block_size=int(block_size) if block_size else None,
+            ort_forms=_split(ort_forms) if ort_forms else [],
             progress=(lambda s: None) if quiet else (lambda s: click.echo(s, err=True)),
         )
         result = run_bench(opts)

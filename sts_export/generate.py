@@ -167,6 +167,31 @@ def segment_cache(backend: Backend, plan: Plan, graph: str, batch: int, capacity
     return cache if cache is not None else ConcatCache(backend, plan, plan.segment_layers[graph], batch)
 
 
+def run_segment(backend: Backend, graph: str, hidden: Any, pos: Any, cache: KVCache, new: int) -> dict[str, Any]:
+    """One segment call adding `new` entries to its cache. A cache with a `prefill_chunk` (ONNX Runtime's CPU
+    in-place cache) takes a longer prefill in chunks of that many tokens, each attending to the cache written by
+    the ones before (causal, as one call): the same numbers, but each attention call's score matrix stays small
+    enough for the CPU caches. -> the outputs of one call over all `new` tokens."""
+    chunk = getattr(cache, "prefill_chunk", None)
+    if not chunk or new <= chunk:
+        out = backend.run(graph, {"hidden": hidden, "position_ids": pos, **cache.feeds(new)})
+        cache.update(out, new)
+        return out
+    h, p = backend.to_numpy(hidden), backend.to_numpy(pos)  # [B, S, Hd], [B, S] | [3, B, S]
+    hiddens: list[Any] = []
+    for a in range(0, new, chunk):
+        n = min(chunk, new - a)
+        out = backend.run(graph, {"hidden": backend.from_numpy(np.ascontiguousarray(h[:, a:a + n])),
+                                  "position_ids": backend.from_numpy(np.ascontiguousarray(p[..., a:a + n])),
+                                  **cache.feeds(n)})
+        cache.update(out, n)
+        if "hidden_out" in out:
+            hiddens.append(out["hidden_out"])
+    if hiddens:  # segment1: every token's hidden state; segment2's logits are the last token's, in the last chunk
+        out = {**out, "hidden_out": backend.concat(hiddens, axis=1)}
+    return out
+
+
 def generate(
     backend: Backend,
     plan: Plan,
@@ -208,8 +233,7 @@ def generate(
     next_pos = int(prompt_pos.max()) + 1  # decode step t has id max(prompt ids) + 1 + t (1-D: S1 + t) on every axis
     pos = backend.from_numpy(prompt_pos)
     cache1 = segment_cache(backend, plan, "segment1", b, s1 + max_new_tokens)
-    o1 = backend.run("segment1", {"hidden": hidden, "position_ids": pos, **cache1.feeds(s1)})
-    cache1.update(o1, s1)
+    o1 = run_segment(backend, "segment1", hidden, pos, cache1, s1)
     hidden, keep_post = o1["hidden_out"], None
     if plan.has_prune:
         feeds = {"hidden": hidden, "position_ids": pos,
@@ -221,8 +245,7 @@ def generate(
         hidden, pos, keep_post = pr["hidden_out"], pr["position_ids_out"], backend.to_numpy(pr["keep_post"])
     s2 = s1 - k_img + keep_post.shape[1] if keep_post is not None else s1
     cache2 = segment_cache(backend, plan, "segment2", b, s2 + max_new_tokens)
-    o2 = backend.run("segment2", {"hidden": hidden, "position_ids": pos, **cache2.feeds(s2)})
-    cache2.update(o2, s2)
+    o2 = run_segment(backend, "segment2", hidden, pos, cache2, s2)
     logits = backend.to_numpy(o2["logits"]).astype(np.float32)  # [B, V]
     t_first = time.perf_counter()
     # entries each segment's KV cache holds after prefill

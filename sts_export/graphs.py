@@ -15,7 +15,7 @@ from torch import nn
 
 from sts_export.families import family_module
 from sts_export.families.layers import repeat_kv
-from sts_export.pruning.budget import export_split, has_stage2, prune_layer_for, split_budget
+from sts_export.pruning.budget import export_split, has_stage2, prune_layer_for
 from sts_export.pruning.selection import (divprune_select, last_token_relevance, potential_energy_select, take_tokens,
                                           topk_ascending)
 

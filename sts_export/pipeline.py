@@ -139,10 +139,11 @@ class Pipeline:
 
 
 def load_export_pipeline(export_dir: Path, backend: str = "auto", device: str = "auto",
-                         threads: int | None = None, form: str = "auto") -> Pipeline:
+                         threads: int | None = None, form: str = "auto", inplace: bool = True) -> Pipeline:
     """A Pipeline over an export directory (ONNX Runtime, TensorRT or AOTInductor; "auto": engines, else ONNX
     graphs, else AOTInductor packages). `form` (ONNX Runtime): the decoder graphs
-    to run, "auto" (the export's ORT form when it has one), "ort" or "portable" (backends/onnxruntime.py)."""
+    to run, "auto" (the export's ORT form when it has one), "ort" or "portable"; `inplace` (ORT form): KV caches
+    preallocated and written in place, else each call returns past + new (backends/onnxruntime.py)."""
 
     m = read_manifest(Path(export_dir))
     recipe = manifest_recipe(m)
@@ -164,6 +165,6 @@ def load_export_pipeline(export_dir: Path, backend: str = "auto", device: str = 
     else:
         from sts_export.backends.onnxruntime import OrtBackend
 
-        be = OrtBackend(Path(export_dir), m, device, threads, form=form, cache=True)
+        be = OrtBackend(Path(export_dir), m, device, threads, form=form, inplace=inplace, cache=True)
     tok = TextTokenizer(Path(export_dir), recipe) if (Path(export_dir) / "tokenizer.json").is_file() else None
     return Pipeline(recipe, be, plan, tok, m["anchor"], str(export_dir))

@@ -54,11 +54,13 @@ def check_schema(result: dict) -> None:
 
 @pytest.fixture(scope="module")
 def timed_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[subprocess.CompletedProcess, dict, Path]:
-    """One tiny timed run through the CLI in a fresh process: torch + ONNX Runtime (+ trt, skipped without it)."""
+    """One tiny timed run through the CLI in a fresh process: torch + ONNX Runtime in three decoder forms (+ trt,
+    skipped without it), with the roofline of this machine as measured by the run (--device host)."""
     tmp = tmp_path_factory.mktemp("bench")
     env = {**os.environ, "STS_CACHE": str(tmp / "cache"), "HF_HUB_OFFLINE": "1"}
     cmd = [sys.executable, str(ROOT / "bench.py"), "--models", "tiny-llava", "--budgets", "full,64", "--methods", "sts",
            "--backends", "torch,ort,trt", "--accelerator", "cpu", "--repeats", "1", "--warmup", "0", "--max-new-tokens", "3",
+           "--ort-forms", "auto,ort-concat,portable", "--device", "host",
            "--json", str(tmp / "out.json"), "--plot", str(tmp / "out.png")]
     proc = subprocess.run(cmd, cwd=tmp, env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -69,8 +71,13 @@ def test_timed_run_json_schema(timed_run) -> None:
     proc, result, tmp = timed_run
     check_schema(result)
     rows = result["rows"]
-    assert [(r["backend"], r["method"], r["budget"]) for r in rows] == [
-        ("torch", "none", "full"), ("torch", "sts", 64), ("ort", "none", "full"), ("ort", "sts", 64)]
+    assert [(r["backend"], r["method"], r["budget"], r.get("graph_form")) for r in rows] == [
+        ("torch", "none", "full", None), ("torch", "sts", 64, None),
+        *[("ort", m, b, f) for f in ("ort/in-place", "ort/concat", "portable/concat") for m, b in (("none", "full"),
+                                                                                                   ("sts", 64))]]
+    host = result["system"]["host_profile"]  # --device host: measured by this run
+    assert host["name"] == "host" and host["bandwidth_gbs"] > 0.1 and host["fp32_tflops"] > 1e-3
+    assert host["memory_gb"] == pytest.approx(result["system"]["memory_bytes"] / 1e9)
     recipe = load_recipe("tiny-llava")
     for r in rows:
         assert (r["k_pre"], r["k_post"]) == ((576, 576) if r["budget"] == "full" else (96, 32))
@@ -87,7 +94,10 @@ def test_timed_run_json_schema(timed_run) -> None:
         assert r["peak_mem_bytes"] > 0 and r["peak_mem_bytes"] == r["peak_rss_bytes"]  # CPU: host RSS
         assert r["decode_steps"] == 2  # EOS masked: every run decodes max_new_tokens
         assert {"vision", "segment1_prefill", "segment2_prefill", "segment1_decode"} <= set(r["graph_ms_median"])
-        if r["budget"] == "full":
+        # the bound of this machine: a lower bound, so every measured phase takes longer than it
+        assert r["roofline_device"] == "host" and r["decode_roofline_ms"] > 0
+        assert r["decode_measured_over_bound"] > 1 and r["ttft_measured_over_bound"] > 1
+        if r["budget"] == "full":  # each form's own full row is its base
             assert r["speedup_ttft"] == pytest.approx(1.0) and r["flop_ratio_ttft"] == pytest.approx(1.0)
             assert r["stage1_ms_median"] is None and r["keep_post_shape"] is None
         else:
@@ -103,6 +113,7 @@ def test_timed_run_table_and_plot(timed_run) -> None:
     proc, result, tmp = timed_run
     out = proc.stdout
     assert "TTFT ms" in out and "FLOP x" in out and "tiny-llava" in out
+    assert "ort/concat" in out and "portable/concat" in out and "dec meas/bound" in out
     assert "TTFT speedup" in out and "Stage 1" in out  # the summary line per pruned row
     assert "note:" in out and "trt" in out
     assert (tmp / "out.png").read_bytes()[:8] == PNG_MAGIC
@@ -136,6 +147,7 @@ def test_cost_only(tmp_path: Path) -> None:
     (["--backends", "cuda-magic"], "unknown backend"),
     (["--budgets", "0"], "budget must be a positive integer"),
     (["--device", "h900"], "unknown device 'h900'"),
+    (["--ort-forms", "fast"], "unknown --ort-forms fast"),
 ])
 def test_errors_are_one_line(args: list[str], message: str) -> None:
     res = CliRunner().invoke(bench_cli.main, ["--model", "llava-1.5-7b", "--cost-only", *args])

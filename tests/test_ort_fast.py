@@ -28,7 +28,9 @@ METHODS = {  # family's tiny model -> (method, budget) for every method (budgets
     "tiny-llava-next": [("none", "full"), ("sts", 320), ("sts-s", 320), ("fastv", 2000), ("divprune", 320)],
     "tiny-qwen2.5-vl": [("none", "full"), ("sts", "20%"), ("sts-s", "10%"), ("fastv", "60%"), ("divprune", "10%")],
 }
-FORMS = [("ort", True), ("ort", False)]  # (form, in place)
+# (form, in place, prefill chunk): chunks of 16 split every prefill here (pruned ones too: S2 > 16 for every method),
+# None runs each prefill as one call
+FORMS = [("ort", True, 16), ("ort", False, 16), ("ort", True, None)]
 NEW_TOKENS = 8
 
 
@@ -107,11 +109,12 @@ def test_fused_segments_equal_torch_for_every_method(segments: Any, name: str) -
         ref = generate(pipe.backend, pipe.plan, image, prompt, NEW_TOKENS)
         d, m = segments(name, pipe)
         runs = {}
-        for form, inplace in FORMS:
+        for form, inplace, chunk in FORMS:
             be = OrtBackend(d, m, device="cpu", form=form, inplace=inplace)
             assert be.form == form
-            runs[(form, inplace)] = got = generate(Routed(pipe.backend, be), pipe.plan, image, prompt, NEW_TOKENS)
-            what = f"{name} {method} b={budget} {form} in_place={inplace}"
+            be.prefill_chunk = chunk
+            runs[(form, inplace, chunk)] = got = generate(Routed(pipe.backend, be), pipe.plan, image, prompt, NEW_TOKENS)
+            what = f"{name} {method} b={budget} {form} in_place={inplace} prefill_chunk={chunk}"
             assert got.tokens.tolist() == ref.tokens.tolist(), what
             assert got.keep_pre.tolist() == ref.keep_pre.tolist(), what
             assert (got.keep_post is None) == (ref.keep_post is None), what
@@ -120,8 +123,9 @@ def test_fused_segments_equal_torch_for_every_method(segments: Any, name: str) -
             assert np.abs(got.first_logits - ref.first_logits).max() <= pipe.recipe.tolerance.fp32, what
             assert (got.s1, got.s2, got.cache_lengths) == (ref.s1, ref.s2, ref.cache_lengths), what
         # in place = concatenating, on the same fused graphs (bit for bit: the same kernels read the same entries)
-        a, b = runs[("ort", True)], runs[("ort", False)]
+        a, b = runs[("ort", True, 16)], runs[("ort", False, 16)]
         assert np.array_equal(a.first_logits, b.first_logits) and a.tokens.tolist() == b.tokens.tolist()
+        assert ref.s2 > 16, "the chunks must split segment2's prefill too"
 
 
 def test_in_place_cache_is_written_in_place(segments: Any) -> None:
@@ -166,3 +170,50 @@ def test_export_records_validates_and_caches_the_ort_form(tmp_path_factory: pyte
     c = again.generate(img, PROMPT, max_new_tokens=NEW_TOKENS)
     assert c.tokens.tolist() == b.tokens.tolist() and np.array_equal(c.first_logits, b.first_logits)
     assert sorted(p.name for p in (d / "ort_cache").glob("*.onnx")) == saved  # read, not written again
+
+
+_LOAD = """
+import json, sys
+from sts_export.pipeline import load_export_pipeline
+from tests.conftest import make_image
+p = load_export_pipeline(sys.argv[1], backend="onnxruntime", device="cpu")
+r = p.generate(make_image(seed=21), "What is shown in this image?", max_new_tokens=4)
+print(json.dumps({"tokens": r.tokens.tolist(), "form": p.backend.form}))
+"""
+
+
+def test_session_cache_survives_loads_at_once(tmp_path_factory: pytest.TempPathFactory) -> None:
+    """Two processes that load one export at once with no saved sessions both run, leave one complete optimized
+    copy per graph and no temporary directory; a third load reads those copies and gives the same tokens."""
+    import json
+    import shutil
+    import subprocess
+    import sys
+
+    from tests.test_export import exported
+
+    src = exported(tmp_path_factory.mktemp("exports"), "tiny-llava", "none", "full")  # test_export.py's too
+    d = tmp_path_factory.mktemp("racing") / "export"
+    shutil.copytree(src, d, ignore=shutil.ignore_patterns("ort_cache"))
+    root = Path(__file__).resolve().parents[1]
+    procs = [subprocess.Popen([sys.executable, "-c", _LOAD, str(d)], cwd=root, stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True) for _ in range(2)]
+    outs = [p.communicate(timeout=300) for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], [e[-2000:] for _, e in outs]
+    results = [json.loads(o.strip().splitlines()[-1]) for o, _ in outs]
+    cache = d / "ort_cache"
+    names = sorted(p.name for p in cache.iterdir())
+    assert not [n for n in names if ".tmp-" in n], names  # every process removed its own temporary directory
+    graphs = [n for n in names if n.endswith(".onnx")]
+    stems = [n.rsplit(".", 2)[0] for n in graphs]  # vision.<digest>.onnx -> vision, segment1.ort.<digest>...
+    assert len(stems) == len(set(stems)) and {"vision", "embed", "segment1.ort", "segment2.ort"} <= set(stems), names
+    for n in graphs:  # each saved graph loads on its own (its data file, if any, is complete beside it)
+        import onnxruntime as ort
+
+        ort.InferenceSession(str(cache / n), providers=["CPUExecutionProvider"])
+    before = {n: (cache / n).stat().st_mtime_ns for n in names}
+    third = subprocess.run([sys.executable, "-c", _LOAD, str(d)], cwd=root, capture_output=True, text=True, timeout=300)
+    assert third.returncode == 0, third.stderr[-2000:]
+    assert json.loads(third.stdout.strip().splitlines()[-1]) == results[0] == results[1]
+    assert results[0]["form"] == "ort"
+    assert {n: (cache / n).stat().st_mtime_ns for n in sorted(p.name for p in cache.iterdir())} == before  # read only

@@ -36,3 +36,18 @@ class KVCache(Protocol):
 
     def feeds(self, new: int) -> dict[str, Any]: ...  # the cache's feeds for a call adding `new` entries
     def update(self, out: dict[str, Any], new: int) -> None: ...  # take that call's outputs back
+
+
+class Wrapped:
+    """Base of a backend that wraps another (`self.inner`) and changes only `run`: the array helpers go to it."""
+
+    inner: Any
+
+    def from_numpy(self, x: np.ndarray) -> Any:
+        return self.inner.from_numpy(x)
+
+    def to_numpy(self, x: Any) -> np.ndarray:
+        return self.inner.to_numpy(x)
+
+    def concat(self, xs: list[Any], axis: int) -> Any:
+        return self.inner.concat(xs, axis)

@@ -30,6 +30,7 @@ import numpy as np
 from sts_export.errors import StsError
 
 CACHE_DIR = "ort_cache"
+PREFILL_CHUNK = 256  # tokens per prefill call of the ORT form on CPU (see OrtBackend.prefill_chunk)
 
 
 class OrtCache:
@@ -44,6 +45,7 @@ class OrtCache:
         self.kv = {f"past_{kv}_{i}": be.from_numpy(np.zeros((batch, t["num_kv_heads"], n, t["head_dim"]), dtype=dt))
                    for i in layers for kv in ("key", "value")}
         self.batch, self.capacity, self.inplace, self.length = batch, capacity, inplace, 0
+        self.prefill_chunk: int | None = None  # set by OrtBackend.kv_cache (generate.run_segment reads it)
 
     def feeds(self, new: int) -> dict[str, Any]:
         total = self.length + new
@@ -82,6 +84,13 @@ class OrtBackend:
         self.sessions: dict[str, Any] = {}
         self.load_seconds: dict[str, float] = {}
         self.resident, self.inplace, self.cache = resident, inplace, cache
+        # CPU: long prefills run in chunks (generate.run_segment); GroupQueryAttention's CPU kernel writes the whole
+        # [heads, S, T] score matrix, which at S in the thousands outgrows the caches (STS_ORT_PREFILL_CHUNK=0: off)
+        raw = os.environ.get("STS_ORT_PREFILL_CHUNK", str(PREFILL_CHUNK))
+        if not raw.strip().isdigit():
+            raise StsError(f"STS_ORT_PREFILL_CHUNK must be a whole number of tokens (0: no chunks), got '{raw}'")
+        chunk = int(raw)
+        self.prefill_chunk = chunk if chunk > 0 and self.device_type == "cpu" else None
         from sts_export.export.manifest import manifest_recipe
 
         t = manifest_recipe(manifest).text
@@ -114,18 +123,47 @@ class OrtBackend:
                           self.providers, int(self.opts.graph_optimization_level)])
         digest = hashlib.sha256(key.encode()).hexdigest()[:16]
         d = self.dir / CACHE_DIR
-        path = d / f"{Path(entry['onnx']).stem}.{digest}.onnx"
+        stem = Path(entry["onnx"]).stem
+        path = d / f"{stem}.{digest}.onnx"
         if path.is_file():
             return path, True
         try:
             d.mkdir(exist_ok=True)
-            stale = re.compile(re.escape(Path(entry["onnx"]).stem) + r"\.[0-9a-f]{16}\.onnx")
-            for old in d.iterdir():  # another key: a stale optimized copy of this graph (and its data, a partial write)
-                if stale.match(old.name):
-                    old.unlink()
+            from sts_export.export.memory import clean_stale_tmp
+
+            clean_stale_tmp(d, progress=lambda _: None)  # what killed loads left (dead owner pid only)
+            stale = re.compile(re.escape(stem) + r"\.([0-9a-f]{16})\.onnx(\.data)?$")
+            for old in d.iterdir():  # another key's optimized copy of this graph (an older ORT, other providers)
+                m = stale.match(old.name)
+                if m and m.group(1) != digest:
+                    old.unlink(missing_ok=True)
         except OSError:
             return None
         return (path, False) if os.access(d, os.W_OK) else None
+
+    def _load_and_save(self, src: Path, dst: Path) -> Any:
+        """A session of `src`, its optimized graph written to this process's own temporary directory and moved
+        to `dst` (data file first, then the graph that names it) once complete. Processes that load one export
+        at once each write their own copy; the same key gives the same bytes, and a reader only takes `dst`
+        when its graph is there, so every rename leaves a complete pair."""
+        import shutil
+
+        from sts_export.export.memory import make_tmp_dir
+
+        tmp = make_tmp_dir(dst)  # .<dst name>.tmp-XXXXXXXX beside it, with this process's owner record
+        try:
+            opts = self._options()
+            opts.optimized_model_filepath = str(tmp / dst.name)
+            opts.add_session_config_entry("session.optimized_model_external_initializers_file_name", dst.name + ".data")
+            opts.add_session_config_entry("session.optimized_model_external_initializers_min_size_in_bytes", "1024")
+            sess = self.ort.InferenceSession(str(src), opts, providers=self.providers)
+            if (tmp / dst.name).is_file():
+                if (tmp / (dst.name + ".data")).is_file():
+                    os.replace(tmp / (dst.name + ".data"), dst.with_name(dst.name + ".data"))
+                os.replace(tmp / dst.name, dst)  # complete: the next load takes it
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+        return sess
 
     def session(self, graph: str) -> Any:
         if graph not in self.sessions:
@@ -140,18 +178,10 @@ class OrtBackend:
                 opts = self._options()
                 opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
                 sess = ort.InferenceSession(str(cached[0]), opts, providers=self.providers)
+            elif cached is not None:
+                sess = self._load_and_save(src, cached[0])
             else:
-                opts = self._options()
-                tmp = None
-                if cached is not None:
-                    tmp = cached[0].with_name(f"{cached[0].name}.tmp{os.getpid()}")
-                    opts.optimized_model_filepath = str(tmp)
-                    opts.add_session_config_entry("session.optimized_model_external_initializers_file_name",
-                                                  cached[0].name + ".data")
-                    opts.add_session_config_entry("session.optimized_model_external_initializers_min_size_in_bytes", "1024")
-                sess = ort.InferenceSession(str(src), opts, providers=self.providers)
-                if tmp is not None and tmp.is_file():
-                    os.replace(tmp, cached[0])  # complete: the next load takes it
+                sess = ort.InferenceSession(str(src), self._options(), providers=self.providers)
             self.load_seconds[graph] = time.perf_counter() - t0
             self.sessions[graph] = sess
         return self.sessions[graph]
@@ -194,7 +224,9 @@ class OrtBackend:
         """The ORT form's cache (in place unless `inplace=False`); None for portable graphs (the loop concatenates)."""
         if graph not in self.form_graphs:
             return None
-        return OrtCache(self, layers, batch, capacity, self.inplace)
+        cache = OrtCache(self, layers, batch, capacity, self.inplace)
+        cache.prefill_chunk = self.prefill_chunk
+        return cache
 
     def from_numpy(self, x: np.ndarray) -> Any:
         if not self.resident:

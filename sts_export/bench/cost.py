@@ -462,11 +462,23 @@ def load_devices(path: str | os.PathLike | None = None) -> dict[str, Device]:
     return devices
 
 
+HOST = "host"  # --device host: this machine, measured at the start of the run (timing.measure_host)
+_MEASURED: dict[str, Device] = {}
+
+
+def register_device(dev: Device) -> None:
+    """Make a measured profile (`--device host`) known to get_device for the rest of the process."""
+    _MEASURED[dev.name] = dev
+
+
 def get_device(name: str, path: str | os.PathLike | None = None) -> Device:
     """One device profile by name; an unknown name is an error that lists the valid ones."""
+    if name in _MEASURED:
+        return _MEASURED[name]
     devices = load_devices(path)
     if name not in devices:
-        raise StsError(f"unknown device '{name}'; choose one of {', '.join(devices)}")
+        raise StsError(f"unknown device '{name}'; choose one of {', '.join(devices)}, or {HOST} (this machine, "
+                       "measured by the run)")
     return devices[name]
 
 

@@ -156,8 +156,30 @@ class _Memory:
         return self.peak_rss, self.delta_rss, self.peak_gpu
 
 
+class _Peer:
+    """What both peers share: one run = `generate()` (tokens, seconds per phase); recorded runs add samples and
+    peak memory, warm-ups only the tokens (Runner's `run(record)` contract)."""
+
+    samples: dict[str, list[float]]
+    mem: _Memory
+    tokens: np.ndarray | None
+
+    def generate(self) -> tuple[np.ndarray, dict[str, float]]:
+        raise NotImplementedError
+
+    def run(self, record: bool) -> None:
+        if record:
+            self.mem.start()
+        self.tokens, t = self.generate()
+        if not record:
+            return
+        self.mem.stop()
+        for ph, v in t.items():
+            self.samples[ph].append(v)
+
+
 # ----------------------------------------------------------------------------------------------- transformers
-class TransformersPeer:
+class TransformersPeer(_Peer):
     """transformers' own model of the family (sdpa) on our weights, image and prompt; Runner-like."""
 
     name = "transformers"
@@ -229,16 +251,6 @@ class TransformersPeer:
         vision = sum(self._vision)
         tokens = torch.cat(toks, dim=1).cpu().numpy()
         return tokens, {"vision": vision, "prefill": ttft - vision, "ttft": ttft, "decode": dec / max(n_new - 1, 1)}
-
-    def run(self, record: bool) -> None:
-        if record:
-            self.mem.start()
-        self.tokens, t = self.generate()
-        if not record:
-            return
-        self.mem.stop()
-        for ph, v in t.items():
-            self.samples[ph].append(v)
 
     def row(self) -> dict[str, Any]:
         size = tuple(self.image.size) if self.recipe.image_processor.max_pixels else None
@@ -384,7 +396,7 @@ def build_genai_decoder(model: str, recipe: Any, opts: Any, root: Path, cuda: bo
     return out
 
 
-class GenaiPeer:
+class GenaiPeer(_Peer):
     """onnxruntime-genai on the recipe's text decoder, S ids = our full prefill length; Runner-like."""
 
     name = "ort-genai"
@@ -440,18 +452,8 @@ class GenaiPeer:
 
         _, pre = timed_call(prefill)
         _, dec = timed_call(decode)
-        del gen
+        gen = None  # frees its KV buffers before the next run
         return np.array([toks], dtype=np.int64), {"prefill": pre, "decode": dec / max(n_new - 1, 1)}
-
-    def run(self, record: bool) -> None:
-        if record:
-            self.mem.start()
-        self.tokens, t = self.generate()
-        if not record:
-            return
-        self.mem.stop()
-        for ph, v in t.items():
-            self.samples[ph].append(v)
 
     def row(self) -> dict[str, Any]:
         row = _peer_row(self.name, self.model, self.recipe, self.opts, "cuda" if self.cuda else "cpu",

@@ -50,7 +50,9 @@ def format_table(result: dict[str, Any]) -> str:
     roof = any("ttft_roofline_ms" in r for r in rows)
     cols: list[tuple[str, Callable[[dict[str, Any]], str]]] = [
         ("model", lambda r: r["model"]), ("backend", lambda r: r["backend"]),
-        ("weights", lambda r: str(r.get("weights") or r["dtype"])), ("method", lambda r: r["method"]),
+        ("weights", lambda r: str(r.get("weights") or r["dtype"])),
+        *([("form", lambda r: r.get("graph_form") or "-")] if any(r.get("graph_form") for r in rows) else []),
+        ("method", lambda r: r["method"]),
         ("budget", lambda r: str(r["budget"])), ("K", lambda r: str(r["k_pre"])), ("K'", lambda r: str(r["k_post"])),
         ("S1", lambda r: str(r["seq_len_stage1"])), ("S2", lambda r: str(r["seq_len_stage2"])),
         ("KV MB", lambda r: _fmt(r["kv_cache_bytes"], ".2f", 1e-6)),
@@ -88,14 +90,17 @@ def format_table(result: dict[str, Any]) -> str:
         cols += [("bound TTFT ms", lambda r: _fmt(r.get("ttft_roofline_ms"), ".2f")),
                  ("bound dec ms", lambda r: _fmt(r.get("decode_roofline_ms"), ".3f"))]
         if any(r.get("ttft_measured_over_bound") is not None for r in rows):
-            cols.append(("meas/bound", lambda r: _fmt(r.get("ttft_measured_over_bound"), ".1f")))
+            cols += [("TTFT meas/bound", lambda r: _fmt(r.get("ttft_measured_over_bound"), ".1f")),
+                     ("dec meas/bound", lambda r: _fmt(r.get("decode_measured_over_bound"), ".2f"))]
     if any(r.get("fits") is not None for r in rows):  # memory fit on --device: weights + KV + activations + runtime
         cols += [("need GB", lambda r: _fmt(r.get("mem_need_bytes"), ".2f", 1e-9)),
                  (f"fits {rows[0].get('roofline_device') or ''}".strip(),
                   lambda r: "-" if r.get("fits") is None else ("yes" if r["fits"] else "NO"))]
     cells = [[name for name, _ in cols]] + [[f(r) for _, f in cols] for r in rows]
     widths = [max(len(row[i]) for row in cells) for i in range(len(cols))]
-    lines = ["  ".join(c.rjust(w) if i > 4 else c.ljust(w) for i, (c, w) in enumerate(zip(row, widths))) for row in cells]
+    left = [n for n, _ in cols].index("budget")  # labels up to the budget left-aligned, figures right-aligned
+    lines = ["  ".join(c.rjust(w) if i > left else c.ljust(w) for i, (c, w) in enumerate(zip(row, widths)))
+             for row in cells]
     lines.insert(1, "  ".join("-" * w for w in widths))
     out = "\n".join(lines)
     summary = []

@@ -42,13 +42,13 @@ from typing import Any, Callable, Iterable
 import numpy as np
 
 from sts_export.bench.peers import PEERS, add_peer_ratios, load_peer, peer_unavailable
-from sts_export.bench.cost import (DEFAULT_TEXT_TOKENS, DTYPE_BYTES, get_device, kv_cache_bytes, memory_fit,
-                                   param_counts, phase_costs, roofline_terms, sequence_lengths, token_grid,
-                                   weight_bytes_by_part, with_weight_bytes)
+from sts_export.bench.cost import (DEFAULT_TEXT_TOKENS, DTYPE_BYTES, HOST, get_device, kv_cache_bytes, memory_fit,
+                                   param_counts, phase_costs, register_device, roofline_terms, sequence_lengths,
+                                   token_grid, weight_bytes_by_part, with_weight_bytes)
 from sts_export.bench.report import SCHEMA_VERSION
 from sts_export.bench.timing import (STAT_KEYS, PeakMemory, TimedBackend, cpu_model, current_memory,
-                                     detect_device_profile, free_memory, gpu_info, load_average, release_memory,
-                                     stats_ms, system_info, time_repeats, timed_call)
+                                     detect_device_profile, free_memory, gpu_info, load_average, measure_host,
+                                     release_memory, stats_ms, system_info, time_repeats, timed_call)
 from sts_export.errors import StsError
 from sts_export.pruning.budget import METHODS, check_method, has_stage2, parse_budget, split_budget
 
@@ -62,6 +62,11 @@ BACKENDS = {  # CLI name -> canonical
     "transformers": "transformers", "hf": "transformers",
     "ort-genai": "ort-genai", "genai": "ort-genai", "onnxruntime-genai": "ort-genai",
 }
+# --ort-forms: the ort backend's decoder graphs and KV cache (backends/onnxruntime.py) -> (form, inplace)
+ORT_FORMS = {"auto": ("auto", True),  # the ORT form, in place, when the export has it (what users run)
+             "ort": ("ort", True),  # the ORT form, KV cache preallocated and updated in place
+             "ort-concat": ("ort", False),  # the ORT form, each call returning past + new (the concatenating cache)
+             "portable": ("portable", True)}  # the TensorRT-portable graphs (concatenating cache)
 PHASES = ("vision", "prefill", "ttft", "decode")  # timed per run (Generation.timings)
 DEFAULT_PROMPT = "What is shown in this image? Answer the question using a single word or phrase."
 
@@ -96,6 +101,7 @@ class BenchOptions:
     threads: int | None = None  # intra-op threads for torch and ONNX Runtime (None: their defaults)
     weights: list[str] = field(default_factory=list)  # int8 / int4 / the dtype (float); empty: the dtype
     block_size: int | None = None  # quantization block along K (None: the exporter's default, 128)
+    ort_forms: list[str] = field(default_factory=list)  # ORT decoder-graph forms per configuration (ORT_FORMS)
     progress: Callable[[str], None] = lambda s: None
 
     def __post_init__(self) -> None:
@@ -129,8 +135,12 @@ class BenchOptions:
         self.weights = _unique(self.weights or [self.dtype])
         for w in self.weights:
             check_weights(w, self.block_size, dtype=self.dtype)  # one line for a bad --weights/--block-size
-        if self.device is not None:
+        if self.device is not None and self.device != HOST:  # host: measured by run_bench
             get_device(self.device, self.devices_file)  # unknown name -> one-line error listing the valid ones
+        self.ort_forms = _unique(self.ort_forms or ["auto"])
+        bad = [f for f in self.ort_forms if f not in ORT_FORMS]
+        if bad:
+            raise StsError(f"unknown --ort-forms {', '.join(bad)}; choose from {', '.join(ORT_FORMS)}")
 
 
 def _unique(xs: Iterable[Any]) -> list[Any]:
@@ -151,6 +161,7 @@ class Config:
     k_pre: int
     k_post: int
     scheme: Any = None  # sts_export.export.quantize.Scheme of quantized weights; None: the dtype's float weights
+    form: str = "auto"  # ort backend: the decoder graphs and KV cache it runs (ORT_FORMS)
 
     def weights(self, dtype: str) -> str:
         """The `weights` column: the scheme's label (int4-b128, int8-ch-qdq, ...) or the float dtype."""
@@ -176,7 +187,8 @@ def configs_per_weights(configs: list[Config], opts: BenchOptions, backend: str,
             notes.append(f"{backend}: --weights {w} skipped: {e}")
             skipped.append({"backend": backend, "weights": w, "reason": str(e)})
             continue
-        out += [dataclasses.replace(c, scheme=scheme) for c in configs]
+        forms = opts.ort_forms if backend == "ort" else ["auto"]
+        out += [dataclasses.replace(c, scheme=scheme, form=f) for f in forms for c in configs]
     return out
 
 
@@ -442,7 +454,9 @@ def load_pipeline(model: str, recipe: Any, cfg: Config, backend: str, opts: Benc
         return load_export_pipeline(ensure_aoti_export(model, recipe, cfg, opts, dev), backend="aoti", device=dev)
     if backend == "ort":
         d = ensure_onnx_export(model, recipe, cfg, opts)
-        return load_export_pipeline(d, backend="onnxruntime", device="cuda" if cuda else "cpu", threads=opts.threads)
+        form, inplace = ORT_FORMS[cfg.form]
+        return load_export_pipeline(d, backend="onnxruntime", device="cuda" if cuda else "cpu", threads=opts.threads,
+                                    form=form, inplace=inplace)
     # trt: engines come from export.py --target trt; the benchmark does not build them
     d = find_trt_export(recipe, cfg, opts)
     if d is None:
@@ -650,6 +664,7 @@ class Runner:
             "model": self.model, "recipe": self.recipe.name, "method": cfg.method, "budget": cfg.budget,
             "backend": self.backend, "dtype": opts.dtype, "device": _device_name(self.backend, self.cuda, self.pipe),
             "weights": cfg.weights(opts.dtype),
+            **({"graph_form": _graph_form(self.timed.inner)} if self.backend == "ort" else {}),
             # K, K' this image got (read off the run; for image-dependent N the export's own are K_max, K'_max)
             "k_pre": int(gen.keep_pre.shape[1]),
             "k_post": int(gen.keep_post.shape[1]) if gen.keep_post is not None else int(gen.keep_pre.shape[1]),
@@ -726,7 +741,8 @@ def measure_backend(model: str, recipe: Any, configs: list[Config], backend: str
     cuda = _want_cuda(opts)
     check_fits(recipe, opts)
     loaders: list[tuple[str, str | None, Callable[[], Any]]] = [  # (label, peer or None, load)
-        (f"{cfg.method} b={cfg.budget} (K={cfg.k_pre}, K'={cfg.k_post})", None,
+        (f"{cfg.method} b={cfg.budget} (K={cfg.k_pre}, K'={cfg.k_post})" + (f" {cfg.form}" if cfg.form != "auto" else ""),
+         None,
          lambda cfg=cfg: Runner(model, recipe, cfg, backend, opts, image)) for cfg in configs]
     loaders += [(f"peer {p}", p, lambda p=p: load_peer(p, model, recipe, opts, image, cuda, _export_roots(opts)[0]))
                 for p in peers]
@@ -791,7 +807,7 @@ def measure_backend(model: str, recipe: Any, configs: list[Config], backend: str
                 _progress_row(opts, rows[-1])
         finally:
             runner.close()
-            del runner
+            runner = None
             release_memory(cuda)
     return rows
 
@@ -804,6 +820,12 @@ def _progress_row(opts: BenchOptions, row: dict[str, Any]) -> None:
     who = f"peer {row['backend']} ({row['scope']})" if row.get("peer") else f"{row['method']} b={row['budget']}"
     opts.progress(f"  {who}: ttft {ms('ttft')} ms (vision {ms('vision')}, prefill {ms('prefill')}), decode "
                   f"{ms('decode')} ms/token")
+
+
+def _graph_form(backend: Any) -> str:
+    """The ORT backend's decoder graphs and cache as they ran: ort/in-place, ort/concat or portable/concat."""
+    form = backend.form
+    return f"{form}/{'in-place' if form == 'ort' and backend.inplace else 'concat'}"
 
 
 def _device_name(backend: str, cuda: bool, pipe: Any) -> str:
@@ -850,7 +872,8 @@ def add_ratios(rows: list[dict[str, Any]], on_device: str | None) -> None:
     for row in rows:
         base = next((r for r in rows if r["budget"] == "full" and r["model"] == row["model"]
                      and r["backend"] == row["backend"] and r["dtype"] == row["dtype"]
-                     and r.get("weights") == row.get("weights")), None)
+                     and r.get("weights") == row.get("weights") and r.get("graph_form") == row.get("graph_form")),
+                    None)
         row.update(speedup_ttft=None, speedup_prefill=None, flop_ratio_ttft=None, flop_ratio_prefill=None,
                    speedup_over_flop_ratio=None)
         if base is not None:
@@ -903,7 +926,14 @@ def run_bench(opts: BenchOptions) -> dict[str, Any]:
 
         image = load_image(image)
     on_device = None
-    if opts.device is not None and not opts.cost_only:
+    if opts.device == HOST:  # this machine, measured now: the roofline of every row is its own
+        opts.progress("measuring this machine (--device host): memory read bandwidth and fp32 GEMM throughput ...")
+        dev = measure_host(opts.threads)
+        register_device(dev)
+        system["host_profile"] = dataclasses.asdict(dev)
+        opts.progress(f"  host: {dev.bandwidth_gbs:.1f} GB/s read, {dev.fp32_tflops * 1e3:.0f} GFLOP/s fp32")
+        on_device = HOST if not opts.cost_only else None
+    elif opts.device is not None and not opts.cost_only:
         if opts.on_device or detect_device_profile() == opts.device:
             on_device = opts.device
         else:

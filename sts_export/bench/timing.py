@@ -26,9 +26,14 @@ import sys
 import threading
 import time
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Sequence
 
 import numpy as np
+
+from sts_export.backends import Wrapped
+
+if TYPE_CHECKING:
+    from sts_export.bench.cost import Device
 
 STAT_KEYS = ("median", "iqr", "p25", "p75", "min", "max")
 
@@ -63,7 +68,7 @@ def time_repeats(fn: Callable[[], Any], warmup: int, repeats: int,
     return [timed_call(fn, sync)[1] for _ in range(repeats)]
 
 
-class TimedBackend:
+class TimedBackend(Wrapped):
     """Wraps a backend: times every `run(graph, feeds)` (CUDA events or synchronize + perf_counter) and, with
     ignore_eos, masks the EOS logit so every run decodes exactly max_new_tokens tokens (fixed work per run).
 
@@ -105,12 +110,6 @@ class TimedBackend:
     def to_numpy(self, x: Any) -> np.ndarray:
         return x if isinstance(x, np.ndarray) else self.inner.to_numpy(x)
 
-    def from_numpy(self, x: np.ndarray) -> Any:
-        return self.inner.from_numpy(x)
-
-    def concat(self, xs: list[Any], axis: int) -> Any:
-        return self.inner.concat(xs, axis)
-
     def take_calls(self) -> list[tuple[str, float]]:
         """This run's graph calls as (label, seconds), labels `vision`, `embed_prefill`, `segment1_decode`, ..."""
         if self.cuda_events:
@@ -118,13 +117,14 @@ class TimedBackend:
 
             torch.cuda.synchronize()
         out: list[tuple[str, float]] = []
-        phase = "prefill"
+        phase, prefilled = "prefill", False
         for graph, t in self.calls:
             secs = t[0].elapsed_time(t[1]) / 1e3 if isinstance(t, tuple) else t
+            if graph == "embed" and prefilled:  # the first decode step (a chunked prefill calls segment2 repeatedly)
+                phase = "decode"
             label = graph if graph == "vision" else f"{graph}_{phase}"
             out.append((label, secs))
-            if graph == "segment2":
-                phase = "decode"
+            prefilled |= graph == "segment2"
         self.calls = []
         return out
 
@@ -336,3 +336,84 @@ def load_average() -> list[float] | None:
         return [round(x, 2) for x in os.getloadavg()]
     except (OSError, AttributeError):
         return None
+
+
+# ----------------------------------------------------------------------------------------------- host profile
+HOST_GEMV = (8192, 16384)  # [1, K] x [K, N] fp32: a 512 MiB weight, far above any CPU cache
+HOST_GEMM = (512, 4096, 4096)  # [M, K] x [K, N] fp32
+
+
+def measure_host(threads: int | None = None, repeats: int = 10) -> Device:
+    """This machine as a roofline profile (`--device host`, cost.Device named "host"), measured now:
+
+    bandwidth_gbs  the best of `repeats` runs of two readers that stream a 512 MiB fp32 weight once: ONNX
+                   Runtime's CPU MatMul as a GEMV [1, 8192] x [8192, 16384] (the kernel a decode step runs) and
+                   torch's sum over the same bytes; bytes / fastest run.
+    fp32_tflops    the best of `repeats` fp32 GEMMs [512, 4096] x [4096, 4096] (ONNX Runtime and torch).
+    fp16_tflops    the fp32 figure (CPU kernels run fp16 no faster than fp32 here).
+    memory_gb      MemTotal.
+    Both libraries run with `threads` intra-op threads (None: theirs). The best run is taken because the bound is
+    a lower bound: a faster reader would only lower it."""
+    import onnxruntime as ort
+    import torch
+    from onnx import TensorProto, helper, numpy_helper
+
+    from sts_export.bench.cost import HOST, Device  # noqa: F811 - the class, at run time
+
+    def session(m: int, k: int, n: int, w: np.ndarray) -> Any:
+        g = helper.make_graph([helper.make_node("MatMul", ["x", "w"], ["y"])], "g",
+                              [helper.make_tensor_value_info("x", TensorProto.FLOAT, [m, k])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [m, n])],
+                              [numpy_helper.from_array(w, "w")])
+        o = ort.SessionOptions()
+        if threads is not None:
+            o.intra_op_num_threads = threads
+        model = helper.make_model(g, opset_imports=[helper.make_opsetid("", 18)])
+        return ort.InferenceSession(model.SerializeToString(), o, providers=["CPUExecutionProvider"])
+
+    def best(fn: Callable[[], Any]) -> float:
+        return min(time_repeats(fn, 2, repeats))
+
+    old_threads = torch.get_num_threads()
+    if threads is not None:
+        torch.set_num_threads(threads)
+    try:
+        bandwidth = _host_bandwidth(session, best)
+        tflops = _host_tflops(session, best)
+    finally:
+        torch.set_num_threads(old_threads)
+    import psutil
+
+    mem = int(psutil.virtual_memory().total)
+    return Device(name=HOST, title=f"{cpu_model()} ({threads or 'default'} threads), measured",
+                  fp16_tflops=tflops, fp32_tflops=tflops, bandwidth_gbs=bandwidth, memory_gb=mem / 1e9,
+                  source="measured by bench.py at the start of this run (timing.measure_host: best of "
+                         f"{repeats} GEMV/sum reads of 512 MiB, best of {repeats} fp32 GEMMs "
+                         f"{HOST_GEMM[0]}x{HOST_GEMM[1]}x{HOST_GEMM[2]})")
+
+
+def _host_bandwidth(session: Callable[..., Any], best: Callable[[Callable[[], Any]], float]) -> float:
+    """GB/s: a 512 MiB fp32 weight over the fastest of ONNX Runtime's GEMV and torch's sum (measure_host)."""
+    import torch
+
+    k, n = HOST_GEMV
+    w = np.random.default_rng(0).standard_normal((k, n), dtype=np.float32)
+    s = session(1, k, n, w)
+    x = np.ones((1, k), np.float32)
+    t_ort = best(lambda: s.run(None, {"x": x}))
+    wt = torch.from_numpy(w)
+    t_sum = best(lambda: wt.sum())
+    return w.nbytes / min(t_ort, t_sum) / 1e9
+
+
+def _host_tflops(session: Callable[..., Any], best: Callable[[Callable[[], Any]], float]) -> float:
+    """fp32 TFLOP/s: the fastest of ONNX Runtime's and torch's GEMM HOST_GEMM (measure_host)."""
+    import torch
+
+    m, k, n = HOST_GEMM
+    w = np.random.default_rng(1).standard_normal((k, n), dtype=np.float32)
+    a = np.random.default_rng(2).standard_normal((m, k), dtype=np.float32)
+    s = session(m, k, n, w)
+    at, wt = torch.from_numpy(a), torch.from_numpy(w)
+    t = min(best(lambda: s.run(None, {"x": a})), best(lambda: at @ wt))
+    return 2.0 * m * k * n / t / 1e12

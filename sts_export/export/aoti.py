@@ -18,7 +18,6 @@ axes, weights, dtype, device and torch version (e.g. embed and segments shared b
 """
 from __future__ import annotations
 
-import dataclasses
 import gc
 import hashlib
 import json
@@ -210,31 +209,22 @@ def export_aoti(
     progress: Callable[[str], None] = print,
 ) -> Path:
     """Compile an export configuration's graphs into AOTInductor packages in an export directory; returns its path."""
-    from sts_export.checkpoint import load_model, resolve
+    from sts_export.checkpoint import load_model
     from sts_export.export import memory
     from sts_export.export.manifest import write_manifest
-    from sts_export.export.onnx import EXPORT_DTYPES, GRAPH_ORDER, check_out, default_out, manifest_base, write_side_files
-    from sts_export.generate import NP_DTYPES, TORCH_DTYPES, Plan
+    from sts_export.export.onnx import (EXPORT_DTYPES, GRAPH_ORDER, manifest_base, move_into_place, prepare_export,
+                                        write_side_files)
     from sts_export.graphs import build_graphs
-    from sts_export.pruning.budget import check_method, parse_budget, split_budget
-    from sts_export.recipe import with_max_pixels
+    from sts_export.pruning.budget import check_method, parse_budget
 
     check_method(method)
     budget = parse_budget(budget)
     if dtype not in EXPORT_DTYPES:
         raise StsError(f"--dtype must be fp32, fp16 or bf16, got '{dtype}'")
     device = check_aoti_device(device)
-    out = Path(out) if out else default_out(model, method, budget, f"aoti-{device}")
-    if out.exists() and not force:
-        raise StsError(f"output directory {out} already exists; pass --force to replace it or choose --out")
-    check_out(out)
-    src = resolve(model, recipe, random_weights)
-    src = dataclasses.replace(src, recipe=with_max_pixels(src.recipe, max_pixels))
-    rec = src.recipe
-    split_budget(budget, rec, method)  # range check before any heavy work
-    anchor = anchor or rec.pruning.anchor
-    plan = Plan.create(rec, method, budget, NP_DTYPES[dtype])
-    torch_dtype = getattr(torch, TORCH_DTYPES[dtype])
+    prep = prepare_export(model, method=method, budget=budget, dtype=dtype, out=out, force=force, recipe=recipe,
+                          random_weights=random_weights, max_pixels=max_pixels, anchor=anchor, label=f"aoti-{device}")
+    src, rec, plan, torch_dtype, anchor, out = prep.src, prep.recipe, prep.plan, prep.torch_dtype, prep.anchor, prep.out
     progress(f"model: {src.description} | recipe {rec.name} | method {method} budget {budget} -> K={plan.k_pre} "
              f"K'={plan.k_post} prune_layer={plan.prune_layer} | {dtype} | AOTInductor {device}")
     memory.clean_stale_tmp(out.parent, progress)
@@ -258,10 +248,7 @@ def export_aoti(
         manifest = {**manifest_base(rec, src, method, budget, plan, anchor, dtype),
                     "aoti": build_record(tmp / files[names[0]]["aoti"]["package"]), "graphs": files}
         write_manifest(tmp, manifest)
-        if out.exists():
-            shutil.rmtree(out)
-        (tmp / memory.OWNER_FILE).unlink(missing_ok=True)
-        os.replace(tmp, out)
+        move_into_place(tmp, out)
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)

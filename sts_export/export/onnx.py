@@ -241,6 +241,50 @@ def default_out(model: str, method: str, budget: int | str, weights: str | None 
     return Path("exports") / (f"{name}-{method}-b{budget}" + (f"-{weights}" if weights else ""))
 
 
+@dataclasses.dataclass(frozen=True)
+class Prepared:
+    """What every export target settles before any heavy work (`prepare_export`)."""
+
+    src: Source
+    recipe: Recipe
+    plan: Plan
+    torch_dtype: torch.dtype
+    anchor: str
+    out: Path
+
+
+def prepare_export(model: str, *, method: str, budget: int | str, dtype: str, out: str | os.PathLike | None,
+                   force: bool, recipe: str | None, random_weights: bool, max_pixels: int | None,
+                   anchor: str | None, label: str | None) -> Prepared:
+    """The checks and plan shared by the ONNX and AOTInductor exports: output place, checkpoint, the recipe at the
+    export's pixel cap, budget range and the Plan; each refusal is one line, before any weights load.
+
+    label: the default output directory's suffix (weights scheme, aoti-<device>)."""
+    out = Path(out) if out else default_out(model, method, budget, label)
+    if out.exists() and not force:
+        raise StsError(f"output directory {out} already exists; pass --force to replace it or choose --out")
+    check_out(out)
+    src = resolve(model, recipe, random_weights)
+    from sts_export.recipe import with_max_pixels
+
+    # dynamic resolution: the export's pixel cap (N, K_max, profiles); the modules carry it too
+    src = dataclasses.replace(src, recipe=with_max_pixels(src.recipe, max_pixels))
+    rec = src.recipe
+    split_budget(budget, rec, method)  # range check before any heavy work
+    return Prepared(src=src, recipe=rec, plan=Plan.create(rec, method, budget, NP_DTYPES[dtype]),
+                    torch_dtype=getattr(torch, TORCH_DTYPES[dtype]), anchor=anchor or rec.pruning.anchor, out=out)
+
+
+def move_into_place(tmp: Path, out: Path) -> None:
+    """Replace `out` with the completed temporary directory `tmp` (its owner record removed) in one rename."""
+    from sts_export.export import memory
+
+    if out.exists():
+        shutil.rmtree(out)
+    (tmp / memory.OWNER_FILE).unlink(missing_ok=True)
+    os.replace(tmp, out)
+
+
 def _keep_failed(tmp: Path, out: Path, summary: str) -> None:
     """A failed validation: the graphs move to <out>.failed for inspection, and the export stops in one line."""
     failed = tmp.with_name(out.name + ".failed")
@@ -293,20 +337,10 @@ def export(
         raise StsError("bf16 graphs cannot be validated here: ONNX Runtime's CPU provider has no bfloat16 kernels "
                        "(Conv, Mul, MatMul); pass --no-validate (then the TensorRT engine is the first runtime to "
                        "execute them), or export --dtype fp16")
-    out = Path(out) if out else default_out(model, method, budget, scheme.label if scheme else None)
-    if out.exists() and not force:
-        raise StsError(f"output directory {out} already exists; pass --force to replace it or choose --out")
-    check_out(out)
-    src = resolve(model, recipe, random_weights)
-    from sts_export.recipe import with_max_pixels
-
-    # dynamic resolution: the export's pixel cap (N, K_max, profiles); the modules carry it too
-    src = dataclasses.replace(src, recipe=with_max_pixels(src.recipe, max_pixels))
-    rec = src.recipe
-    split_budget(budget, rec, method)  # range check before any heavy work
-    anchor = anchor or rec.pruning.anchor
-    plan = Plan.create(rec, method, budget, NP_DTYPES[dtype])
-    torch_dtype = getattr(torch, TORCH_DTYPES[dtype])
+    prep = prepare_export(model, method=method, budget=budget, dtype=dtype, out=out, force=force, recipe=recipe,
+                          random_weights=random_weights, max_pixels=max_pixels, anchor=anchor,
+                          label=scheme.label if scheme else None)
+    src, rec, plan, torch_dtype, anchor, out = prep.src, prep.recipe, prep.plan, prep.torch_dtype, prep.anchor, prep.out
     progress(f"model: {src.description} | recipe {rec.name} | method {method} budget {budget} -> "
              f"K={plan.k_pre} K'={plan.k_post} prune_layer={prune_layer_for(method, rec)} | {dtype}"
              + (f" | weights {scheme.label}" if scheme else ""))
@@ -366,10 +400,7 @@ def export(
                          f"{e2e['tokens']} tokens)")
                 if not fidelity["passed"]:
                     _keep_failed(tmp, out, fidelity["summary"])
-        if out.exists():
-            shutil.rmtree(out)
-        (tmp / memory.OWNER_FILE).unlink(missing_ok=True)
-        os.replace(tmp, out)
+        move_into_place(tmp, out)
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)

@@ -42,6 +42,7 @@ from typing import Any, Callable
 
 import numpy as np
 
+from sts_export.backends import Wrapped
 from sts_export.errors import StsError
 
 WEIGHTS = ("int8", "int4")
@@ -422,7 +423,7 @@ def weights_record(export_dir: Path, graphs: list[str], scheme: Scheme | None) -
 
 
 # ----------------------------------------------------------------------------------------------- fidelity
-class _Recorder:
+class _Recorder(Wrapped):
     """Wraps a backend: EOS is masked in the logits (every run decodes all its tokens), the feeds and outputs of
     each graph's first prefill and first decode call are kept, and with `forced` the decode steps embed the given
     tokens instead of the loop's own argmax (teacher forcing; `logits` then holds each step's prediction)."""
@@ -451,17 +452,8 @@ class _Recorder:
             self.logits.append(np.asarray(out["logits"], dtype=np.float32))
         return out
 
-    def from_numpy(self, x: np.ndarray) -> Any:
-        return self.inner.from_numpy(x)
 
-    def to_numpy(self, x: Any) -> np.ndarray:
-        return self.inner.to_numpy(x)
-
-    def concat(self, xs: list[Any], axis: int) -> Any:
-        return self.inner.concat(xs, axis)
-
-
-class _OneLive:
+class _OneLive(Wrapped):
     """A backend of which only the graph being run has a live session: a new one (from `make`) whenever the graph
     changes. For exports whose sessions do not fit in memory together (a 7B fp16 reference on a 24 GB host: ONNX
     Runtime's CPU kernels hold fp16 weights as fp32); a session load per graph call, so only a prefill is run."""
@@ -477,15 +469,6 @@ class _OneLive:
             release_memory()
             self.inner, self.graph = self.make(), graph
         return self.inner.run(graph, feeds)
-
-    def from_numpy(self, x: np.ndarray) -> Any:
-        return self.inner.from_numpy(x)
-
-    def to_numpy(self, x: Any) -> np.ndarray:
-        return self.inner.to_numpy(x)
-
-    def concat(self, xs: list[Any], axis: int) -> Any:
-        return self.inner.concat(xs, axis)
 
 
 def session_bytes(export_dir: Path, manifest: dict[str, Any]) -> int:

@@ -1,0 +1,117 @@
+#!/usr/bin/env python
+"""Causal prefill attention of one decoder layer on ONNX Runtime's CPU kernels against torch's sdpa, and
+GroupQueryAttention run in prefill chunks on a shared past/present buffer (what the ORT form's chunked prefill
+does, `generate.run_segment`). Random q/k/v; medians of --repeats after one warm-up; every variant's output is
+compared with GQA in one call.
+
+    python scripts/ort_attention.py [--seq 2964] [--heads 32] [--head-dim 16] [--threads 2] [--chunks 1024,512,256,128,64]
+
+Defaults: llava-next-7b-cpu's layer at full budget (S1 = 2964, 32 heads of 16).
+"""
+from __future__ import annotations
+
+import argparse
+import time
+from typing import Any, Callable
+
+import numpy as np
+
+
+def _session(ort: Any, node: Any, inputs: list, outputs: list, opsets: list[tuple[str, int]], threads: int) -> Any:
+    from onnx import helper
+
+    g = helper.make_graph([node], "g", inputs, outputs)
+    m = helper.make_model(g, opset_imports=[helper.make_opsetid(d, v) for d, v in opsets])
+    o = ort.SessionOptions()
+    o.intra_op_num_threads = threads
+    o.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    return ort.InferenceSession(m.SerializeToString(), o, providers=["CPUExecutionProvider"])
+
+
+def _median_ms(fn: Callable[[], Any], repeats: int) -> tuple[float, Any]:
+    out = fn()
+    ts = []
+    for _ in range(repeats):
+        t = time.perf_counter()
+        fn()
+        ts.append(time.perf_counter() - t)
+    return float(np.median(ts)) * 1e3, out
+
+
+def main() -> None:
+    import onnxruntime as ort
+    import torch
+    from onnx import TensorProto, helper
+
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--seq", type=int, default=2964)
+    ap.add_argument("--heads", type=int, default=32)
+    ap.add_argument("--head-dim", type=int, default=16)
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--chunks", default="1024,512,256,128,64")
+    a = ap.parse_args()
+    s, h, d = a.seq, a.heads, a.head_dim
+    torch.set_num_threads(a.threads)
+    f = TensorProto.FLOAT
+
+    def vi(name: str, shape: list) -> Any:
+        return helper.make_tensor_value_info(name, f, shape)
+
+    rng = np.random.default_rng(0)
+    q, k, v = (rng.standard_normal((1, s, h * d), dtype=np.float32) for _ in range(3))
+    gqa = _session(ort, helper.make_node("GroupQueryAttention", ["q", "k", "v", "pk", "pv", "sl", "tot"],
+                                         ["o", "prk", "prv"], domain="com.microsoft", num_heads=h, kv_num_heads=h),
+                   [vi("q", [1, "s", h * d]), vi("k", [1, "s", h * d]), vi("v", [1, "s", h * d]),
+                    vi("pk", [1, h, "c", d]), vi("pv", [1, h, "c", d]),
+                    helper.make_tensor_value_info("sl", TensorProto.INT32, [1]),
+                    helper.make_tensor_value_info("tot", TensorProto.INT32, [])],
+                   [vi("o", [1, "s", h * d]), vi("prk", [1, h, "c2", d]), vi("prv", [1, h, "c2", d])],
+                   [("", 18), ("com.microsoft", 1)], a.threads)
+
+    def gqa_chunked(chunk: int) -> np.ndarray:
+        pk = ort.OrtValue.ortvalue_from_numpy(np.zeros((1, h, s, d), np.float32))
+        pv = ort.OrtValue.ortvalue_from_numpy(np.zeros((1, h, s, d), np.float32))
+        outs = []
+        for lo in range(0, s, chunk):
+            hi = min(s, lo + chunk)
+            io = gqa.io_binding()
+            for name, x in (("q", q), ("k", k), ("v", v)):
+                io.bind_cpu_input(name, np.ascontiguousarray(x[:, lo:hi]))
+            io.bind_ortvalue_input("pk", pk)
+            io.bind_ortvalue_input("pv", pv)
+            io.bind_cpu_input("sl", np.array([hi - 1], np.int32))
+            io.bind_cpu_input("tot", np.array(hi, np.int32))
+            io.bind_output("o")
+            io.bind_ortvalue_output("prk", pk)
+            io.bind_ortvalue_output("prv", pv)
+            gqa.run_with_iobinding(io)
+            outs.append(io.get_outputs()[0].numpy())
+        return np.concatenate(outs, 1)
+
+    three = [vi("q", [1, "s", h * d]), vi("k", [1, "s", h * d]), vi("v", [1, "s", h * d])]
+    a23 = _session(ort, helper.make_node("Attention", ["q", "k", "v"], ["o"], is_causal=1, q_num_heads=h,
+                                         kv_num_heads=h), three, [vi("o", [1, "s", h * d])], [("", 23)], a.threads)
+    mha = _session(ort, helper.make_node("MultiHeadAttention", ["q", "k", "v"], ["o"], domain="com.microsoft",
+                                         num_heads=h, unidirectional=1), three, [vi("o", [1, "s", h * d])],
+                   [("", 18), ("com.microsoft", 1)], a.threads)
+    qt, kt, vt = (torch.from_numpy(x).view(1, s, h, d).transpose(1, 2) for x in (q, k, v))
+
+    def sdpa() -> np.ndarray:
+        o = torch.nn.functional.scaled_dot_product_attention(qt, kt, vt, is_causal=True)
+        return o.transpose(1, 2).reshape(1, s, h * d).numpy()
+
+    print(f"causal attention, S={s}, {h} heads x {d}, {a.threads} threads, median of {a.repeats}")
+    ms, ref = _median_ms(lambda: gqa_chunked(s), a.repeats)
+    print(f"  {'ORT GroupQueryAttention, one call':46s} {ms:8.1f} ms")
+    rows = [(f"ORT GroupQueryAttention, chunks of {c}", lambda c=c: gqa_chunked(c)) for c in map(int, a.chunks.split(","))]
+    rows += [("ORT ai.onnx Attention-23 (is_causal)", lambda: a23.run(None, {"q": q, "k": k, "v": v})[0]),
+             ("ORT MultiHeadAttention (unidirectional)", lambda: mha.run(None, {"q": q, "k": k, "v": v})[0]),
+             ("torch sdpa (is_causal)", sdpa)]
+    for name, fn in rows:
+        ms, out = _median_ms(fn, a.repeats)
+        print(f"  {name:46s} {ms:8.1f} ms   max |diff| vs one GQA call {np.abs(out - ref).max():.1e}")
+
+
+if __name__ == "__main__":
+    main()
