@@ -217,3 +217,20 @@ def test_session_cache_survives_loads_at_once(tmp_path_factory: pytest.TempPathF
     assert json.loads(third.stdout.strip().splitlines()[-1]) == results[0] == results[1]
     assert results[0]["form"] == "ort"
     assert {n: (cache / n).stat().st_mtime_ns for n in sorted(p.name for p in cache.iterdir())} == before  # read only
+
+
+def test_bad_tuning_variables_are_one_line(segments: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    """STS_ORT_SPIN and STS_ORT_PREFILL_CHUNK with a value they do not take: a one-line error, no traceback."""
+    from sts_export.errors import StsError
+
+    pipe = Pipeline.from_pretrained("tiny-llava", budget=64, method="sts")
+    d, m = segments("tiny-llava", pipe)
+    monkeypatch.setenv("STS_ORT_SPIN", "sometimes")
+    with pytest.raises(StsError, match="STS_ORT_SPIN must be one of run, 0, 1"):
+        OrtBackend(d, m, device="cpu").session("segment1")
+    monkeypatch.setenv("STS_ORT_SPIN", "run")
+    monkeypatch.setenv("STS_ORT_PREFILL_CHUNK", "-4")
+    with pytest.raises(StsError, match="STS_ORT_PREFILL_CHUNK must be a whole number"):
+        OrtBackend(d, m, device="cpu")
+    monkeypatch.setenv("STS_ORT_PREFILL_CHUNK", "0")
+    assert OrtBackend(d, m, device="cpu").prefill_chunk is None

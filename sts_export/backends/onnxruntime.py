@@ -30,6 +30,8 @@ import numpy as np
 from sts_export.errors import StsError
 
 CACHE_DIR = "ort_cache"
+SPIN_MODES = {"run": {"session.intra_op.allow_spinning": "1", "session.force_spinning_stop": "1"},
+              "0": {"session.intra_op.allow_spinning": "0"}, "1": {"session.intra_op.allow_spinning": "1"}}
 PREFILL_CHUNK = 256  # tokens per prefill call of the ORT form on CPU (see OrtBackend.prefill_chunk)
 
 
@@ -82,6 +84,7 @@ class OrtBackend:
             self.opts.intra_op_num_threads = threads
         self.opts.log_severity_level = 3
         self.sessions: dict[str, Any] = {}
+        self._bindings: dict[str, tuple[Any, list[str], list[str], dict[str, Any]]] = {}  # run(): per graph
         self.load_seconds: dict[str, float] = {}
         self.resident, self.inplace, self.cache = resident, inplace, cache
         # CPU: long prefills run in chunks (generate.run_segment); GroupQueryAttention's CPU kernel writes the whole
@@ -191,29 +194,43 @@ class OrtBackend:
         o.intra_op_num_threads = self.opts.intra_op_num_threads
         o.log_severity_level = self.opts.log_severity_level
         o.graph_optimization_level = self.opts.graph_optimization_level
-        # the export's sessions run one after another, each with its own intra-op pool: a pool that spins after its
-        # graph (ONNX Runtime's default) keeps the cores busy while the next session's pool needs them
-        o.add_session_config_entry("session.intra_op.allow_spinning", os.environ.get("STS_ORT_SPIN", "0"))
+        # the export's sessions run one after another, each with its own intra-op pool. Within a run the workers
+        # spin between kernels (a sleeping pool pays a wake-up per kernel); at the end of the run they stop, since
+        # a pool still spinning (ONNX Runtime's default) takes the cores the next session's pool needs.
+        # STS_ORT_SPIN: run (default), 0 (never spin), 1 (ONNX Runtime's default: spin on after the run)
+        spin = os.environ.get("STS_ORT_SPIN", "run")
+        if spin not in SPIN_MODES:
+            raise StsError(f"STS_ORT_SPIN must be one of {', '.join(SPIN_MODES)}, got '{spin}'")
+        for key, value in SPIN_MODES[spin].items():
+            o.add_session_config_entry(key, value)
         return o
 
     # ------------------------------------------------------------------ run
     def run(self, graph: str, feeds: dict[str, Any]) -> dict[str, Any]:
         sess = self.session(graph)
-        io = sess.io_binding()
-        for i in sess.get_inputs():
-            x = feeds[i.name]
+        if graph not in self._bindings:  # one IOBinding per graph, reused: unchanged OrtValues stay bound
+            self._bindings[graph] = (sess.io_binding(), [i.name for i in sess.get_inputs()],
+                                     [o.name for o in sess.get_outputs()], {})
+        io, inputs, names, bound = self._bindings[graph]
+        for name in inputs:
+            x = feeds[name]
             if isinstance(x, self.ort.OrtValue):
-                io.bind_ortvalue_input(i.name, x)
+                if bound.get(name) is not x:  # e.g. an in-place KV buffer: bound once per generation
+                    io.bind_ortvalue_input(name, x)
+                    bound[name] = x
             else:  # host array (ONNX Runtime copies it where the kernel needs it)
-                io.bind_cpu_input(i.name, np.ascontiguousarray(x))
+                io.bind_cpu_input(name, np.ascontiguousarray(x))
+                bound.pop(name, None)
         shared = self.inplace and graph in self.form_graphs
-        names = [o.name for o in sess.get_outputs()]
         for n in names:
-            past = n.replace("present_", "past_")
-            if shared and n.startswith("present_") and isinstance(feeds.get(past), self.ort.OrtValue):
-                io.bind_ortvalue_output(n, feeds[past])  # the same buffer: GroupQueryAttention writes in place
+            past = feeds.get(n.replace("present_", "past_"))
+            if shared and n.startswith("present_") and isinstance(past, self.ort.OrtValue):
+                if bound.get(n) is not past:
+                    io.bind_ortvalue_output(n, past)  # the same buffer: GroupQueryAttention writes in place
+                    bound[n] = past
             else:
-                io.bind_output(n, self.device_type)
+                io.bind_output(n, self.device_type)  # a new output each call
+                bound.pop(n, None)
         sess.run_with_iobinding(io)
         outs = dict(zip(names, io.get_outputs()))
         if not self.resident:
