@@ -24,7 +24,8 @@ from typing import Any
 import numpy as np
 
 from sts_export.backends import onnxruntime as ort_backend
-from sts_export.bench.runner import default_image
+from sts_export.bench.cost import DEFAULT_TEXT_TOKENS
+from sts_export.bench.runner import default_image, prompt_ids
 from sts_export.pipeline import load_export_pipeline
 
 
@@ -89,8 +90,7 @@ def main() -> None:
     ort_backend.OrtBackend._options = profiled  # type: ignore[method-assign]
     p = load_export_pipeline(a.export_dir, backend="onnxruntime", device="cpu", threads=a.threads)
     r = p.recipe
-    marks = [t for t in (r.vision_start_token_id, r.image_token_id, r.vision_end_token_id) if t is not None and t >= 0]
-    ids = [r.bos_token_id, *range(100, 110), *marks, *range(110, 136 - len(marks))]
+    ids = prompt_ids(p, "", DEFAULT_TEXT_TOKENS)  # bench.py's pseudo-prompt: 36 text ids around the image
     g = p.generate(default_image(r), input_ids=ids, max_new_tokens=a.new_tokens)
     print(f"{a.export_dir}: S1 = {g.s1}, S2 = {g.s2}, {a.new_tokens} tokens, {a.threads} threads "
           f"(decode {g.timings['decode'] * 1e3:.2f} ms/token with the profiler on)")

@@ -14,7 +14,8 @@ import os
 
 import numpy as np
 
-from sts_export.bench.runner import default_image
+from sts_export.bench.cost import DEFAULT_TEXT_TOKENS
+from sts_export.bench.runner import default_image, prompt_ids
 from sts_export.pipeline import load_export_pipeline
 
 
@@ -31,8 +32,7 @@ def main() -> None:
         os.environ["STS_ORT_SPIN"] = mode  # read when each session is created: load them now
         p = load_export_pipeline(a.export_dir, backend="onnxruntime", device="cpu", threads=a.threads)
         r = p.recipe
-        marks = [t for t in (r.vision_start_token_id, r.image_token_id, r.vision_end_token_id) if t is not None and t >= 0]
-        ids = [r.bos_token_id, *range(100, 110), *marks, *range(110, 136 - len(marks))]
+        ids = prompt_ids(p, "", DEFAULT_TEXT_TOKENS)  # bench.py's pseudo-prompt: 36 text ids around the image
         img = default_image(r)
         p.generate(img, input_ids=ids, max_new_tokens=a.new_tokens)  # warm-up, creates every session
         pipes[mode] = p

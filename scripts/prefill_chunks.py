@@ -12,7 +12,8 @@ import argparse
 
 import numpy as np
 
-from sts_export.bench.runner import default_image
+from sts_export.bench.cost import DEFAULT_TEXT_TOKENS
+from sts_export.bench.runner import default_image, prompt_ids
 from sts_export.pipeline import load_export_pipeline
 
 
@@ -26,8 +27,7 @@ def main() -> None:
     chunks = [int(c) for c in a.chunks.split(",")]
     pipe = load_export_pipeline(a.export_dir, backend="onnxruntime", device="cpu", threads=a.threads)
     r = pipe.recipe
-    marks = [t for t in (r.vision_start_token_id, r.image_token_id, r.vision_end_token_id) if t is not None and t >= 0]
-    ids = [r.bos_token_id, *range(100, 110), *marks, *range(110, 136 - len(marks))]  # 36 text ids
+    ids = prompt_ids(pipe, "", DEFAULT_TEXT_TOKENS)  # bench.py's pseudo-prompt: 36 text ids around the image
     img = default_image(r)
     times: dict[int, list[tuple[float, float, float]]] = {c: [] for c in chunks}
     tokens: dict[int, list] = {}
