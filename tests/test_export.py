@@ -174,7 +174,11 @@ def test_graph_io_contract(tmp_root: Path, name: str, method: str, budget: int |
     m = json.loads((d / "manifest.json").read_text())
     pl, layers = m["prune_layer"], m["recipe"]["text"]["num_layers"]
     files = sorted(p.stem for p in d.glob("*.onnx") if not p.name.endswith(".ort.onnx"))  # the portable graphs
-    assert sorted(p.name for p in d.glob("*.ort.onnx")) == ["segment1.ort.onnx", "segment2.ort.onnx"]  # ORT form
+    # the ORT form: the decoder segments, and the CLIP tower's vision graph with fused MultiHeadAttention
+    assert sorted(p.name for p in d.glob("*.ort.onnx")) == ["segment1.ort.onnx", "segment2.ort.onnx", "vision.ort.onnx"]
+    vis_form = onnx.load(str(d / "vision.ort.onnx"), load_external_data=False)
+    assert sum(n.op_type == "MultiHeadAttention" for n in vis_form.graph.node) == m["recipe"]["vision"]["num_layers"] + \
+        m["recipe"]["vision"]["feature_layer"] + 1  # every layer the tower runs (up to the feature layer)
     assert files == sorted(["vision", "embed", "segment1", "segment2"] + (["prune"] if method == "sts" else []))
     T = onnx.TensorProto
     for g in files:

@@ -155,7 +155,7 @@ def test_export_records_validates_and_caches_the_ort_form(tmp_path_factory: pyte
 
     d = exported(tmp_path_factory.mktemp("exports"), "tiny-llava", "none", "full")  # test_export.py's too
     m = read_manifest(d)
-    assert set(m["ort_form"]) >= {"segment1", "segment2", "cache"}
+    assert set(m["ort_form"]) >= {"vision", "segment1", "segment2", "cache"}
     img = make_image(seed=21)
     ref = Pipeline.from_pretrained("tiny-llava", budget="full", method="none").generate(img, PROMPT, max_new_tokens=NEW_TOKENS)
     portable = load_export_pipeline(d, backend="onnxruntime", device="cpu", form="portable")
@@ -165,7 +165,7 @@ def test_export_records_validates_and_caches_the_ort_form(tmp_path_factory: pyte
     assert a.tokens.tolist() == b.tokens.tolist() == ref.tokens.tolist()
     assert a.keep_pre.tolist() == b.keep_pre.tolist() == ref.keep_pre.tolist() and a.keep_post is b.keep_post is None
     saved = sorted(p.name for p in (d / "ort_cache").glob("*.onnx"))
-    assert any(n.startswith("segment1.ort.") for n in saved) and any(n.startswith("vision.") for n in saved)
+    assert any(n.startswith("segment1.ort.") for n in saved) and any(n.startswith("vision.ort.") for n in saved)
     again = load_export_pipeline(d, backend="onnxruntime", device="cpu")
     c = again.generate(img, PROMPT, max_new_tokens=NEW_TOKENS)
     assert c.tokens.tolist() == b.tokens.tolist() and np.array_equal(c.first_logits, b.first_logits)
@@ -205,8 +205,8 @@ def test_session_cache_survives_loads_at_once(tmp_path_factory: pytest.TempPathF
     names = sorted(p.name for p in cache.iterdir())
     assert not [n for n in names if ".tmp-" in n], names  # every process removed its own temporary directory
     graphs = [n for n in names if n.endswith(".onnx")]
-    stems = [n.rsplit(".", 2)[0] for n in graphs]  # vision.<digest>.onnx -> vision, segment1.ort.<digest>...
-    assert len(stems) == len(set(stems)) and {"vision", "embed", "segment1.ort", "segment2.ort"} <= set(stems), names
+    stems = [n.rsplit(".", 2)[0] for n in graphs]  # embed.<digest>.onnx -> embed, vision.ort.<digest>...
+    assert len(stems) == len(set(stems)) and {"vision.ort", "embed", "segment1.ort", "segment2.ort"} <= set(stems), names
     for n in graphs:  # each saved graph loads on its own (its data file, if any, is complete beside it)
         import onnxruntime as ort
 
@@ -234,3 +234,101 @@ def test_bad_tuning_variables_are_one_line(segments: Any, monkeypatch: pytest.Mo
         OrtBackend(d, m, device="cpu")
     monkeypatch.setenv("STS_ORT_PREFILL_CHUNK", "0")
     assert OrtBackend(d, m, device="cpu").prefill_chunk is None
+
+
+def _gqa_session(with_query_seqlens: bool, heads: int, kv_heads: int, d: int) -> Any:
+    """One GroupQueryAttention node as the ORT form calls it: packed q|k|v, rotary inside from per-token tables."""
+    import onnxruntime as ort
+    from onnx import TensorProto as T
+    from onnx import helper as H
+
+    f = lambda n, s: H.make_tensor_value_info(n, T.FLOAT, s)  # noqa: E731
+    i = lambda n, s, t=T.INT32: H.make_tensor_value_info(n, t, s)  # noqa: E731
+    ins = [f("qkv", [1, "S", (heads + 2 * kv_heads) * d]), f("pk", [1, kv_heads, "C", d]), f("pv", [1, kv_heads, "C", d]),
+           i("sk", [1]), i("tot", []), f("cos", ["R", d // 2]), f("sin", ["R", d // 2]), i("ids", [1, "S"], T.INT64)]
+    names = ["qkv", "", "", "pk", "pv", "sk", "tot", "cos", "sin", "ids"]
+    if with_query_seqlens:
+        ins.append(i("qs", [1]))
+        names += ["", "", "", "", "", "", "qs"]
+    node = H.make_node("GroupQueryAttention", names, ["o", "ck", "cv"], domain="com.microsoft", num_heads=heads,
+                       kv_num_heads=kv_heads, do_rotary=1)
+    g = H.make_graph([node], "g", ins, [f("o", None), f("ck", None), f("cv", None)])
+    m = H.make_model(g, opset_imports=[H.make_opsetid("", 18), H.make_opsetid("com.microsoft", 1)])
+    return ort.InferenceSession(m.SerializeToString(), providers=["CPUExecutionProvider"])
+
+
+def test_gqa_rotary_honours_gapped_ids() -> None:
+    """What the ORT form relies on: with query_seqlens given, GroupQueryAttention's own rotary rotates every token
+    at its own position_ids entry (here Stage 2's gapped ids) - in a first prompt, a later chunk and decode steps -
+    as a plain numpy RoPE + causal attention does. Without query_seqlens a first prompt reads only the first id and
+    counts on from it, so the form always passes query_seqlens (its ids index per-token rows, per batch row)."""
+    import onnxruntime as ort
+
+    heads, kv_heads, d, cap = 4, 2, 16, 32
+    inv = 1.0 / 10000 ** (np.arange(0, d, 2) / d)
+    chunks = [np.array([0, 1, 2, 7, 9]), np.array([11, 12, 20]), np.array([25]), np.array([26])]  # Stage 2's gaps
+
+    def rope(x: np.ndarray, pos: np.ndarray) -> np.ndarray:  # x [S, n, d]
+        c, s = np.cos(pos[:, None] * inv)[:, None], np.sin(pos[:, None] * inv)[:, None]
+        x1, x2 = x[..., : d // 2], x[..., d // 2:]
+        return np.concatenate([x1 * c - x2 * s, x2 * c + x1 * s], -1)
+
+    def reference(qkv: np.ndarray, pos: np.ndarray) -> np.ndarray:  # every token so far, causal
+        q = rope(qkv[:, : heads * d].reshape(-1, heads, d), pos)
+        k = np.repeat(rope(qkv[:, heads * d: (heads + kv_heads) * d].reshape(-1, kv_heads, d), pos), heads // kv_heads, 1)
+        v = np.repeat(qkv[:, (heads + kv_heads) * d:].reshape(-1, kv_heads, d), heads // kv_heads, 1)
+        n = len(pos)
+        sc = np.einsum("shd,thd->hst", q, k) / np.sqrt(d) + np.triu(np.full((n, n), -1e30), 1)
+        p = np.exp(sc - sc.max(-1, keepdims=True))
+        return np.einsum("hst,thd->shd", p / p.sum(-1, keepdims=True), v).reshape(n, heads * d)
+
+    worst = {}
+    for with_qs in (True, False):
+        sess, rng = _gqa_session(with_qs, heads, kv_heads, d), np.random.default_rng(0)
+        pk = ort.OrtValue.ortvalue_from_numpy(np.zeros((1, kv_heads, cap, d), np.float32))
+        pv = ort.OrtValue.ortvalue_from_numpy(np.zeros((1, kv_heads, cap, d), np.float32))
+        seen_qkv, seen_pos, errs = [], [], []
+        for pos in chunks:
+            qkv = rng.standard_normal((len(pos), (heads + 2 * kv_heads) * d)).astype(np.float32)
+            seen_qkv.append(qkv)
+            seen_pos.append(pos)
+            total = sum(len(p) for p in seen_pos)
+            angles = np.arange(cap)[:, None] * inv  # a table of every id; the ids index it
+            io = sess.io_binding()
+            feeds = {"qkv": qkv[None], "sk": np.array([total - 1], np.int32), "tot": np.array(total, np.int32),
+                     "cos": np.cos(angles).astype(np.float32), "sin": np.sin(angles).astype(np.float32),
+                     "ids": pos[None].astype(np.int64)}
+            if with_qs:
+                feeds["qs"] = np.array([len(pos)], np.int32)
+            for k, v in feeds.items():
+                io.bind_cpu_input(k, v)
+            io.bind_ortvalue_input("pk", pk)
+            io.bind_ortvalue_input("pv", pv)
+            io.bind_output("o")
+            io.bind_ortvalue_output("ck", pk)
+            io.bind_ortvalue_output("cv", pv)
+            sess.run_with_iobinding(io)
+            want = reference(np.concatenate(seen_qkv), np.concatenate(seen_pos))[-len(pos):]
+            errs.append(float(np.abs(io.get_outputs()[0].numpy()[0] - want).max()))
+        worst[with_qs] = errs
+    assert max(worst[True]) < 1e-5, worst[True]
+    assert worst[False][0] > 1e-2, worst[False]  # the first prompt's gapped ids are lost without query_seqlens
+
+
+def test_older_ort_form_is_left_unused(segments: Any) -> None:
+    """An export whose ORT form has an older layout (version 1: RotaryEmbedding ops) runs its portable graphs under
+    form="auto"; form="ort" names the command that writes the current form; bench.py does not reuse it."""
+    import copy
+
+    from sts_export.errors import StsError
+    from sts_export.export.manifest import ORT_FORM_VERSION, ort_form_is_current
+
+    pipe = Pipeline.from_pretrained("tiny-llava", budget=64, method="sts")
+    d, m = segments("tiny-llava", pipe)
+    assert ort_form_is_current(m) and OrtBackend(d, m, device="cpu").form == "ort"
+    old = copy.deepcopy(m)
+    old["ort_form"]["cache"]["form_version"] = ORT_FORM_VERSION - 1
+    assert not ort_form_is_current(old)
+    assert OrtBackend(d, old, device="cpu").form == "portable"
+    with pytest.raises(StsError, match="older ORT form.*python -m sts_export.export.ort_form"):
+        OrtBackend(d, old, device="cpu", form="ort")

@@ -80,6 +80,8 @@ def test_scheme_quantizes_validates_and_runs(float_export: Path, root: Path, wei
         for g in ("segment1", "segment2"):
             fw = graph_weights(d / m["ort_form"][g]["onnx"])
             assert fw["float_matmuls"] == 0 and sum(fw["quantized"].values()) > 0, fw
+        fv = graph_weights(d / m["ort_form"]["vision"]["onnx"])  # like the portable vision: the projector only
+        assert sum(fv["quantized"].values()) == 2 and fv["float_matmuls"] == w["graphs"]["vision"]["float_matmuls"], fv
         assert pipe.backend.form == "ort"
     else:  # TensorRT's QDQ export: ONNX Runtime's ORT form is dropped
         assert "ort_form" not in m and not list(d.glob("*.ort.onnx*"))

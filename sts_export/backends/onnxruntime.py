@@ -1,8 +1,9 @@
 """The ONNX Runtime backend: the ONNX graphs of an export directory, run through I/O binding.
 
-    form      the decoder graphs it runs: "ort" (the export's ORT form: fused attention/rotary/norm kernels,
-              `export/ort_form.py`), "portable" (the graphs TensorRT reads), "auto" (ORT form when the export
-              has one and the provider runs it, else portable)
+    form      the graphs it runs: "ort" (the export's ORT form of the decoder segments, and of the vision graph
+              for CLIP towers: fused attention/rotary/norm kernels, `export/ort_form.py`), "portable" (the graphs
+              TensorRT reads), "auto" (ORT form when the export has a current one and the provider runs it, else
+              portable)
     inplace   ORT form only: KV caches preallocated to prompt + new tokens and updated in place (past and
               present bound to one OrtValue, GroupQueryAttention's shared buffer); False: the same graphs
               return past + new each call (the concatenating path, kept to check the in-place one against)
@@ -101,11 +102,18 @@ class OrtBackend:
         from sts_export.generate import NP_DTYPES
 
         self.np_dtype = np.dtype(NP_DTYPES[manifest.get("dtype", "fp32")])
-        have = {g for g in manifest.get("ort_form", {}) if g in ("segment1", "segment2")}
+        from sts_export.export.manifest import ort_form_is_current
+
+        have = {g for g in manifest.get("ort_form", {}) if g in ("vision", "segment1", "segment2")}
         if form not in ("auto", "ort", "portable"):
             raise StsError(f"unknown graph form '{form}'; choose auto, ort or portable")
-        if form == "ort" and not have:
+        if form == "ort" and not have & {"segment1", "segment2"}:
             raise StsError(f"{export_dir} has no ORT form of its decoder graphs; re-export it")
+        if have and not ort_form_is_current(manifest):  # an older sts-export's layout: its portable graphs run
+            if form == "ort":
+                raise StsError(f"{export_dir} holds an older ORT form; write the current one with "
+                               f"python -m sts_export.export.ort_form {export_dir}")
+            have = set()
         # the ORT form's kernels are float32 on the CPU provider (GroupQueryAttention has no float32 CUDA kernel)
         runs_here = not want_cuda or manifest.get("dtype") != "fp32"
         self.form_graphs = have if form == "ort" or (form == "auto" and runs_here) else set()

@@ -316,6 +316,10 @@ def _export_matches(d: Path, recipe: Any, cfg: Config, dtype: str, random_weight
     elif not all("onnx" in g for g in m.get("graphs", {}).values()):
         return False
     same_weights = (m.get("weights") or {}).get("label") == (cfg.scheme.label if cfg.scheme is not None else None)
+    from sts_export.export.manifest import ort_form_is_current
+
+    if aoti is None and not engines and "ort_form" in m and not ort_form_is_current(m):
+        return False  # an older ORT form: export anew rather than time what users no longer get
     return (same_recipe and same_config and same_weights and m.get("dtype") == dtype
             and bool(m.get("model", {}).get("random_weights")) == random_weights and (has_engines or not engines))
 

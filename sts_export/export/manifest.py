@@ -16,6 +16,17 @@ from sts_export.recipe import Recipe, from_dict
 from sts_export.generate import NP_DTYPES, Plan
 
 
+# the layout of an export's ORT form (manifest "ort_form" -> "cache" -> "form_version", `export/ort_form.py`); an
+# export whose form is older runs its portable graphs until `python -m sts_export.export.ort_form DIR` rewrites it
+# 1: RotaryEmbedding per q/k + GroupQueryAttention; 2: GroupQueryAttention's own rotary on packed q|k|v
+ORT_FORM_VERSION = 2
+
+
+def ort_form_is_current(manifest: dict[str, Any]) -> bool:
+    """Whether the export's ORT form is this version's layout."""
+    return (manifest.get("ort_form", {}).get("cache") or {}).get("form_version") == ORT_FORM_VERSION
+
+
 def sha256(path: Path) -> str:
     h = hashlib.sha256()
     with open(path, "rb") as f:

@@ -154,8 +154,9 @@ def _translations() -> dict:
 
 
 def export_graph(module: torch.nn.Module, graph: str, plan: Plan, recipe: Recipe, dtype: torch.dtype,
-                 path: Path, opset: int) -> None:
-    """torch.onnx.export one graph with dynamic batch/sequence/past axes and DESIGN.md's IO names."""
+                 path: Path, opset: int, translations: dict | None = None) -> None:
+    """torch.onnx.export one graph with dynamic batch/sequence/past axes and DESIGN.md's IO names
+    (`translations`: more custom ops' ONNX translations, e.g. the ORT form's fused kernels)."""
     args, shapes = example_inputs(graph, plan, recipe, dtype)
     inputs, outputs = plan.io(graph)
     # torch.onnx rebuilds its op registry on every export and, without torchvision, logs "torchvision is
@@ -169,7 +170,7 @@ def export_graph(module: torch.nn.Module, graph: str, plan: Plan, recipe: Recipe
         with warnings.catch_warnings(), torch.inference_mode(False), torch.no_grad():
             warnings.simplefilter("ignore")
             prog = torch.onnx.export(module, args, dynamo=True, input_names=inputs, output_names=outputs,
-                                     custom_translation_table=_translations(),
+                                     custom_translation_table={**_translations(), **(translations or {})},
                                      dynamic_shapes=shapes, opset_version=opset, optimize=True, verbose=False)
     finally:
         registry_log.removeFilter(no_torchvision)
@@ -367,7 +368,9 @@ def export(
         manifest = manifest_for(rec, src, method, budget, plan, anchor, dtype, tmp, names, opset)
         # before validation frees the torch weights; MatMulNBits exports quantize it with the portable graphs
         # (not for --target trt: the engines' directory goes to the device without ONNX Runtime's form)
-        if ort_form and target != "trt" and dtype == "fp32" and (scheme is None or scheme.encoding == "matmulnbits"):
+        # (GroupQueryAttention's rotary takes head_dim % 16 == 0: every real architecture's; else portable only)
+        if ort_form and target != "trt" and dtype == "fp32" and (scheme is None or scheme.encoding == "matmulnbits") \
+                and rec.text.head_dim % 16 == 0:
             from sts_export.export.ort_form import export_ort_form
 
             t = time.perf_counter()

@@ -5,12 +5,14 @@ kernels and an in-place KV cache, exported from the same torch layers as the por
 
 Per decoder layer (ops in the com.microsoft domain unless noted):
     SimplifiedLayerNormalization (ai.onnx; the first layer's input norm only) | SkipSimplifiedLayerNormalization
-      (residual add + the next RMSNorm in one kernel), one packed QKV MatMul, RotaryEmbedding on q and k,
-    GroupQueryAttention (causal, no rotary of its own), o_proj, one packed gate/up MatMul, SiLU * up, down_proj.
+      (residual add + the next RMSNorm in one kernel), one packed QKV MatMul, GroupQueryAttention (causal, packed
+      q|k|v in, rotary inside), o_proj, gate and up MatMuls, SiLU (QuickGelu once ONNX Runtime fuses it) * up,
+      down_proj: 10 kernels a layer, the layer of onnxruntime-genai's model builder.
 Rotary: the graph computes cos/sin of *our* position ids once per call, float32 as the portable graphs
-(`rope_cos_sin`, M-RoPE's section mix included), as a per-token table [B*S, d/2] that RotaryEmbedding
-indexes with 0..B*S-1. So gapped ids after Stage 2 and Qwen's [3, B, S] ids are honoured exactly;
-GroupQueryAttention's own rotary (implied positions) is never used.
+(`rope_cos_sin`, M-RoPE's section mix included), as a per-token table [B*S, d/2]; GroupQueryAttention's rotary
+reads row b*S+s for token (b, s) (position_ids = 0..B*S-1, `query_seqlens` = S so the kernel honours every id).
+So gapped ids after Stage 2 and Qwen's [3, B, S] ids are honoured exactly, with no Split or RotaryEmbedding
+kernel per layer. GroupQueryAttention's rotary needs head_dim % 16 == 0 (every recipe's).
 
 IO: the portable segment's, plus `seqlens_k` [B] int32 (entries after this call - 1) and
 `total_sequence_length` [] int32 (entries after this call). past_*/present_* [B, kvh, C, dh] are one
@@ -25,11 +27,11 @@ from typing import Any, Callable, Optional
 import torch
 from torch import nn
 
-from sts_export.families.layers import repeat_kv, rope_cos_sin
+from sts_export.export.manifest import ORT_FORM_VERSION
+from sts_export.families.layers import ClipAttention, apply_rope, attend_sdpa, repeat_kv, rope_cos_sin
 
 FORM_GRAPHS = ("segment1", "segment2")
 CACHE_INPUTS = ("seqlens_k", "total_sequence_length")
-
 
 def ort_file(graph: str) -> str:
     return f"{graph}.ort.onnx"
@@ -67,46 +69,35 @@ def _(x: torch.Tensor, skip: torch.Tensor, weight: torch.Tensor, eps: float) -> 
     return torch.empty_like(x), torch.empty_like(x)
 
 
-@torch.library.custom_op("sts_ort::rotary", mutates_args=())
-def rotary(x: torch.Tensor, ids: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Half-split RoPE of x [B, S, H*d] with per-row tables cos/sin [T, d/2] taken at ids [B, S] -> RotaryEmbedding."""
-    b, s, hd = x.shape
-    half = cos.shape[-1]
-    c, sn = cos[ids], sin[ids]  # [B, S, d/2]
-    c, sn = torch.cat([c, c], -1)[:, :, None], torch.cat([sn, sn], -1)[:, :, None]  # [B, S, 1, d]
-    xh = x.view(b, s, hd // (2 * half), 2 * half)
-    x1, x2 = xh.chunk(2, dim=-1)
-    return (xh * c + torch.cat([-x2, x1], dim=-1) * sn).reshape(b, s, hd)
-
-
-@rotary.register_fake
-def _(x: torch.Tensor, ids: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    return torch.empty_like(x)
-
-
 @torch.library.custom_op("sts_ort::gqa", mutates_args=())
-def gqa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, past_k: torch.Tensor, past_v: torch.Tensor,
-        seqlens_k: torch.Tensor, total: torch.Tensor, num_heads: int, kv_num_heads: int
-        ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Causal grouped-query attention with a KV cache -> GroupQueryAttention (share-buffer when past is the capacity).
+def gqa(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, ids: torch.Tensor, query_seqlens: torch.Tensor,
+        past_k: torch.Tensor, past_v: torch.Tensor, seqlens_k: torch.Tensor, total: torch.Tensor, num_heads: int,
+        kv_num_heads: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Half-split RoPE + causal grouped-query attention with a KV cache -> one GroupQueryAttention (packed QKV,
+    its own rotary fed our per-token tables; share-buffer when past is the capacity).
 
-    q [B,S,h*d], k/v [B,S,kvh*d]; past [B,kvh,C,d] holds P = total - S valid entries. C >= total: present is
-    the same buffer with the new entries written at P..total-1; else present = past + new ([B,kvh,P+S,d]).
+    qkv [B,S,(h+2kvh)*d] (q|k|v); cos/sin [R, d/2] with R >= total: row ids[b, s] is token (b, s)'s angles (any
+    position ids, gapped or M-RoPE, computed by the caller); query_seqlens [B] int32 = S; past [B,kvh,C,d] holds
+    P = total - S valid entries. C >= total: present is the same buffer with the new entries written at
+    P..total-1; else present = past + new ([B,kvh,P+S,d]).
     """
-    b, s, _ = q.shape
+    b, s, _ = qkv.shape
     d = past_k.shape[-1]
     t = int(total)
     p = t - s
-    kn = k.view(b, s, kv_num_heads, d).transpose(1, 2)
+    q, k, v = qkv.split([num_heads * d, kv_num_heads * d, kv_num_heads * d], dim=-1)
+    c = torch.cat([cos[ids], cos[ids]], -1)[:, None]  # [B, 1, S, d]
+    sn = torch.cat([sin[ids], sin[ids]], -1)[:, None]
+    qh = apply_rope(q.view(b, s, num_heads, d).transpose(1, 2), c, sn)  # [B, h, S, d]
+    kn = apply_rope(k.view(b, s, kv_num_heads, d).transpose(1, 2), c, sn)  # [B, kvh, S, d]
     vn = v.view(b, s, kv_num_heads, d).transpose(1, 2)
     if past_k.shape[2] >= t:  # one buffer of capacity C
         pk, pv = past_k.clone(), past_v.clone()
         pk[:, :, p:t], pv[:, :, p:t] = kn, vn
     else:
         pk, pv = torch.cat([past_k[:, :, :p], kn], 2), torch.cat([past_v[:, :, :p], vn], 2)
-    qh = q.view(b, s, num_heads, d).transpose(1, 2)
     allowed = torch.arange(t)[None, :] <= (torch.arange(s) + p)[:, None]
-    bias = torch.zeros(allowed.shape, dtype=q.dtype).masked_fill(~allowed, torch.finfo(q.dtype).min)
+    bias = torch.zeros(allowed.shape, dtype=qkv.dtype).masked_fill(~allowed, torch.finfo(qkv.dtype).min)
     rep = num_heads // kv_num_heads
     o = torch.nn.functional.scaled_dot_product_attention(qh, repeat_kv(pk[:, :, :t], rep), repeat_kv(pv[:, :, :t], rep),
                                                          attn_mask=bias)
@@ -114,8 +105,24 @@ def gqa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, past_k: torch.Tensor,
 
 
 @gqa.register_fake
-def _(q, k, v, past_k, past_v, seqlens_k, total, num_heads, kv_num_heads):
-    return torch.empty_like(q), torch.empty_like(past_k), torch.empty_like(past_v)
+def _(qkv, cos, sin, ids, query_seqlens, past_k, past_v, seqlens_k, total, num_heads, kv_num_heads):
+    b, s, _ = qkv.shape
+    return qkv.new_empty(b, s, num_heads * past_k.shape[-1]), torch.empty_like(past_k), torch.empty_like(past_v)
+
+
+@torch.library.custom_op("sts_ort::mha", mutates_args=())
+def mha(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, num_heads: int) -> torch.Tensor:
+    """Bidirectional attention of q/k/v [B, T, C] (the vision tower's) -> MultiHeadAttention."""
+    return attend_sdpa(q, k, v, num_heads)
+
+
+@mha.register_fake
+def _(q, k, v, num_heads):
+    return torch.empty_like(q)
+
+
+def _mha(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, num_heads: int) -> torch.Tensor:
+    return torch.ops.sts_ort.mha(q, k, v, num_heads)
 
 
 _TRANSLATIONS: Optional[dict] = None
@@ -129,7 +136,7 @@ def translation_table() -> dict:
         _TRANSLATIONS = TRANSLATIONS
     ops = torch.ops.sts_ort
     return {ops.rms_norm.default: _TRANSLATIONS["rms_norm"], ops.skip_rms_norm.default: _TRANSLATIONS["skip_rms_norm"],
-            ops.rotary.default: _TRANSLATIONS["rotary"], ops.gqa.default: _TRANSLATIONS["gqa"]}
+            ops.gqa.default: _TRANSLATIONS["gqa"], ops.mha.default: _TRANSLATIONS["mha"]}
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -137,7 +144,8 @@ def translation_table() -> dict:
 # ---------------------------------------------------------------------------------------------------------------
 
 class FusedSegment(nn.Module):
-    """A portable SegmentGraph's decoder layers in the ORT form (weights packed: q|k|v and gate|up per layer).
+    """A portable SegmentGraph's decoder layers in the ORT form (q|k|v packed into one MatMul per layer; gate and up
+    stay two MatMuls: a packed gate|up would add two Slices per layer, one kernel more than the second MatMul).
 
     forward(hidden [B,S,Hd], position_ids [B,S] | [3,B,S], seqlens_k [B] int32, total_sequence_length [] int32,
             past_key_i, past_value_i, ...) -> (hidden_out [B,S,Hd] | logits [B,V], present_key_i, present_value_i, ...)
@@ -150,8 +158,9 @@ class FusedSegment(nn.Module):
         layers = seg.layers
         with torch.no_grad():
             self.qkv = nn.ModuleList(self._packed([l.self_attn.q_proj, l.self_attn.k_proj, l.self_attn.v_proj]) for l in layers)
-            self.gate_up = nn.ModuleList(self._packed([l.mlp.gate_proj, l.mlp.up_proj]) for l in layers)
         self.o_proj = nn.ModuleList(l.self_attn.o_proj for l in layers)
+        self.gate = nn.ModuleList(l.mlp.gate_proj for l in layers)
+        self.up = nn.ModuleList(l.mlp.up_proj for l in layers)
         self.down = nn.ModuleList(l.mlp.down_proj for l in layers)
         self.act = layers[0].mlp.act if len(layers) else torch.nn.functional.silu
         self.in_norm = nn.ParameterList(l.input_layernorm.weight for l in layers)
@@ -175,20 +184,24 @@ class FusedSegment(nn.Module):
         b, s, _ = hidden.shape
         h, kvh, d = c.num_heads, c.num_kv_heads, c.head_dim
         cos, sin = rope_cos_sin(position_ids, d, c.rope_theta, hidden.dtype, c.mrope_section)  # [B, 1, S, d]
-        cos, sin = cos[:, 0, :, : d // 2].reshape(b * s, d // 2), sin[:, 0, :, : d // 2].reshape(b * s, d // 2)
-        ids = torch.arange(b * s, device=hidden.device).view(b, s)  # row of each token in the per-token tables
+        # GroupQueryAttention's rotary reads row ids[b, s] of the tables for token (b, s) and asks for at least
+        # total_sequence_length rows: our B*S rows, then zero rows (never read) as many as the cache's length C
+        # (>= total in place; P = total - S when concatenating): shapes only, nothing data-dependent
+        pad = hidden.new_zeros(past[0].shape[2] if past else 0, d // 2)
+        cos = torch.cat([cos[:, 0, :, : d // 2].reshape(b * s, d // 2), pad])  # [B*S + C, d/2]
+        sin = torch.cat([sin[:, 0, :, : d // 2].reshape(b * s, d // 2), pad])
+        ids = torch.arange(b * s, device=hidden.device).view(b, s)  # [B, S]
+        query_seqlens = torch.full_like(seqlens_k, s)  # [B] = S: every token's own id is honoured (see ort_ops)
         ops = torch.ops.sts_ort
         x, presents = hidden, []
         n = len(self.qkv)
         y = ops.rms_norm(x, self.in_norm[0], self.eps) if n else x
         for i in range(n):
-            q, k, v = self.qkv[i](y).split([h * d, kvh * d, kvh * d], dim=-1)
-            q, k = ops.rotary(q, ids, cos, sin), ops.rotary(k, ids, cos, sin)
-            o, pk, pv = ops.gqa(q, k, v, past[2 * i], past[2 * i + 1], seqlens_k, total, h, kvh)
+            o, pk, pv = ops.gqa(self.qkv[i](y), cos, sin, ids, query_seqlens, past[2 * i], past[2 * i + 1], seqlens_k,
+                                total, h, kvh)
             presents += [pk, pv]
             y, x = ops.skip_rms_norm(self.o_proj[i](o), x, self.post_norm[i], self.eps)
-            g, u = self.gate_up[i](y).split([c.intermediate_size, c.intermediate_size], dim=-1)
-            m = self.down[i](self.act(g) * u)
+            m = self.down[i](self.act(self.gate[i](y)) * self.up[i](y))
             if i + 1 < n:
                 y, x = ops.skip_rms_norm(m, x, self.in_norm[i + 1], self.eps)
             elif self.final:  # final norm + lm_head on the last position only
@@ -251,16 +264,42 @@ def form_entry(path: Path) -> dict[str, Any]:
     return e
 
 
+def _clip_attention(module: nn.Module) -> list[ClipAttention]:
+    return [m for m in module.modules() if isinstance(m, ClipAttention)]
+
+
+def export_vision_form(vision: nn.Module, plan: Any, recipe: Any, dtype: torch.dtype, path: Path, opset: int) -> bool:
+    """Write the vision graph's ORT form: the same module and IO, the CLIP tower's attention as ONNX Runtime's
+    fused MultiHeadAttention (no head reshapes/transposes, no separate softmax). -> False (nothing written) when
+    the tower has no CLIP attention (Qwen2.5-VL's windowed ViT keeps its portable graph)."""
+    from sts_export.export.onnx import export_graph
+
+    attention = _clip_attention(vision)
+    if not attention:
+        return False
+    for a in attention:
+        a.attend = _mha
+    try:
+        export_graph(vision, "vision", plan, recipe, dtype, path, opset, translation_table())
+    finally:
+        for a in attention:
+            a.attend = attend_sdpa
+    return True
+
+
 def export_ort_form(graphs: dict[str, nn.Module], plan: Any, recipe: Any, dtype: torch.dtype, out: Path,
                     opset: int) -> dict[str, Any]:
-    """Write segment1/segment2 in the ORT form next to the portable graphs; -> the manifest's "ort_form" entry.
+    """Write segment1/segment2 (and, for CLIP towers, vision) in the ORT form next to the portable graphs;
+    -> the manifest's "ort_form" entry.
 
-    `graphs` are the export's torch modules (their SegmentGraphs' layers are reused, q|k|v and gate|up packed)."""
+    `graphs` are the export's torch modules (their SegmentGraphs' layers are reused, q|k|v packed)."""
     import warnings
 
     from sts_export.export.onnx import TWO_GB
 
     entry: dict[str, Any] = {}
+    if export_vision_form(graphs["vision"], plan, recipe, dtype, out / ort_file("vision"), opset):
+        entry["vision"] = form_entry(out / ort_file("vision"))
     for g in FORM_GRAPHS:
         fused = FusedSegment(graphs[g], recipe.text).eval()
         args, shapes = _example(plan, recipe, g, dtype)
@@ -276,11 +315,11 @@ def export_ort_form(graphs: dict[str, nn.Module], plan: Any, recipe: Any, dtype:
         del prog, fused
         _fix_cache_dims(path)
         entry[g] = form_entry(path)
-    entry["cache"] = {"inputs": list(CACHE_INPUTS), "layout": "BNSH", "share_buffer": True,
+    entry["cache"] = {"inputs": list(CACHE_INPUTS), "layout": "BNSH", "share_buffer": True, "form_version": ORT_FORM_VERSION,
                       "ops": ["SimplifiedLayerNormalization", "com.microsoft.SkipSimplifiedLayerNormalization",
-                              "com.microsoft.RotaryEmbedding", "com.microsoft.GroupQueryAttention"]}
+                              "com.microsoft.GroupQueryAttention"] + (
+                                  ["com.microsoft.MultiHeadAttention"] if "vision" in entry else [])}
     return entry
-
 
 
 def add_ort_form(export_dir: Path, progress: Callable[[str], None] = print) -> dict[str, Any]:
@@ -329,7 +368,7 @@ def add_ort_form(export_dir: Path, progress: Callable[[str], None] = print) -> d
             row["first_logits"]["ok"]
         report[f"batch{batch}"] = row
     if not all(r["ok"] for r in report.values()):
-        for g in FORM_GRAPHS:
+        for g in ("vision", *FORM_GRAPHS):
             for f in export_dir.glob(f"{ort_file(g)}*"):
                 f.unlink()
         raise StsError(f"the ORT form of {export_dir} disagrees with its portable graphs: {report}")

@@ -23,17 +23,21 @@ def ort_skip_rms_norm(x: T, skip: T, weight: T, eps: float) -> tuple[T, T]:
 
 
 @script(default_opset=op)
-def ort_rotary(x: T, ids, cos: T, sin: T) -> T:
-    y = ms.RotaryEmbedding(x, ids, cos, sin)
-    return y
-
-
-@script(default_opset=op)
-def ort_gqa(q: T, k: T, v: T, past_k: T, past_v: T, seqlens_k, total, num_heads: int, kv_num_heads: int
-            ) -> tuple[T, T, T]:
-    o, pk, pv = ms.GroupQueryAttention(q, k, v, past_k, past_v, seqlens_k, total,
-                                       num_heads=num_heads, kv_num_heads=kv_num_heads)
+def ort_gqa(qkv: T, cos: T, sin: T, ids, query_seqlens, past_k: T, past_v: T, seqlens_k, total, num_heads: int,
+            kv_num_heads: int) -> tuple[T, T, T]:
+    # GroupQueryAttention rotates q and k itself, token (b, s) at row ids[b, s] of cos/sin (our per-token tables).
+    # With query_seqlens given the kernel takes every token's own id in every case; without it a first prompt
+    # reads only the first id.
+    o, pk, pv = ms.GroupQueryAttention(qkv, None, None, past_k, past_v, seqlens_k, total, cos, sin, ids,
+                                       None, None, None, None, None, None, query_seqlens,
+                                       num_heads=num_heads, kv_num_heads=kv_num_heads, do_rotary=1)
     return o, pk, pv
 
 
-TRANSLATIONS = {"rms_norm": ort_rms_norm, "skip_rms_norm": ort_skip_rms_norm, "rotary": ort_rotary, "gqa": ort_gqa}
+@script(default_opset=op)
+def ort_mha(q: T, k: T, v: T, num_heads: int) -> T:
+    o = ms.MultiHeadAttention(q, k, v, num_heads=num_heads)
+    return o
+
+
+TRANSLATIONS = {"rms_norm": ort_rms_norm, "skip_rms_norm": ort_skip_rms_norm, "gqa": ort_gqa, "mha": ort_mha}

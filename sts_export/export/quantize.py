@@ -670,7 +670,7 @@ def quantize_and_compare(export_dir: Path, scheme: Scheme, torch_graphs: dict[st
 def check_quantized_form(export_dir: Path, progress: Callable[[str], None] = print, new_tokens: int = 8) -> dict[str, Any]:
     """The quantized ORT form (fused kernels, in-place cache) against the quantized portable graphs of the same
     export on ONNX Runtime, batch 1: identical greedy tokens, keep_pre and keep_post; first-logits difference.
-    Both hold the same quantized weights (packing q|k|v and gate|up joins output columns; MatMulNBits blocks run
+    Both hold the same quantized weights (packing q|k|v joins output columns; MatMulNBits blocks run
     along K), so only the kernels differ."""
     from sts_export.backends.onnxruntime import OrtBackend  # noqa: PLC0415
     from sts_export.export.manifest import manifest_plan, manifest_recipe, read_manifest  # noqa: PLC0415

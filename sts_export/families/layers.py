@@ -39,24 +39,35 @@ class ClipEmbeddings(nn.Module):
         return torch.cat([cls, x], dim=1) + self.position_embedding.weight  # [B, N+1, C]
 
 
+def attend_sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, num_heads: int) -> torch.Tensor:
+    """Bidirectional multi-head attention of q/k/v [B, T, C] -> [B, T, C] (torch's sdpa over [B, h, T, d])."""
+    b, t, c = q.shape
+    heads = lambda x: x.view(b, t, num_heads, c // num_heads).transpose(1, 2)  # noqa: E731  [B, h, T, d]
+    return F.scaled_dot_product_attention(heads(q), heads(k), heads(v)).transpose(1, 2).reshape(b, t, c)
+
+
 class ClipAttention(nn.Module):
+    """`attend` is the attention kernel: torch's sdpa (the portable graphs), or ONNX Runtime's fused
+    MultiHeadAttention when the ORT form of the vision graph is exported (`export/ort_form.py`)."""
+
     def __init__(self, cfg: VisionConfig) -> None:
         super().__init__()
         c = cfg.hidden_size
         self.num_heads, self.head_dim = cfg.num_heads, c // cfg.num_heads
         self.q_proj, self.k_proj, self.v_proj, self.out_proj = (nn.Linear(c, c) for _ in range(4))
+        self.attend = attend_sdpa
 
     def _heads(self, x: torch.Tensor) -> torch.Tensor:
         b, t, _ = x.shape
         return x.view(b, t, self.num_heads, self.head_dim).transpose(1, 2)  # [B, h, T, d]
 
     def forward(self, x: torch.Tensor, cls_attention: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
-        q, k, v = self._heads(self.q_proj(x)), self._heads(self.k_proj(x)), self._heads(self.v_proj(x))
-        o = F.scaled_dot_product_attention(q, k, v)  # [B, h, T, d]
-        o = self.out_proj(o.transpose(1, 2).reshape(x.shape))
+        q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)  # [B, T, C]
+        o = self.out_proj(self.attend(q, k, v, self.num_heads))
         cls_att = None
         if cls_attention:  # CLS row of the head-mean attention, over the patch tokens: [B, N]
-            att = torch.softmax((q[:, :, :1].float() @ k.float().transpose(-1, -2)) / math.sqrt(self.head_dim), -1)
+            qh, kh = self._heads(q), self._heads(k)
+            att = torch.softmax((qh[:, :, :1].float() @ kh.float().transpose(-1, -2)) / math.sqrt(self.head_dim), -1)
             cls_att = att.mean(dim=1)[:, 0, 1:]
         return o, cls_att
 
