@@ -33,6 +33,7 @@ from sts_export.families.layers import ClipAttention, apply_rope, attend_sdpa, r
 FORM_GRAPHS = ("segment1", "segment2")
 CACHE_INPUTS = ("seqlens_k", "total_sequence_length")
 
+
 def ort_file(graph: str) -> str:
     return f"{graph}.ort.onnx"
 
@@ -119,10 +120,6 @@ def mha(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, num_heads: int) -> to
 @mha.register_fake
 def _(q, k, v, num_heads):
     return torch.empty_like(q)
-
-
-def _mha(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, num_heads: int) -> torch.Tensor:
-    return torch.ops.sts_ort.mha(q, k, v, num_heads)
 
 
 _TRANSLATIONS: Optional[dict] = None
@@ -278,7 +275,7 @@ def export_vision_form(vision: nn.Module, plan: Any, recipe: Any, dtype: torch.d
     if not attention:
         return False
     for a in attention:
-        a.attend = _mha
+        a.attend = torch.ops.sts_ort.mha
     try:
         export_graph(vision, "vision", plan, recipe, dtype, path, opset, translation_table())
     finally:
