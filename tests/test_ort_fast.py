@@ -332,3 +332,22 @@ def test_older_ort_form_is_left_unused(segments: Any) -> None:
     assert OrtBackend(d, old, device="cpu").form == "portable"
     with pytest.raises(StsError, match="older ORT form.*python -m sts_export.export.ort_form"):
         OrtBackend(d, old, device="cpu", form="ort")
+
+
+def test_batch_of_two_in_prefill_chunks(segments: Any) -> None:
+    """Two images at once with the prefill in chunks (each chunk appends to a cache that already holds the ones
+    before it): tokens and picks equal torch's for both rows. The form passes query_seqlens, under which
+    GroupQueryAttention takes batched multi-token chunks with a past (without it: 'batch_size must be 1 when
+    sequence_length > 1 and past context is given', the version-1 form's failure on prompts over 256 tokens)."""
+    pipe = Pipeline.from_pretrained("tiny-llava", budget=64, method="sts")
+    image = pipe.prepare_image([make_image(seed=21), make_image(seed=5)])
+    prompt = pipe.encode(PROMPT)
+    ref = generate(pipe.backend, pipe.plan, image, prompt, NEW_TOKENS)
+    d, m = segments("tiny-llava", pipe)
+    be = OrtBackend(d, m, device="cpu", form="ort")
+    be.prefill_chunk = 16
+    got = generate(Routed(pipe.backend, be), pipe.plan, image, prompt, NEW_TOKENS)
+    assert ref.tokens.shape[0] == 2 and ref.s2 > 16  # both segments' prefills are chunked
+    assert got.tokens.tolist() == ref.tokens.tolist()
+    assert got.keep_pre.tolist() == ref.keep_pre.tolist() and got.keep_post.tolist() == ref.keep_post.tolist()
+    assert np.abs(got.first_logits - ref.first_logits).max() <= pipe.recipe.tolerance.fp32
