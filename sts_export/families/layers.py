@@ -39,11 +39,16 @@ class ClipEmbeddings(nn.Module):
         return torch.cat([cls, x], dim=1) + self.position_embedding.weight  # [B, N+1, C]
 
 
+def split_heads(x: torch.Tensor, num_heads: int) -> torch.Tensor:
+    """[B, T, C] -> [B, h, T, C/h]."""
+    b, t, c = x.shape
+    return x.view(b, t, num_heads, c // num_heads).transpose(1, 2)
+
+
 def attend_sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, num_heads: int) -> torch.Tensor:
     """Bidirectional multi-head attention of q/k/v [B, T, C] -> [B, T, C] (torch's sdpa over [B, h, T, d])."""
-    b, t, c = q.shape
-    heads = lambda x: x.view(b, t, num_heads, c // num_heads).transpose(1, 2)  # noqa: E731  [B, h, T, d]
-    return F.scaled_dot_product_attention(heads(q), heads(k), heads(v)).transpose(1, 2).reshape(b, t, c)
+    o = F.scaled_dot_product_attention(split_heads(q, num_heads), split_heads(k, num_heads), split_heads(v, num_heads))
+    return o.transpose(1, 2).reshape(q.shape)
 
 
 class ClipAttention(nn.Module):
@@ -57,16 +62,12 @@ class ClipAttention(nn.Module):
         self.q_proj, self.k_proj, self.v_proj, self.out_proj = (nn.Linear(c, c) for _ in range(4))
         self.attend = attend_sdpa
 
-    def _heads(self, x: torch.Tensor) -> torch.Tensor:
-        b, t, _ = x.shape
-        return x.view(b, t, self.num_heads, self.head_dim).transpose(1, 2)  # [B, h, T, d]
-
     def forward(self, x: torch.Tensor, cls_attention: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
         q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)  # [B, T, C]
         o = self.out_proj(self.attend(q, k, v, self.num_heads))
         cls_att = None
         if cls_attention:  # CLS row of the head-mean attention, over the patch tokens: [B, N]
-            qh, kh = self._heads(q), self._heads(k)
+            qh, kh = split_heads(q, self.num_heads), split_heads(k, self.num_heads)  # [B, h, T, d]
             att = torch.softmax((qh[:, :, :1].float() @ kh.float().transpose(-1, -2)) / math.sqrt(self.head_dim), -1)
             cls_att = att.mean(dim=1)[:, 0, 1:]
         return o, cls_att
