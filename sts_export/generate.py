@@ -269,7 +269,7 @@ def generate(
         cache1.update(o1, 1)
         o2 = backend.run("segment2", {"hidden": o1["hidden_out"], "position_ids": p, **cache2.feeds(1)})
         cache2.update(o2, 1)
-        step_logits = backend.to_numpy(o2["logits"]).astype(np.float32)
+        step_logits = backend.to_numpy(o2["logits"]).astype(np.float32, copy=False)
     t_end = time.perf_counter()
     n_dec = max(tokens.shape[1] - 1, 1)
     return Generation(

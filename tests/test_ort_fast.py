@@ -143,6 +143,19 @@ def test_in_place_cache_is_written_in_place(segments: Any) -> None:
         assert present.shape() == [1, pipe.recipe.text.num_kv_heads, 20, pipe.recipe.text.head_dim]
         assert present.data_ptr() == v.data_ptr()  # the same memory: written in place
     assert cache.length == 5 and np.abs(bufs[next(iter(bufs))].numpy()[:, :, :5]).sum() > 0
+    # a decode step: the same buffers and the same length inputs (rewritten in place, bound once) come back;
+    # GroupQueryAttention writes entry 5 only, which it does only if it read the new lengths
+    lengths = {k: cache.feeds(0)[k] for k in ("seqlens_k", "total_sequence_length")}
+    h1 = np.random.default_rng(1).standard_normal((1, 1, pipe.recipe.text.hidden_size)).astype(np.float32)
+    feeds = cache.feeds(1)
+    assert all(feeds[k] is v for k, v in lengths.items())
+    assert int(feeds["seqlens_k"].numpy()[0]) == 5 and int(feeds["total_sequence_length"].numpy()) == 6
+    out = be.run("segment1", {"hidden": h1, "position_ids": np.array([[5]]), **feeds})
+    cache.update(out, 1)
+    for k, v in bufs.items():
+        assert out[k.replace("past_", "present_")] is v  # our own OrtValue, not a new wrapper
+        kv = v.numpy()
+        assert np.abs(kv[:, :, 5]).sum() > 0 and not kv[:, :, 6:].any()
 
 
 def test_export_records_validates_and_caches_the_ort_form(tmp_path_factory: pytest.TempPathFactory) -> None:

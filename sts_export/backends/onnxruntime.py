@@ -38,7 +38,11 @@ PREFILL_CHUNK = 256  # tokens per prefill call of the ORT form on CPU (see OrtBa
 
 class OrtCache:
     """One segment's KV cache for an ORT-form graph: OrtValues [B, kvh, C, dh] written in place by the graph
-    (C = capacity), or (inplace=False) growing [B, kvh, P, dh] buffers replaced by each call's presents."""
+    (C = capacity), or (inplace=False) growing [B, kvh, P, dh] buffers replaced by each call's presents.
+
+    GroupQueryAttention's lengths (`seqlens_k` [B], `total_sequence_length` []) are two host OrtValues of their
+    own, rewritten in place before each call: with the in-place buffers every input but the hidden state and
+    the position ids stays bound from one decode step to the next."""
 
     def __init__(self, be: "OrtBackend", layers: list[int], batch: int, capacity: int, inplace: bool) -> None:
         t = be.text
@@ -48,14 +52,25 @@ class OrtCache:
         self.kv = {f"past_{kv}_{i}": be.from_numpy(np.zeros((batch, t["num_kv_heads"], n, t["head_dim"]), dtype=dt))
                    for i in layers for kv in ("key", "value")}
         self.batch, self.capacity, self.inplace, self.length = batch, capacity, inplace, 0
+        ov = be.ort.OrtValue.ortvalue_from_numpy
+        # host memory on every provider (the CUDA kernel reads total_sequence_length on the host)
+        self.lengths = {"seqlens_k": ov(np.zeros(batch, dtype=np.int32)),
+                        "total_sequence_length": ov(np.zeros((), dtype=np.int32))} if be.resident else None
+        self._feeds: dict[str, Any] | None = None
         self.prefill_chunk: int | None = None  # set by OrtBackend.kv_cache (generate.run_segment reads it)
 
     def feeds(self, new: int) -> dict[str, Any]:
         total = self.length + new
         if self.inplace and total > self.capacity:
             raise StsError(f"KV cache full: {total} entries asked of a cache preallocated to {self.capacity}")
-        return {**self.kv, "seqlens_k": np.full(self.batch, total - 1, dtype=np.int32),
-                "total_sequence_length": np.array(total, dtype=np.int32)}
+        seqlens, tsl = np.full(self.batch, total - 1, dtype=np.int32), np.array(total, dtype=np.int32)
+        if self.lengths is None:  # resident=False: host arrays, fed as they are
+            return {**self.kv, "seqlens_k": seqlens, "total_sequence_length": tsl}
+        self.lengths["seqlens_k"].update_inplace(seqlens)
+        self.lengths["total_sequence_length"].update_inplace(tsl)
+        if self._feeds is None or not self.inplace:  # in place: the same OrtValues every call
+            self._feeds = {**self.kv, **self.lengths}
+        return self._feeds
 
     def update(self, out: dict[str, Any], new: int) -> None:
         if not self.inplace:  # in place: the presents are our own buffers, already written
@@ -85,7 +100,7 @@ class OrtBackend:
             self.opts.intra_op_num_threads = threads
         self.opts.log_severity_level = 3
         self.sessions: dict[str, Any] = {}
-        self._bindings: dict[str, tuple[Any, list[str], list[str], dict[str, Any]]] = {}  # run(): per graph
+        self._bindings: dict[str, tuple[Any, list[str], list[tuple[str, str | None]], dict[str, Any]]] = {}  # run(): per graph
         self.load_seconds: dict[str, float] = {}
         self.resident, self.inplace, self.cache = resident, inplace, cache
         # CPU: long prefills run in chunks (generate.run_segment); GroupQueryAttention's CPU kernel writes the whole
@@ -217,9 +232,11 @@ class OrtBackend:
     def run(self, graph: str, feeds: dict[str, Any]) -> dict[str, Any]:
         sess = self.session(graph)
         if graph not in self._bindings:  # one IOBinding per graph, reused: unchanged OrtValues stay bound
-            self._bindings[graph] = (sess.io_binding(), [i.name for i in sess.get_inputs()],
-                                     [o.name for o in sess.get_outputs()], {})
-        io, inputs, names, bound = self._bindings[graph]
+            shared = self.inplace and graph in self.form_graphs  # presents share their past's buffer
+            outputs = [(o.name, o.name.replace("present_", "past_") if shared and o.name.startswith("present_") else None)
+                       for o in sess.get_outputs()]
+            self._bindings[graph] = (sess.io_binding(), [i.name for i in sess.get_inputs()], outputs, {})
+        io, inputs, outputs, bound = self._bindings[graph]
         for name in inputs:
             x = feeds[name]
             if isinstance(x, self.ort.OrtValue):
@@ -229,10 +246,9 @@ class OrtBackend:
             else:  # host array (ONNX Runtime copies it where the kernel needs it)
                 io.bind_cpu_input(name, np.ascontiguousarray(x))
                 bound.pop(name, None)
-        shared = self.inplace and graph in self.form_graphs
-        for n in names:
-            past = feeds.get(n.replace("present_", "past_"))
-            if shared and n.startswith("present_") and isinstance(past, self.ort.OrtValue):
+        for n, past_name in outputs:
+            past = feeds.get(past_name) if past_name else None
+            if isinstance(past, self.ort.OrtValue):
                 if bound.get(n) is not past:
                     io.bind_ortvalue_output(n, past)  # the same buffer: GroupQueryAttention writes in place
                     bound[n] = past
@@ -240,7 +256,10 @@ class OrtBackend:
                 io.bind_output(n, self.device_type)  # a new output each call
                 bound.pop(n, None)
         sess.run_with_iobinding(io)
-        outs = dict(zip(names, io.get_outputs()))
+        # wrap only the new outputs: an output bound to our own buffer is that buffer (a decode step of a 32-layer
+        # segment would otherwise wrap 64 cache views it never reads)
+        got = io.get_outputs_as_ortvaluevector()
+        outs = {n: bound[n] if n in bound else self.ort.OrtValue(got[i]) for i, (n, _) in enumerate(outputs)}
         if not self.resident:
             return {k: v.numpy() for k, v in outs.items()}
         return outs

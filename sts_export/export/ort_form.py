@@ -9,7 +9,7 @@ Per decoder layer (ops in the com.microsoft domain unless noted):
       q|k|v in, rotary inside), o_proj, gate and up MatMuls, SiLU (QuickGelu once ONNX Runtime fuses it) * up,
       down_proj: 10 kernels a layer, the layer of onnxruntime-genai's model builder.
 Rotary: the graph computes cos/sin of *our* position ids once per call, float32 as the portable graphs
-(`rope_cos_sin`, M-RoPE's section mix included), as a per-token table [B*S, d/2]; GroupQueryAttention's rotary
+(`rope_angles`, M-RoPE's section mix included), as a per-token table [B*S, d/2]; GroupQueryAttention's rotary
 reads row b*S+s for token (b, s) (position_ids = 0..B*S-1, `query_seqlens` = S so the kernel honours every id).
 So gapped ids after Stage 2 and Qwen's [3, B, S] ids are honoured exactly, with no Split or RotaryEmbedding
 kernel per layer. GroupQueryAttention's rotary needs head_dim % 16 == 0 (every recipe's).
@@ -28,7 +28,7 @@ import torch
 from torch import nn
 
 from sts_export.export.manifest import ORT_FORM_VERSION
-from sts_export.families.layers import ClipAttention, apply_rope, attend_sdpa, repeat_kv, rope_cos_sin
+from sts_export.families.layers import ClipAttention, apply_rope, attend_sdpa, repeat_kv, rope_angles
 
 FORM_GRAPHS = ("segment1", "segment2")
 CACHE_INPUTS = ("seqlens_k", "total_sequence_length")
@@ -180,13 +180,12 @@ class FusedSegment(nn.Module):
         c = self.cfg
         b, s, _ = hidden.shape
         h, kvh, d = c.num_heads, c.num_kv_heads, c.head_dim
-        cos, sin = rope_cos_sin(position_ids, d, c.rope_theta, hidden.dtype, c.mrope_section)  # [B, 1, S, d]
         # GroupQueryAttention's rotary reads row ids[b, s] of the tables for token (b, s) and asks for at least
-        # total_sequence_length rows: our B*S rows, then zero rows (never read) as many as the cache's length C
-        # (>= total in place; P = total - S when concatenating): shapes only, nothing data-dependent
-        pad = hidden.new_zeros(past[0].shape[2] if past else 0, d // 2)
-        cos = torch.cat([cos[:, 0, :, : d // 2].reshape(b * s, d // 2), pad])  # [B*S + C, d/2]
-        sin = torch.cat([sin[:, 0, :, : d // 2].reshape(b * s, d // 2), pad])
+        # total_sequence_length rows: our B*S rows, then as many rows as the cache's length C (>= total in place;
+        # P = total - S when concatenating), never read: shapes only, nothing data-dependent
+        ang = rope_angles(position_ids, d, c.rope_theta, c.mrope_section).reshape(b * s, d // 2)  # [B*S, d/2]
+        ang = torch.cat([ang, ang.new_zeros(past[0].shape[2] if past else 0, d // 2)])  # [B*S + C, d/2]
+        cos, sin = ang.cos().to(hidden.dtype), ang.sin().to(hidden.dtype)  # the portable graphs' float32 angles
         ids = torch.arange(b * s, device=hidden.device).view(b, s)  # [B, S]
         query_seqlens = torch.full_like(seqlens_k, s)  # [B] = S: every token's own id is honoured (see ort_ops)
         ops = torch.ops.sts_ort

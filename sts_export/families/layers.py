@@ -157,9 +157,9 @@ class RMSNorm(nn.Module):
         return self.weight * h.to(x.dtype)
 
 
-def rope_cos_sin(position_ids: torch.Tensor, head_dim: int, theta: float, dtype: torch.dtype,
-                 mrope_section: tuple[int, ...] = ()) -> tuple[torch.Tensor, torch.Tensor]:
-    """cos, sin [B, 1, S, d] for integer position ids [B, S] (float32 math, as transformers).
+def rope_angles(position_ids: torch.Tensor, head_dim: int, theta: float,
+                mrope_section: tuple[int, ...] = ()) -> torch.Tensor:
+    """Rotary angles [B, S, d/2] (float32, as transformers) of integer position ids [B, S].
 
     M-RoPE (Qwen2.5-VL, `mrope_section` = (t, h, w) sizes summing to d/2): ids are [3, B, S] and
     frequency slot j takes its angle from the axis of the section it falls in (transformers'
@@ -170,6 +170,13 @@ def rope_cos_sin(position_ids: torch.Tensor, head_dim: int, theta: float, dtype:
     freqs = position_ids[..., None].float() * inv_freq  # [B, S, d/2] | M-RoPE: [3, B, S, d/2]
     if mrope_section:
         freqs = torch.cat([f[i % 3] for i, f in enumerate(freqs.split(list(mrope_section), dim=-1))], dim=-1)
+    return freqs
+
+
+def rope_cos_sin(position_ids: torch.Tensor, head_dim: int, theta: float, dtype: torch.dtype,
+                 mrope_section: tuple[int, ...] = ()) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos, sin [B, 1, S, d] for integer position ids [B, S] ([3, B, S] for M-RoPE; see `rope_angles`)."""
+    freqs = rope_angles(position_ids, head_dim, theta, mrope_section)  # [B, S, d/2]
     emb = torch.cat([freqs, freqs], dim=-1)[:, None]  # [B, 1, S, d]
     return emb.cos().to(dtype), emb.sin().to(dtype)
 
