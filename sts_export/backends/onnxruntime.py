@@ -100,7 +100,8 @@ class OrtBackend:
             self.opts.intra_op_num_threads = threads
         self.opts.log_severity_level = 3
         self.sessions: dict[str, Any] = {}
-        self._bindings: dict[str, tuple[Any, list[str], list[tuple[str, str | None]], dict[str, Any]]] = {}  # run(): per graph
+        # run(): per graph, its IOBinding, input names, (output name, the past it shares a buffer with), what is bound
+        self._bindings: dict[str, tuple[Any, list[str], list[tuple[str, str | None]], dict[str, Any]]] = {}
         self.load_seconds: dict[str, float] = {}
         self.resident, self.inplace, self.cache = resident, inplace, cache
         # CPU: long prefills run in chunks (generate.run_segment); GroupQueryAttention's CPU kernel writes the whole
@@ -233,8 +234,8 @@ class OrtBackend:
         sess = self.session(graph)
         if graph not in self._bindings:  # one IOBinding per graph, reused: unchanged OrtValues stay bound
             shared = self.inplace and graph in self.form_graphs  # presents share their past's buffer
-            outputs = [(o.name, o.name.replace("present_", "past_") if shared and o.name.startswith("present_") else None)
-                       for o in sess.get_outputs()]
+            outputs = [(n, n.replace("present_", "past_") if shared and n.startswith("present_") else None)
+                       for n in (o.name for o in sess.get_outputs())]
             self._bindings[graph] = (sess.io_binding(), [i.name for i in sess.get_inputs()], outputs, {})
         io, inputs, outputs, bound = self._bindings[graph]
         for name in inputs:
