@@ -14,11 +14,8 @@ import argparse
 
 import numpy as np
 
-from sts_export.bench.cost import DEFAULT_TEXT_TOKENS
-from sts_export.bench.runner import default_image, prompt_ids
+from sts_export.bench.runner import PHASES, interleaved_generations
 from sts_export.pipeline import load_export_pipeline
-
-PHASES = ("vision", "prefill", "ttft", "decode")
 
 
 def main() -> None:
@@ -34,22 +31,13 @@ def main() -> None:
     for spec in a.exports:
         label, d = spec.split("=", 1)
         pipes[label] = load_export_pipeline(d, backend="onnxruntime", device="cpu", threads=a.threads)
-    first = next(iter(pipes.values()))
-    ids, img = prompt_ids(first, "", DEFAULT_TEXT_TOKENS), default_image(first.recipe)
-    for p in pipes.values():  # warm-up: creates every session
-        p.generate(img, input_ids=ids, max_new_tokens=4)
-    times: dict[str, list[list[float]]] = {k: [] for k in pipes}
-    tokens: dict[str, np.ndarray] = {}
-    for _ in range(a.rounds):
-        for label, p in pipes.items():
-            g = p.generate(img, input_ids=ids, max_new_tokens=a.new_tokens)
-            times[label].append([g.timings[ph] for ph in PHASES])
-            tokens[label] = g.tokens
+    times, tokens = interleaved_generations(pipes, a.rounds, a.new_tokens)
     same = all(np.array_equal(t, next(iter(tokens.values()))) for t in tokens.values())
     print(f"{a.threads} threads, {a.new_tokens} new tokens, medians of {a.rounds} rounds; same tokens: {same}")
     for label, v in times.items():
-        m = np.median(np.array(v), 0) * 1e3
-        print(f"  {label:12s} vision {m[0]:7.1f}  prefill {m[1]:7.1f}  TTFT {m[2]:7.1f} ms  decode {m[3]:6.2f} ms/token")
+        m = dict(zip(PHASES, np.median(v, 0) * 1e3))
+        print(f"  {label:12s} vision {m['vision']:7.1f}  prefill {m['prefill']:7.1f}  TTFT {m['ttft']:7.1f} ms  "
+              f"decode {m['decode']:6.2f} ms/token")
 
 
 if __name__ == "__main__":

@@ -14,8 +14,7 @@ import os
 
 import numpy as np
 
-from sts_export.bench.cost import DEFAULT_TEXT_TOKENS
-from sts_export.bench.runner import default_image, prompt_ids
+from sts_export.bench.runner import PHASES, interleaved_generations
 from sts_export.pipeline import load_export_pipeline
 
 
@@ -29,22 +28,16 @@ def main() -> None:
     a = ap.parse_args()
     pipes = {}
     for mode in a.modes.split(","):
-        os.environ["STS_ORT_SPIN"] = mode  # read when each session is created: load them now
+        os.environ["STS_ORT_SPIN"] = mode  # read when each session is created: create them now
         p = load_export_pipeline(a.export_dir, backend="onnxruntime", device="cpu", threads=a.threads)
-        r = p.recipe
-        ids = prompt_ids(p, "", DEFAULT_TEXT_TOKENS)  # bench.py's pseudo-prompt: 36 text ids around the image
-        img = default_image(r)
-        p.generate(img, input_ids=ids, max_new_tokens=a.new_tokens)  # warm-up, creates every session
+        for graph in p.backend.manifest["graphs"]:
+            p.backend.session(graph)
         pipes[mode] = p
-    times: dict[str, list[tuple[float, float]]] = {m: [] for m in pipes}
-    for _ in range(a.rounds):
-        for mode, p in pipes.items():
-            g = p.generate(img, input_ids=ids, max_new_tokens=a.new_tokens)
-            times[mode].append((g.timings["ttft"], g.timings["decode"]))
+    times, _ = interleaved_generations(pipes, a.rounds, a.new_tokens, warmup_tokens=a.new_tokens)
     print(f"{a.export_dir}: {a.threads} threads, medians of {a.rounds}")
     for mode, v in times.items():
-        t = np.median(np.array(v), 0) * 1e3
-        print(f"  STS_ORT_SPIN={mode:4s} TTFT {t[0]:7.0f} ms  decode {t[1]:6.2f} ms/token")
+        t = dict(zip(PHASES, np.median(v, 0) * 1e3))
+        print(f"  STS_ORT_SPIN={mode:4s} TTFT {t['ttft']:7.0f} ms  decode {t['decode']:6.2f} ms/token")
 
 
 if __name__ == "__main__":

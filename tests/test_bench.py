@@ -169,3 +169,17 @@ def test_synthetic_cpu_recipe_keeps_7b_layout() -> None:
     assert cpu.pruning == big.pruning
     for b in ("full", 128, 64, 32):
         assert split_budget(b, cpu) == split_budget(b, big)
+
+
+def test_interleaved_generations_times_every_pipeline_every_round() -> None:
+    """The scripts' A/B loop: one row of phase timings per round per pipeline, and each pipeline's greedy tokens."""
+    from sts_export import Pipeline
+    from sts_export.bench.runner import PHASES, interleaved_generations
+
+    pipes = {"full": Pipeline.from_pretrained("tiny-llava"),
+             "sts": Pipeline.from_pretrained("tiny-llava", budget=64, method="sts")}
+    times, tokens = interleaved_generations(pipes, rounds=2, new_tokens=3, warmup_tokens=1)
+    assert set(times) == set(tokens) == set(pipes)
+    for label, t in times.items():
+        assert t.shape == (2, len(PHASES)) and (t > 0).all()
+        assert tokens[label].shape == (1, 3)

@@ -56,7 +56,6 @@ class OrtCache:
         # host memory on every provider (the CUDA kernel reads total_sequence_length on the host)
         self.lengths = {"seqlens_k": ov(np.zeros(batch, dtype=np.int32)),
                         "total_sequence_length": ov(np.zeros((), dtype=np.int32))} if be.resident else None
-        self._feeds: dict[str, Any] | None = None
         self.prefill_chunk: int | None = None  # set by OrtBackend.kv_cache (generate.run_segment reads it)
 
     def feeds(self, new: int) -> dict[str, Any]:
@@ -68,9 +67,7 @@ class OrtCache:
             return {**self.kv, "seqlens_k": seqlens, "total_sequence_length": tsl}
         self.lengths["seqlens_k"].update_inplace(seqlens)
         self.lengths["total_sequence_length"].update_inplace(tsl)
-        if self._feeds is None or not self.inplace:  # in place: the same OrtValues every call
-            self._feeds = {**self.kv, **self.lengths}
-        return self._feeds
+        return {**self.kv, **self.lengths}
 
     def update(self, out: dict[str, Any], new: int) -> None:
         if not self.inplace:  # in place: the presents are our own buffers, already written

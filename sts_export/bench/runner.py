@@ -274,6 +274,26 @@ def prompt_ids(pipe: Any, prompt: str, text_tokens: int | None) -> np.ndarray:
     return np.concatenate([[r.bos_token_id], text[:p], [r.image_token_id], text[p:]]).astype(np.int64)
 
 
+def interleaved_generations(pipes: dict[str, Any], rounds: int, new_tokens: int,
+                            warmup_tokens: int = 4) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
+    """Pipelines of one model (label -> Pipeline) timed against each other in one process: one warm-up generation
+    each (creates every session), then `rounds` rounds that run every pipeline once, in the order given, on the
+    bench's image and pseudo-prompt (DEFAULT_TEXT_TOKENS text ids around the image).
+    -> (label -> seconds [rounds, len(PHASES)], label -> the last round's greedy tokens [B, n])."""
+    first = next(iter(pipes.values()))
+    ids, img = prompt_ids(first, "", DEFAULT_TEXT_TOKENS), default_image(first.recipe)
+    for p in pipes.values():
+        p.generate(img, input_ids=ids, max_new_tokens=warmup_tokens)
+    times: dict[str, list[list[float]]] = {k: [] for k in pipes}
+    tokens: dict[str, np.ndarray] = {}
+    for _ in range(rounds):
+        for label, p in pipes.items():
+            g = p.generate(img, input_ids=ids, max_new_tokens=new_tokens)
+            times[label].append([g.timings[ph] for ph in PHASES])
+            tokens[label] = g.tokens
+    return {k: np.array(v) for k, v in times.items()}, tokens
+
+
 # ----------------------------------------------------------------------------------------------- exports
 def _cache_root() -> Path:
     from sts_export import checkpoint
