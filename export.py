@@ -34,6 +34,9 @@ import click
 @click.option("--opset", default=None, type=int, help="ONNX opset, 18..25 [18; 22 for bf16].")
 @click.option("--no-validate", is_flag=True, help="Skip the ONNX Runtime vs torch validation.")
 @click.option("--force", is_flag=True, help="Replace an existing --out directory.")
+@click.option("--no-reuse", is_flag=True,
+              help="Export every graph anew, even those a sibling export in the same parent directory already holds "
+                   "with the same build key (embed, segment1/segment2: same weights, recipe, layers, dtype, opset, tool).")
 @click.option("--onnx-dir", type=click.Path(path_type=Path), default=None, help="Build engines from an existing ONNX export (tensorrt + numpy only).")
 @click.option("--check-only", is_flag=True, help="With --target trt: only run the static TensorRT compatibility check.")
 @click.option("--trt-version", default=None,
@@ -55,8 +58,8 @@ import click
                    "1280*28*28 = 1003520, i.e. 1280 visual tokens].")
 def main(model: str | None, recipe: str | None, budget: str, method: str, anchor: str | None, target: str,
          out: Path | None, dtype: str | None, random_weights: bool, opset: int | None, no_validate: bool, force: bool,
-         onnx_dir: Path | None, check_only: bool, trt_version: str | None, precision: str | None, max_batch: int,
-         opt_level: int, workspace_gb: float | None, weights: str | None, block_size: str | None,
+         no_reuse: bool, onnx_dir: Path | None, check_only: bool, trt_version: str | None, precision: str | None,
+         max_batch: int, opt_level: int, workspace_gb: float | None, weights: str | None, block_size: str | None,
          quantize_vision: bool, max_pixels: int | None, aoti_device: str | None, aoti_cache: Path | None) -> None:
     """Export graphs with STS pruning inside (see README)."""
     from sts_export.errors import StsError, cli_errors
@@ -65,7 +68,8 @@ def main(model: str | None, recipe: str | None, budget: str, method: str, anchor
         if target == "aoti" or aoti_device is not None or aoti_cache is not None:
             given = {"--onnx-dir": onnx_dir, "--check-only": check_only or None, "--trt-version": trt_version,
                      "--precision": precision, "--opset": opset, "--weights": weights, "--block-size": block_size,
-                     "--quantize-vision": quantize_vision or None, "--workspace-gb": workspace_gb}
+                     "--quantize-vision": quantize_vision or None, "--workspace-gb": workspace_gb,
+                     "--no-reuse": no_reuse or None}
             if target != "aoti":
                 raise StsError("--aoti-device/--aoti-cache compile AOTInductor packages: use them with --target aoti")
             bad = [k for k, v in given.items() if v is not None]
@@ -134,7 +138,7 @@ def main(model: str | None, recipe: str | None, budget: str, method: str, anchor
         path = export(model, budget=budget, method=method, out=out, recipe=recipe, dtype=dtype, anchor=anchor,
                       random_weights=random_weights, opset=opset, validate=not no_validate, force=force,
                       weights=weights, block_size=block, quantize_vision=quantize_vision, target=target,
-                      max_pixels=max_pixels)
+                      max_pixels=max_pixels, reuse=not no_reuse)
         if target == "trt":
             from sts_export.backends.tensorrt.engines import build_engines
 

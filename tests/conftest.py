@@ -15,11 +15,13 @@ TINY = ["tiny-llava", "tiny-llava-gqa"]  # MHA with prune_layer = L/2; grouped K
 
 @pytest.fixture(scope="session", autouse=True)
 def _cache_dir(tmp_path_factory: pytest.TempPathFactory) -> None:
-    """Keep generated synthetic models out of the user's cache unless STS_CACHE is set."""
+    """Keep generated synthetic models out of the user's cache unless STS_CACHE is set (the CLI subprocesses too:
+    they then load the very checkpoint files the in-process exports did, so sibling exports' graphs match)."""
     if "STS_CACHE" not in os.environ:
         import sts_export.checkpoint as ck
 
         ck.CACHE_DIR = tmp_path_factory.mktemp("sts-cache")
+        os.environ["STS_CACHE"] = str(ck.CACHE_DIR)
 
 
 @pytest.fixture(scope="session")

@@ -275,11 +275,15 @@ def run_cli(*args: str, cwd: Path = ROOT) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=600)
 
 
-def test_cli_export_and_run(tmp_path: Path) -> None:
+def test_cli_export_and_run(tmp_root: Path, tmp_path: Path) -> None:
+    # a sibling export of the same model (method none): embed and the segments are copied from it, then validated
+    shutil.copytree(exported(tmp_root, "tiny-llava", "none", "full"), tmp_path / "sibling")
     out = tmp_path / "cli-export"
     r = run_cli("export.py", "--model", "tiny-llava", "--budget", "64", "--out", str(out))
     assert r.returncode == 0, r.stderr[-2000:]
     assert "[1/5] exporting vision" in r.stdout and "validation: PASS" in r.stdout
+    assert "[3/5] segment1: copied from the sibling export sibling" in r.stdout
+    assert json.loads((out / "manifest.json").read_text())["graphs"]["segment2"]["reused_from"] == "sibling"
     img = tmp_path / "img.png"
     make_image(seed=2).save(img)
     kept = tmp_path / "kept.png"
@@ -383,3 +387,53 @@ def test_engine_build_modes(tmp_root: Path, monkeypatch: pytest.MonkeyPatch) -> 
     assert all(g["engine_sha256"] for g in m["graphs"].values())
     assert read_manifest(work)["graphs"]["vision"]["engine"] == "vision.engine"  # still readable with engines listed
 
+
+
+def test_sibling_exports_share_method_independent_graphs(tmp_root: Path) -> None:
+    """Exports in one parent directory that differ in method/budget hold the same embed/segment files: one was
+    exported, the other copied (its manifest says from where); the vision graphs differ and are never copied.
+    test_ort_generation_equals_torch runs every such export against torch."""
+    a, b = exported(tmp_root, "tiny-llava", "none", "full"), exported(tmp_root, "tiny-llava", "sts", 64)
+    ma, mb = (json.loads((d / "manifest.json").read_text()) for d in (a, b))
+    for form, graphs in (("graphs", ("embed", "segment1", "segment2")), ("ort_form", ("segment1", "segment2"))):
+        for g in graphs:
+            ea, eb = ma[form][g], mb[form][g]
+            assert ea["sha256"] == eb["sha256"] and ea["build_key"] == eb["build_key"]
+            assert {ea.get("reused_from"), eb.get("reused_from")} in ({None, a.name}, {None, b.name}), (ea, eb)
+    assert ma["graphs"]["vision"]["sha256"] != mb["graphs"]["vision"]["sha256"]
+    assert "build_key" not in ma["graphs"]["vision"] and "reused_from" not in mb["graphs"]["vision"]
+
+
+def test_sibling_reuse_refuses_changed_or_quantized_files(tmp_root: Path, tmp_path: Path) -> None:
+    """A sibling is used only with the same build key, an intact file (its recorded sha256) and float weights;
+    the key follows the layers, dtype, opset and weights."""
+    from sts_export.checkpoint import resolve
+    from sts_export.export import reuse
+    from sts_export.generate import Plan
+
+    src = exported(tmp_root, "tiny-llava", "sts", 64)
+    key = json.loads((src / "manifest.json").read_text())["graphs"]["segment1"]["build_key"]
+    sib = tmp_path / "sib"
+    shutil.copytree(src, sib)
+    out = tmp_path / "new"
+    assert reuse.find(out, key, "graphs")[0] == sib
+    assert reuse.find(out, "0" * 64, "graphs") is None
+    with open(sib / "segment1.onnx", "ab") as f:  # edited after export: its sha256 no longer matches
+        f.write(b"\0")
+    assert reuse.find(out, key, "graphs") is None
+    shutil.copyfile(src / "segment1.onnx", sib / "segment1.onnx")
+    m = json.loads((sib / "manifest.json").read_text())
+    (sib / "manifest.json").write_text(json.dumps({**m, "weights": {"weights": "int8"}}))
+    assert reuse.find(out, key, "graphs") is None
+    # the key: the same for sts and none on tiny-llava (prune layer 2 both), another for other layers/dtype/opset/weights
+    gqa = resolve("tiny-llava-gqa")
+    plans = {m: Plan.create(gqa.recipe, m, b, "float32") for m, b in (("sts", 32), ("none", "full"), ("fastv", 300))}
+    k = {m: reuse.build_key(gqa, gqa.recipe, p, "segment2", "portable", "fp32", 18) for m, p in plans.items()}
+    assert k["sts"] == k["none"] != k["fastv"]  # FastV prunes after layer 2, STS at the recipe's layer
+    p = plans["sts"]
+    assert len({k["sts"], reuse.build_key(gqa, gqa.recipe, p, "segment2", "portable", "fp16", 18),
+                reuse.build_key(gqa, gqa.recipe, p, "segment2", "portable", "fp32", 21),
+                reuse.build_key(gqa, gqa.recipe, p, "segment2", "ort", "fp32", 18),
+                reuse.build_key(resolve("tiny-llava-gqa", random_weights=True), gqa.recipe, p, "segment2", "portable",
+                                "fp32", 18)}) == 5
+    assert reuse.build_key(gqa, gqa.recipe, p, "vision", "portable", "fp32", 18) is None

@@ -313,6 +313,7 @@ def export(
     target: str = "onnx",
     max_pixels: int | None = None,
     ort_form: bool = True,
+    reuse: bool = True,
     progress: Callable[[str], None] = print,
 ) -> Path:
     """Export a model's pruned graphs to an ONNX directory; returns its path. Validates with ORT unless told not to.
@@ -324,7 +325,9 @@ def export(
     ort_form: also write the ORT form of segment1/segment2 (fused ONNX Runtime kernels, in-place KV cache;
     `export/ort_form.py`) for fp32 exports (float, or int8/int4 MatMulNBits: quantized like the portable graphs),
     not for target trt;
-    validated with the rest."""
+    validated with the rest.
+    reuse: copy `embed`/`segment1`/`segment2` (and their ORT form) from a sibling export in the same parent directory
+    whose manifest records the same build key (`export/reuse.py`) instead of exporting them again."""
     check_method(method)
     budget = parse_budget(budget)
     from sts_export.export.quantize import check_weights, required_opset
@@ -356,8 +359,20 @@ def export(
     names = [g for g in GRAPH_ORDER if g in graphs]
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = memory.make_tmp_dir(out)  # .<name>.tmp-XXXXXXXX with this process's owner record
+    from sts_export.export import reuse as sibling
+
+    keys = {(g, form): k for g in names for form in ("portable", "ort")
+            if (k := sibling.build_key(src, rec, plan, g, form, dtype, opset)) is not None}
     try:
+        reused: dict[str, str] = {}
         for i, g in enumerate(names, 1):
+            hit = sibling.find(out, keys[g, "portable"], "graphs") if reuse and (g, "portable") in keys else None
+            if hit is not None:
+                sibling.copy_into(*hit, tmp)
+                reused[g] = hit[0].name
+                progress(f"[{i}/{len(names)}] {g}: copied from the sibling export {hit[0].name} (same weights, recipe, "
+                         f"layers, dtype, opset and tool)")
+                continue
             t = time.perf_counter()
             progress(f"[{i}/{len(names)}] exporting {g} ...")
             export_graph(graphs[g], g, plan, rec, torch_dtype, tmp / f"{g}.onnx", opset)
@@ -366,6 +381,11 @@ def export(
             gc.collect()
         write_side_files(tmp, src, rec, progress)
         manifest = manifest_for(rec, src, method, budget, plan, anchor, dtype, tmp, names, opset)
+        for g, e in manifest["graphs"].items():
+            if (g, "portable") in keys:
+                e["build_key"] = keys[g, "portable"]
+            if g in reused:
+                e["reused_from"] = reused[g]
         # before validation frees the torch weights; MatMulNBits exports quantize it with the portable graphs
         # (not for --target trt: the engines' directory goes to the device without ONNX Runtime's form)
         # (GroupQueryAttention's rotary takes head_dim % 16 == 0: every real architecture's; else portable only)
@@ -375,7 +395,9 @@ def export(
 
             t = time.perf_counter()
             progress("exporting the ORT form of segment1/segment2 (fused kernels, in-place KV cache) ...")
-            manifest["ort_form"] = export_ort_form(graphs, plan, rec, torch_dtype, tmp, opset)
+            manifest["ort_form"] = export_ort_form(graphs, plan, rec, torch_dtype, tmp, opset,
+                                                   {g: k for (g, form), k in keys.items() if form == "ort"},
+                                                   out if reuse else None, progress)
             progress(f"ORT form: {time.perf_counter() - t:.1f} s")
             gc.collect()
         write_manifest(tmp, manifest)

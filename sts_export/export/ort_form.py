@@ -284,19 +284,32 @@ def export_vision_form(vision: nn.Module, plan: Any, recipe: Any, dtype: torch.d
 
 
 def export_ort_form(graphs: dict[str, nn.Module], plan: Any, recipe: Any, dtype: torch.dtype, out: Path,
-                    opset: int) -> dict[str, Any]:
+                    opset: int, keys: dict[str, str] | None = None, final: Path | None = None,
+                    progress: Callable[[str], None] | None = None) -> dict[str, Any]:
     """Write segment1/segment2 (and, for CLIP towers, vision) in the ORT form next to the portable graphs;
     -> the manifest's "ort_form" entry.
 
-    `graphs` are the export's torch modules (their SegmentGraphs' layers are reused, q|k|v packed)."""
+    `graphs` are the export's torch modules (their SegmentGraphs' layers are reused, q|k|v packed).
+    keys: the segments' build keys, recorded in their entries; with `final` (the export's destination) a segment
+    whose key a sibling export of `final` records is copied from it (`export/reuse.py`)."""
     import warnings
 
+    from sts_export.export import reuse
     from sts_export.export.onnx import TWO_GB
 
+    keys = keys or {}
     entry: dict[str, Any] = {}
     if export_vision_form(graphs["vision"], plan, recipe, dtype, out / ort_file("vision"), opset):
         entry["vision"] = form_entry(out / ort_file("vision"))
     for g in FORM_GRAPHS:
+        key = {"build_key": keys[g]} if g in keys else {}
+        hit = reuse.find(final, keys[g], "ort_form") if final is not None and g in keys else None
+        if hit is not None:
+            reuse.copy_into(*hit, out)
+            entry[g] = {**form_entry(out / ort_file(g)), **key, "reused_from": hit[0].name}
+            if progress is not None:
+                progress(f"ORT form of {g}: copied from the sibling export {hit[0].name}")
+            continue
         fused = FusedSegment(graphs[g], recipe.text).eval()
         args, shapes = _example(plan, recipe, g, dtype)
         inputs, outputs = form_io(g, plan.segment_layers[g])
@@ -310,7 +323,7 @@ def export_ort_form(graphs: dict[str, nn.Module], plan: Any, recipe: Any, dtype:
         prog.save(str(path), external_data=n_bytes > TWO_GB - 64 * 1024**2)
         del prog, fused
         _fix_cache_dims(path)
-        entry[g] = form_entry(path)
+        entry[g] = {**form_entry(path), **key}
     entry["cache"] = {"inputs": list(CACHE_INPUTS), "layout": "BNSH", "share_buffer": True, "form_version": ORT_FORM_VERSION,
                       "ops": ["SimplifiedLayerNormalization", "com.microsoft.SkipSimplifiedLayerNormalization",
                               "com.microsoft.GroupQueryAttention"] + (

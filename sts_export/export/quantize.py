@@ -650,7 +650,9 @@ def quantize_and_compare(export_dir: Path, scheme: Scheme, torch_graphs: dict[st
         if form:
             from sts_export.export.ort_form import form_entry  # noqa: PLC0415
 
-            new["ort_form"] = {**m["ort_form"], **{g: {**e, **form_entry(export_dir / e["onnx"])} for g, e in form.items()}}
+            drop = ("build_key", "reused_from")  # they named the float graphs
+            new["ort_form"] = {**m["ort_form"], **{g: {**{k: v for k, v in e.items() if k not in drop},
+                                                       **form_entry(export_dir / e["onnx"])} for g, e in form.items()}}
             new["ort_form"].pop("validation", None)  # it was the float form's
         write_manifest(export_dir, new)
         if ref is None:

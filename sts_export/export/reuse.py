@@ -1,0 +1,97 @@
+"""Graphs shared between exports: copy a graph from a sibling export instead of exporting it again.
+
+Exports of one model that differ only in method or budget write identical `embed` graphs, and identical
+`segment1`/`segment2` (portable and ORT form) whenever their prune layer agrees: only `vision` and `prune` carry
+the method and budget. Each such graph's manifest entry records a `build_key`, the digest of everything its bytes
+follow from (weights files or random seed, recipe, dtype, opset, graph and layer range, IO names, the torch /
+transformers / onnx / onnxscript versions and the source of this package). An export looks for a sibling
+directory (same parent) whose unquantized manifest holds the same key and whose file still has the recorded
+sha256, copies it, and records `reused_from`; validation then checks it like every other graph.
+"""
+from __future__ import annotations
+
+import functools
+import hashlib
+import json
+import platform
+import shutil
+from pathlib import Path
+from typing import Any
+
+REUSABLE = ("embed", "segment1", "segment2")  # graphs that do not depend on the method or the budget
+
+
+@functools.lru_cache(maxsize=1)
+def _tool_digest() -> str:
+    """sha256 over this package's Python sources and the exporters' versions."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    import sts_export
+
+    h = hashlib.sha256()
+    root = Path(sts_export.__file__).parent
+    for f in sorted(root.rglob("*.py")):
+        h.update(f.relative_to(root).as_posix().encode())
+        h.update(f.read_bytes())
+    for pkg in ("torch", "transformers", "onnx", "onnxscript"):
+        try:
+            h.update(f"{pkg}={version(pkg)}".encode())
+        except PackageNotFoundError:
+            h.update(f"{pkg}=none".encode())
+    h.update(platform.python_version().encode())
+    return h.hexdigest()
+
+
+def _source(src: Any) -> dict[str, Any]:
+    """The weights' identity: the random seed (in the recipe), or the checkpoint's files by name, size and mtime."""
+    if src.path is None:
+        return {"random_weights": True}
+    path = Path(src.path).resolve()
+    files = sorted(f for f in path.iterdir() if f.is_file() and f.suffix in (".safetensors", ".json"))
+    return {"path": str(path), "files": [[f.name, f.stat().st_size, f.stat().st_mtime_ns] for f in files]}
+
+
+def build_key(src: Any, recipe: Any, plan: Any, graph: str, form: str, dtype: str, opset: int) -> str | None:
+    """The digest a reusable graph's bytes follow from (None for a graph that depends on the method or budget).
+
+    form: "portable" or "ort"."""
+    if graph not in REUSABLE:
+        return None
+    what = {"graph": graph, "form": form, "dtype": dtype, "opset": opset, "source": _source(src),
+            "recipe": recipe.to_dict(), "layers": plan.segment_layers.get(graph), "io": plan.io(graph),
+            "position_axes": plan.position_axes, "tool": _tool_digest()}
+    return hashlib.sha256(json.dumps(what, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def find(out: Path, key: str, form: str) -> tuple[Path, dict[str, Any]] | None:
+    """A sibling export of `out` (same parent, unquantized, complete) whose `form` entry ("graphs" or "ort_form")
+    has `key`: (its directory, the entry); None when there is none."""
+    from sts_export.export.manifest import sha256
+
+    parent = out.parent
+    if not parent.is_dir():
+        return None
+    for d in sorted(parent.iterdir()):
+        if d == out or d.name.startswith(".") or not (d / "manifest.json").is_file():
+            continue
+        try:
+            m = json.loads((d / "manifest.json").read_text())
+        except (OSError, ValueError):
+            continue
+        if m.get("weights"):  # quantized in place after export: its graphs are not the float ones
+            continue
+        for e in (m.get(form) or {}).values():
+            if not isinstance(e, dict) or e.get("build_key") != key:
+                continue
+            files = [d / e["onnx"]] + ([d / e["external_data"]["file"]] if e.get("external_data") else [])
+            if all(f.is_file() for f in files) and sha256(files[0]) == e["sha256"] and (
+                    not e.get("external_data") or sha256(files[1]) == e["external_data"]["sha256"]):
+                return d, e
+    return None
+
+
+def copy_into(sibling: Path, entry: dict[str, Any], tmp: Path) -> None:
+    """Copy one graph's files (and its external data) from a sibling export into the temporary directory."""
+    shutil.copyfile(sibling / entry["onnx"], tmp / entry["onnx"])
+    if entry.get("external_data"):
+        shutil.copyfile(sibling / entry["external_data"]["file"], tmp / entry["external_data"]["file"])
