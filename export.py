@@ -36,7 +36,7 @@ import click
 @click.option("--force", is_flag=True, help="Replace an existing --out directory.")
 @click.option("--no-reuse", is_flag=True,
               help="Export every graph anew, even those a sibling export in the same parent directory already holds "
-                   "with the same build key (embed, segment1/segment2: same weights, recipe, layers, dtype, opset, tool).")
+                   "with the same build key (same weights, recipe, layers, configuration, dtype, opset and tool).")
 @click.option("--onnx-dir", type=click.Path(path_type=Path), default=None, help="Build engines from an existing ONNX export (tensorrt + numpy only).")
 @click.option("--check-only", is_flag=True, help="With --target trt: only run the static TensorRT compatibility check.")
 @click.option("--trt-version", default=None,

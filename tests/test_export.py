@@ -1,6 +1,7 @@
 """ONNX export + ONNX Runtime backend against the torch Pipeline, the graph contract, CLI errors."""
 from __future__ import annotations
 
+import functools
 import json
 import os
 import shutil
@@ -391,7 +392,7 @@ def test_engine_build_modes(tmp_root: Path, monkeypatch: pytest.MonkeyPatch) -> 
 
 def test_sibling_exports_share_method_independent_graphs(tmp_root: Path) -> None:
     """Exports in one parent directory that differ in method/budget hold the same embed/segment files: one was
-    exported, the other copied (its manifest says from where); the vision graphs differ and are never copied.
+    exported, the other copied (its manifest says from where); their vision graphs differ and so do their keys.
     test_ort_generation_equals_torch runs every such export against torch."""
     a, b = exported(tmp_root, "tiny-llava", "none", "full"), exported(tmp_root, "tiny-llava", "sts", 64)
     ma, mb = (json.loads((d / "manifest.json").read_text()) for d in (a, b))
@@ -401,7 +402,8 @@ def test_sibling_exports_share_method_independent_graphs(tmp_root: Path) -> None
             assert ea["sha256"] == eb["sha256"] and ea["build_key"] == eb["build_key"]
             assert {ea.get("reused_from"), eb.get("reused_from")} in ({None, a.name}, {None, b.name}), (ea, eb)
     assert ma["graphs"]["vision"]["sha256"] != mb["graphs"]["vision"]["sha256"]
-    assert "build_key" not in ma["graphs"]["vision"] and "reused_from" not in mb["graphs"]["vision"]
+    assert ma["graphs"]["vision"]["build_key"] != mb["graphs"]["vision"]["build_key"]
+    assert "reused_from" not in ma["graphs"]["vision"] and "reused_from" not in mb["graphs"]["vision"]
 
 
 def test_sibling_reuse_refuses_changed_or_quantized_files(tmp_root: Path, tmp_path: Path) -> None:
@@ -418,6 +420,9 @@ def test_sibling_reuse_refuses_changed_or_quantized_files(tmp_root: Path, tmp_pa
     out = tmp_path / "new"
     assert reuse.find(out, key, "graphs")[0] == sib
     assert reuse.find(out, "0" * 64, "graphs") is None
+    os.replace(sib, tmp_path / "sib.failed")  # graphs kept after a failed validation are never reused
+    assert reuse.find(out, key, "graphs") is None
+    os.replace(tmp_path / "sib.failed", sib)
     with open(sib / "segment1.onnx", "ab") as f:  # edited after export: its sha256 no longer matches
         f.write(b"\0")
     assert reuse.find(out, key, "graphs") is None
@@ -425,15 +430,20 @@ def test_sibling_reuse_refuses_changed_or_quantized_files(tmp_root: Path, tmp_pa
     m = json.loads((sib / "manifest.json").read_text())
     (sib / "manifest.json").write_text(json.dumps({**m, "weights": {"weights": "int8"}}))
     assert reuse.find(out, key, "graphs") is None
-    # the key: the same for sts and none on tiny-llava (prune layer 2 both), another for other layers/dtype/opset/weights
+    # the key: the same segments for sts and none (same prune layer), others for other layers/dtype/opset/weights
     gqa = resolve("tiny-llava-gqa")
-    plans = {m: Plan.create(gqa.recipe, m, b, "float32") for m, b in (("sts", 32), ("none", "full"), ("fastv", 300))}
-    k = {m: reuse.build_key(gqa, gqa.recipe, p, "segment2", "portable", "fp32", 18) for m, p in plans.items()}
-    assert k["sts"] == k["none"] != k["fastv"]  # FastV prunes after layer 2, STS at the recipe's layer
+    plans = {m: Plan.create(gqa.recipe, m, b, "float32") for m, b in (("sts", 32), ("none", "full"), ("fastv", 300),
+                                                                        ("sts-s", 32))}
+    key = functools.partial(reuse.build_key, gqa, gqa.recipe)
+    k = {m: key(p, "segment2", "portable", "fp32", 18, "mean") for m, p in plans.items()}
+    assert k["sts"] == k["none"] == k["sts-s"] != k["fastv"]  # FastV prunes after layer 2, STS at the recipe's layer
     p = plans["sts"]
-    assert len({k["sts"], reuse.build_key(gqa, gqa.recipe, p, "segment2", "portable", "fp16", 18),
-                reuse.build_key(gqa, gqa.recipe, p, "segment2", "portable", "fp32", 21),
-                reuse.build_key(gqa, gqa.recipe, p, "segment2", "ort", "fp32", 18),
+    assert len({k["sts"], key(p, "segment2", "portable", "fp16", 18, "mean"),
+                key(p, "segment2", "portable", "fp32", 21, "mean"), key(p, "segment2", "ort", "fp32", 18, "mean"),
                 reuse.build_key(resolve("tiny-llava-gqa", random_weights=True), gqa.recipe, p, "segment2", "portable",
-                                "fp32", 18)}) == 5
-    assert reuse.build_key(gqa, gqa.recipe, p, "vision", "portable", "fp32", 18) is None
+                                "fp32", 18, "mean")}) == 5
+    # vision (Stage 1) and prune (Stage 2) also follow the method, budget and anchor
+    vis = {key(q, "vision", "portable", "fp32", 18, a) for q in plans.values() for a in ("mean", "first")}
+    assert len(vis) == 8 and key(p, "vision", "portable", "fp32", 18, "mean") in vis
+    assert key(p, "prune", "portable", "fp32", 18, "mean") != key(plans["sts-s"], "prune", "portable", "fp32", 18,
+                                                                    "mean")

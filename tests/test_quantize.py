@@ -95,11 +95,14 @@ def test_scheme_quantizes_validates_and_runs(float_export: Path, root: Path, wei
         assert not reports["segment1"].ok and any("MatMulNBits" in i.what for i in reports["segment1"].issues)
 
 
-def test_cli_export_int4_validates_against_the_float_graphs(root: Path) -> None:
-    """export.py --weights int4: the torch validation of the float graphs, then the quantized ones against them."""
+def test_cli_export_int4_validates_against_the_float_graphs(float_export: Path, root: Path) -> None:
+    """export.py --weights int4: the torch validation of the float graphs, then the quantized ones against them.
+    Its float graphs are those of `float_export` beside it (same configuration, opset 21): copied, then validated."""
     out = root / "cli-int4"
     r = run_cli("export.py", "--model", "tiny-llava", "--budget", "64", "--weights", "int4", "--out", str(out))
     assert r.returncode == 0, r.stderr[-2000:]
+    for g in ("[1/5] vision", "[4/5] prune", "ORT form of vision", "ORT form of segment2"):
+        assert f"{g}: copied from the sibling export {float_export.name}" in r.stdout, r.stdout
     assert "validation: PASS" in r.stdout and "validation of int4-b128 vs the unquantized graphs: PASS" in r.stdout
     v = json.loads((out / "validation.json").read_text())
     assert v["passed"] and v["weights"]["passed"] and v["graphs"]  # torch vs ORT (float) kept beside

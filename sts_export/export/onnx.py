@@ -326,8 +326,8 @@ def export(
     `export/ort_form.py`) for fp32 exports (float, or int8/int4 MatMulNBits: quantized like the portable graphs),
     not for target trt;
     validated with the rest.
-    reuse: copy `embed`/`segment1`/`segment2` (and their ORT form) from a sibling export in the same parent directory
-    whose manifest records the same build key (`export/reuse.py`) instead of exporting them again."""
+    reuse: copy a graph (or its ORT form) from a sibling export in the same parent directory whose manifest records
+    the same build key (`export/reuse.py`) instead of exporting it again."""
     check_method(method)
     budget = parse_budget(budget)
     from sts_export.export.quantize import check_weights, required_opset
@@ -361,17 +361,17 @@ def export(
     tmp = memory.make_tmp_dir(out)  # .<name>.tmp-XXXXXXXX with this process's owner record
     from sts_export.export import reuse as sibling
 
-    keys = {(g, form): k for g in names for form in ("portable", "ort")
-            if (k := sibling.build_key(src, rec, plan, g, form, dtype, opset)) is not None}
+    keys = {(g, form): sibling.build_key(src, rec, plan, g, form, dtype, opset, anchor)
+            for g in names for form in ("portable", "ort")}
     try:
         reused: dict[str, str] = {}
         for i, g in enumerate(names, 1):
-            hit = sibling.find(out, keys[g, "portable"], "graphs") if reuse and (g, "portable") in keys else None
+            hit = sibling.find(out, keys[g, "portable"], "graphs") if reuse else None
             if hit is not None:
                 sibling.copy_into(*hit, tmp)
                 reused[g] = hit[0].name
-                progress(f"[{i}/{len(names)}] {g}: copied from the sibling export {hit[0].name} (same weights, recipe, "
-                         f"layers, dtype, opset and tool)")
+                progress(f"[{i}/{len(names)}] {g}: copied from the sibling export {hit[0].name} (same build key: "
+                         f"weights, recipe, configuration, dtype, opset and tool)")
                 continue
             t = time.perf_counter()
             progress(f"[{i}/{len(names)}] exporting {g} ...")
@@ -382,8 +382,7 @@ def export(
         write_side_files(tmp, src, rec, progress)
         manifest = manifest_for(rec, src, method, budget, plan, anchor, dtype, tmp, names, opset)
         for g, e in manifest["graphs"].items():
-            if (g, "portable") in keys:
-                e["build_key"] = keys[g, "portable"]
+            e["build_key"] = keys[g, "portable"]
             if g in reused:
                 e["reused_from"] = reused[g]
         # before validation frees the torch weights; MatMulNBits exports quantize it with the portable graphs

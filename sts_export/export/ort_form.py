@@ -290,7 +290,7 @@ def export_ort_form(graphs: dict[str, nn.Module], plan: Any, recipe: Any, dtype:
     -> the manifest's "ort_form" entry.
 
     `graphs` are the export's torch modules (their SegmentGraphs' layers are reused, q|k|v packed).
-    keys: the segments' build keys, recorded in their entries; with `final` (the export's destination) a segment
+    keys: the graphs' build keys, recorded in their entries; with `final` (the export's destination) a graph
     whose key a sibling export of `final` records is copied from it (`export/reuse.py`)."""
     import warnings
 
@@ -299,16 +299,23 @@ def export_ort_form(graphs: dict[str, nn.Module], plan: Any, recipe: Any, dtype:
 
     keys = keys or {}
     entry: dict[str, Any] = {}
-    if export_vision_form(graphs["vision"], plan, recipe, dtype, out / ort_file("vision"), opset):
-        entry["vision"] = form_entry(out / ort_file("vision"))
-    for g in FORM_GRAPHS:
-        key = {"build_key": keys[g]} if g in keys else {}
+
+    def copied(g: str) -> bool:  # the sibling's file of the same key, when there is one
         hit = reuse.find(final, keys[g], "ort_form") if final is not None and g in keys else None
         if hit is not None:
             reuse.copy_into(*hit, out)
-            entry[g] = {**form_entry(out / ort_file(g)), **key, "reused_from": hit[0].name}
+            entry[g] = {**form_entry(out / ort_file(g)), "build_key": keys[g], "reused_from": hit[0].name}
             if progress is not None:
                 progress(f"ORT form of {g}: copied from the sibling export {hit[0].name}")
+        return hit is not None
+
+    if not copied("vision") and export_vision_form(graphs["vision"], plan, recipe, dtype, out / ort_file("vision"),
+                                                   opset):
+        entry["vision"] = {**form_entry(out / ort_file("vision")), **({"build_key": keys["vision"]}
+                                                                       if "vision" in keys else {})}
+    for g in FORM_GRAPHS:
+        key = {"build_key": keys[g]} if g in keys else {}
+        if copied(g):
             continue
         fused = FusedSegment(graphs[g], recipe.text).eval()
         args, shapes = _example(plan, recipe, g, dtype)

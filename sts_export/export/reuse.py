@@ -1,12 +1,14 @@
 """Graphs shared between exports: copy a graph from a sibling export instead of exporting it again.
 
 Exports of one model that differ only in method or budget write identical `embed` graphs, and identical
-`segment1`/`segment2` (portable and ORT form) whenever their prune layer agrees: only `vision` and `prune` carry
-the method and budget. Each such graph's manifest entry records a `build_key`, the digest of everything its bytes
-follow from (weights files or random seed, recipe, dtype, opset, graph and layer range, IO names, the torch /
-transformers / onnx / onnxscript versions and the source of this package). An export looks for a sibling
-directory (same parent) whose unquantized manifest holds the same key and whose file still has the recorded
-sha256, copies it, and records `reused_from`; validation then checks it like every other graph.
+`segment1`/`segment2` (portable and ORT form) whenever their prune layer agrees; `vision` and `prune` are
+identical between exports of the same method, budget and anchor (an int4 export beside its fp32 one, an export
+redone with `--force`). Each graph's manifest entry records a `build_key`, the digest of everything its bytes
+follow from (weights files or random seed, recipe, dtype, opset, graph and layer range, IO names, for vision and
+prune the method, budget, K, K' and anchor, the torch / transformers / onnx / onnxscript versions and the source
+of this package). An export looks for a sibling directory (same parent) whose unquantized manifest holds the same
+key and whose file still has the recorded sha256, copies it, and records `reused_from`; validation then checks it
+like every other graph.
 """
 from __future__ import annotations
 
@@ -18,7 +20,7 @@ import shutil
 from pathlib import Path
 from typing import Any
 
-REUSABLE = ("embed", "segment1", "segment2")  # graphs that do not depend on the method or the budget
+METHOD_FREE = ("embed", "segment1", "segment2")  # graphs that depend on neither the method nor the budget
 
 
 @functools.lru_cache(maxsize=1)
@@ -51,20 +53,20 @@ def _source(src: Any) -> dict[str, Any]:
     return {"path": str(path), "files": [[f.name, f.stat().st_size, f.stat().st_mtime_ns] for f in files]}
 
 
-def build_key(src: Any, recipe: Any, plan: Any, graph: str, form: str, dtype: str, opset: int) -> str | None:
-    """The digest a reusable graph's bytes follow from (None for a graph that depends on the method or budget).
-
-    form: "portable" or "ort"."""
-    if graph not in REUSABLE:
-        return None
+def build_key(src: Any, recipe: Any, plan: Any, graph: str, form: str, dtype: str, opset: int,
+              anchor: str) -> str:
+    """The digest a graph's bytes follow from. form: "portable" or "ort"."""
     what = {"graph": graph, "form": form, "dtype": dtype, "opset": opset, "source": _source(src),
             "recipe": recipe.to_dict(), "layers": plan.segment_layers.get(graph), "io": plan.io(graph),
             "position_axes": plan.position_axes, "tool": _tool_digest()}
+    if graph not in METHOD_FREE:  # vision (Stage 1), prune (Stage 2): the configuration too
+        what["config"] = {"method": plan.method, "budget": plan.budget, "k_pre": plan.k_pre, "k_post": plan.k_post,
+                          "prune_layer": plan.prune_layer, "anchor": anchor}
     return hashlib.sha256(json.dumps(what, sort_keys=True, default=str).encode()).hexdigest()
 
 
 def find(out: Path, key: str, form: str) -> tuple[Path, dict[str, Any]] | None:
-    """A sibling export of `out` (same parent, unquantized, complete) whose `form` entry ("graphs" or "ort_form")
+    """A sibling export of `out` (same parent, unquantized, complete, not `.failed`) whose `form` entry ("graphs" or "ort_form")
     has `key`: (its directory, the entry); None when there is none."""
     from sts_export.export.manifest import sha256
 
@@ -72,7 +74,8 @@ def find(out: Path, key: str, form: str) -> tuple[Path, dict[str, Any]] | None:
     if not parent.is_dir():
         return None
     for d in sorted(parent.iterdir()):
-        if d == out or d.name.startswith(".") or not (d / "manifest.json").is_file():
+        # not the export itself, its temporary directories, nor graphs kept after a failed validation
+        if d == out or d.name.startswith(".") or d.name.endswith(".failed") or not (d / "manifest.json").is_file():
             continue
         try:
             m = json.loads((d / "manifest.json").read_text())
