@@ -418,18 +418,18 @@ def test_sibling_reuse_refuses_changed_or_quantized_files(tmp_root: Path, tmp_pa
     sib = tmp_path / "sib"
     shutil.copytree(src, sib)
     out = tmp_path / "new"
-    assert reuse.find(out, key, "graphs")[0] == sib
-    assert reuse.find(out, "0" * 64, "graphs") is None
+    assert reuse.find(reuse.siblings(out), key, "graphs")[0] == sib
+    assert reuse.find(reuse.siblings(out), "0" * 64, "graphs") is None
     os.replace(sib, tmp_path / "sib.failed")  # graphs kept after a failed validation are never reused
-    assert reuse.find(out, key, "graphs") is None
+    assert reuse.find(reuse.siblings(out), key, "graphs") is None
     os.replace(tmp_path / "sib.failed", sib)
     with open(sib / "segment1.onnx", "ab") as f:  # edited after export: its sha256 no longer matches
         f.write(b"\0")
-    assert reuse.find(out, key, "graphs") is None
+    assert reuse.find(reuse.siblings(out), key, "graphs") is None
     shutil.copyfile(src / "segment1.onnx", sib / "segment1.onnx")
     m = json.loads((sib / "manifest.json").read_text())
     (sib / "manifest.json").write_text(json.dumps({**m, "weights": {"weights": "int8"}}))
-    assert reuse.find(out, key, "graphs") is None
+    assert reuse.find(reuse.siblings(out), key, "graphs") is None
     # the key: the same segments for sts and none (same prune layer), others for other layers/dtype/opset/weights
     gqa = resolve("tiny-llava-gqa")
     plans = {m: Plan.create(gqa.recipe, m, b, "float32") for m, b in (("sts", 32), ("none", "full"), ("fastv", 300),

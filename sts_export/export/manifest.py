@@ -87,6 +87,14 @@ def export_dtype(export_dir: Path, manifest: dict[str, Any]) -> str:
     return kinds.pop()
 
 
+def entry_files(entry: dict[str, Any]) -> list[tuple[str, str]]:
+    """(file name, sha256) of every file one graph entry names: its ONNX file, external data, AOTInductor package."""
+    files = [(entry["onnx"], entry["sha256"])] if "onnx" in entry else []  # an AOTInductor-only export has no ONNX
+    files += [(entry["external_data"]["file"], entry["external_data"]["sha256"])] if "external_data" in entry else []
+    files += [(entry["aoti"]["package"], entry["aoti"]["sha256"])] if "aoti" in entry else []
+    return files
+
+
 def read_manifest(export_dir: Path, verify: bool = True) -> dict[str, Any]:
     """manifest.json of an export directory, with every graph present and matching its sha256."""
     path = export_dir / "manifest.json"
@@ -103,10 +111,7 @@ def read_manifest(export_dir: Path, verify: bool = True) -> dict[str, Any]:
         raise StsError(f"{path} has format version {fmt}, newer than this sts-export reads ({FORMAT_VERSION}); upgrade sts-export")
     form = {k: v for k, v in m.get("ort_form", {}).items() if isinstance(v, dict) and "onnx" in v}
     for name, g in [*m.get("graphs", {}).items(), *form.items()]:
-        files = [(g["onnx"], g["sha256"])] if "onnx" in g else []  # an AOTInductor-only export has no ONNX
-        files += [(g["external_data"]["file"], g["external_data"]["sha256"])] if "external_data" in g else []
-        files += [(g["aoti"]["package"], g["aoti"]["sha256"])] if "aoti" in g else []
-        for fname, digest in files:
+        for fname, digest in entry_files(g):
             f = export_dir / fname
             if not f.is_file():
                 raise StsError(f"graph '{name}' is missing ({f.name}); copy the whole export directory again or re-export")

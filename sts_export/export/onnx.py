@@ -363,10 +363,11 @@ def export(
 
     keys = {(g, form): sibling.build_key(src, rec, plan, g, form, dtype, opset, anchor)
             for g in names for form in ("portable", "ort")}
+    near = sibling.siblings(out) if reuse else []  # read once: the exports beside this one that may lend graphs
     try:
         reused: dict[str, str] = {}
         for i, g in enumerate(names, 1):
-            hit = sibling.find(out, keys[g, "portable"], "graphs") if reuse else None
+            hit = sibling.find(near, keys[g, "portable"], "graphs")
             if hit is not None:
                 sibling.copy_into(*hit, tmp)
                 reused[g] = hit[0].name
@@ -396,7 +397,7 @@ def export(
             progress("exporting the ORT form of segment1/segment2 (fused kernels, in-place KV cache) ...")
             manifest["ort_form"] = export_ort_form(graphs, plan, rec, torch_dtype, tmp, opset,
                                                    {g: k for (g, form), k in keys.items() if form == "ort"},
-                                                   out if reuse else None, progress)
+                                                   near, progress)
             progress(f"ORT form: {time.perf_counter() - t:.1f} s")
             gc.collect()
         write_manifest(tmp, manifest)

@@ -22,7 +22,7 @@ The causal mask is by cache order, as the portable graphs'. Stage 1 and Stage 2 
 embed and prune stay portable (their float32 math and picks are the validated ones).
 """
 from pathlib import Path
-from typing import Any, Callable, Optional
+from typing import Any, Callable, Optional, Sequence
 
 import torch
 from torch import nn
@@ -284,14 +284,14 @@ def export_vision_form(vision: nn.Module, plan: Any, recipe: Any, dtype: torch.d
 
 
 def export_ort_form(graphs: dict[str, nn.Module], plan: Any, recipe: Any, dtype: torch.dtype, out: Path,
-                    opset: int, keys: dict[str, str] | None = None, final: Path | None = None,
+                    opset: int, keys: dict[str, str] | None = None, near: Sequence[tuple[Path, dict]] = (),
                     progress: Callable[[str], None] | None = None) -> dict[str, Any]:
     """Write segment1/segment2 (and, for CLIP towers, vision) in the ORT form next to the portable graphs;
     -> the manifest's "ort_form" entry.
 
     `graphs` are the export's torch modules (their SegmentGraphs' layers are reused, q|k|v packed).
-    keys: the graphs' build keys, recorded in their entries; with `final` (the export's destination) a graph
-    whose key a sibling export of `final` records is copied from it (`export/reuse.py`)."""
+    keys: the graphs' build keys, recorded in their entries; a graph whose key one of the sibling exports `near`
+    (`reuse.siblings`) records is copied from it (`export/reuse.py`)."""
     import warnings
 
     from sts_export.export import reuse
@@ -300,21 +300,22 @@ def export_ort_form(graphs: dict[str, nn.Module], plan: Any, recipe: Any, dtype:
     keys = keys or {}
     entry: dict[str, Any] = {}
 
+    def record(g: str, **extra: str) -> None:  # the written file's entry, with its build key
+        entry[g] = {**form_entry(out / ort_file(g)), **({"build_key": keys[g]} if g in keys else {}), **extra}
+
     def copied(g: str) -> bool:  # the sibling's file of the same key, when there is one
-        hit = reuse.find(final, keys[g], "ort_form") if final is not None and g in keys else None
+        hit = reuse.find(near, keys[g], "ort_form") if g in keys else None
         if hit is not None:
             reuse.copy_into(*hit, out)
-            entry[g] = {**form_entry(out / ort_file(g)), "build_key": keys[g], "reused_from": hit[0].name}
+            record(g, reused_from=hit[0].name)
             if progress is not None:
                 progress(f"ORT form of {g}: copied from the sibling export {hit[0].name}")
         return hit is not None
 
     if not copied("vision") and export_vision_form(graphs["vision"], plan, recipe, dtype, out / ort_file("vision"),
                                                    opset):
-        entry["vision"] = {**form_entry(out / ort_file("vision")), **({"build_key": keys["vision"]}
-                                                                       if "vision" in keys else {})}
+        record("vision")
     for g in FORM_GRAPHS:
-        key = {"build_key": keys[g]} if g in keys else {}
         if copied(g):
             continue
         fused = FusedSegment(graphs[g], recipe.text).eval()
@@ -330,7 +331,7 @@ def export_ort_form(graphs: dict[str, nn.Module], plan: Any, recipe: Any, dtype:
         prog.save(str(path), external_data=n_bytes > TWO_GB - 64 * 1024**2)
         del prog, fused
         _fix_cache_dims(path)
-        entry[g] = {**form_entry(path), **key}
+        record(g)
     entry["cache"] = {"inputs": list(CACHE_INPUTS), "layout": "BNSH", "share_buffer": True, "form_version": ORT_FORM_VERSION,
                       "ops": ["SimplifiedLayerNormalization", "com.microsoft.SkipSimplifiedLayerNormalization",
                               "com.microsoft.GroupQueryAttention"] + (

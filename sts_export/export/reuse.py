@@ -18,7 +18,7 @@ import json
 import platform
 import shutil
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
 
 METHOD_FREE = ("embed", "segment1", "segment2")  # graphs that depend on neither the method nor the budget
 
@@ -65,36 +65,39 @@ def build_key(src: Any, recipe: Any, plan: Any, graph: str, form: str, dtype: st
     return hashlib.sha256(json.dumps(what, sort_keys=True, default=str).encode()).hexdigest()
 
 
-def find(out: Path, key: str, form: str) -> tuple[Path, dict[str, Any]] | None:
-    """A sibling export of `out` (same parent, unquantized, complete, not `.failed`) whose `form` entry ("graphs" or "ort_form")
-    has `key`: (its directory, the entry); None when there is none."""
-    from sts_export.export.manifest import sha256
-
+def siblings(out: Path) -> list[tuple[Path, dict[str, Any]]]:
+    """(directory, manifest) of every export beside `out` whose graphs can be reused: complete (a manifest), not
+    `out` itself, not a temporary or `.failed` directory, not quantized in place after export."""
     parent = out.parent
-    if not parent.is_dir():
-        return None
-    for d in sorted(parent.iterdir()):
-        # not the export itself, its temporary directories, nor graphs kept after a failed validation
+    found = []
+    for d in sorted(parent.iterdir()) if parent.is_dir() else []:
         if d == out or d.name.startswith(".") or d.name.endswith(".failed") or not (d / "manifest.json").is_file():
             continue
         try:
             m = json.loads((d / "manifest.json").read_text())
         except (OSError, ValueError):
             continue
-        if m.get("weights"):  # quantized in place after export: its graphs are not the float ones
-            continue
+        if not m.get("weights"):  # a quantized export's graphs are not the float ones
+            found.append((d, m))
+    return found
+
+
+def find(near: Sequence[tuple[Path, dict[str, Any]]], key: str, form: str) -> tuple[Path, dict[str, Any]] | None:
+    """The first of `near` (`siblings`) whose `form` entry ("graphs" or "ort_form") has `key` and whose files still
+    match their recorded sha256: (its directory, the entry); None when there is none."""
+    from sts_export.export.manifest import entry_files, sha256
+
+    for d, m in near:
         for e in (m.get(form) or {}).values():
-            if not isinstance(e, dict) or e.get("build_key") != key:
-                continue
-            files = [d / e["onnx"]] + ([d / e["external_data"]["file"]] if e.get("external_data") else [])
-            if all(f.is_file() for f in files) and sha256(files[0]) == e["sha256"] and (
-                    not e.get("external_data") or sha256(files[1]) == e["external_data"]["sha256"]):
+            if isinstance(e, dict) and e.get("build_key") == key and all(
+                    (d / f).is_file() and sha256(d / f) == digest for f, digest in entry_files(e)):
                 return d, e
     return None
 
 
 def copy_into(sibling: Path, entry: dict[str, Any], tmp: Path) -> None:
-    """Copy one graph's files (and its external data) from a sibling export into the temporary directory."""
-    shutil.copyfile(sibling / entry["onnx"], tmp / entry["onnx"])
-    if entry.get("external_data"):
-        shutil.copyfile(sibling / entry["external_data"]["file"], tmp / entry["external_data"]["file"])
+    """Copy one graph's files (ONNX and external data) from a sibling export into the temporary directory."""
+    from sts_export.export.manifest import entry_files
+
+    for f, _ in entry_files(entry):
+        shutil.copyfile(sibling / f, tmp / f)
