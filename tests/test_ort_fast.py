@@ -68,17 +68,18 @@ class Routed:
 
 @pytest.fixture(scope="module")
 def segments(tmp_path_factory: pytest.TempPathFactory) -> Any:
-    """(family, prune layer) -> a directory with the ORT form of segment1/segment2 and its manifest-like dict."""
+    """(family, prune layer, rotary layout) -> a directory with the ORT form of segment1/segment2 and its
+    manifest-like dict."""
     from sts_export.export.ort_form import export_ort_form
 
-    made: dict[tuple[str, int], tuple[Path, dict[str, Any]]] = {}
+    made: dict[tuple[str, int, str], tuple[Path, dict[str, Any]]] = {}
 
-    def get(name: str, pipe: Pipeline) -> tuple[Path, dict[str, Any]]:
-        key = (name, pipe.plan.prune_layer)
+    def get(name: str, pipe: Pipeline, rotary: str = "kernel") -> tuple[Path, dict[str, Any]]:
+        key = (name, pipe.plan.prune_layer, rotary)
         if key not in made:
-            d = tmp_path_factory.mktemp(f"seg-{name}-{key[1]}")
+            d = tmp_path_factory.mktemp(f"seg-{name}-{key[1]}-{rotary}")
             graphs, plan, rec = pipe.backend.graphs, pipe.plan, pipe.recipe
-            form = export_ort_form(graphs, plan, rec, torch.float32, d, 18)
+            form = export_ort_form(graphs, plan, rec, torch.float32, d, 18, rotary=rotary)
             m = {"recipe": rec.to_dict(), "dtype": "fp32", "ort_form": form,
                  "graphs": {g: {"onnx": f"{g}.onnx"} for g in ("segment1", "segment2")}}
             made[key] = (d, m)
@@ -126,6 +127,32 @@ def test_fused_segments_equal_torch_for_every_method(segments: Any, name: str) -
         a, b = runs[("ort", True, 16)], runs[("ort", False, 16)]
         assert np.array_equal(a.first_logits, b.first_logits) and a.tokens.tolist() == b.tokens.tolist()
         assert ref.s2 > 16, "the chunks must split segment2's prefill too"
+
+
+@pytest.mark.parametrize("name", list(METHODS))
+def test_rotary_ops_layout_equals_torch(segments: Any, name: str) -> None:
+    """The ORT form with rotary="ops" (Split + RotaryEmbedding on q and k + GroupQueryAttention without rotary: what
+    an export writes with an onnxruntime before 1.32): STS's gapped ids after Stage 2 (and Qwen's M-RoPE ids) give
+    torch's tokens, picks and first logits, in one prefill call and in chunks."""
+    import onnx
+
+    img = make_image(seed=21)
+    method, budget, pipe = next((m, b, p) for m, b, p in method_pipelines(name) if m == "sts")
+    image, prompt = pipe.prepare_image(img), pipe.encode(PROMPT)
+    ref = generate(pipe.backend, pipe.plan, image, prompt, NEW_TOKENS)
+    d, m = segments(name, pipe, "ops")
+    assert m["ort_form"]["cache"]["rotary"] == "ops"
+    nodes = onnx.load(str(d / "segment2.ort.onnx"), load_external_data=False).graph.node
+    gqa = [n for n in nodes if n.op_type == "GroupQueryAttention"]
+    assert sum(n.op_type == "RotaryEmbedding" for n in nodes) == 2 * len(gqa) > 0
+    assert all(len(n.input) <= 7 and all(a.name != "do_rotary" or a.i == 0 for a in n.attribute) for n in gqa)
+    for chunk in (None, 16):
+        be = OrtBackend(d, m, device="cpu", form="ort")
+        be.prefill_chunk = chunk
+        got = generate(Routed(pipe.backend, be), pipe.plan, image, prompt, NEW_TOKENS)
+        assert got.tokens.tolist() == ref.tokens.tolist() and got.keep_post.tolist() == ref.keep_post.tolist(), chunk
+        assert np.abs(got.first_logits - ref.first_logits).max() <= pipe.recipe.tolerance.fp32, chunk
+        assert (got.s1, got.s2, got.cache_lengths) == (ref.s1, ref.s2, ref.cache_lengths), chunk
 
 
 def test_in_place_cache_is_written_in_place(segments: Any) -> None:
@@ -345,6 +372,28 @@ def test_older_ort_form_is_left_unused(segments: Any) -> None:
     assert OrtBackend(d, old, device="cpu").form == "portable"
     with pytest.raises(StsError, match="older ORT form.*python -m sts_export.export.ort_form"):
         OrtBackend(d, old, device="cpu", form="ort")
+
+
+def test_onnxruntime_without_query_seqlens_runs_portable_segments(segments: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    """An onnxruntime whose GroupQueryAttention lacks query_seqlens (before 1.32) cannot load a form with rotary
+    "kernel": form="auto" runs the portable segments, form="ort" says why in one line. The installed onnxruntime
+    (the suite's) has it: every other ORT-form test runs the fused segments."""
+    import sts_export.backends.onnxruntime as ob
+    from sts_export.errors import StsError
+
+    assert ob.gqa_takes_query_seqlens()
+    pipe = Pipeline.from_pretrained("tiny-llava", budget=64, method="sts")
+    d, m = segments("tiny-llava", pipe)
+    monkeypatch.setattr(ob, "gqa_takes_query_seqlens", lambda: False)
+    be = OrtBackend(d, m, device="cpu")
+    assert be.form == "portable" and not be.form_graphs & {"segment1", "segment2"}
+    with pytest.raises(StsError, match=r"needs onnxruntime 1\.32 or newer.*form 'portable'"):
+        OrtBackend(d, m, device="cpu", form="ort")
+    # the form such an onnxruntime exports (rotary as RotaryEmbedding ops) loads; prefill runs unchunked there
+    # (GroupQueryAttention before 1.32 takes no batch of several rows with a past)
+    d2, m2 = segments("tiny-llava", pipe, "ops")
+    be = OrtBackend(d2, m2, device="cpu")
+    assert be.form == "ort" and be.prefill_chunk is None
 
 
 def test_batch_of_two_in_prefill_chunks(segments: Any) -> None:

@@ -19,6 +19,7 @@ Same code path on CPU and CUDA (I/O binding throughout); on CPU "device" memory 
 """
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import os
@@ -34,6 +35,19 @@ CACHE_DIR = "ort_cache"
 SPIN_MODES = {"run": {"session.intra_op.allow_spinning": "1", "session.force_spinning_stop": "1"},
               "0": {"session.intra_op.allow_spinning": "0"}, "1": {"session.intra_op.allow_spinning": "1"}}
 PREFILL_CHUNK = 256  # tokens per prefill call of the ORT form on CPU (see OrtBackend.prefill_chunk)
+
+
+@functools.lru_cache(maxsize=1)
+def gqa_takes_query_seqlens() -> bool:
+    """Whether this onnxruntime's GroupQueryAttention has the `query_seqlens` input (1.32+) that the ORT form's
+    segments feed (read off the registered operator schema)."""
+    try:
+        from onnxruntime.capi import onnxruntime_pybind11_state as C
+
+        return any(op.name == "GroupQueryAttention" and op.domain == "com.microsoft" and
+                   any(i.name == "query_seqlens" for i in op.inputs) for op in C.get_all_operator_schema())
+    except (ImportError, AttributeError):
+        return False
 
 
 class OrtCache:
@@ -90,8 +104,13 @@ class OrtBackend:
         want_cuda = device in ("auto", "cuda") and "CUDAExecutionProvider" in avail
         if device == "cuda" and not want_cuda:
             raise StsError("the CUDA provider of onnxruntime is not available; pip install onnxruntime-gpu or use --device cpu")
-        self.providers = (["CUDAExecutionProvider"] if want_cuda else []) + ["CPUExecutionProvider"]
+        # fp32 exports keep float32 math on the GPU too: the CUDA provider's default TF32 matmuls/convolutions
+        # (10-bit mantissa) would move fp32 logits by ~1e-3 (measured on an H200), past the fp32 tolerance
+        cuda = ("CUDAExecutionProvider", {"use_tf32": "0"} if manifest.get("dtype", "fp32") == "fp32" else {})
+        self.providers: list[Any] = ([cuda] if want_cuda else []) + ["CPUExecutionProvider"]
         self.device_type = "cuda" if want_cuda else "cpu"
+        if want_cuda and hasattr(ort, "preload_dlls"):  # CUDA/cuDNN from PyTorch or the nvidia-* wheels when present
+            ort.preload_dlls()
         self.opts = ort.SessionOptions()
         if threads:
             self.opts.intra_op_num_threads = threads
@@ -100,6 +119,7 @@ class OrtBackend:
         # run(): per graph, its IOBinding, input names, (output name, the past it shares a buffer with), what is bound
         self._bindings: dict[str, tuple[Any, list[str], list[tuple[str, str | None]], dict[str, Any]]] = {}
         self.load_seconds: dict[str, float] = {}
+        self._concat: dict[tuple[int, str, int, int], Any] = {}  # concat(): one session per signature
         self.resident, self.inplace, self.cache = resident, inplace, cache
         # CPU: long prefills run in chunks (generate.run_segment); GroupQueryAttention's CPU kernel writes the whole
         # [heads, S, T] score matrix, which at S in the thousands outgrows the caches (STS_ORT_PREFILL_CHUNK=0: off)
@@ -107,7 +127,8 @@ class OrtBackend:
         if not raw.strip().isdigit():
             raise StsError(f"STS_ORT_PREFILL_CHUNK must be a whole number of tokens (0: no chunks), got '{raw}'")
         chunk = int(raw)
-        self.prefill_chunk = chunk if chunk > 0 and self.device_type == "cpu" else None
+        # (chunks of a batch of several rows need GroupQueryAttention with query_seqlens: onnxruntime 1.32+)
+        self.prefill_chunk = chunk if chunk > 0 and self.device_type == "cpu" and gqa_takes_query_seqlens() else None
         from sts_export.export.manifest import manifest_recipe
 
         t = manifest_recipe(manifest).text
@@ -127,13 +148,25 @@ class OrtBackend:
                 raise StsError(f"{export_dir} holds an older ORT form; write the current one with "
                                f"python -m sts_export.export.ort_form {export_dir}")
             have = set()
-        # the ORT form's kernels are float32 on the CPU provider (GroupQueryAttention has no float32 CUDA kernel)
+        kernel_rotary = manifest.get("ort_form", {}).get("cache", {}).get("rotary", "kernel") == "kernel"
+        if have & {"segment1", "segment2"} and kernel_rotary and not gqa_takes_query_seqlens():
+            # an older onnxruntime (1.31 and before) cannot load a form with rotary "kernel": its GroupQueryAttention
+            # feeds query_seqlens, without which the kernel rotates a first prompt at 0..S-1 whatever the position
+            # ids (gapped ids after Stage 2, M-RoPE's). A form exported there rotates with RotaryEmbedding ops.
+            if form == "ort":
+                raise StsError(f"this ORT form of the decoder needs onnxruntime 1.32 or newer (this is {ort.__version__}); "
+                               "pip install -U onnxruntime, rewrite it with python -m sts_export.export.ort_form "
+                               "DIR, or run the portable graphs (form 'portable')")
+            have -= {"segment1", "segment2"}
+        # the ORT form is float32 for the CPU provider (GroupQueryAttention has no float32 CUDA kernel: on CUDA an
+        # fp32 export runs its portable graphs)
         runs_here = not want_cuda or manifest.get("dtype") != "fp32"
         self.form_graphs = have if form == "ort" or (form == "auto" and runs_here) else set()
 
     @property
     def form(self) -> str:
-        return "ort" if self.form_graphs else "portable"
+        """The decoder segments' form as they run: "ort" (fused kernels, the backend's cache) or "portable"."""
+        return "ort" if self.form_graphs & {"segment1", "segment2"} else "portable"
 
     # ------------------------------------------------------------------ sessions
     def _entry(self, graph: str) -> dict[str, Any]:
@@ -279,6 +312,32 @@ class OrtBackend:
         return x.numpy() if isinstance(x, self.ort.OrtValue) else np.asarray(x)
 
     def concat(self, xs: list[Any], axis: int) -> Any:
-        """Prefill only (prefix embeds + image + suffix embeds): through the host, once per prompt."""
-        host = np.concatenate([self.to_numpy(x) for x in xs], axis=axis)
-        return self.from_numpy(host) if self.resident else host
+        """Prefill only (prefix embeds + image + suffix embeds), once per prompt. Resident: an ONNX Concat run
+        where the pieces are (on the GPU with CUDA), so the image embeddings never visit the host."""
+        if not self.resident:
+            return np.concatenate([self.to_numpy(x) for x in xs], axis=axis)
+        xs = [x if isinstance(x, self.ort.OrtValue) else self.from_numpy(x) for x in xs]
+        key = (len(xs), xs[0].data_type(), len(xs[0].shape()), axis)
+        if key not in self._concat:
+            self._concat[key] = self._concat_session(*key)
+        sess = self._concat[key]
+        io = sess.io_binding()
+        for i, x in enumerate(xs):
+            io.bind_ortvalue_input(f"x{i}", x)
+        io.bind_output("y", self.device_type)
+        sess.run_with_iobinding(io)
+        return self.ort.OrtValue(io.get_outputs_as_ortvaluevector()[0])
+
+    def _concat_session(self, n: int, element_type: str, rank: int, axis: int) -> Any:
+        """An in-memory one-node graph: y = Concat(x0..x{n-1}, axis) for tensors of this element type and rank."""
+        from onnx import TensorProto, helper
+
+        et = {"tensor(float)": TensorProto.FLOAT, "tensor(float16)": TensorProto.FLOAT16,
+              "tensor(bfloat16)": TensorProto.BFLOAT16}[element_type]  # OrtValue.data_type()
+        dims = [f"d{j}" for j in range(rank)]
+        ins = [helper.make_tensor_value_info(f"x{i}", et, [f"{d}_{i}" if j == axis else d for j, d in enumerate(dims)])
+               for i in range(n)]
+        out = helper.make_tensor_value_info("y", et, [None] * rank)
+        g = helper.make_graph([helper.make_node("Concat", [i.name for i in ins], ["y"], axis=axis)], "concat", ins, [out])
+        m = helper.make_model(g, opset_imports=[helper.make_opsetid("", 13)], ir_version=8)
+        return self.ort.InferenceSession(m.SerializeToString(), self._options(), providers=self.providers)

@@ -854,8 +854,7 @@ def _graph_form(backend: Any) -> str:
 
 def _device_name(backend: str, cuda: bool, pipe: Any) -> str:
     if backend == "ort":
-        providers = getattr(getattr(pipe.backend, "inner", pipe.backend), "providers", ["CPUExecutionProvider"])
-        return "cuda" if providers and providers[0] == "CUDAExecutionProvider" else "cpu"
+        return getattr(getattr(pipe.backend, "inner", pipe.backend), "device_type", "cpu")
     return "cuda" if cuda else "cpu"
 
 

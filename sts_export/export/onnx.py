@@ -324,7 +324,7 @@ def export(
     1280 * 28 * 28); recorded in the manifest's recipe and `max_pixels`.
     ort_form: also write the ORT form of segment1/segment2 (fused ONNX Runtime kernels, in-place KV cache;
     `export/ort_form.py`) for fp32 exports (float, or int8/int4 MatMulNBits: quantized like the portable graphs),
-    not for target trt;
+    not for target trt, its rotary layout the one this onnxruntime loads (`ort_form.rotary_here`);
     validated with the rest.
     reuse: copy a graph (or its ORT form) from a sibling export in the same parent directory whose manifest records
     the same build key (`export/reuse.py`) instead of exporting it again."""
@@ -361,8 +361,12 @@ def export(
     tmp = memory.make_tmp_dir(out)  # .<name>.tmp-XXXXXXXX with this process's owner record
     from sts_export.export import reuse as sibling
 
-    keys = {(g, form): sibling.build_key(src, rec, plan, g, form, dtype, opset, anchor)
-            for g in names for form in ("portable", "ort")}
+    from sts_export.export.ort_form import rotary_here
+
+    rotary = rotary_here()  # the ORT form's rotary layout for this onnxruntime, part of its graphs' keys
+    labels = {"portable": "portable", "ort": "ort" if rotary == "kernel" else f"ort/rotary-{rotary}"}
+    keys = {(g, form): sibling.build_key(src, rec, plan, g, label, dtype, opset, anchor)
+            for g in names for form, label in labels.items()}
     near = sibling.siblings(out) if reuse else []  # read once: the exports beside this one that may lend graphs
     try:
         reused: dict[str, str] = {}
@@ -397,7 +401,7 @@ def export(
             progress("exporting the ORT form of segment1/segment2 (fused kernels, in-place KV cache) ...")
             manifest["ort_form"] = export_ort_form(graphs, plan, rec, torch_dtype, tmp, opset,
                                                    {g: k for (g, form), k in keys.items() if form == "ort"},
-                                                   near, progress)
+                                                   near, progress, rotary)
             progress(f"ORT form: {time.perf_counter() - t:.1f} s")
             gc.collect()
         write_manifest(tmp, manifest)

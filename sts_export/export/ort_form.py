@@ -12,7 +12,9 @@ Rotary: the graph computes cos/sin of *our* position ids once per call, float32 
 (`rope_angles`, M-RoPE's section mix included), as a per-token table [B*S, d/2]; GroupQueryAttention's rotary
 reads row b*S+s for token (b, s) (position_ids = 0..B*S-1, `query_seqlens` = S so the kernel honours every id).
 So gapped ids after Stage 2 and Qwen's [3, B, S] ids are honoured exactly, with no Split or RotaryEmbedding
-kernel per layer. GroupQueryAttention's rotary needs head_dim % 16 == 0 (every recipe's).
+kernel per layer. GroupQueryAttention's rotary needs head_dim % 16 == 0 (every recipe's). That layout (rotary
+"kernel") needs onnxruntime 1.32+ (`query_seqlens`); an export made with an older one rotates q and k with two
+RotaryEmbedding ops reading the same tables (rotary "ops", 13 kernels a layer; manifest ort_form.cache.rotary).
 
 IO: the portable segment's, plus `seqlens_k` [B] int32 (entries after this call - 1) and
 `total_sequence_length` [] int32 (entries after this call). past_*/present_* [B, kvh, C, dh] are one
@@ -32,6 +34,18 @@ from sts_export.families.layers import ClipAttention, apply_rope, attend_sdpa, r
 
 FORM_GRAPHS = ("segment1", "segment2")
 CACHE_INPUTS = ("seqlens_k", "total_sequence_length")
+# where the segments rotate q and k: "kernel" (GroupQueryAttention's own rotary with query_seqlens: 10 kernels a
+# layer, onnxruntime 1.32+) or "ops" (Split + RotaryEmbedding on q and k + GQA without rotary: 13 kernels a layer,
+# the layout every onnxruntime with GQA loads, e.g. 1.31)
+ROTARY = ("kernel", "ops")
+
+
+def rotary_here() -> str:
+    """The rotary layout this machine's onnxruntime runs: "kernel" when its GroupQueryAttention takes
+    query_seqlens (1.32+), else "ops" (see ROTARY)."""
+    from sts_export.backends.onnxruntime import gqa_takes_query_seqlens
+
+    return "kernel" if gqa_takes_query_seqlens() else "ops"
 
 
 def ort_file(graph: str) -> str:
@@ -70,45 +84,84 @@ def _(x: torch.Tensor, skip: torch.Tensor, weight: torch.Tensor, eps: float) -> 
     return torch.empty_like(x), torch.empty_like(x)
 
 
-@torch.library.custom_op("sts_ort::gqa", mutates_args=())
-def gqa(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, ids: torch.Tensor, query_seqlens: torch.Tensor,
-        past_k: torch.Tensor, past_v: torch.Tensor, seqlens_k: torch.Tensor, total: torch.Tensor, num_heads: int,
-        kv_num_heads: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Half-split RoPE + causal grouped-query attention with a KV cache -> one GroupQueryAttention (packed QKV,
-    its own rotary fed our per-token tables; share-buffer when past is the capacity).
-
-    qkv [B,S,(h+2kvh)*d] (q|k|v); cos/sin [R, d/2] with R >= total: row ids[b, s] is token (b, s)'s angles (any
-    position ids, gapped or M-RoPE, computed by the caller); query_seqlens [B] int32 = S; past [B,kvh,C,d] holds
-    P = total - S valid entries. C >= total: present is the same buffer with the new entries written at
-    P..total-1; else present = past + new ([B,kvh,P+S,d]).
-    """
-    b, s, _ = qkv.shape
-    d = past_k.shape[-1]
+def _attend_cache(qh: torch.Tensor, kn: torch.Tensor, vn: torch.Tensor, past_k: torch.Tensor, past_v: torch.Tensor,
+                  total: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """GroupQueryAttention's cache and causal attention, eager: qh [B,h,S,d], kn/vn [B,kvh,S,d] (rotated) ->
+    (o [B,S,h*d], present_k, present_v). past [B,kvh,C,d] holds P = total - S valid entries. C >= total: present
+    is the same buffer with the new entries written at P..total-1; else present = past + new ([B,kvh,P+S,d])."""
+    b, h, s, _ = qh.shape
     t = int(total)
     p = t - s
-    q, k, v = qkv.split([num_heads * d, kv_num_heads * d, kv_num_heads * d], dim=-1)
-    c = torch.cat([cos[ids], cos[ids]], -1)[:, None]  # [B, 1, S, d]
-    sn = torch.cat([sin[ids], sin[ids]], -1)[:, None]
-    qh = apply_rope(q.view(b, s, num_heads, d).transpose(1, 2), c, sn)  # [B, h, S, d]
-    kn = apply_rope(k.view(b, s, kv_num_heads, d).transpose(1, 2), c, sn)  # [B, kvh, S, d]
-    vn = v.view(b, s, kv_num_heads, d).transpose(1, 2)
     if past_k.shape[2] >= t:  # one buffer of capacity C
         pk, pv = past_k.clone(), past_v.clone()
         pk[:, :, p:t], pv[:, :, p:t] = kn, vn
     else:
         pk, pv = torch.cat([past_k[:, :, :p], kn], 2), torch.cat([past_v[:, :, :p], vn], 2)
     allowed = torch.arange(t)[None, :] <= (torch.arange(s) + p)[:, None]
-    bias = torch.zeros(allowed.shape, dtype=qkv.dtype).masked_fill(~allowed, torch.finfo(qkv.dtype).min)
-    rep = num_heads // kv_num_heads
+    bias = torch.zeros(allowed.shape, dtype=qh.dtype).masked_fill(~allowed, torch.finfo(qh.dtype).min)
+    rep = h // kn.shape[1]
     o = torch.nn.functional.scaled_dot_product_attention(qh, repeat_kv(pk[:, :, :t], rep), repeat_kv(pv[:, :, :t], rep),
                                                          attn_mask=bias)
     return o.transpose(1, 2).reshape(b, s, -1), pk, pv
+
+
+@torch.library.custom_op("sts_ort::gqa", mutates_args=())
+def gqa(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, ids: torch.Tensor, query_seqlens: torch.Tensor,
+        past_k: torch.Tensor, past_v: torch.Tensor, seqlens_k: torch.Tensor, total: torch.Tensor, num_heads: int,
+        kv_num_heads: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Half-split RoPE + causal grouped-query attention with a KV cache -> one GroupQueryAttention (packed QKV,
+    its own rotary fed our per-token tables; share-buffer when past is the capacity; onnxruntime 1.32+).
+
+    qkv [B,S,(h+2kvh)*d] (q|k|v); cos/sin [R, d/2] with R >= total: row ids[b, s] is token (b, s)'s angles (any
+    position ids, gapped or M-RoPE, computed by the caller); query_seqlens [B] int32 = S; past as `_attend_cache`.
+    """
+    b, s, _ = qkv.shape
+    d = past_k.shape[-1]
+    q, k, v = qkv.split([num_heads * d, kv_num_heads * d, kv_num_heads * d], dim=-1)
+    c = torch.cat([cos[ids], cos[ids]], -1)[:, None]  # [B, 1, S, d]
+    sn = torch.cat([sin[ids], sin[ids]], -1)[:, None]
+    qh = apply_rope(q.view(b, s, num_heads, d).transpose(1, 2), c, sn)  # [B, h, S, d]
+    kn = apply_rope(k.view(b, s, kv_num_heads, d).transpose(1, 2), c, sn)  # [B, kvh, S, d]
+    return _attend_cache(qh, kn, v.view(b, s, kv_num_heads, d).transpose(1, 2), past_k, past_v, total)
 
 
 @gqa.register_fake
 def _(qkv, cos, sin, ids, query_seqlens, past_k, past_v, seqlens_k, total, num_heads, kv_num_heads):
     b, s, _ = qkv.shape
     return qkv.new_empty(b, s, num_heads * past_k.shape[-1]), torch.empty_like(past_k), torch.empty_like(past_v)
+
+
+@torch.library.custom_op("sts_ort::rotary", mutates_args=())
+def rotary(x: torch.Tensor, ids: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Half-split RoPE of x [B, S, n*d] with per-row tables cos/sin [R, d/2] read at ids [B, S] -> RotaryEmbedding
+    (the `rotary="ops"` layout: every onnxruntime with GroupQueryAttention loads it)."""
+    b, s, nd = x.shape
+    d = 2 * cos.shape[-1]
+    c = torch.cat([cos[ids], cos[ids]], -1)[:, None]  # [B, 1, S, d]
+    sn = torch.cat([sin[ids], sin[ids]], -1)[:, None]
+    return apply_rope(x.view(b, s, nd // d, d).transpose(1, 2), c, sn).transpose(1, 2).reshape(b, s, nd)
+
+
+@rotary.register_fake
+def _(x, ids, cos, sin):
+    return torch.empty_like(x)
+
+
+@torch.library.custom_op("sts_ort::gqa_plain", mutates_args=())
+def gqa_plain(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, past_k: torch.Tensor, past_v: torch.Tensor,
+              seqlens_k: torch.Tensor, total: torch.Tensor, num_heads: int, kv_num_heads: int
+              ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Causal grouped-query attention of rotated q [B,S,h*d], k/v [B,S,kvh*d] with a KV cache -> GroupQueryAttention
+    without rotary (the `rotary="ops"` layout); past as `_attend_cache`."""
+    b, s, _ = q.shape
+    d = past_k.shape[-1]
+    return _attend_cache(q.view(b, s, num_heads, d).transpose(1, 2), k.view(b, s, kv_num_heads, d).transpose(1, 2),
+                         v.view(b, s, kv_num_heads, d).transpose(1, 2), past_k, past_v, total)
+
+
+@gqa_plain.register_fake
+def _(q, k, v, past_k, past_v, seqlens_k, total, num_heads, kv_num_heads):
+    return torch.empty_like(q), torch.empty_like(past_k), torch.empty_like(past_v)
 
 
 @torch.library.custom_op("sts_ort::mha", mutates_args=())
@@ -133,7 +186,8 @@ def translation_table() -> dict:
         _TRANSLATIONS = TRANSLATIONS
     ops = torch.ops.sts_ort
     return {ops.rms_norm.default: _TRANSLATIONS["rms_norm"], ops.skip_rms_norm.default: _TRANSLATIONS["skip_rms_norm"],
-            ops.gqa.default: _TRANSLATIONS["gqa"], ops.mha.default: _TRANSLATIONS["mha"]}
+            ops.gqa.default: _TRANSLATIONS["gqa"], ops.mha.default: _TRANSLATIONS["mha"],
+            ops.rotary.default: _TRANSLATIONS["rotary"], ops.gqa_plain.default: _TRANSLATIONS["gqa_plain"]}
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -148,9 +202,11 @@ class FusedSegment(nn.Module):
             past_key_i, past_value_i, ...) -> (hidden_out [B,S,Hd] | logits [B,V], present_key_i, present_value_i, ...)
     """
 
-    def __init__(self, seg: nn.Module, cfg: Any) -> None:
+    def __init__(self, seg: nn.Module, cfg: Any, rotary: str = "kernel") -> None:
         super().__init__()
-        self.cfg = cfg
+        if rotary not in ROTARY:
+            raise ValueError(f"rotary must be one of {ROTARY}")
+        self.cfg, self.rotary = cfg, rotary
         self.final = seg.final
         layers = seg.layers
         with torch.no_grad():
@@ -193,8 +249,13 @@ class FusedSegment(nn.Module):
         n = len(self.qkv)
         y = ops.rms_norm(x, self.in_norm[0], self.eps) if n else x
         for i in range(n):
-            o, pk, pv = ops.gqa(self.qkv[i](y), cos, sin, ids, query_seqlens, past[2 * i], past[2 * i + 1], seqlens_k,
-                                total, h, kvh)
+            if self.rotary == "kernel":  # GroupQueryAttention rotates q and k itself
+                o, pk, pv = ops.gqa(self.qkv[i](y), cos, sin, ids, query_seqlens, past[2 * i], past[2 * i + 1],
+                                    seqlens_k, total, h, kvh)
+            else:  # Split, RotaryEmbedding on q and on k, GroupQueryAttention without rotary
+                q, k, v = self.qkv[i](y).split([h * d, kvh * d, kvh * d], dim=-1)
+                q, k = ops.rotary(q, ids, cos, sin), ops.rotary(k, ids, cos, sin)
+                o, pk, pv = ops.gqa_plain(q, k, v, past[2 * i], past[2 * i + 1], seqlens_k, total, h, kvh)
             presents += [pk, pv]
             y, x = ops.skip_rms_norm(self.o_proj[i](o), x, self.post_norm[i], self.eps)
             m = self.down[i](self.act(self.gate[i](y)) * self.up[i](y))
@@ -285,7 +346,7 @@ def export_vision_form(vision: nn.Module, plan: Any, recipe: Any, dtype: torch.d
 
 def export_ort_form(graphs: dict[str, nn.Module], plan: Any, recipe: Any, dtype: torch.dtype, out: Path,
                     opset: int, keys: dict[str, str] | None = None, near: Sequence[tuple[Path, dict]] = (),
-                    progress: Callable[[str], None] | None = None) -> dict[str, Any]:
+                    progress: Callable[[str], None] | None = None, rotary: str = "kernel") -> dict[str, Any]:
     """Write segment1/segment2 (and, for CLIP towers, vision) in the ORT form next to the portable graphs;
     -> the manifest's "ort_form" entry.
 
@@ -318,7 +379,7 @@ def export_ort_form(graphs: dict[str, nn.Module], plan: Any, recipe: Any, dtype:
     for g in FORM_GRAPHS:
         if copied(g):
             continue
-        fused = FusedSegment(graphs[g], recipe.text).eval()
+        fused = FusedSegment(graphs[g], recipe.text, rotary).eval()
         args, shapes = _example(plan, recipe, g, dtype)
         inputs, outputs = form_io(g, plan.segment_layers[g])
         path = out / ort_file(g)
@@ -333,8 +394,10 @@ def export_ort_form(graphs: dict[str, nn.Module], plan: Any, recipe: Any, dtype:
         _fix_cache_dims(path)
         record(g)
     entry["cache"] = {"inputs": list(CACHE_INPUTS), "layout": "BNSH", "share_buffer": True, "form_version": ORT_FORM_VERSION,
+                      "rotary": rotary,
                       "ops": ["SimplifiedLayerNormalization", "com.microsoft.SkipSimplifiedLayerNormalization",
                               "com.microsoft.GroupQueryAttention"] + (
+                                  ["com.microsoft.RotaryEmbedding"] if rotary == "ops" else []) + (
                                   ["com.microsoft.MultiHeadAttention"] if "vision" in entry else [])}
     return entry
 
@@ -343,7 +406,7 @@ def add_ort_form(export_dir: Path, progress: Callable[[str], None] = print) -> d
     """Add the ORT form to an existing fp32 export (its weights rebuilt from the manifest's model source), checked
     before it is recorded: free-running generations (batch 1 and 2) of the ORT form, in place, against the
     export's portable graphs on ONNX Runtime: identical tokens, keep_pre and keep_post, first-token logits within
-    the recipe's fp32 tolerance. -> the manifest's new "ort_form" entry (nothing is written when the check fails)."""
+    the recipe's tolerance for its dtype. -> the manifest's new "ort_form" entry (nothing is written when the check fails)."""
     import time
 
     import numpy as np
@@ -353,11 +416,12 @@ def add_ort_form(export_dir: Path, progress: Callable[[str], None] = print) -> d
     from sts_export.errors import StsError
     from sts_export.export.manifest import manifest_plan, manifest_recipe, read_manifest, write_manifest
     from sts_export.export.validate import compare, sample_inputs
-    from sts_export.generate import generate
+    from sts_export.generate import TORCH_DTYPES, generate
     from sts_export.graphs import build_graphs
 
     export_dir = Path(export_dir)
     m = read_manifest(export_dir)
+    rotary = rotary_here()
     if m["dtype"] != "fp32" or any(g.get("weights") for g in m["graphs"].values()) or m.get("weights"):
         raise StsError(f"{export_dir}: the ORT form is made for fp32 exports without weight quantization")
     recipe = manifest_recipe(m)
@@ -365,9 +429,10 @@ def add_ort_form(export_dir: Path, progress: Callable[[str], None] = print) -> d
     src = m["model"]
     path = None if src["random_weights"] else ensure_synthetic(recipe) if src.get("synthetic") else Path(src["source"])
     t0 = time.perf_counter()
-    model = load_model(Source(recipe, path), torch.float32)
+    dtype = getattr(torch, TORCH_DTYPES[m["dtype"]])
+    model = load_model(Source(recipe, path), dtype)
     graphs = build_graphs(model, m["method"], m["budget"], m["anchor"])
-    entry = export_ort_form(graphs, plan, recipe, torch.float32, export_dir, m["opset"])
+    entry = export_ort_form(graphs, plan, recipe, dtype, export_dir, m["opset"], rotary=rotary)
     del graphs, model
     progress(f"ORT form written in {time.perf_counter() - t0:.1f} s; checking it against the portable graphs ...")
     trial = {**m, "ort_form": entry}
@@ -380,7 +445,8 @@ def add_ort_form(export_dir: Path, progress: Callable[[str], None] = print) -> d
                "keep_pre_identical": bool(np.array_equal(ref.keep_pre, got.keep_pre)),
                "keep_post_identical": bool((ref.keep_post is None) == (got.keep_post is None) and (
                    ref.keep_post is None or np.array_equal(ref.keep_post, got.keep_post))),
-               "first_logits": compare("logits", got.first_logits, ref.first_logits, recipe.tolerance.fp32)}
+               "first_logits": compare("logits", got.first_logits, ref.first_logits,
+                                       getattr(recipe.tolerance, m["dtype"]))}
         row["ok"] = all(row[k] for k in ("tokens_identical", "keep_pre_identical", "keep_post_identical")) and \
             row["first_logits"]["ok"]
         report[f"batch{batch}"] = row

@@ -35,9 +35,24 @@ def ort_gqa(qkv: T, cos: T, sin: T, ids, query_seqlens, past_k: T, past_v: T, se
 
 
 @script(default_opset=op)
+def ort_rotary(x: T, ids, cos: T, sin: T) -> T:
+    y = ms.RotaryEmbedding(x, ids, cos, sin)
+    return y
+
+
+@script(default_opset=op)
+def ort_gqa_plain(q: T, k: T, v: T, past_k: T, past_v: T, seqlens_k, total, num_heads: int, kv_num_heads: int
+                  ) -> tuple[T, T, T]:
+    o, pk, pv = ms.GroupQueryAttention(q, k, v, past_k, past_v, seqlens_k, total,
+                                       num_heads=num_heads, kv_num_heads=kv_num_heads)
+    return o, pk, pv
+
+
+@script(default_opset=op)
 def ort_mha(q: T, k: T, v: T, num_heads: int) -> T:
     o = ms.MultiHeadAttention(q, k, v, num_heads=num_heads)
     return o
 
 
-TRANSLATIONS = {"rms_norm": ort_rms_norm, "skip_rms_norm": ort_skip_rms_norm, "gqa": ort_gqa, "mha": ort_mha}
+TRANSLATIONS = {"rms_norm": ort_rms_norm, "skip_rms_norm": ort_skip_rms_norm, "gqa": ort_gqa, "mha": ort_mha,
+                "rotary": ort_rotary, "gqa_plain": ort_gqa_plain}
