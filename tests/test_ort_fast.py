@@ -396,6 +396,34 @@ def test_onnxruntime_without_query_seqlens_runs_portable_segments(segments: Any,
     assert be.form == "ort" and be.prefill_chunk is None
 
 
+def test_device_cuda_without_the_cuda_provider_says_what_to_do(segments: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    """--device cuda where onnxruntime has no CUDA provider: one line; when onnxruntime-gpu is installed beside the
+    CPU build (which then decides the providers), the line says to keep onnxruntime-gpu alone."""
+    from importlib import metadata
+
+    from sts_export.errors import StsError
+
+    pipe = Pipeline.from_pretrained("tiny-llava", budget=64, method="sts")
+    d, m = segments("tiny-llava", pipe)
+    import onnxruntime
+
+    monkeypatch.setattr(onnxruntime, "get_available_providers", lambda: ["CPUExecutionProvider"])
+
+    def dists(*names: str) -> Any:
+        def version(dist: str) -> str:
+            if dist not in names:
+                raise metadata.PackageNotFoundError(dist)
+            return "1.31.1"
+        return version
+
+    monkeypatch.setattr(metadata, "version", dists("onnxruntime"))
+    with pytest.raises(StsError, match="CUDA provider of onnxruntime is not available; pip install onnxruntime-gpu"):
+        OrtBackend(d, m, device="cuda")
+    monkeypatch.setattr(metadata, "version", dists("onnxruntime", "onnxruntime-gpu"))
+    with pytest.raises(StsError, match="both installed.*pip uninstall -y onnxruntime onnxruntime-gpu && pip install onnxruntime-gpu"):
+        OrtBackend(d, m, device="cuda")
+
+
 def test_batch_of_two_in_prefill_chunks(segments: Any) -> None:
     """Two images at once with the prefill in chunks (each chunk appends to a cache that already holds the ones
     before it): tokens and picks equal torch's for both rows. The form passes query_seqlens, under which

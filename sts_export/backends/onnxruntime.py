@@ -50,6 +50,24 @@ def gqa_takes_query_seqlens() -> bool:
         return False
 
 
+def _no_cuda_provider() -> str:
+    """Why --device cuda cannot run here, and what to do (onnxruntime and onnxruntime-gpu share one package
+    directory: installed together, whichever was installed last decides the providers)."""
+    from importlib import metadata
+
+    def installed(dist: str) -> bool:
+        try:
+            metadata.version(dist)
+            return True
+        except metadata.PackageNotFoundError:
+            return False
+
+    if installed("onnxruntime-gpu") and installed("onnxruntime"):
+        return ("onnxruntime and onnxruntime-gpu are both installed and the CPU build won; "
+                "pip uninstall -y onnxruntime onnxruntime-gpu && pip install onnxruntime-gpu")
+    return "the CUDA provider of onnxruntime is not available; pip install onnxruntime-gpu or use --device cpu"
+
+
 class OrtCache:
     """One segment's KV cache for an ORT-form graph: OrtValues [B, kvh, C, dh] written in place by the graph
     (C = capacity), or (inplace=False) growing [B, kvh, P, dh] buffers replaced by each call's presents.
@@ -103,7 +121,7 @@ class OrtBackend:
         avail = ort.get_available_providers()
         want_cuda = device in ("auto", "cuda") and "CUDAExecutionProvider" in avail
         if device == "cuda" and not want_cuda:
-            raise StsError("the CUDA provider of onnxruntime is not available; pip install onnxruntime-gpu or use --device cpu")
+            raise StsError(_no_cuda_provider())
         # fp32 exports keep float32 math on the GPU too: the CUDA provider's default TF32 matmuls/convolutions
         # (10-bit mantissa) would move fp32 logits by ~1e-3 (measured on an H200), past the fp32 tolerance
         cuda = ("CUDAExecutionProvider", {"use_tf32": "0"} if manifest.get("dtype", "fp32") == "fp32" else {})
