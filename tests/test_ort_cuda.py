@@ -41,7 +41,7 @@ class HostCopies:
     """Wraps an OrtBackend's to_numpy/run: records every array copied to the host and every output's device."""
 
     def __init__(self, be: Any) -> None:
-        self.be, self.copied, self.devices = be, [], set()
+        self.copied, self.devices = [], set()
         to_numpy, run = be.to_numpy, be.run
 
         def counted_to_numpy(x: Any) -> np.ndarray:

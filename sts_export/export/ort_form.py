@@ -84,22 +84,36 @@ def _(x: torch.Tensor, skip: torch.Tensor, weight: torch.Tensor, eps: float) -> 
     return torch.empty_like(x), torch.empty_like(x)
 
 
-def _attend_cache(qh: torch.Tensor, kn: torch.Tensor, vn: torch.Tensor, past_k: torch.Tensor, past_v: torch.Tensor,
-                  total: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """GroupQueryAttention's cache and causal attention, eager: qh [B,h,S,d], kn/vn [B,kvh,S,d] (rotated) ->
+def _rope_rows(x: torch.Tensor, ids: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Half-split RoPE of x [B, S, n*d] with per-row tables cos/sin [R, d/2] read at ids [B, S] -> [B, S, n*d]."""
+    b, s, nd = x.shape
+    d = 2 * cos.shape[-1]
+    c = torch.cat([cos[ids], cos[ids]], -1)[:, None]  # [B, 1, S, d]
+    sn = torch.cat([sin[ids], sin[ids]], -1)[:, None]
+    return apply_rope(x.view(b, s, nd // d, d).transpose(1, 2), c, sn).transpose(1, 2).reshape(b, s, nd)
+
+
+def _attend_cache(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, past_k: torch.Tensor, past_v: torch.Tensor,
+                  total: torch.Tensor, num_heads: int, kv_num_heads: int
+                  ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """GroupQueryAttention's cache and causal attention, eager: rotated q [B,S,h*d], k/v [B,S,kvh*d] ->
     (o [B,S,h*d], present_k, present_v). past [B,kvh,C,d] holds P = total - S valid entries. C >= total: present
     is the same buffer with the new entries written at P..total-1; else present = past + new ([B,kvh,P+S,d])."""
-    b, h, s, _ = qh.shape
+    b, s, _ = q.shape
+    d = past_k.shape[-1]
     t = int(total)
     p = t - s
+    qh = q.view(b, s, num_heads, d).transpose(1, 2)  # [B, h, S, d]
+    kn = k.view(b, s, kv_num_heads, d).transpose(1, 2)  # [B, kvh, S, d]
+    vn = v.view(b, s, kv_num_heads, d).transpose(1, 2)
     if past_k.shape[2] >= t:  # one buffer of capacity C
         pk, pv = past_k.clone(), past_v.clone()
         pk[:, :, p:t], pv[:, :, p:t] = kn, vn
     else:
         pk, pv = torch.cat([past_k[:, :, :p], kn], 2), torch.cat([past_v[:, :, :p], vn], 2)
     allowed = torch.arange(t)[None, :] <= (torch.arange(s) + p)[:, None]
-    bias = torch.zeros(allowed.shape, dtype=qh.dtype).masked_fill(~allowed, torch.finfo(qh.dtype).min)
-    rep = h // kn.shape[1]
+    bias = torch.zeros(allowed.shape, dtype=q.dtype).masked_fill(~allowed, torch.finfo(q.dtype).min)
+    rep = num_heads // kv_num_heads
     o = torch.nn.functional.scaled_dot_product_attention(qh, repeat_kv(pk[:, :, :t], rep), repeat_kv(pv[:, :, :t], rep),
                                                          attn_mask=bias)
     return o.transpose(1, 2).reshape(b, s, -1), pk, pv
@@ -115,14 +129,10 @@ def gqa(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, ids: torch.Tens
     qkv [B,S,(h+2kvh)*d] (q|k|v); cos/sin [R, d/2] with R >= total: row ids[b, s] is token (b, s)'s angles (any
     position ids, gapped or M-RoPE, computed by the caller); query_seqlens [B] int32 = S; past as `_attend_cache`.
     """
-    b, s, _ = qkv.shape
     d = past_k.shape[-1]
     q, k, v = qkv.split([num_heads * d, kv_num_heads * d, kv_num_heads * d], dim=-1)
-    c = torch.cat([cos[ids], cos[ids]], -1)[:, None]  # [B, 1, S, d]
-    sn = torch.cat([sin[ids], sin[ids]], -1)[:, None]
-    qh = apply_rope(q.view(b, s, num_heads, d).transpose(1, 2), c, sn)  # [B, h, S, d]
-    kn = apply_rope(k.view(b, s, kv_num_heads, d).transpose(1, 2), c, sn)  # [B, kvh, S, d]
-    return _attend_cache(qh, kn, v.view(b, s, kv_num_heads, d).transpose(1, 2), past_k, past_v, total)
+    return _attend_cache(_rope_rows(q, ids, cos, sin), _rope_rows(k, ids, cos, sin), v, past_k, past_v, total,
+                         num_heads, kv_num_heads)
 
 
 @gqa.register_fake
@@ -133,13 +143,9 @@ def _(qkv, cos, sin, ids, query_seqlens, past_k, past_v, seqlens_k, total, num_h
 
 @torch.library.custom_op("sts_ort::rotary", mutates_args=())
 def rotary(x: torch.Tensor, ids: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Half-split RoPE of x [B, S, n*d] with per-row tables cos/sin [R, d/2] read at ids [B, S] -> RotaryEmbedding
-    (the `rotary="ops"` layout: every onnxruntime with GroupQueryAttention loads it)."""
-    b, s, nd = x.shape
-    d = 2 * cos.shape[-1]
-    c = torch.cat([cos[ids], cos[ids]], -1)[:, None]  # [B, 1, S, d]
-    sn = torch.cat([sin[ids], sin[ids]], -1)[:, None]
-    return apply_rope(x.view(b, s, nd // d, d).transpose(1, 2), c, sn).transpose(1, 2).reshape(b, s, nd)
+    """`_rope_rows` -> RotaryEmbedding (the `rotary="ops"` layout: every onnxruntime with GroupQueryAttention
+    loads it)."""
+    return _rope_rows(x, ids, cos, sin)
 
 
 @rotary.register_fake
@@ -153,10 +159,7 @@ def gqa_plain(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, past_k: torch.T
               ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Causal grouped-query attention of rotated q [B,S,h*d], k/v [B,S,kvh*d] with a KV cache -> GroupQueryAttention
     without rotary (the `rotary="ops"` layout); past as `_attend_cache`."""
-    b, s, _ = q.shape
-    d = past_k.shape[-1]
-    return _attend_cache(q.view(b, s, num_heads, d).transpose(1, 2), k.view(b, s, kv_num_heads, d).transpose(1, 2),
-                         v.view(b, s, kv_num_heads, d).transpose(1, 2), past_k, past_v, total)
+    return _attend_cache(q, k, v, past_k, past_v, total, num_heads, kv_num_heads)
 
 
 @gqa_plain.register_fake
@@ -406,7 +409,7 @@ def add_ort_form(export_dir: Path, progress: Callable[[str], None] = print) -> d
     """Add the ORT form to an existing fp32 export (its weights rebuilt from the manifest's model source), checked
     before it is recorded: free-running generations (batch 1 and 2) of the ORT form, in place, against the
     export's portable graphs on ONNX Runtime: identical tokens, keep_pre and keep_post, first-token logits within
-    the recipe's tolerance for its dtype. -> the manifest's new "ort_form" entry (nothing is written when the check fails)."""
+    the recipe's fp32 tolerance. -> the manifest's new "ort_form" entry (nothing is written when the check fails)."""
     import time
 
     import numpy as np
@@ -416,12 +419,11 @@ def add_ort_form(export_dir: Path, progress: Callable[[str], None] = print) -> d
     from sts_export.errors import StsError
     from sts_export.export.manifest import manifest_plan, manifest_recipe, read_manifest, write_manifest
     from sts_export.export.validate import compare, sample_inputs
-    from sts_export.generate import TORCH_DTYPES, generate
+    from sts_export.generate import generate
     from sts_export.graphs import build_graphs
 
     export_dir = Path(export_dir)
     m = read_manifest(export_dir)
-    rotary = rotary_here()
     if m["dtype"] != "fp32" or any(g.get("weights") for g in m["graphs"].values()) or m.get("weights"):
         raise StsError(f"{export_dir}: the ORT form is made for fp32 exports without weight quantization")
     recipe = manifest_recipe(m)
@@ -429,10 +431,9 @@ def add_ort_form(export_dir: Path, progress: Callable[[str], None] = print) -> d
     src = m["model"]
     path = None if src["random_weights"] else ensure_synthetic(recipe) if src.get("synthetic") else Path(src["source"])
     t0 = time.perf_counter()
-    dtype = getattr(torch, TORCH_DTYPES[m["dtype"]])
-    model = load_model(Source(recipe, path), dtype)
+    model = load_model(Source(recipe, path), torch.float32)
     graphs = build_graphs(model, m["method"], m["budget"], m["anchor"])
-    entry = export_ort_form(graphs, plan, recipe, dtype, export_dir, m["opset"], rotary=rotary)
+    entry = export_ort_form(graphs, plan, recipe, torch.float32, export_dir, m["opset"], rotary=rotary_here())
     del graphs, model
     progress(f"ORT form written in {time.perf_counter() - t0:.1f} s; checking it against the portable graphs ...")
     trial = {**m, "ort_form": entry}
@@ -445,8 +446,7 @@ def add_ort_form(export_dir: Path, progress: Callable[[str], None] = print) -> d
                "keep_pre_identical": bool(np.array_equal(ref.keep_pre, got.keep_pre)),
                "keep_post_identical": bool((ref.keep_post is None) == (got.keep_post is None) and (
                    ref.keep_post is None or np.array_equal(ref.keep_post, got.keep_post))),
-               "first_logits": compare("logits", got.first_logits, ref.first_logits,
-                                       getattr(recipe.tolerance, m["dtype"]))}
+               "first_logits": compare("logits", got.first_logits, ref.first_logits, recipe.tolerance.fp32)}
         row["ok"] = all(row[k] for k in ("tokens_identical", "keep_pre_identical", "keep_post_identical")) and \
             row["first_logits"]["ok"]
         report[f"batch{batch}"] = row
