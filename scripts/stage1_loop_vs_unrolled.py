@@ -12,6 +12,7 @@ Both graphs take features [N, C] with N a dynamic axis.
 Usage: python scripts/stage1_loop_vs_unrolled.py                  (N=2880, C=64: unrolled K=96, Loop K_max=96/480/960,
                                                                    then Loop at C=1024, K_max=960; CPU)
        python scripts/stage1_loop_vs_unrolled.py --unrolled 96 480 --loop 960 --wide-c 0
+       python scripts/stage1_loop_vs_unrolled.py --n 576 --c 1024 --unrolled 96 --loop 96 --wide-c 0   (LLaVA-1.5-7B)
 """
 import argparse
 import statistics
@@ -50,11 +51,12 @@ class LoopForm(torch.nn.Module):
         self.k_max, self.method = k_max, method
 
     def forward(self, features: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
+        f = features[None]  # [1, N, C]: the ops are batched
         if self.method == "sts":
-            picks = torch.ops.sts.potential_energy_picks(features, anchor_index(features[None], "mean")[0], self.k_max)
+            picks = torch.ops.sts.potential_energy_picks(f, anchor_index(f, "mean"), self.k_max)
         else:
-            picks = torch.ops.sts.divprune_picks(features, torch.tensor(-1), self.k_max)
-        return first_k_ascending(picks, k, features.shape[0])
+            picks = torch.ops.sts.divprune_picks(f, torch.tensor([-1]), self.k_max)
+        return first_k_ascending(picks, k, features.shape[0])[0]
 
 
 def count_nodes(g: onnx.GraphProto) -> int:

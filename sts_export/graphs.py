@@ -16,17 +16,17 @@ from torch import nn
 from sts_export.families import family_module
 from sts_export.families.layers import repeat_kv
 from sts_export.pruning.budget import export_split, has_stage2, prune_layer_for
-from sts_export.pruning.selection import (divprune_select, last_token_relevance, potential_energy_select, take_tokens,
-                                          topk_ascending)
+from sts_export.pruning.loop import keep_first_k
+from sts_export.pruning.selection import last_token_relevance, take_tokens, topk_ascending
 
 
 class VisionGraph(nn.Module):
     """The vision tower with Stage 1 inside: the family's inputs -> image_embeds [B,K,Hd], keep_pre [B,K] int64.
 
-    Fixed-N families (LLaVA-1.5): K is fixed per export and the greedy runs K unrolled steps.
-    Image-dependent N (anyres): one image per call, N = len(token_index); the greedy is an ONNX Loop
-    of K_max steps (the export's largest K) and the graph keeps the first K picks, K = len(k_pre)
-    (a length-only input, so every shape stays a dimension TensorRT can build profiles for).
+    The greedy is one ONNX Loop of K_max steps (`pruning.loop`). Fixed-N families (LLaVA-1.5): K = K_max is
+    fixed per export, any batch. Image-dependent N (anyres): one image per call, N = len(token_index); K_max is
+    the export's largest K and the graph keeps the first K picks, K = len(k_pre) (a length-only input, so every
+    shape stays a dimension TensorRT can build profiles for).
     Without pruning, image_embeds is the image span exactly as transformers packs it.
     """
 
@@ -54,18 +54,10 @@ class VisionGraph(nn.Module):
         # V [B,N,C] selects; the projector takes `tokens` [B,N,D] (V itself, or the family's own per-token input)
         feats, cls_att, *rest = fam.candidate_features(model, *tower_inputs, cls_attention=need_cls)
         tokens = rest[0] if rest else feats
-        if self.dynamic:  # the first K of a K_max-step greedy (an ONNX Loop), K = len(k_pre)
-            from sts_export.pruning.loop import keep_first_k
-
-            x = fam.project(model, tokens) if self.method == "divprune" else feats  # [1, N, C|Hd]
-            keep = keep_first_k(self.method, x, k_len.shape[0], self.k_max, self.anchor, cls_att)  # [1, K]
-        elif self.method == "divprune":
-            x = fam.project(model, tokens)
-            keep = divprune_select(x, self.k_max)
-        elif self.method == "cls":
-            x, keep = feats, topk_ascending(cls_att, self.k_max)
-        else:  # sts, sts-s
-            x, keep = feats, potential_energy_select(feats, self.k_max, self.anchor, cls_att)
+        # the first K of a K_max-step greedy (an ONNX Loop): K = len(k_pre) for image-dependent N, else K = K_max
+        x = fam.project(model, tokens) if self.method == "divprune" else feats  # [B, N, C|Hd]
+        k = k_len.shape[0] if k_len is not None else self.k_max
+        keep = keep_first_k(self.method, x, k, self.k_max, self.anchor, cls_att)  # [B, K]
         if self.method == "divprune":
             return take_tokens(x, keep), keep  # [B, K, Hd] (selected on the projected tokens)
         return fam.project(model, take_tokens(tokens, keep)), keep  # [B, K, Hd]

@@ -267,10 +267,10 @@ def test_greedy_prefix_consistent(method: str, n: int, k: int, k_max: int) -> No
     assert torch.equal(emb, x[:, long_run[0]])  # image_embeds are the kept tokens, in keep_pre order
     # and the greedy orders themselves (the export's custom ops): a k_max-step run starts with the k-step run
     if method == "sts-s":
-        op, first = torch.ops.sts.potential_energy_picks, anchor_index(x, "mean")[0]
+        op, first = torch.ops.sts.potential_energy_picks, anchor_index(x, "mean")
     else:
-        op, first = torch.ops.sts.divprune_picks, torch.tensor(-1)  # -1: DivPrune's own seed
-    picks_long, picks_short = op(x[0], first, k_max), op(x[0], first, k)
+        op, first = torch.ops.sts.divprune_picks, torch.tensor([-1])  # -1: DivPrune's own seed
+    picks_long, picks_short = op(x, first, k_max)[0], op(x, first, k)[0]  # x [1, N, C]
     assert picks_long[:k].tolist() == picks_short.tolist()
     assert len(set(picks_long[:min(n, k_max)].tolist())) == min(n, k_max)  # no token picked twice
 

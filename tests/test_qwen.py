@@ -265,10 +265,10 @@ def test_greedy_prefix_consistent(method: str) -> None:
         v, _, groups = fam.candidate_features(model, *feeds)
         x = v if method == "sts-s" else fam.project(model, groups)
     if method == "sts-s":
-        op, first = torch.ops.sts.potential_energy_picks, anchor_index(x, "mean")[0]
+        op, first = torch.ops.sts.potential_energy_picks, anchor_index(x, "mean")
     else:
-        op, first = torch.ops.sts.divprune_picks, torch.tensor(-1)
-    picks_long, picks_short = op(x[0], first, k_max), op(x[0], first, k)
+        op, first = torch.ops.sts.divprune_picks, torch.tensor([-1])
+    picks_long, picks_short = op(x, first, k_max)[0], op(x, first, k)[0]  # x [1, N, C]
     assert picks_long[:k].tolist() == picks_short.tolist()
     assert sorted(picks_short.tolist()) == long_run[0].tolist()
     assert len(set(picks_long.tolist())) == k_max  # no token picked twice

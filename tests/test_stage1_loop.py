@@ -19,8 +19,13 @@ def divprune_seed(f: torch.Tensor) -> torch.Tensor:
     return _seed_batched(f[None])[0]
 
 
-pe_picks = torch.ops.sts.potential_energy_picks
-dp_picks = torch.ops.sts.divprune_picks
+def pe_picks(f: torch.Tensor, first: torch.Tensor | int, k: int) -> torch.Tensor:
+    """One image: the batched op at B = 1. [N, C], first -> [k] picks."""
+    return torch.ops.sts.potential_energy_picks(f[None], torch.as_tensor(first).reshape(1), k)[0]
+
+
+def dp_picks(f: torch.Tensor, first: torch.Tensor | int, k: int) -> torch.Tensor:
+    return torch.ops.sts.divprune_picks(f[None], torch.as_tensor(first).reshape(1), k)[0]
 
 
 def _feats(n: int, c: int, seed: int) -> torch.Tensor:
@@ -32,10 +37,25 @@ def _feats(n: int, c: int, seed: int) -> torch.Tensor:
 # ---------------------------------------------------------------------------------------------------------------
 
 def test_custom_op_registration() -> None:
-    f = _feats(10, 4, 0)
-    for op in (pe_picks, dp_picks):
-        res = torch.library.opcheck(op.default, (f, torch.tensor(2), 5))  # schema, fake impl, dynamic shapes
+    f = torch.stack([_feats(10, 4, 0), _feats(10, 4, 1)])
+    for op in (torch.ops.sts.potential_energy_picks, torch.ops.sts.divprune_picks):
+        res = torch.library.opcheck(op.default, (f, torch.tensor([2, 7]), 5))  # schema, fake impl, dynamic shapes
         assert set(res.values()) == {"SUCCESS"}, res
+
+
+def test_batch_rows_are_independent() -> None:
+    """A batch of images picks, row by row, what each image picks alone, and what the batched selectors keep."""
+    f = torch.stack([_feats(30, 8, s) for s in range(3)])
+    for anchor in ("mean", "first"):
+        first = anchor_index(f, anchor)
+        picks = torch.ops.sts.potential_energy_picks(f, first, 11)
+        assert picks.shape == (3, 11)
+        for b in range(3):
+            assert torch.equal(picks[b], pe_picks(f[b], first[b], 11))
+        assert torch.equal(picks.sort(-1).values, potential_energy_select(f, 11, anchor))
+    picks = torch.ops.sts.divprune_picks(f, torch.tensor([-1, -1, -1]), 11)
+    assert torch.equal(picks.sort(-1).values, divprune_select(f, 11))
+    assert torch.equal(picks[1], dp_picks(f[1], -1, 11))
 
 
 @pytest.mark.parametrize("n,c", [(5, 3), (17, 8), (40, 16)])
@@ -107,7 +127,10 @@ def test_prefix_property(n: int, c: int) -> None:
 def test_first_k_ascending_eager() -> None:
     picks = torch.tensor([7, 2, 9, 0, 5, 0, 0])  # the trailing zeros: k_max > N repeats
     for k in range(1, 5):
-        assert first_k_ascending(picks, torch.tensor(k), 10).tolist() == sorted(picks[:k].tolist())
+        assert first_k_ascending(picks[None], torch.tensor(k), 10).tolist() == [sorted(picks[:k].tolist())]
+    two = torch.stack([picks, torch.tensor([3, 8, 1, 6, 4, 0, 0])])  # each row keeps its own first k
+    assert first_k_ascending(two, 3, 10).tolist() == [[2, 7, 9], [1, 3, 8]]
+    assert first_k_ascending(two, 7, 10).tolist() == [[0, 0, 0, 2, 5, 7, 9], [0, 0, 1, 3, 4, 6, 8]]
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -119,20 +142,22 @@ class _Stage1(torch.nn.Module):
         super().__init__()
         self.k_max, self.method, self.anchor = k_max, method, anchor
 
-    def forward(self, features: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
+    def forward(self, features: torch.Tensor, k: torch.Tensor) -> torch.Tensor:  # [B, N, C], [] -> [B, k]
+        b = features.shape[0]
         if self.method == "sts":
-            picks = pe_picks(features, anchor_index(features[None], self.anchor)[0], self.k_max)
+            picks = torch.ops.sts.potential_energy_picks(features, anchor_index(features, self.anchor), self.k_max)
         elif self.method == "divprune":  # the seed computed inside the op (first = -1)
-            picks = dp_picks(features, torch.tensor(-1), self.k_max)
+            picks = torch.ops.sts.divprune_picks(features, torch.full((b,), -1), self.k_max)
         else:  # the seed given from outside
-            picks = dp_picks(features, divprune_seed(features), self.k_max)
-        return first_k_ascending(picks, k, features.shape[0])
+            picks = torch.ops.sts.divprune_picks(features, _seed_batched(features), self.k_max)
+        return first_k_ascending(picks, k, features.shape[1])
 
 
 def _export(k_max: int, method: str, anchor: str = "mean") -> onnx.ModelProto:
     prog = torch.onnx.export(
-        _Stage1(k_max, method, anchor).eval(), (_feats(20, 6, 0), torch.tensor(3)), dynamo=True,
-        input_names=["features", "k"], output_names=["keep"], dynamic_shapes=({0: Dim("N", min=2, max=4096)}, None),
+        _Stage1(k_max, method, anchor).eval(), (_feats(20, 6, 0)[None].expand(2, -1, -1), torch.tensor(3)),
+        dynamo=True, input_names=["features", "k"], output_names=["keep"],
+        dynamic_shapes=({0: Dim("B", min=1, max=64), 1: Dim("N", min=2, max=4096)}, None),
         custom_translation_table=translation_table(), verbose=False)
     return prog.model_proto
 
@@ -150,8 +175,9 @@ def exported() -> dict[str, onnx.ModelProto]:
 
 
 def _run(model: onnx.ModelProto, f: torch.Tensor, k: int) -> np.ndarray:
+    """One image [N, C] -> [k]."""
     sess = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
-    return sess.run(None, {"features": f.numpy(), "k": np.array(k, dtype=np.int64)})[0]
+    return sess.run(None, {"features": f[None].numpy(), "k": np.array(k, dtype=np.int64)})[0][0]
 
 
 @pytest.mark.parametrize("method", ["sts", "divprune", "divprune-seeded"])
@@ -160,12 +186,12 @@ def test_export_runs_at_two_n(exported: dict, method: str) -> None:
     sess = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
     eager = _Stage1(K_MAX, method)
     for n in (9, 33):  # 9 < k_max: the extra steps repeat index 0 in the graph too
-        for seed in range(2):
-            f = _feats(n, 6, 10 * n + seed)
+        for b in (1, 3):  # a batch of images: each row its own greedy
+            f = torch.stack([_feats(n, 6, 10 * n + seed) for seed in range(b)])
             for k in sorted({1, 5, min(n, K_MAX)}):
                 out = sess.run(None, {"features": f.numpy(), "k": np.array(k, dtype=np.int64)})[0]
-                ref = (potential_energy_select(f[None], k) if method == "sts" else divprune_select(f[None], k))[0]
-                assert out.dtype == np.int64 and out.shape == (k,)
+                ref = potential_energy_select(f, k) if method == "sts" else divprune_select(f, k)
+                assert out.dtype == np.int64 and out.shape == (b, k)
                 assert np.array_equal(out, eager(f, torch.tensor(k)).numpy())
                 assert np.array_equal(out, ref.numpy())
 
@@ -174,9 +200,9 @@ def test_export_ties_go_to_lower_index(exported: dict) -> None:
     for f, _ in _tie_inputs():
         f = torch.cat([f, torch.zeros(f.shape[0], 6 - f.shape[1])], dim=1)  # pad to the exported C
         for k in (1, 3, f.shape[0] - 1):
-            assert np.array_equal(_run(exported["sts"], f, k), _Stage1(K_MAX, "sts")(f, torch.tensor(k)).numpy())
+            assert np.array_equal(_run(exported["sts"], f, k), _Stage1(K_MAX, "sts")(f[None], torch.tensor(k))[0].numpy())
             assert np.array_equal(_run(exported["divprune"], f, k),
-                                  _Stage1(K_MAX, "divprune")(f, torch.tensor(k)).numpy())
+                                  _Stage1(K_MAX, "divprune")(f[None], torch.tensor(k))[0].numpy())
 
 
 def _loop(model: onnx.ModelProto) -> onnx.NodeProto:

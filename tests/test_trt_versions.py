@@ -277,6 +277,8 @@ def _bf16_ops() -> list[type]:
 
     * GatherElements: the reference goes through np.choose, which takes at most 64 choices (Stage 1 gathers along
       576 patches); np.take_along_axis does the same op.
+    * Loop: the reference reads an omitted `cond` (Stage 1's Loop has none: ONNX says "true") as None and runs no
+      iteration (onnx 1.23: every pick equal to the first); here an omitted cond is true.
     * MatMul, Conv, LayerNormalization, Softmax, Sigmoid, ReduceMean, ReduceSum: computed in float32 and rounded to
       bf16 once per output, as TensorRT's bf16 kernels and torch's CPU bf16 ops do. The plain reference evaluator
       accumulates in bfloat16 (ml_dtypes) and ignores LayerNormalization's stash_type: measured on the tiny vision
@@ -294,6 +296,10 @@ def _bf16_ops() -> list[type]:
             idx = np.where(indices < 0, indices + data.shape[axis], indices)
             return (np.take_along_axis(data, idx.astype(np.int64), axis=axis),)
 
+    class Loop(load_op("", "Loop", 21)):
+        def _run(self, m, cond, *args, **kw):  # noqa: ANN001, ANN002, ANN003, ANN202
+            return super()._run(m, np.array(True) if cond is None else cond, *args, **kw)
+
     def fp32_inside(op_type: str) -> type:
         base = load_op("", op_type, 22)
 
@@ -305,7 +311,7 @@ def _bf16_ops() -> list[type]:
 
         return type(op_type, (base,), {"_run": _run, "op_domain": ""})
 
-    return [GatherElements] + [fp32_inside(o) for o in ("MatMul", "Conv", "LayerNormalization", "Softmax", "Sigmoid",
+    return [GatherElements, Loop] + [fp32_inside(o) for o in ("MatMul", "Conv", "LayerNormalization", "Softmax", "Sigmoid",
                                                        "ReduceMean", "ReduceSum")]
 
 

@@ -489,22 +489,15 @@ def load_pipeline(model: str, recipe: Any, cfg: Config, backend: str, opts: Benc
 
 
 # ----------------------------------------------------------------------------------------------- Stage 1 probe
-def _stage1_module(method: str, k: int, anchor: str, dynamic: bool = False) -> Any:
-    """Stage 1 alone, as the vision graph runs it (unrolled for a fixed N; the Loop form for image-dependent N)."""
+def _stage1_module(method: str, k: int, anchor: str) -> Any:
+    """Stage 1 alone, as the vision graph runs it (`keep_first_k`: the greedy's ONNX Loop, K = K_max)."""
     import torch
 
     from sts_export.pruning.loop import keep_first_k
-    from sts_export.pruning.selection import divprune_select, potential_energy_select, topk_ascending
 
     class Stage1(torch.nn.Module):
         def forward(self, x: torch.Tensor, cls_att: torch.Tensor) -> torch.Tensor:
-            if dynamic:
-                return keep_first_k(method, x, k, k, anchor, cls_att)
-            if method == "divprune":
-                return divprune_select(x, k)
-            if method == "cls":
-                return topk_ascending(cls_att, k)
-            return potential_energy_select(x, k, anchor, cls_att if anchor == "saliency" else None)
+            return keep_first_k(method, x, k, k, anchor, cls_att if method == "cls" or anchor == "saliency" else None)
 
     return Stage1().eval()
 
@@ -523,7 +516,7 @@ def stage1_probe(pipe: Any, cfg: Config, backend: str, opts: BenchOptions) -> tu
     import torch
 
     recipe, anchor = pipe.recipe, pipe.anchor
-    mod = _stage1_module(cfg.method, cfg.k_pre, anchor, recipe.dynamic_tokens)
+    mod = _stage1_module(cfg.method, cfg.k_pre, anchor)
     x, cls_att = _stage1_inputs(recipe, cfg.method)
     warm, reps = max(opts.warmup, 1), max(opts.repeats, 10)
     if backend in ("torch", "torch-compile"):
@@ -541,8 +534,7 @@ def stage1_probe(pipe: Any, cfg: Config, backend: str, opts: BenchOptions) -> tu
 
         d = _cache_root() / "bench-exports" / "stage1"
         d.mkdir(parents=True, exist_ok=True)
-        form = "loop" if recipe.dynamic_tokens else "unrolled"
-        path = d / f"{cfg.method}-n{x.shape[1]}-c{x.shape[2]}-k{cfg.k_pre}-{anchor}-{form}.onnx"
+        path = d / f"{cfg.method}-n{x.shape[1]}-c{x.shape[2]}-k{cfg.k_pre}-{anchor}-loop2.onnx"
         if not path.is_file():
             import warnings
 

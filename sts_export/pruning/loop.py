@@ -1,18 +1,19 @@
 """Stage 1 greedy selectors as torch custom ops whose ONNX form is a `Loop` with a constant trip count.
 
-For image-dependent N (LLaVA-NeXT: up to 2880 candidates, K up to ~960) an unrolled greedy is ~12 ONNX
-nodes per step and takes minutes to export. Here each greedy is one torch custom op
+Every vision graph with a greedy Stage 1 runs it this way. An unrolled greedy is ~12 ONNX nodes per step: at
+LLaVA-NeXT's K up to ~960 it takes minutes to export, and even at LLaVA-1.5's fixed K = 96 its export took 15 s
+where this one takes about 1 s, for the same ONNX Runtime time (docs/design.md). Each greedy is one torch custom op
 
-* ``torch.ops.sts.potential_energy_picks(features [N, C], first [] int64, k_max: int) -> [k_max] int64``
-* ``torch.ops.sts.divprune_picks(projected [N, H], first [] int64, k_max: int) -> [k_max] int64``
+* ``torch.ops.sts.potential_energy_picks(features [B, N, C], first [B] int64, k_max: int) -> [B, k_max] int64``
+* ``torch.ops.sts.divprune_picks(projected [B, N, H], first [B] int64, k_max: int) -> [B, k_max] int64``
 
 with an eager implementation (the reference: the same tensor ops as
 :func:`sts_export.pruning.selection.potential_energy_select` / :func:`~sts_export.pruning.selection.divprune_select`,
-so the picked *sets* are bit-identical to those selectors), a fake implementation (shape [k_max], so
-``torch.export`` traces them with a dynamic N) and an ONNX translation (an onnxscript function whose greedy is
+so the picked *sets* are bit-identical to those selectors), a fake implementation (shape [B, k_max], so
+``torch.export`` traces them with a dynamic B and N) and an ONNX translation (an onnxscript function whose greedy is
 ``for i in range(k_max - 1)``: one ``Loop`` node whose trip count is a constant initializer, no ``cond`` input
 (= always true; TensorRT then adds only a count trip limit), and whose
-loop-carried tensors keep fixed shapes: picked mask [N], potential / min-distance [N], picks [k_max]).
+loop-carried tensors keep fixed shapes: picked mask [B, N], potential / min-distance [B, N], picks [B, k_max]).
 Pass :func:`translation_table` as ``torch.onnx.export(..., dynamo=True, custom_translation_table=...)``.
 
 Picks are returned **in greedy order** (the first pick is ``first``). The greedy is prefix-consistent, so the first
@@ -50,38 +51,38 @@ ONNX_OPSET = 18  # opset of the onnxscript translations (torch.onnx's default; e
 # ---------------------------------------------------------------------------------------------------------------
 
 def _greedy(dist: torch.Tensor, first: torch.Tensor, k_max: int, minimise_sum: bool) -> torch.Tensor:
-    """The one eager greedy loop. dist [N, N] float32 (a row of D per pick); -> picks [k_max] int64, greedy order.
+    """The one eager greedy loop. dist [B, N, N] float32 (a row of D per pick), first [B] -> picks [B, k_max] int64,
+    greedy order.
 
     minimise_sum (sts): score r += 1/(D[i*, :] + eps), next = argmin of r over unpicked (picked -> +inf).
     else (divprune): score = min over picks of dist[i*, :], next = argmax over unpicked (picked -> -inf).
-    The step expressions are those of potential_energy_select / divprune_select with B = 1.
+    The step expressions are those of potential_energy_select / divprune_select.
     """
-    n = dist.shape[-1]
-    d = dist[None]  # [1, N, N]: exactly the selectors' tensors at B = 1
+    b, n = dist.shape[0], dist.shape[-1]
     ar = torch.arange(n, device=dist.device)
-    pick = first.reshape(1).to(torch.int64)  # [1]
-    picked = torch.zeros(1, n, dtype=torch.bool, device=dist.device)
+    pick = first.reshape(b).to(torch.int64)  # [B]
+    picked = torch.zeros(b, n, dtype=torch.bool, device=dist.device)
     if minimise_sum:
-        score = torch.zeros(1, n, dtype=torch.float32, device=dist.device)
+        score = torch.zeros(b, n, dtype=torch.float32, device=dist.device)
         masked = torch.full_like(score, math.inf)
     else:
-        score = torch.full((1, n), math.inf, device=dist.device)
+        score = torch.full((b, n), math.inf, device=dist.device)
         masked = torch.full_like(score, -math.inf)
-    picks = torch.empty(k_max, dtype=torch.int64, device=dist.device)
+    picks = torch.empty(b, k_max, dtype=torch.int64, device=dist.device)
     for step in range(k_max):
         if step > 0:
             s = torch.where(picked, masked, score)
-            pick = s.argmin(dim=-1) if minimise_sum else s.argmax(dim=-1)  # [1]; ties -> lower index
-        picks[step] = pick[0]
+            pick = s.argmin(dim=-1) if minimise_sum else s.argmax(dim=-1)  # [B]; ties -> lower index
+        picks[:, step] = pick
         picked = picked | (ar[None, :] == pick[:, None])
-        row = torch.gather(d, 1, pick[:, None, None].expand(1, 1, n)).squeeze(1)  # [1, N] = D[i*, :]
+        row = torch.gather(dist, 1, pick[:, None, None].expand(b, 1, n)).squeeze(1)  # [B, N] = D[i*, :]
         score = score + 1.0 / (row + EPS) if minimise_sum else torch.minimum(score, row)
     return picks
 
 
 def _check_args(x: torch.Tensor, first: torch.Tensor, k_max: int, what: str) -> None:
-    torch._check(x.dim() == 2, lambda: f"{what} must be [N, C], got shape {tuple(x.shape)}")
-    torch._check(first.dim() == 0, lambda: f"first must be a 0-d int64 tensor, got shape {tuple(first.shape)}")
+    torch._check(x.dim() == 3, lambda: f"{what} must be [B, N, C], got shape {tuple(x.shape)}")
+    torch._check(first.dim() == 1, lambda: f"first must be a [B] int64 tensor, got shape {tuple(first.shape)}")
     torch._check(k_max >= 1, lambda: f"k_max must be >= 1, got {k_max}")
 
 
@@ -91,41 +92,42 @@ def _check_args(x: torch.Tensor, first: torch.Tensor, k_max: int, what: str) -> 
 
 @torch.library.custom_op("sts::potential_energy_picks", mutates_args=())
 def potential_energy_picks(features: torch.Tensor, first: torch.Tensor, k_max: int) -> torch.Tensor:
-    """STS Stage 1 greedy (DESIGN.md Stage 1 steps 1, 3, 4) from the anchor `first`: [N, C] -> [k_max] picks.
+    """STS Stage 1 greedy (DESIGN.md Stage 1 steps 1, 3, 4) from the anchors `first` [B]: [B, N, C] -> [B, k_max]
+    picks.
 
-    Picks in greedy order; sorted, the first k equal ``potential_energy_select(features[None], k)[0]`` when
-    `first` is that selector's anchor (``anchor_index(features[None], anchor)[0]``).
+    Picks in greedy order; sorted, the first k of each row equal ``potential_energy_select(features, k)`` when
+    `first` is that selector's anchor (``anchor_index(features, anchor)``).
     """
     _check_args(features, first, k_max, "features")
-    d = pairwise_sq_dist(features.float()[None])[0]  # [N, N]
+    d = pairwise_sq_dist(features.float())  # [B, N, N]
     return _greedy(d, first, k_max, minimise_sum=True)
 
 
 @potential_energy_picks.register_fake
 def _(features: torch.Tensor, first: torch.Tensor, k_max: int) -> torch.Tensor:
     _check_args(features, first, k_max, "features")
-    return features.new_empty((k_max,), dtype=torch.int64)
+    return features.new_empty((features.shape[0], k_max), dtype=torch.int64)
 
 
 @torch.library.custom_op("sts::divprune_picks", mutates_args=())
 def divprune_picks(projected: torch.Tensor, first: torch.Tensor, k_max: int) -> torch.Tensor:
-    """DivPrune greedy max-min cosine distance from the seed `first`: [N, H] -> [k_max] picks, greedy order.
+    """DivPrune greedy max-min cosine distance from the seeds `first` [B]: [B, N, H] -> [B, k_max] picks, greedy
+    order.
 
     ``first < 0`` (e.g. -1) takes DivPrune's own seed, the token with the largest nearest-neighbour distance
     (``selection.divprune_seed``), from the same distance matrix (the graph then computes the N x N product once).
-    With that seed the first k picks, sorted, equal ``divprune_select(projected[None], k)[0]``.
+    With that seed the first k picks of each row, sorted, equal ``divprune_select(projected, k)``.
     """
     _check_args(projected, first, k_max, "projected")
-    dist = cosine_distance(projected[None])  # [1, N, N]
-    if int(first) < 0:
-        first = divprune_seed(projected[None], dist)[0]
-    return _greedy(dist[0], first, k_max, minimise_sum=False)
+    dist = cosine_distance(projected)  # [B, N, N]
+    first = torch.where(first < 0, divprune_seed(projected, dist), first)  # [B]
+    return _greedy(dist, first, k_max, minimise_sum=False)
 
 
 @divprune_picks.register_fake
 def _(projected: torch.Tensor, first: torch.Tensor, k_max: int) -> torch.Tensor:
     _check_args(projected, first, k_max, "projected")
-    return projected.new_empty((k_max,), dtype=torch.int64)
+    return projected.new_empty((projected.shape[0], k_max), dtype=torch.int64)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -134,42 +136,47 @@ def _(projected: torch.Tensor, first: torch.Tensor, k_max: int) -> torch.Tensor:
 
 def first_k_ascending(picks: torch.Tensor, k: int | torch.SymInt | torch.Tensor,
                       n: Union[int, torch.SymInt, torch.Tensor]) -> torch.Tensor:
-    """The first k of `picks` [k_max] (greedy order) in ascending order -> [k] int64; 1 <= k <= k_max.
+    """The first k of each row of `picks` [B, k_max] (greedy order) in ascending order -> [B, k] int64; 1 <= k <= k_max.
 
     k is an int, a symbolic size (a graph input's length: stays a dimension in ONNX/TensorRT) or a
     0-d int64 tensor (then a data-dependent Slice end). Kept picks are keyed by their (distinct:
     k <= N) index, the others by `n` (> every index), and a constant-k TopK(k_max, largest=False)
     puts the k kept ones first, ascending; a Slice keeps them. No Sort op.
     """
-    k_max = picks.shape[0]
-    pos = torch.arange(k_max, device=picks.device)
+    k_max = picks.shape[-1]
+    pos = torch.arange(k_max, device=picks.device)  # [k_max]
     kk = k.item() if isinstance(k, torch.Tensor) else k
-    fill = n.to(picks) if isinstance(n, torch.Tensor) else torch.full_like(picks, n)
-    keyed = torch.where(pos < kk, picks, fill)
-    ordered = torch.topk(keyed, k_max, largest=False, sorted=True).values  # [k_max]
+    fill = n.to(picks).expand_as(picks) if isinstance(n, torch.Tensor) else torch.full_like(picks, n)
+    keyed = torch.where(pos < kk, picks, fill)  # [B, k_max]
+    ordered = torch.topk(keyed, k_max, dim=-1, largest=False, sorted=True).values  # [B, k_max]
     if isinstance(k, torch.Tensor):
         torch._check(kk >= 1)
         torch._check(kk <= k_max)
-    return ordered[:kk]
+    if isinstance(kk, int) and kk == k_max:
+        return ordered
+    return ordered[:, :kk]
 
 
 def keep_first_k(method: str, x: torch.Tensor, k: int | torch.SymInt, k_max: int, anchor: str = "mean",
                  cls_attention: torch.Tensor | None = None) -> torch.Tensor:
-    """Stage 1 for an image-dependent N: keep [1, k] ascending = the first k picks of a k_max-step greedy.
+    """Stage 1 as the vision graphs run it: keep [B, k] ascending = the first k picks of a k_max-step greedy.
 
-    x [1, N, C]: pre-projector features (sts, sts-s) or projected embeddings (divprune); `cls`
-    takes the top-k of cls_attention [1, N] with a constant TopK(k_max). The greedy order is
-    prefix-consistent, so this equals a run of exactly k steps.
+    x [B, N, C]: pre-projector features (sts, sts-s) or projected embeddings (divprune); `cls`
+    takes the top-k of cls_attention [B, N] with a constant TopK(k_max). The greedy order is
+    prefix-consistent, so this equals a run of exactly k steps (k == k_max for a fixed N).
     """
     if method == "cls":
         if cls_attention is None:
-            raise StsError("method 'cls' needs cls_attention [1, N]")
-        return topk_ascending(cls_attention, k, k_max)
+            raise StsError("method 'cls' needs cls_attention [B, N]")
+        return topk_ascending(cls_attention, k) if isinstance(k, int) and k == k_max else \
+            topk_ascending(cls_attention, k, k_max)
     if method == "divprune":
-        picks = torch.ops.sts.divprune_picks(x[0], torch.tensor(-1, dtype=torch.int64, device=x.device), k_max)
+        first = torch.full(x.shape[:1], -1, dtype=torch.int64, device=x.device)  # [B]: the op's own seed
+        picks = torch.ops.sts.divprune_picks(x, first, k_max)
     else:
-        picks = torch.ops.sts.potential_energy_picks(x[0], anchor_index(x, anchor, cls_attention)[0], k_max)
-    return first_k_ascending(picks, k, x.shape[1])[None]  # [1, k]
+        first = anchor_index(x.float(), anchor, cls_attention)  # [B], float32 as the greedy (DESIGN.md Stage 1)
+        picks = torch.ops.sts.potential_energy_picks(x, first, k_max)
+    return first_k_ascending(picks, k, x.shape[1])  # [B, k]
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -183,54 +190,56 @@ def _build_translations() -> dict[str, Callable]:
 
     @onnxscript.script(opset=op, default_opset=op)
     def sts_potential_energy_picks(features, first: INT64, k_max: int) -> INT64:
-        v = op.Cast(features, to=FLOAT.dtype)  # [N, C] float32
-        sq = op.ReduceSum(op.Mul(v, v), op.Constant(value_ints=[1]), keepdims=1)  # [N, 1]
-        gram = op.MatMul(v, op.Transpose(v, perm=[1, 0]))  # [N, N]
-        d = op.Max(op.Sub(op.Add(sq, op.Transpose(sq, perm=[1, 0])), op.Mul(op.Constant(value_float=2.0), gram)),
+        v = op.Cast(features, to=FLOAT.dtype)  # [B, N, C] float32
+        sq = op.ReduceSum(op.Mul(v, v), op.Constant(value_ints=[2]), keepdims=1)  # [B, N, 1]
+        gram = op.MatMul(v, op.Transpose(v, perm=[0, 2, 1]))  # [B, N, N]
+        d = op.Max(op.Sub(op.Add(sq, op.Transpose(sq, perm=[0, 2, 1])), op.Mul(op.Constant(value_float=2.0), gram)),
                    op.Constant(value_float=0.0))  # D = max(|vi|^2 + |vj|^2 - 2 vi.vj, 0)
         eps = op.Constant(value_float=EPS)
         one = op.Constant(value_float=1.0)
         inf = op.Constant(value_float=math.inf)
-        n = op.Squeeze(op.Shape(v, start=0, end=1), op.Constant(value_ints=[0]))  # [] int64
+        n = op.Squeeze(op.Shape(v, start=1, end=2), op.Constant(value_ints=[0]))  # [] int64
         ar = op.Range(op.Constant(value_int=0), n, op.Constant(value_int=1))  # [N]
         kmax = op.Constant(value_int=k_max)
         slots = op.Range(op.Constant(value_int=0), kmax, op.Constant(value_int=1))  # [k_max]
-        p0 = op.Cast(first, to=INT64.dtype)  # []
-        picked = op.Equal(ar, p0)  # [N] bool
-        r = op.Div(one, op.Add(op.Gather(d, p0, axis=0), eps))  # [N]
-        picks = op.Expand(p0, op.Reshape(kmax, op.Constant(value_ints=[1])))  # [k_max], slot 0 = first
+        p0 = op.Unsqueeze(op.Cast(first, to=INT64.dtype), op.Constant(value_ints=[1]))  # [B, 1]
+        picked = op.Equal(ar, p0)  # [B, N] bool
+        # the picked rows D[b, p_b, :]: GatherND with one batch dim, whose output shape [B, N] ONNX infers from its
+        # inputs' shapes (so the Loop's carried shapes are provably constant for the TensorRT check)
+        r = op.Div(one, op.Add(op.GatherND(d, p0, batch_dims=1), eps))  # [B, N]
+        picks = op.Add(p0, op.Mul(slots, op.Constant(value_int=0)))  # [B, k_max]: first in every slot
         for i in range(k_max - 1):
-            p = op.ArgMin(op.Where(picked, inf, r), axis=0, keepdims=0)  # [] ties -> lower index
+            p = op.ArgMin(op.Where(picked, inf, r), axis=1, keepdims=1)  # [B, 1] ties -> lower index
             picked = op.Or(picked, op.Equal(ar, p))
-            r = op.Add(r, op.Div(one, op.Add(op.Gather(d, p, axis=0), eps)))
+            r = op.Add(r, op.Div(one, op.Add(op.GatherND(d, p, batch_dims=1), eps)))  # [B, N]
             picks = op.Where(op.Equal(slots, op.Add(i, op.Constant(value_int=1))), p, picks)
         return picks
 
     @onnxscript.script(opset=op, default_opset=op)
     def sts_divprune_picks(projected, first: INT64, k_max: int) -> INT64:
-        x = op.Cast(projected, to=FLOAT.dtype)  # [N, H] float32
-        norm = op.Sqrt(op.ReduceSum(op.Mul(x, x), op.Constant(value_ints=[1]), keepdims=1))  # [N, 1]
+        x = op.Cast(projected, to=FLOAT.dtype)  # [B, N, H] float32
+        norm = op.Sqrt(op.ReduceSum(op.Mul(x, x), op.Constant(value_ints=[2]), keepdims=1))  # [B, N, 1]
         x = op.Div(x, op.Max(norm, op.Constant(value_float=1e-12)))
         one = op.Constant(value_float=1.0)
-        dist = op.Sub(one, op.MatMul(x, op.Transpose(x, perm=[1, 0])))  # [N, N] cosine distance
+        dist = op.Sub(one, op.MatMul(x, op.Transpose(x, perm=[0, 2, 1])))  # [B, N, N] cosine distance
         ninf = op.Constant(value_float=-math.inf)
-        n = op.Squeeze(op.Shape(x, start=0, end=1), op.Constant(value_ints=[0]))
+        n = op.Squeeze(op.Shape(x, start=1, end=2), op.Constant(value_ints=[0]))  # [] int64
         ar = op.Range(op.Constant(value_int=0), n, op.Constant(value_int=1))  # [N]
         kmax = op.Constant(value_int=k_max)
         slots = op.Range(op.Constant(value_int=0), kmax, op.Constant(value_int=1))  # [k_max]
         inf = op.Constant(value_float=math.inf)
         eye = op.Equal(op.Unsqueeze(ar, op.Constant(value_ints=[1])), op.Unsqueeze(ar, op.Constant(value_ints=[0])))
-        nn_dist = op.ReduceMin(op.Where(eye, inf, dist), op.Constant(value_ints=[1]), keepdims=0)  # [N]
-        seed = op.ArgMax(nn_dist, axis=0, keepdims=0)  # DivPrune's seed: the most isolated token
-        first64 = op.Cast(first, to=INT64.dtype)
+        nn_dist = op.ReduceMin(op.Where(eye, inf, dist), op.Constant(value_ints=[2]), keepdims=0)  # [B, N]
+        seed = op.ArgMax(nn_dist, axis=1, keepdims=1)  # [B, 1] DivPrune's seed: the most isolated token
+        first64 = op.Unsqueeze(op.Cast(first, to=INT64.dtype), op.Constant(value_ints=[1]))  # [B, 1]
         p0 = op.Where(op.Less(first64, op.Constant(value_int=0)), seed, first64)  # first < 0: own seed
-        picked = op.Equal(ar, p0)  # [N]
-        min_d = op.Gather(dist, p0, axis=0)  # [N] = min(inf, dist[seed, :])
-        picks = op.Expand(p0, op.Reshape(kmax, op.Constant(value_ints=[1])))
+        picked = op.Equal(ar, p0)  # [B, N]
+        min_d = op.GatherND(dist, p0, batch_dims=1)  # [B, N] = min(inf, dist[seed, :])
+        picks = op.Add(p0, op.Mul(slots, op.Constant(value_int=0)))  # [B, k_max]: the seed in every slot
         for i in range(k_max - 1):
-            p = op.ArgMax(op.Where(picked, ninf, min_d), axis=0, keepdims=0)  # ties -> lower index
+            p = op.ArgMax(op.Where(picked, ninf, min_d), axis=1, keepdims=1)  # [B, 1] ties -> lower index
             picked = op.Or(picked, op.Equal(ar, p))
-            min_d = op.Min(min_d, op.Gather(dist, p, axis=0))
+            min_d = op.Min(min_d, op.GatherND(dist, p, batch_dims=1))
             picks = op.Where(op.Equal(slots, op.Add(i, op.Constant(value_int=1))), p, picks)
         return picks
 
