@@ -1,8 +1,8 @@
 """Stage 1 greedy selectors as torch custom ops whose ONNX form is a `Loop` with a constant trip count.
 
 Every vision graph with a greedy Stage 1 runs it this way. An unrolled greedy is ~12 ONNX nodes per step: at
-LLaVA-NeXT's K up to ~960 it takes minutes to export, and even at LLaVA-1.5's fixed K = 96 its export took 15 s
-where this one takes about 1 s, for the same ONNX Runtime time (docs/design.md). Each greedy is one torch custom op
+LLaVA-NeXT's K up to ~960 it takes minutes to export, and even at LLaVA-1.5-7B's fixed K = 96 it took 21 s where
+this one takes 1 s, for the same ONNX Runtime time (docs/design.md). Each greedy is one torch custom op
 
 * ``torch.ops.sts.potential_energy_picks(features [B, N, C], first [B] int64, k_max: int) -> [B, k_max] int64``
 * ``torch.ops.sts.divprune_picks(projected [B, N, H], first [B] int64, k_max: int) -> [B, k_max] int64``
