@@ -497,7 +497,7 @@ def _stage1_module(method: str, k: int, anchor: str) -> Any:
 
     class Stage1(torch.nn.Module):
         def forward(self, x: torch.Tensor, cls_att: torch.Tensor) -> torch.Tensor:
-            return keep_first_k(method, x, k, k, anchor, cls_att if method == "cls" or anchor == "saliency" else None)
+            return keep_first_k(method, x, k, k, anchor, cls_att)  # cls_att is read by `cls` and anchor saliency only
 
     return Stage1().eval()
 
@@ -534,6 +534,7 @@ def stage1_probe(pipe: Any, cfg: Config, backend: str, opts: BenchOptions) -> tu
 
         d = _cache_root() / "bench-exports" / "stage1"
         d.mkdir(parents=True, exist_ok=True)
+        # "loop2": the batched Loop (GatherND rows); files named "-loop" / "-unrolled" hold earlier forms
         path = d / f"{cfg.method}-n{x.shape[1]}-c{x.shape[2]}-k{cfg.k_pre}-{anchor}-loop2.onnx"
         if not path.is_file():
             import warnings
