@@ -28,6 +28,8 @@ class VisionGraph(nn.Module):
     the export's largest K and the graph keeps the first K picks, K = len(k_pre) (a length-only input, so every
     shape stays a dimension TensorRT can build profiles for).
     Without pruning, image_embeds is the image span exactly as transformers packs it.
+    `forced_keep` [B, K] (None outside validation): keep these tokens instead of selecting (the reference run with a
+    candidate's picks, so numerics are compared on the same kept tokens).
     """
 
     def __init__(self, model: nn.Module, method: str, budget: int | str, k_pre: int, anchor: str = "mean") -> None:
@@ -41,6 +43,16 @@ class VisionGraph(nn.Module):
         check = getattr(self.family, "check_selection", None)  # a tower without [CLS] refuses cls / saliency
         if check is not None and self.pruned:
             check(method, anchor)
+        self.forced_keep: torch.Tensor | None = None
+
+    def selection_input(self, *inputs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
+        """What Stage 1 selects on: (x [B,N,C|Hd] pre-projector features, or projected embeddings for divprune;
+        cls_attention [B,N] | None; the tokens the projector takes [B,N,D])."""
+        need_cls = self.method == "cls" or self.anchor == "saliency"
+        feats, cls_att, *rest = self.family.candidate_features(self.model, *inputs, cls_attention=need_cls)
+        tokens = rest[0] if rest else feats
+        x = self.family.project(self.model, tokens) if self.method == "divprune" else feats  # [B, N, C|Hd]
+        return x, cls_att, tokens
 
     def forward(self, *inputs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         fam, model = self.family, self.model
@@ -50,14 +62,12 @@ class VisionGraph(nn.Module):
             emb = fam.full_embeds(model, *tower_inputs)  # [B, N_full, Hd]
             b, n = emb.shape[:2]
             return emb, torch.arange(n, device=emb.device).expand(b, n)
-        need_cls = self.method == "cls" or self.anchor == "saliency"
         # V [B,N,C] selects; the projector takes `tokens` [B,N,D] (V itself, or the family's own per-token input)
-        feats, cls_att, *rest = fam.candidate_features(model, *tower_inputs, cls_attention=need_cls)
-        tokens = rest[0] if rest else feats
+        x, cls_att, tokens = self.selection_input(*tower_inputs)
         # the first K of a K_max-step greedy (an ONNX Loop): K = len(k_pre) for image-dependent N, else K = K_max
-        x = fam.project(model, tokens) if self.method == "divprune" else feats  # [B, N, C|Hd]
         k = k_len.shape[0] if k_len is not None else self.k_max
-        keep = keep_first_k(self.method, x, k, self.k_max, self.anchor, cls_att)  # [B, K]
+        keep = keep_first_k(self.method, x, k, self.k_max, self.anchor, cls_att) if self.forced_keep is None \
+            else self.forced_keep  # [B, K]
         if self.method == "divprune":
             return take_tokens(x, keep), keep  # [B, K, Hd] (selected on the projected tokens)
         return fam.project(model, take_tokens(tokens, keep)), keep  # [B, K, Hd]
@@ -111,6 +121,7 @@ class PruneGraph(nn.Module):
     Text tokens are always kept; kept tokens keep their position ids (S2 = S1 - K + K').
     With image-dependent N, two length-only inputs give this image's K and K' ([K], [K']); the
     TopK is then a constant K'_max (the export's largest K') of which the first K' are kept.
+    `forced_keep` [B, K'] (None outside validation): keep these instead of the top K' (see VisionGraph).
     """
 
     def __init__(self, model: nn.Module, prune_layer: int, k_pre: int, k_post: int) -> None:
@@ -121,6 +132,7 @@ class PruneGraph(nn.Module):
         self.dynamic = model.recipe.dynamic_tokens
         self.n_rep = model.recipe.text.num_heads // model.recipe.text.num_kv_heads
         self.inputs = ["hidden", "position_ids", "image_start"] + (["k_pre", "k_post"] if self.dynamic else [])
+        self.forced_keep: torch.Tensor | None = None
 
     def forward(self, hidden: torch.Tensor, position_ids: torch.Tensor, image_start: torch.Tensor,
                 *lengths: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -130,7 +142,8 @@ class PruneGraph(nn.Module):
         rel = last_token_relevance(q[:, :, -1:], repeat_kv(k, self.n_rep))  # [B, S1]
         offs = torch.arange(k_pre, device=hidden.device)  # [K]
         rel_img = torch.gather(rel, 1, (image_start + offs).expand(b, -1))  # [B, K]
-        keep_post = topk_ascending(rel_img, k_post, self.k_post if self.dynamic else None)  # [B, K']
+        keep_post = topk_ascending(rel_img, k_post, self.k_post if self.dynamic else None) if self.forced_keep is None \
+            else self.forced_keep  # [B, K']
         # source index of each of the S2 output slots: prefix text, kept image tokens, suffix text
         s2 = s1 - k_pre + k_post
         j = torch.arange(s2, device=hidden.device)[None].expand(b, -1)  # [B, S2]

@@ -410,7 +410,8 @@ def export(
 
             progress("validating: ONNX Runtime vs torch, per graph and end to end ...")
             # frees the torch weights once its torch reference is recorded: one ORT session at a time after that
-            report = validate_export(tmp, graphs, plan, rec, torch_dtype, release_torch=True, progress=progress)
+            report = validate_export(tmp, graphs, plan, rec, torch_dtype, release_torch=True, progress=progress,
+                                     reload=lambda: build_graphs(load_model(src, torch_dtype), method, budget, anchor))
             (tmp / "validation.json").write_text(json.dumps(report, indent=2))
             progress(f"validation: {'PASS' if report['passed'] else 'FAIL'} (see validation.json)")
             if not report["passed"]:

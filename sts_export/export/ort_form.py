@@ -412,13 +412,13 @@ def add_ort_form(export_dir: Path, progress: Callable[[str], None] = print) -> d
     the recipe's fp32 tolerance. -> the manifest's new "ort_form" entry (nothing is written when the check fails)."""
     import time
 
-    import numpy as np
 
     from sts_export.backends.onnxruntime import OrtBackend
     from sts_export.checkpoint import Source, ensure_synthetic, load_model
     from sts_export.errors import StsError
     from sts_export.export.manifest import manifest_plan, manifest_recipe, read_manifest, write_manifest
-    from sts_export.export.validate import compare, sample_inputs
+    from sts_export.export.compare import compare_generations
+    from sts_export.export.validate import sample_inputs
     from sts_export.generate import generate
     from sts_export.graphs import build_graphs
 
@@ -442,11 +442,7 @@ def add_ort_form(export_dir: Path, progress: Callable[[str], None] = print) -> d
         image, prompt = sample_inputs(export_dir, recipe, batch)
         ref = generate(OrtBackend(export_dir, trial, device="cpu", form="portable"), plan, image, prompt, 8)
         got = generate(OrtBackend(export_dir, trial, device="cpu", form="ort"), plan, image, prompt, 8)
-        row = {"tokens_identical": bool(np.array_equal(ref.tokens, got.tokens)),
-               "keep_pre_identical": bool(np.array_equal(ref.keep_pre, got.keep_pre)),
-               "keep_post_identical": bool((ref.keep_post is None) == (got.keep_post is None) and (
-                   ref.keep_post is None or np.array_equal(ref.keep_post, got.keep_post))),
-               "first_logits": compare("logits", got.first_logits, ref.first_logits, recipe.tolerance.fp32)}
+        row = compare_generations(ref, got, recipe.tolerance.fp32)
         row["ok"] = all(row[k] for k in ("tokens_identical", "keep_pre_identical", "keep_post_identical")) and \
             row["first_logits"]["ok"]
         report[f"batch{batch}"] = row
