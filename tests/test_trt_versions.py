@@ -21,7 +21,8 @@ from sts_export.backends.tensorrt import build as trt_build
 from sts_export.errors import StsError
 from sts_export.export.manifest import graph_dtype, graph_opset, read_manifest
 from sts_export.export.onnx import export
-from tests.test_trt_check import _FakeTrt, _FakeTrt11, _attention
+from tests.test_trt_check import _attention
+from tests.trt_stand_ins import _FakeTrt, _FakeTrt11
 
 ROOT = Path(__file__).resolve().parent.parent
 APIS = {"10.3": _FakeTrt, "11": _FakeTrt11}
