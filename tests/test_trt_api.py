@@ -474,3 +474,45 @@ def test_stand_in_context_follows_the_header(tmp_path: Path, monkeypatch: pytest
     assert ctx.get_tensor_shape("hidden_out") == (-1, -1, D)  # past_key_0 not bound yet
     assert not ctx.set_tensor_address("hidden", 4096 + 64) and ctx.set_tensor_address("hidden", 4096 * 3)
     assert not ctx.set_tensor_address("nope", 4096)
+
+
+# --- workspace (memory.py), on real tiny exports --------------------------------------------
+
+@pytest.fixture(scope="module")
+def exports(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """tiny-llava fp32 and tiny-llava-gqa fp16 (test_export.py's exports when they exist in this session)."""
+    from tests.test_trt_versions import _reuse_or_export
+
+    root = tmp_path_factory.mktemp("trt-api")
+    return {"tiny-llava-fp32": _reuse_or_export(root, ("tiny-llava", "sts", 64)),
+            "tiny-llava-gqa-fp16": _reuse_or_export(root, ("tiny-llava-gqa", "sts", 32, "fp16"), dtype="fp16")}
+
+
+@pytest.mark.parametrize("unified", [True, False])
+def test_workspace_limit(unified: bool, exports: dict, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """TensorRT's default workspace pool is the device's whole memory (NvInfer.h, kWORKSPACE). On a discrete GPU the
+    build leaves it (GPU memory, outside the host estimate); on unified memory (Jetson) it would be all host memory,
+    so without --workspace-gb the build sets the limit the estimate counted and says so in one line."""
+    import shutil
+
+    from sts_export.backends.tensorrt.engines import build_engines
+    from sts_export.export import memory
+
+    fake = install(monkeypatch, "11")
+    work = tmp_path / "e"
+    shutil.copytree(exports["tiny-llava-gqa-fp16"], work)
+    monkeypatch.setattr(memory, "is_unified_memory", lambda: unified)
+    monkeypatch.setenv(memory.FAKE_ENV, "8G")
+    lines: list[str] = []
+    m = build_engines(work, progress=lines.append)
+    pools = {c.pools.get("WORKSPACE") for c in fake.configs}
+    ws = [line for line in lines if line.startswith("workspace: ")]
+    assert len(ws) == 1, lines
+    if unified:
+        (limit,) = pools
+        est = [line for line in lines if line.startswith("memory: engine build needs")][0]
+        assert f"workspace (limit set by the build) {memory.fmt(limit)}" in est
+        assert 1024**3 <= limit <= 8 * 1024**3 * 0.9 and f"{limit / 1024**3:.1f} GiB" in ws[0]
+        assert "TensorRT's default is the whole unified memory" in ws[0] and m["tensorrt"]["workspace_bytes"] == limit
+    else:
+        assert pools == {None} and "TensorRT's default pool limit" in ws[0] and m["tensorrt"]["workspace_bytes"] is None
