@@ -4,6 +4,9 @@ test_trt_gpu.py). The stand-in engines execute their ONNX graph with ONNX Runtim
 profiles, shapes, addresses and streams, never a TensorRT result."""
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -19,6 +22,7 @@ from tests.trt_stand_ins import (APIS, CACHE_MAGIC, DEFAULT_STREAM_WARNING, NETW
                                  StandInTrt, StandInTrt11, Tensor, TimingCache, _DT, _Flags, _LAYERS_10, _LAYERS_11,
                                  engine_meta, install)
 
+ROOT = Path(__file__).resolve().parent.parent
 FLOAT, FLOAT16 = TensorProto.FLOAT, TensorProto.FLOAT16
 D = 4
 
@@ -476,7 +480,7 @@ def test_stand_in_context_follows_the_header(tmp_path: Path, monkeypatch: pytest
     assert not ctx.set_tensor_address("nope", 4096)
 
 
-# --- workspace (memory.py), on real tiny exports --------------------------------------------
+# --- workspace (memory.py) and the self-test, on real tiny exports --------------------------------------------
 
 @pytest.fixture(scope="module")
 def exports(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
@@ -516,3 +520,75 @@ def test_workspace_limit(unified: bool, exports: dict, tmp_path: Path, monkeypat
         assert "TensorRT's default is the whole unified memory" in ws[0] and m["tensorrt"]["workspace_bytes"] == limit
     else:
         assert pools == {None} and "TensorRT's default pool limit" in ws[0] and m["tensorrt"]["workspace_bytes"] is None
+
+
+def test_selftest_report_on_the_stand_in(exports: dict, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                         capsys: pytest.CaptureFixture) -> None:
+    """The self-test's plumbing: engines built with the package's own build, run through TrtBackend and compared
+    with ONNX Runtime on the same feeds, one report. On the stand-in the engines ARE ONNX Runtime, so every figure
+    must be exact; the report's first line says it is a stand-in run."""
+    from sts_export.backends.tensorrt import selftest
+
+    fake = install(monkeypatch, "11")
+    rc = selftest.main(["--work", str(tmp_path / "w"), "--exports", f"tiny-llava:fp32={exports['tiny-llava-fp32']}",
+                        "--exports", f"tiny-llava-gqa:fp16={exports['tiny-llava-gqa-fp16']}",
+                        "--max-new-tokens", "6"])
+    assert sum(c.startswith("context.execute_async_v3") for c in fake.calls) >= 2 * 5  # the engines ran
+    out = capsys.readouterr().out
+    report = out[out.index(selftest.REPORT_START):]
+    lines = report.splitlines()
+    assert rc == 0, report
+    assert lines[1].startswith("STAND-IN") and "not a TensorRT result" in lines[1]
+    rows = {(r.split()[0], r.split()[1]): r for r in lines if r.startswith("tiny-")}
+    assert set(rows) == {("tiny-llava", "fp32"), ("tiny-llava-gqa", "fp16")}
+    for row in rows.values():
+        assert row.split()[-1] == "PASS" and " 6/6 " in row, row
+    assert "summary: 2 PASS, 0 DIFFERS, 0 FAIL" in report
+    assert (tmp_path / "w" / "tiny-llava-fp32" / "segment1.engine").is_file()  # built in a copy, not in the export
+    assert not list(exports["tiny-llava-fp32"].glob("*.engine"))
+
+
+def test_selftest_reports_a_failed_build(exports: dict, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                         capsys: pytest.CaptureFixture) -> None:
+    from sts_export.backends.tensorrt import selftest
+
+    fake = install(monkeypatch, "10.3")
+    fake.fail_build = "Could not find any implementation for node /Loop."
+    rc = selftest.main(["--work", str(tmp_path / "w"), "--exports", f"tiny-llava:fp32={exports['tiny-llava-fp32']}"])
+    report = capsys.readouterr().out
+    assert rc == 1
+    row = [r for r in report.splitlines() if r.startswith("tiny-llava ")][0]
+    assert row.split()[2] == "failed" and row.split()[-1] == "FAIL"
+    assert "tiny-llava fp32: TensorRT failed to build" in report and "Could not find any implementation" in report
+
+
+def test_selftest_sees_a_difference(exports: dict, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                    capsys: pytest.CaptureFixture) -> None:
+    """The comparison is real: engines whose logits are off by 0.01 (above fp32's 1e-4) are DIFFERS, with the figure."""
+    from sts_export.backends.tensorrt import selftest
+
+    fake = install(monkeypatch, "11")
+    fake.perturb = {"logits": 0.01}
+    rc = selftest.main(["--work", str(tmp_path / "w"), "--exports", f"tiny-llava:fp32={exports['tiny-llava-fp32']}",
+                        "--max-new-tokens", "4"])
+    report = capsys.readouterr().out
+    row = [r for r in report.splitlines() if r.startswith("tiny-llava ")][0]
+    assert rc == 1 and row.split()[-1] == "DIFFERS" and "1.0e-02 (1e-04)" in row, report
+    tokens, keep_pre, keep_post = row.split()[-6:-3]  # a constant shift keeps the argmax and the picks
+    assert tokens == "4/4" and all(a == b for a, b in (f.split("/") for f in (keep_pre, keep_post))), row
+
+
+def test_selftest_without_tensorrt_is_one_line(tmp_path: Path) -> None:
+    code = ("import builtins, sys\n"
+            "real = builtins.__import__\n"
+            "def imp(name, *a, **k):\n"
+            "    if name == 'tensorrt' or name.startswith('tensorrt.'):\n"
+            "        raise ImportError(\"No module named 'tensorrt'\")\n"
+            "    return real(name, *a, **k)\n"
+            "builtins.__import__ = imp\n"
+            "from sts_export.backends.tensorrt import selftest\n"
+            "sys.exit(selftest.main([]))\n")
+    r = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True, timeout=300,
+                       env={**os.environ, "PYTHONPATH": str(ROOT)})
+    assert r.returncode == 2 and r.stdout == "" and r.stderr.count("\n") == 1, (r.stdout, r.stderr)
+    assert r.stderr.startswith("selftest: ") and "TensorRT is not installed" in r.stderr
