@@ -10,7 +10,11 @@ Estimates (bytes; all resident host memory, checked before any weights are loade
                 (the CPU provider keeps weights as float32: fp16 initialisers are upcast at load)
     engines     per graph, one at a time: the parser's copy of the ONNX weights + the serialised
                 engine + TensorRT/CUDA's host baseline; on unified memory (Jetson) also the engine's
-                device weights and the builder's workspace
+                device weights and the builder's workspace. TensorRT's default workspace pool limit is
+                the device's whole memory (NvInfer.h, MemoryPoolType::kWORKSPACE: "defaults to max
+                device memory"): GPU memory on a discrete GPU, outside this host estimate; on unified
+                memory it is the host's memory, which no estimate can grant, so there the build sets a
+                limit itself when --workspace-gb is absent (`check_engine_memory`) and says so
 
 The constants are calibrated against `/usr/bin/time -v` runs on the development machine (see
 README, "Measured results"). `STS_FAKE_AVAILABLE_MEMORY=12G` (or monkeypatching `available_memory`)
@@ -59,7 +63,10 @@ ORT_BASE_EXTRA = 400 * MiB  # the onnxruntime library and its arena, once a sess
 VALIDATION_TOKENS = 80  # text tokens + decode steps around the image in validation's prompts (upper bound)
 # TensorRT: not measured here (no TensorRT/GPU on the development machine) -- documented assumptions
 TRT_HOST_BASE = 1536 * MiB  # CUDA context + TensorRT libraries on the host side
-TRT_DEFAULT_WORKSPACE = 2 * GiB  # counted when --workspace-gb is not given (TensorRT may use more)
+# unified memory, no --workspace-gb: the build's own workspace limit is what the rest of the build leaves of the
+# available memory, less this share of it kept free, and at least TRT_MIN_WORKSPACE (else the build is refused)
+WORKSPACE_KEEP_FREE = 0.10
+TRT_MIN_WORKSPACE = 1 * GiB
 
 
 def fmt(n: float) -> str:
@@ -232,6 +239,7 @@ class Estimate:
     need: int
     parts: dict[str, int] = field(default_factory=dict)
     peak_phase: str = ""
+    workspace_bytes: int | None = None  # engine builds: the workspace limit the build sets (None: TensorRT's default)
 
     def describe(self) -> str:
         parts = ", ".join(f"{k} {fmt(v)}" for k, v in self.parts.items())
@@ -331,17 +339,19 @@ def check_export_memory(recipe: Any, method: str, budget: int | str, dtype: str,
 
 def engine_estimate(graph_bytes: dict[str, int], onnx_dtype: str, precision: str, workspace_bytes: int | None,
                     unified: bool) -> Estimate:
-    """Peak host memory of building the engines one graph at a time (graph_bytes: ONNX weight bytes per graph)."""
+    """Peak host memory of building the engines one graph at a time (graph_bytes: ONNX weight bytes per graph).
+    The workspace counts on unified memory only, and only when given (`check_engine_memory` picks it otherwise)."""
     ratio = DTYPE_BYTES[precision] / DTYPE_BYTES[onnx_dtype]  # engine weights vs ONNX weights
-    ws = workspace_bytes if workspace_bytes else TRT_DEFAULT_WORKSPACE
     big = max(graph_bytes, key=graph_bytes.get)
     onnx_w = graph_bytes[big]
     engine_w = int(onnx_w * min(ratio, 1.0))  # fp32 layers pinned in fp16 builds are the small selection ones
     parts = {f"parser's {big} weights": onnx_w, f"serialised {big}.engine": engine_w, "TensorRT/CUDA host": TRT_HOST_BASE}
     if unified:
         parts[f"{big} weights on the GPU (unified memory)"] = engine_w
-        parts["workspace" + ("" if workspace_bytes else " (assumed; --workspace-gb bounds it)")] = ws
-    return Estimate("engine build", sum(parts.values()), parts, f"building {big}.engine")
+        if workspace_bytes:
+            parts["workspace (--workspace-gb)"] = workspace_bytes
+    return Estimate("engine build", sum(parts.values()), parts, f"building {big}.engine",
+                    workspace_bytes=workspace_bytes or None)
 
 
 def is_unified_memory() -> bool:
@@ -356,7 +366,14 @@ def is_unified_memory() -> bool:
 
 def check_engine_memory(onnx_dir: Path, manifest: dict[str, Any], precision: str, workspace_bytes: int | None,
                         progress: Callable[[str], None] = print, unified: bool | None = None) -> Estimate:
-    """Raise StsError (one line) when building the engines of `onnx_dir` will not fit in host memory."""
+    """Raise StsError (one line) when building the engines of `onnx_dir` will not fit in host memory; the Estimate's
+    `workspace_bytes` is the workspace limit the build must set (None: TensorRT's default). Prints the estimate and
+    the workspace decision, one line each.
+
+    Without --workspace-gb: on a discrete GPU TensorRT's default stands (the device's total memory, which is GPU
+    memory, not host memory); on unified memory that default is the whole shared memory, so the build limits the
+    workspace to what the rest of the build leaves of the available memory (less WORKSPACE_KEEP_FREE of it), at
+    least TRT_MIN_WORKSPACE."""
     sizes = {}
     for name, g in manifest["graphs"].items():
         files = [onnx_dir / g["onnx"]] + ([onnx_dir / g["external_data"]["file"]] if g.get("external_data") else [])
@@ -364,12 +381,25 @@ def check_engine_memory(onnx_dir: Path, manifest: dict[str, Any], precision: str
     unified = is_unified_memory() if unified is None else unified
     est = engine_estimate(sizes, manifest["dtype"], precision, workspace_bytes, unified)
     have, source = available_memory()
+    if unified and not workspace_bytes:
+        left = int(have - est.need - WORKSPACE_KEEP_FREE * have) // MiB * MiB
+        ws = max(left, TRT_MIN_WORKSPACE)
+        est.parts["workspace (limit set by the build)"] = ws
+        est.need += ws
+        est.workspace_bytes = ws
     progress(f"memory: engine build needs {est.describe()}; {fmt(have)} available ({source})")
     if est.need > have:
         hint = ("a smaller --workspace-gb (e.g. 1), swap on NVMe, or a device with more memory" if unified
                 else "more host memory (or close other programs)")
         raise StsError(f"not enough memory to build the engines: {est.peak_phase} needs {fmt(est.need)} but only "
                        f"{fmt(have)} is available ({source}); use {hint}")
+    if unified and not workspace_bytes:
+        progress(f"workspace: the build limits TensorRT's workspace pool to {est.workspace_bytes / GiB:.1f} GiB, what "
+                 f"the rest of the build leaves of the {fmt(have)} available less {WORKSPACE_KEEP_FREE:.0%} "
+                 f"(TensorRT's default is the whole unified memory); --workspace-gb sets another limit")
+    elif not workspace_bytes:
+        progress("workspace: TensorRT's default pool limit, the GPU's total memory (GPU memory, outside this host "
+                 "estimate); --workspace-gb sets a smaller one")
     return est
 
 

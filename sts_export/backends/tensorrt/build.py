@@ -24,13 +24,18 @@ Python API" migration guide lists BuilderFlag.FP16/BF16/INT8, OBEY_PRECISION_CON
 precision setters as removed): layer types follow the ONNX tensor types, so an engine's precision is the dtype of
 the graph it was built from, and Stage 1/2 stay float32 through the casts the exporter put in the graph. No builder
 precision flag is set and no layer is pinned. `network_precision` reads the precision back from TensorRT's own
-parsed network (the dtype of its float constants, weighted by size) and `build_engine` refuses, before building,
-a network whose precision differs from the one asked for. TF32 is switched off where the flag exists, so float32
-means float32 (DESIGN.md: "All selection math in float32").
+parsed network (the dtype of every float weight it holds: constants and the layer weights of convolutions and scale
+layers, weighted by size) and `build_engine` refuses, before building, a network whose precision differs from the
+one asked for. TF32 is switched off where the flag exists, so float32 means float32 (DESIGN.md: "All selection math
+in float32").
 
 TensorRT API. Every call below exists, with the same meaning, in TensorRT 10.3, 10.16 and 11.x; the one that differs
 is the network-creation flag (`_network_flags`): 10.x needs STRONGLY_TYPED, 11.0 deprecates it ("always enabled,
-retained for API compatibility but ignored").
+retained for API compatibility but ignored") and renumbers the enum. Failures are read the way the bindings report
+them (NvInfer.h / NvInferRuntime.h and python/src/infer/pyCore.cpp of NVIDIA/TensorRT 10.3 and 11.1): a serialized
+timing cache TensorRT cannot read gives None, a failed build None, an invalid profile a RuntimeError from `set_shape`
+or -1 from `add_optimization_profile`; the reason is in TensorRT's log, which `trt_logger` keeps so each failure is
+one StsError line naming the graph and the reason.
 """
 from __future__ import annotations
 
@@ -265,6 +270,37 @@ def _stderr(msg: str) -> None:
     print(f"[trt] {msg}", file=sys.stderr, flush=True)
 
 
+def trt_logger(trt: Any, verbose: bool = False) -> Any:
+    """A `trt.ILogger` that prints what TensorRT's own `trt.Logger` would (WARNING and worse; everything with
+    `verbose`) to stderr and keeps the error messages, so a failed call can say why in one line (`why`).
+    Subclassing ILogger is how the Python API takes a custom logger (pyCore.cpp's PyLogger trampoline; Polygraphy's
+    backend/trt/util.py does the same)."""
+
+    class _Logger(trt.ILogger):
+        def __init__(self) -> None:
+            trt.ILogger.__init__(self)
+            self.errors: list[str] = []
+            self.shown = int(trt.ILogger.VERBOSE if verbose else trt.ILogger.WARNING)
+
+        def log(self, severity: Any, msg: str) -> None:  # called by TensorRT, maybe from its threads
+            text = " ".join(str(msg).split())
+            if int(severity) <= int(trt.ILogger.ERROR):
+                self.errors.append(text)
+            if int(severity) <= self.shown:
+                print(f"[TensorRT] {_enum_name(severity)}: {text}", file=sys.stderr, flush=True)
+
+        def why(self, since: int = 0) -> str:
+            """TensorRT's first error message after `since` (TensorRT logs the cause first, then the failed
+            assertion it led to), with how many followed; '' when it logged none."""
+            errs = self.errors[since:]
+            if not errs:
+                return ""
+            first = errs[0] if len(errs[0]) <= 300 else errs[0][:297] + "..."
+            return first + (f" (+{len(errs) - 1} more TensorRT error{'s' * (len(errs) > 2)})" if len(errs) > 1 else "")
+
+    return _Logger()
+
+
 def _make_monitor(trt: Any, log: Callable[[str], None]) -> Any:
     """An IProgressMonitor (TensorRT >= 10.0) that logs top-level phases, their children and 10% steps."""
 
@@ -367,23 +403,44 @@ def _volume(shape: Any) -> int:
     return n
 
 
-def network_precision(network: Any) -> tuple[str | None, dict[str, int], dict[str, str]]:
-    """(precision, float-constant elements per dtype, IO tensor dtypes) of a parsed TensorRT network.
+# The ILayer subclasses that hold weights and the attributes that return them, in the TensorRT 10.3 and 11.1 Python
+# API (python/src/infer/pyGraph.cpp; pyGraphDoc.h documents no other `Weights` attribute). onnx-tensorrt makes an
+# IConstantLayer of an initializer used as a tensor (a MatMul's weight), but passes a Conv's initializer kernel and
+# bias to addConvolutionNd as layer weights (onnxOpImporters.cpp, Conv; 10.1-GA), so counting constants alone misses
+# them. A getter returns a numpy array for float32/float16 weights and a `trt.Weights` (dtype, size) for types numpy
+# lacks, bf16 among them (python/include/utils.h, weights_to_numpy).
+_WEIGHT_ATTRS = {"CONSTANT": ("IConstantLayer", ("weights",)),
+                 "CONVOLUTION": ("IConvolutionLayer", ("kernel", "bias")),
+                 "DECONVOLUTION": ("IDeconvolutionLayer", ("kernel", "bias")),
+                 "SCALE": ("IScaleLayer", ("shift", "scale", "power"))}
+_FLOAT_NAMES = {**TRT_FLOAT_DTYPES, "float32": "fp32", "float16": "fp16", "bfloat16": "bf16"}
+
+
+def _layer_weights(trt: Any, layer: Any) -> list[Any]:
+    """The weights a layer holds (numpy arrays or trt.Weights); [] for layers without weights. `get_layer` returns
+    the ILayer base: its subclass's attributes are reached by setting `__class__`, as Polygraphy does
+    (backend/trt/util.py)."""
+    kind = _WEIGHT_ATTRS.get(_enum_name(layer.type))
+    if kind is None:
+        return []
+    cls, attrs = kind
+    layer.__class__ = getattr(trt, cls)
+    return [w for w in (getattr(layer, a, None) for a in attrs) if w is not None]
+
+
+def network_precision(network: Any, trt: Any) -> tuple[str | None, dict[str, int], dict[str, str]]:
+    """(precision, float weight elements per dtype, IO tensor dtypes) of a parsed TensorRT network.
 
     In a strongly typed network the tensor types are the ONNX types, so the precision is the dtype that holds most
-    of the float constants (the weights; Stage 1/2 keep a few small fp32 ones) — the same rule as
-    `export.onnx.graph_dtype` on the ONNX file. None when the network has no float constant (then the float IO
-    dtype decides)."""
+    of the float weights (constants, convolution kernels/biases, scale layers; Stage 1/2 keep a few small fp32
+    ones) -- the same rule as `export.onnx.graph_dtype` on the ONNX file. None when the network holds no float
+    weight (then the float IO dtype decides)."""
     counts: dict[str, int] = {}
     for i in range(network.num_layers):
-        layer = network.get_layer(i)
-        if _enum_name(layer.type) != "CONSTANT":
-            continue
-        for j in range(layer.num_outputs):
-            t = layer.get_output(j)
-            name = TRT_FLOAT_DTYPES.get(_enum_name(t.dtype)) if t is not None else None
-            if name:
-                counts[name] = counts.get(name, 0) + _volume(t.shape)
+        for w in _layer_weights(trt, network.get_layer(i)):
+            name = _FLOAT_NAMES.get(_enum_name(getattr(w, "dtype", "")))
+            if name and int(getattr(w, "size", 0)):
+                counts[name] = counts.get(name, 0) + int(w.size)
     io: dict[str, str] = {}
     for get, n in ((network.get_input, network.num_inputs), (network.get_output, network.num_outputs)):
         for i in range(n):
@@ -419,43 +476,102 @@ def _parse_onnx(trt: Any, network: Any, logger: Any, onnx_path: Path) -> Any:
                    f"`python -m sts_export.backends.tensorrt.check {onnx_path.parent}` lists every incompatibility")
 
 
-def _add_profiles(trt: Any, builder: Any, config: Any, network: Any, profiles: list[Profile], name: str) -> None:
+def _dims(t: Any) -> tuple[int, ...]:
+    return tuple(int(d) for d in t.shape)
+
+
+def profile_problem(t: Any, lo: Shape, opt: Shape, hi: Shape) -> str:
+    """Why (min, opt, max) cannot be the optimisation-profile shapes of network input `t`, or ''. The conditions of
+    IOptimizationProfile::setDimensions (NvInferRuntime.h, 10.3 and 11.1): one rank for min, opt, max and the
+    input; 0 <= min <= opt <= max in every dim; a dim the network fixes (not -1) equals it in all three."""
+    net = _dims(t)
+    if not len(lo) == len(opt) == len(hi) == len(net):
+        return f"has rank {len(net)} but the profile gives ranks {len(lo)}/{len(opt)}/{len(hi)}"
+    for i, (d, a, b, c) in enumerate(zip(net, lo, opt, hi)):
+        if not 0 <= a <= b <= c:
+            return f"dim {i} needs 0 <= min <= opt <= max, got {a}/{b}/{c}"
+        if d != -1 and not a == b == c == d:
+            return f"dim {i} is fixed at {d} in the network, the profile gives {a}/{b}/{c}"
+    return ""
+
+
+def values_problem(t: Any, lo: Shape, opt: Shape, hi: Shape) -> str:
+    """Why (min, opt, max) cannot be the values of shape tensor `t`, or '' (IOptimizationProfile::setShapeValuesV2:
+    one value per element of the tensor, the same count each time, min <= opt <= max)."""
+    n = _volume(_dims(t))
+    if not len(lo) == len(opt) == len(hi) == n:
+        return f"holds {n} value(s) but the profile gives {len(lo)}/{len(opt)}/{len(hi)}"
+    bad = [i for i, (a, b, c) in enumerate(zip(lo, opt, hi)) if not a <= b <= c]
+    return f"value {bad[0]} needs min <= opt <= max, got {lo[bad[0]]}/{opt[bad[0]]}/{hi[bad[0]]}" if bad else ""
+
+
+def _add_profiles(trt: Any, builder: Any, config: Any, network: Any, profiles: list[Profile], name: str,
+                  logger: Any) -> None:
+    """Check every profile against the network's inputs (one line naming the graph, profile, input and why), then
+    hand them to TensorRT, turning its refusals (RuntimeError from `set_shape`/`set_shape_input`, -1 from
+    `add_optimization_profile`) into the same kind of line."""
     inputs = [network.get_input(i) for i in range(network.num_inputs)]
-    dynamic = [t.name for t in inputs if -1 in tuple(t.shape) or t.is_shape_tensor]
+    dynamic = [t.name for t in inputs if -1 in _dims(t) or t.is_shape_tensor]
     if not profiles:
         if dynamic:
             raise StsError(f"{name}: inputs {', '.join(dynamic)} are dynamic, so at least one optimisation profile "
                            f"is needed (see trt_build.profiles_for_graph)")
         return
     for k, prof in enumerate(profiles):
-        p = builder.create_optimization_profile()
         for t in inputs:
             if t.is_shape_tensor:
                 vals = prof.get(VALUES_KEY, {}).get(t.name)
                 if vals is None:
-                    raise StsError(f"{name}: TensorRT made input '{t.name}' a shape tensor; profile {k} needs its "
-                                   f"value range under '{VALUES_KEY}'")
-                p.set_shape_input(t.name, *[tuple(int(x) for x in v) for v in vals])
-            if -1 not in tuple(t.shape):
-                continue  # fixed shape: nothing to set
-            if t.name not in prof:
-                raise StsError(f"{name}: optimisation profile {k} has no shapes for dynamic input '{t.name}'")
-            lo, opt, hi = (tuple(int(x) for x in s) for s in prof[t.name])
-            p.set_shape(t.name, lo, opt, hi)
+                    raise StsError(f"{name}: TensorRT made input '{t.name}' a shape tensor; optimisation profile {k} "
+                                   f"needs its value range under '{VALUES_KEY}'")
+                why = values_problem(t, *(tuple(int(x) for x in v) for v in vals))
+                if why:
+                    raise StsError(f"{name}: optimisation profile {k} cannot take shape tensor '{t.name}': it {why}")
+            if -1 in _dims(t) and t.name not in prof:
+                raise StsError(f"{name}: optimisation profile {k} has no shapes for dynamic input '{t.name}' "
+                               f"(network shape {list(_dims(t))})")
+            if t.name in prof:
+                why = profile_problem(t, *(tuple(int(x) for x in s) for s in prof[t.name]))
+                if why:
+                    raise StsError(f"{name}: optimisation profile {k} does not fit input '{t.name}' (network shape "
+                                   f"{list(_dims(t))}): it {why}")
+    for k, prof in enumerate(profiles):
+        p = builder.create_optimization_profile()
+        try:
+            for t in inputs:
+                if t.is_shape_tensor:
+                    p.set_shape_input(t.name, *[tuple(int(x) for x in v) for v in prof[VALUES_KEY][t.name]])
+                if -1 in _dims(t):
+                    p.set_shape(t.name, *(tuple(int(x) for x in s) for s in prof[t.name]))
+        except RuntimeError as e:  # the binding raises when setDimensions/setShapeValuesV2 return false
+            raise StsError(f"{name}: TensorRT rejected optimisation profile {k}: {e}") from None
+        since = len(logger.errors)
         if config.add_optimization_profile(p) < 0:
-            raise StsError(f"{name}: TensorRT rejected optimisation profile {k} (each dim needs min <= opt <= max "
-                           f"and must match the fixed dims of the ONNX inputs)")
+            why = logger.why(since) or "TensorRT found it invalid"
+            raise StsError(f"{name}: TensorRT rejected optimisation profile {k}: {why}")
 
 
 def _load_timing_cache(config: Any, path: Path | None, log: Callable[[str], None]) -> Any:
+    """Attach the timing cache at `path` (or a new one) to `config`. A cache TensorRT cannot use starts a new one with
+    a one-line note, and the build then rewrites the file: `create_timing_cache` gives None for a serialized cache it
+    cannot read (another TensorRT's, as in an export directory copied from an x86 host to a Jetson; NVIDIA's
+    shared/utils/cacheUtils.cpp and Polygraphy's backend/trt/config.py check for exactly that), and
+    `set_timing_cache` returns False for one made on a GPU with other device properties."""
     blob = path.read_bytes() if path is not None and path.exists() else b""
-    cache = config.create_timing_cache(blob)
-    if not config.set_timing_cache(cache, False):  # built by another TensorRT / GPU: start a fresh one
-        log(f"timing cache {path} does not match this TensorRT/GPU; starting a new one")
-        cache = config.create_timing_cache(b"")
-        config.set_timing_cache(cache, False)
-    elif blob:
+    cache = config.create_timing_cache(blob) if blob else None
+    if blob and cache is None:
+        log(f"timing cache {path} was written by another TensorRT version (or is damaged); starting a new one, "
+            f"which replaces it after the build")
+    elif cache is not None and not config.set_timing_cache(cache, False):
+        log(f"timing cache {path} was made on a GPU with other properties; starting a new one, which replaces it "
+            f"after the build")
+        cache = None
+    elif cache is not None:
         log(f"timing cache: loaded {path} ({len(blob) / 1e6:.1f} MB)")
+        return cache
+    cache = config.create_timing_cache(b"")
+    if cache is None or not config.set_timing_cache(cache, False):
+        raise StsError("TensorRT could not create an empty timing cache (see its log above)")
     return cache
 
 
@@ -482,12 +598,12 @@ def build_engine(onnx_path: str | os.PathLike, engine_path: str | os.PathLike, *
         raise StsError(f"ONNX file not found: {onnx_path}")
     t0 = time.monotonic()
 
-    logger = trt.Logger(trt.Logger.VERBOSE if verbose else trt.Logger.WARNING)
+    logger = trt_logger(trt, verbose)
     builder = trt.Builder(logger)
     network = builder.create_network(_network_flags(trt))
     log(f"parsing {onnx_path.name}")
     parser = _parse_onnx(trt, network, logger, onnx_path)  # owns the weights: keep it alive until the build
-    got, counts, io = network_precision(network)
+    got, counts, io = network_precision(network, trt)
     if precision is not None and got is not None and got != precision:
         raise StsError(f"{onnx_path.name} is a {got} graph, so its strongly typed engine would be {got}, not "
                        f"{precision}: re-export the ONNX graphs with --dtype {precision}")
@@ -498,9 +614,12 @@ def build_engine(onnx_path: str | os.PathLike, engine_path: str | os.PathLike, *
     config.builder_optimization_level = int(opt_level)
     if workspace_bytes:
         config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, int(workspace_bytes))
+        log(f"workspace pool limit: {workspace_bytes / 1024**3:.2f} GiB")
+    else:  # NvInfer.h, MemoryPoolType::kWORKSPACE: "This defaults to max device memory."
+        log("workspace pool: TensorRT's default limit, the device's total memory (--workspace-gb sets one)")
     if hasattr(trt.BuilderFlag, "TF32"):  # float32 layers really run in float32
         config.clear_flag(trt.BuilderFlag.TF32)
-    _add_profiles(trt, builder, config, network, profiles or [], onnx_path.stem)
+    _add_profiles(trt, builder, config, network, profiles or [], onnx_path.stem, logger)
     _load_timing_cache(config, cache_path, log)
     monitor = None
     if hasattr(trt, "IProgressMonitor") and hasattr(config, "progress_monitor"):
@@ -509,10 +628,11 @@ def build_engine(onnx_path: str | os.PathLike, engine_path: str | os.PathLike, *
     else:
         log("building (no progress monitor in this TensorRT)")
 
+    since = len(logger.errors)
     serialized = builder.build_serialized_network(network, config)
-    if serialized is None:
-        raise StsError(f"TensorRT failed to build {onnx_path.name} (its log above says why); a larger workspace "
-                       f"may help")
+    if serialized is None:  # NvInfer.h buildSerializedNetwork: nullptr on failure, the reason in the log
+        why = logger.why(since) or "TensorRT logged no error; rerun with verbose=True"
+        raise StsError(f"TensorRT failed to build {onnx_path.name}: {why}")
     build_s = time.monotonic() - t0
     del parser
     if cache_path is not None:
@@ -524,7 +644,7 @@ def build_engine(onnx_path: str | os.PathLike, engine_path: str | os.PathLike, *
     return {
         "engine": str(engine_path), "onnx": str(onnx_path), "trt_version": trt.__version__,
         "gpu": dev["gpu"], "compute_capability": dev["compute_capability"], "precision": got,
-        "strongly_typed": True, "float_constants": counts, "io_dtypes": io,
+        "strongly_typed": True, "float_weights": counts, "io_dtypes": io,
         "profiles": [{k: [list(s) for s in v] for k, v in p.items() if k != VALUES_KEY} for p in profiles or []],
         "opt_level": int(opt_level), "workspace_bytes": workspace_bytes,
         "timing_cache": str(cache_path) if cache_path else None, "build_seconds": round(build_s, 2),

@@ -80,13 +80,15 @@ def build_engines(
     """Check, then build `<graph>.engine` for every graph; the manifest gains engine hashes and TensorRT info.
 
     First, within seconds: the host-memory estimate of the largest graph's build (`export.memory`; on a
-    Jetson it includes the engine's weights on the GPU and the workspace) against what is available."""
+    Jetson it includes the engine's weights on the GPU and the workspace, whose limit the build then sets when
+    --workspace-gb is absent) against what is available."""
     m = read_manifest(onnx_dir)
     recipe = manifest_recipe(m)
     precision = engine_precision(onnx_dir, m, precision)  # the graphs' own dtype; another one is refused here
     trt_version = build_version(trt_version)
     workspace_bytes = int(workspace_gb * 1024**3) if workspace_gb else None
-    check_engine_memory(onnx_dir, m, precision, workspace_bytes, progress)  # one line before parsing when it cannot fit
+    # one line before parsing when it cannot fit; on unified memory without --workspace-gb it picks the limit
+    workspace_bytes = check_engine_memory(onnx_dir, m, precision, workspace_bytes, progress).workspace_bytes
     lock = claim_engine_dir(onnx_dir, progress)  # removes what a killed build (dead pid) left; refuses a live one
     try:
         return _build_all(onnx_dir, m, recipe, precision, max_batch, opt_level, workspace_bytes, timing_cache,
@@ -135,6 +137,7 @@ def _build_all(onnx_dir: Path, m: dict[str, Any], recipe: Any, precision: str, m
     # read from what was built: TensorRT's version and the GPU from the build, precision from the parsed networks
     m["tensorrt"] = {"version": trt.__version__, "gpu": dev["gpu"], "compute_capability": dev["compute_capability"],
                      "precision": got.pop() if got else precision, "strongly_typed": True,
-                     "version_compatible": False, "max_batch": max_batch, "opt_level": opt_level}
+                     "version_compatible": False, "max_batch": max_batch, "opt_level": opt_level,
+                     "workspace_bytes": workspace_bytes}  # None: TensorRT's default (the device's memory)
     write_manifest(onnx_dir, m)
     return m

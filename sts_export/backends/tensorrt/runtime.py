@@ -6,7 +6,12 @@ device buffers: feed them straight back (past_* <- present_*) and call `to_numpy
 
 Per call: the optimisation profile is chosen from the input shapes (prefill vs decode, see
 `trt_build.profiles_for_graph`), `set_input_shape` fixes the dynamic dims, output shapes are read back with
-`get_tensor_shape`, output buffers are allocated, and the engine is enqueued on the current CUDA stream.
+`get_tensor_shape`, output buffers are allocated (256-byte aligned, as `setTensorAddress` requires), and the engine
+is enqueued on a CUDA stream of its own: NvInferRuntime.h's enqueueV3 warns that the default stream "may lead to
+performance issues due to additional cudaDeviceSynchronize() calls by TensorRT", so with torch the stream waits for
+torch's current stream before the engine runs and torch's stream waits for it after (events, no host sync).
+A refusal by TensorRT (`set_input_shape`, `set_tensor_address`, `execute_async_v3` returning False) is one StsError
+line naming the graph, the tensor and what TensorRT logged.
 Importable without TensorRT; `TrtBackend(...)` raises StsError with install instructions when it is missing.
 """
 from __future__ import annotations
@@ -19,7 +24,8 @@ from typing import Any
 import numpy as np
 
 from sts_export.errors import StsError
-from sts_export.backends.tensorrt.build import _cudart, _enum_name, _torch_cuda, check_engine_compatible, require_tensorrt
+from sts_export.backends.tensorrt.build import (_cudart, _enum_name, _torch_cuda, check_engine_compatible,
+                                                require_tensorrt, trt_logger)
 
 Ranges = dict[str, tuple[tuple[int, ...], tuple[int, ...], tuple[int, ...]]]
 
@@ -67,15 +73,39 @@ def select_profile(ranges: list[Ranges], shapes: dict[str, tuple[int, ...]],
 # ---------------------------------------------------------------------------------------------------------------
 
 class _TorchMemory:
+    """Device buffers as torch CUDA tensors; the engine runs on a stream of its own (`exec_stream`), ordered after
+    torch's current stream (`begin`) and before it (`end`), so torch's reads and writes need no host sync."""
+
     def __init__(self, torch: Any, device: int) -> None:
         self.torch, self.device = torch, torch.device("cuda", device)
-        self.dummy = torch.empty(_ALIGN, dtype=torch.uint8, device=self.device)  # address for empty tensors
+        self.dummy = self._aligned_empty((_ALIGN,), torch.uint8)  # address for empty tensors
+        self.exec_stream = torch.cuda.Stream(device=self.device)
 
     def dtype(self, trt_name: str) -> Any:
         return getattr(self.torch, _DTYPES[trt_name][1])
 
     def stream(self) -> int:
-        return self.torch.cuda.current_stream(self.device).cuda_stream
+        return int(self.exec_stream.cuda_stream)
+
+    def begin(self) -> None:
+        """Before enqueueing: the engine's stream waits for what torch's stream queued (inputs being written)."""
+        self.exec_stream.wait_stream(self.torch.cuda.current_stream(self.device))
+
+    def end(self) -> None:
+        """After enqueueing: torch's stream waits for the engine (its outputs), and so does any reuse of the input
+        blocks torch's caching allocator frees on that stream."""
+        self.torch.cuda.current_stream(self.device).wait_stream(self.exec_stream)
+
+    def _aligned_empty(self, shape: tuple[int, ...], dtype: Any) -> Any:
+        """An uninitialised tensor whose address is a multiple of 256 bytes (the CUDA caching allocator's blocks
+        already are; other allocators get an offset view into a slightly larger buffer)."""
+        t = self.torch.empty(shape, dtype=dtype, device=self.device)
+        if t.numel() == 0 or t.data_ptr() % _ALIGN == 0:
+            return t
+        nbytes = t.numel() * t.element_size()
+        buf = self.torch.empty(nbytes + _ALIGN, dtype=self.torch.uint8, device=self.device)
+        off = -buf.data_ptr() % _ALIGN
+        return buf[off:off + nbytes].view(dtype).view(shape)
 
     def from_numpy(self, x: np.ndarray) -> Any:
         return self.torch.from_numpy(_contig(x)).to(self.device)
@@ -96,11 +126,11 @@ class _TorchMemory:
         if t.numel() == 0:
             return t, self.dummy.data_ptr()
         if t.data_ptr() % _ALIGN:
-            t = t.clone()
+            t = self._aligned_empty(tuple(t.shape), t.dtype).copy_(t)
         return t, t.data_ptr()
 
     def empty(self, shape: tuple[int, ...], trt_name: str) -> tuple[Any, int]:
-        t = self.torch.empty(shape, dtype=self.dtype(trt_name), device=self.device)
+        t = self._aligned_empty(shape, self.dtype(trt_name))
         return t, (t.data_ptr() if t.numel() else self.dummy.data_ptr())
 
     def synchronize(self) -> None:
@@ -150,6 +180,12 @@ class _CudartMemory:
 
     def stream(self) -> int:
         return int(self._stream)
+
+    def begin(self) -> None:
+        """Nothing to order: every copy here is synchronous or on this same stream."""
+
+    def end(self) -> None:
+        """`to_numpy` synchronizes this stream before reading."""
 
     def from_numpy(self, x: np.ndarray) -> DeviceArray:
         x = _contig(x)
@@ -275,7 +311,7 @@ class TrtBackend:
             self.mem = _CudartMemory(cudart, device)
         if check_manifest:
             self._check_manifest()
-        self.logger = trt.Logger(trt.Logger.VERBOSE if verbose else trt.Logger.WARNING)
+        self.logger = trt_logger(trt, verbose)
         self.runtime = trt.Runtime(self.logger)
         paths = sorted(self.export_dir.glob("*.engine"))
         if graphs is not None:
@@ -287,10 +323,12 @@ class TrtBackend:
             raise StsError(f"no *.engine files in {self.export_dir}: export with --target trt first")
         self.engines: dict[str, _Engine] = {}
         for p in paths:
+            since = len(self.logger.errors)
             engine = self.runtime.deserialize_cuda_engine(p.read_bytes())
-            if engine is None:
-                raise StsError(f"TensorRT could not load {p} (built by another TensorRT version or for another GPU?); "
-                               f"rebuild the engines on this machine (--target trt)")
+            if engine is None:  # NvInferRuntime.h: "nullptr if it could not be deserialized"
+                why = self.logger.why(since) or "built by another TensorRT version or for another GPU?"
+                raise StsError(f"TensorRT could not load {p}: {why}; rebuild the engines on this machine "
+                               f"(--target trt)")
             self.engines[p.stem] = _Engine(trt, engine, p.stem)
 
     def _check_manifest(self) -> None:
@@ -326,15 +364,19 @@ class TrtBackend:
         if prof is None:
             raise StsError(f"{graph}: input shapes {_fmt_shapes(shapes)} are outside every optimisation profile of "
                            f"the engine ({_fmt_ranges(e.ranges)}); rebuild with larger limits")
+        self.mem.begin()  # the engine's stream waits for the inputs written above
+        since = len(self.logger.errors)
         if prof != e.active:
             if not ctx.set_optimization_profile_async(prof, stream):
-                raise StsError(f"{graph}: TensorRT refused to switch to optimisation profile {prof}")
+                raise StsError(f"{graph}: TensorRT refused to switch to optimisation profile {prof}{self._why(since)}")
             e.active = prof
         for n in e.inputs:
             if not ctx.set_input_shape(n, shapes[n]):
-                raise StsError(f"{graph}: TensorRT rejected shape {shapes[n]} for input '{n}'")
+                lo, _, hi = e.ranges[prof][n]
+                raise StsError(f"{graph}: TensorRT refused shape {list(shapes[n])} for input '{n}' (optimisation "
+                               f"profile {prof} takes {list(lo)}..{list(hi)}){self._why(since)}")
         for n in e.inputs:
-            ctx.set_tensor_address(n, bufs[n][1])
+            self._bind(ctx, graph, n, bufs[n][1], since)
         outs: dict[str, Any] = {}
         for n in e.outputs:
             shape = tuple(int(s) for s in ctx.get_tensor_shape(n))
@@ -346,11 +388,22 @@ class TrtBackend:
                 outs[n], ptr = arr, arr.ctypes.data
             else:
                 outs[n], ptr = self.mem.empty(shape, e.dtype[n])
-            ctx.set_tensor_address(n, ptr)
+            self._bind(ctx, graph, n, ptr, since)
         if not ctx.execute_async_v3(stream):
-            raise StsError(f"{graph}: TensorRT execution failed (see the TensorRT log)")
+            raise StsError(f"{graph}: TensorRT execution failed{self._why(since)}")
+        self.mem.end()  # torch's stream (and anything reading the outputs) waits for the engine
         e.keep = [b[0] for b in bufs.values()]  # inputs converted here must outlive the enqueued work
         return outs
+
+    def _why(self, since: int) -> str:
+        why = self.logger.why(since)
+        return f": {why}" if why else " (see the TensorRT log)"
+
+    def _bind(self, ctx: Any, graph: str, name: str, ptr: int, since: int) -> None:
+        """set_tensor_address, refusing in one line when TensorRT does (NvInferRuntime.h: false on error; "The
+        pointer must have at least 256-byte alignment")."""
+        if not ctx.set_tensor_address(name, ptr):
+            raise StsError(f"{graph}: TensorRT refused address {ptr:#x} for tensor '{name}'{self._why(since)}")
 
     def from_numpy(self, x: np.ndarray) -> Any:
         """A device buffer holding `x`."""

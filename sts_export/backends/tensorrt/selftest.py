@@ -1,0 +1,335 @@
+"""Field check for users who have TensorRT: `python -m sts_export.backends.tensorrt.selftest`.
+
+Builds the tiny models' engines for every family (tiny-llava, tiny-llava-gqa, tiny-llava-next, tiny-qwen2.5-vl; STS
+at a budget that runs both stages; fp32 and fp16) on this machine's TensorRT and GPU with the package's own export
+and build (`export.onnx.export`, `engines.build_engines`: the static check, the memory estimate, the profiles, the
+strongly typed build), runs each engine set and ONNX Runtime (CPU, the same portable graphs) on the same feeds, and
+prints ONE report to paste into an issue: TensorRT version, GPU, compute capability, driver and CUDA, then per
+family and dtype the build (ok, seconds) and the parity figures -- greedy tokens equal, Stage 1 picks (keep_pre)
+and Stage 2 picks (keep_post) shared, first-token logits' max |difference| against the recipe's tolerance -- and a
+verdict: PASS (tokens and picks identical, logits within tolerance), DIFFERS (it ran; some figure is off: the report
+shows which), FAIL (export, build or run failed: the reason follows the table). bf16 is left out: ONNX Runtime's CPU
+provider has no bf16 kernels, so there is nothing here to compare a bf16 engine with.
+
+The name says what it is: a self-test of this install (TensorRT, GPU, driver) with this package, the thing a bug
+report needs first; `python -m sts_export.backends.tensorrt.check` is the static check, which needs no TensorRT.
+
+Exports need torch and transformers. A Jetson that has neither makes them elsewhere:
+    host:    python -m sts_export.backends.tensorrt.selftest --export-only --work tiny-exports
+    device:  python -m sts_export.backends.tensorrt.selftest --exports-dir tiny-exports
+Engines are always built in copies under --work, never in a given export directory.
+
+Exit status: 0 when every row is PASS, 1 when a row DIFFERS or FAILs, 2 when it cannot start (no TensorRT: one
+line). On a stand-in of the TensorRT API (tests) the report's second line says so: those engines are ONNX Runtime.
+"""
+from __future__ import annotations
+
+import gc
+import platform
+import re
+import shutil
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any, Callable
+
+import click
+import numpy as np
+
+from sts_export.errors import StsError
+
+FAMILIES = {  # family -> (method, budget): STS with both stages, the budgets test_export.py exports
+    "tiny-llava": ("sts", 64), "tiny-llava-gqa": ("sts", 32), "tiny-llava-next": ("sts", 320),
+    "tiny-qwen2.5-vl": ("sts", "20%")}
+DTYPES = ("fp32", "fp16")
+PROMPT = "What is shown in this image?"
+REPORT_START = "=== sts-export TensorRT self-test"
+REPORT_END = "=== end of report"
+
+
+@dataclass
+class Row:
+    family: str
+    dtype: str
+    build: str = "-"  # "ok 12.3 s" | "failed" | "-"
+    tokens: str = "-"  # "16/16": equal greedy tokens before the first difference / generated
+    keep_pre: str = "-"  # "64/64": Stage 1 picks both kept / kept
+    keep_post: str = "-"  # "21/21" (Stage 2 picks, as vision-token ids), "none" without Stage 2
+    logits: str = "-"  # "3.1e-06 (1e-04)": first-token logits' max |difference| (tolerance)
+    verdict: str = "FAIL"
+    note: str = ""  # why it failed, one line
+
+
+def _image(seed: int = 0, w: int = 500, h: int = 400) -> Any:
+    """A smooth random picture (blocks + noise: nearby patches alike, as in photos), the same on every machine."""
+    from PIL import Image
+
+    rng = np.random.default_rng(seed)
+    blocks = Image.fromarray(rng.integers(0, 256, (8, 10, 3)).astype(np.uint8)).resize((w, h), Image.BILINEAR)
+    arr = np.asarray(blocks).astype(np.int16) + rng.integers(-20, 21, (h, w, 3))
+    return Image.fromarray(arr.clip(0, 255).astype(np.uint8))
+
+
+def _first_line(path: str) -> str:
+    try:
+        return Path(path).read_text(errors="replace").splitlines()[0].strip()
+    except (OSError, IndexError):
+        return ""
+
+
+def platform_info() -> dict[str, str]:
+    """What a TensorRT bug report needs about this machine; 'unknown' for what cannot be read."""
+    from sts_export.backends.tensorrt import build as trt_build
+    from sts_export.backends.tensorrt import runtime as trt_runtime
+
+    trt = trt_build._import_trt()
+    dev = trt_build.device_info()
+    info = {"tensorrt": str(getattr(trt, "__version__", "not installed")), "gpu": str(dev.get("gpu") or "none visible"),
+            "compute": str(dev.get("compute_capability") or "unknown"), "driver": "unknown", "cuda": "unknown",
+            "memory": "unknown"}
+    m = re.search(r"Kernel Module\s+(?:for \S+\s+)?(\d[\d.]*)", _first_line("/proc/driver/nvidia/version"))
+    if m:
+        info["driver"] = m.group(1)
+    torch = trt_runtime._torch_cuda()
+    if torch is not None:
+        cuda = getattr(getattr(torch, "version", None), "cuda", None)
+        info["cuda"] = f"{cuda} (torch)" if cuda else "unknown"
+        try:
+            info["memory"] = f"{torch.cuda.get_device_properties(0).total_memory / 1024**3:.1f} GiB"
+        except Exception:  # noqa: BLE001 - stand-ins and odd builds: leave unknown
+            pass
+    cudart = trt_build._cudart()
+    if cudart is not None:
+        try:
+            err, v = cudart.cudaRuntimeGetVersion()
+            if int(getattr(err, "value", err)) == 0 and info["cuda"] == "unknown":
+                info["cuda"] = f"{v // 1000}.{v % 1000 // 10} (cudart)"
+            err, v = cudart.cudaDriverGetVersion()
+            if int(getattr(err, "value", err)) == 0:
+                info["driver"] += f", CUDA driver API {v // 1000}.{v % 1000 // 10}"
+        except Exception:  # noqa: BLE001 - no driver: leave what we have
+            pass
+    l4t = re.match(r"#\s*R(\d+)\s*\(release\),\s*REVISION:\s*([\d.]+)", _first_line("/etc/nv_tegra_release"))
+    info["l4t"] = f"R{l4t.group(1)}.{l4t.group(2)}" if l4t else ""
+    return info
+
+
+def _versions() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    parts = []
+    for pkg in ("onnxruntime", "onnx", "torch"):
+        try:
+            parts.append(f"{pkg} {version(pkg)}")
+        except PackageNotFoundError:
+            parts.append(f"{pkg} -")
+    return " | ".join(parts)
+
+
+def _one_line(e: BaseException) -> str:
+    text = str(e) if isinstance(e, StsError) else f"{type(e).__name__}: {e}"
+    text = " ".join(text.split())
+    return text if len(text) <= 400 else text[:397] + "..."
+
+
+def _overlap(a: np.ndarray, b: np.ndarray) -> str:
+    a, b = np.asarray(a).reshape(-1), np.asarray(b).reshape(-1)
+    return f"{len(set(a.tolist()) & set(b.tolist()))}/{max(len(a), len(b))}"
+
+
+def compare(ref: Any, got: Any, tol: float) -> tuple[dict[str, str], bool]:
+    """Figures of one TensorRT generation against ONNX Runtime's (batch 1) and whether they all agree."""
+    t_ref, t_got = np.asarray(ref.tokens).reshape(-1), np.asarray(got.tokens).reshape(-1)
+    n = min(len(t_ref), len(t_got))
+    diff = np.nonzero(t_ref[:n] != t_got[:n])[0]
+    same = int(diff[0]) if len(diff) else n
+    fig = {"tokens": f"{same}/{len(t_ref)}", "keep_pre": _overlap(ref.keep_pre, got.keep_pre)}
+    ok = same == len(t_ref) == len(t_got) and np.array_equal(ref.keep_pre, got.keep_pre)
+    if ref.keep_post is None or got.keep_post is None:
+        fig["keep_post"] = "none"
+        ok = ok and ref.keep_post is None and got.keep_post is None
+    else:  # Stage 2 indexes Stage 1's picks: compare the vision tokens it keeps
+        post_ref = np.take_along_axis(np.asarray(ref.keep_pre), np.asarray(ref.keep_post), axis=1)
+        post_got = np.take_along_axis(np.asarray(got.keep_pre), np.asarray(got.keep_post), axis=1)
+        fig["keep_post"] = _overlap(post_ref, post_got)
+        ok = ok and np.array_equal(post_ref, post_got)
+    d = float(np.max(np.abs(np.asarray(ref.first_logits, np.float32) - np.asarray(got.first_logits, np.float32))))
+    fig["logits"] = f"{d:.1e} ({tol:.0e})"
+    return fig, ok and d <= tol
+
+
+def _export(family: str, dtype: str, out: Path, log: Callable[[str], None]) -> Path:
+    try:
+        from sts_export.export.onnx import export
+    except ImportError as e:
+        raise StsError(f"cannot export here ({e}): make the exports on a host with torch (--export-only --work DIR) "
+                       f"and pass --exports-dir DIR") from None
+    method, budget = FAMILIES[family]
+    return export(family, budget=budget, method=method, dtype=dtype, out=out, validate=False, target="trt",
+                  progress=log)
+
+
+def run_one(family: str, dtype: str, src: Path | None, work: Path, max_new_tokens: int,
+            log: Callable[[str], None]) -> Row:
+    """Export (or copy `src`), build the engines, run them and ONNX Runtime on the same feeds; one report row."""
+    from sts_export.backends.tensorrt.engines import build_engines
+    from sts_export.export.manifest import manifest_recipe, read_manifest
+    from sts_export.pipeline import load_export_pipeline
+
+    row = Row(family, dtype)
+    d = work / f"{family}-{dtype}"
+    try:
+        if src is not None:
+            shutil.copytree(src, d, ignore=shutil.ignore_patterns("*.engine", "timing.cache"), dirs_exist_ok=True)
+        elif not (d / "manifest.json").is_file():
+            _export(family, dtype, d, log)
+    except Exception as e:  # noqa: BLE001 - one row per failure, the report goes on
+        row.build, row.note = "no export", f"export: {_one_line(e)}"
+        return row
+    t0 = time.perf_counter()
+    try:
+        build_engines(d, max_batch=1, progress=log)
+    except Exception as e:  # noqa: BLE001
+        row.build, row.note = "failed", _one_line(e)
+        return row
+    row.build = f"ok {time.perf_counter() - t0:.1f} s"
+    ort_pipe = trt_pipe = None
+    try:
+        tol = float(getattr(manifest_recipe(read_manifest(d)).tolerance, dtype))
+        img = _image()
+        ort_pipe = load_export_pipeline(d, backend="onnxruntime", device="cpu", form="portable")
+        ref = ort_pipe.generate(img, PROMPT, max_new_tokens=max_new_tokens)
+        trt_pipe = load_export_pipeline(d, backend="tensorrt")
+        got = trt_pipe.generate(img, PROMPT, max_new_tokens=max_new_tokens)
+        fig, ok = compare(ref, got, tol)
+        row.tokens, row.keep_pre, row.keep_post, row.logits = fig["tokens"], fig["keep_pre"], fig["keep_post"], fig["logits"]
+        row.verdict, row.note = ("PASS", "") if ok else ("DIFFERS", "")
+    except Exception as e:  # noqa: BLE001
+        row.verdict, row.note = "FAIL", f"run: {_one_line(e)}"
+    finally:
+        del ort_pipe, trt_pipe
+        gc.collect()
+    return row
+
+
+def report(rows: list[Row], info: dict[str, str], stand_in: str | None) -> str:
+    """The one block a user pastes into an issue."""
+    from sts_export import __version__
+
+    when = datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+    lines = [f"{REPORT_START} (sts-export {__version__}, {when}) ==="]
+    if stand_in:
+        lines.append(f"STAND-IN, not a TensorRT result: {stand_in}")
+    l4t = f" | L4T {info['l4t']}" if info.get("l4t") else ""
+    lines.append(f"TensorRT {info['tensorrt']} | GPU {info['gpu']} (compute {info['compute']}, {info['memory']}) | "
+                 f"driver {info['driver']} | CUDA {info['cuda']}{l4t}")
+    lines.append(f"{_versions()} | Python {platform.python_version()} | {platform.system()} {platform.machine()} | "
+                 f"reference: ONNX Runtime CPU, portable graphs")
+    head = ("family", "dtype", "build", "tokens", "keep_pre", "keep_post", "logits max|d| (tol)", "verdict")
+    table = [head] + [(r.family, r.dtype, r.build, r.tokens, r.keep_pre, r.keep_post, r.logits, r.verdict) for r in rows]
+    widths = [max(len(str(t[i])) for t in table) for i in range(len(head))]
+    lines += ["  ".join(str(c).ljust(w) for c, w in zip(t, widths)).rstrip() for t in table]
+    counts = {v: sum(r.verdict == v for r in rows) for v in ("PASS", "DIFFERS", "FAIL")}
+    lines.append(f"summary: {counts['PASS']} PASS, {counts['DIFFERS']} DIFFERS, {counts['FAIL']} FAIL")
+    lines += [f"{r.family} {r.dtype}: {r.note}" for r in rows if r.note]
+    lines.append(REPORT_END)
+    return "\n".join(lines)
+
+
+def _given(exports: tuple[str, ...]) -> dict[tuple[str, str], Path]:
+    out = {}
+    for item in exports:
+        m = re.fullmatch(r"([\w.\-]+):(fp32|fp16)=(.+)", item)
+        if not m or m.group(1) not in FAMILIES:
+            raise StsError(f"--exports '{item}': expected FAMILY:DTYPE=DIR with FAMILY one of {', '.join(FAMILIES)} "
+                           f"and DTYPE fp32 or fp16")
+        if not (Path(m.group(3)) / "manifest.json").is_file():
+            raise StsError(f"--exports '{item}': {m.group(3)} is not an export directory (no manifest.json)")
+        out[m.group(1), m.group(2)] = Path(m.group(3))
+    return out
+
+
+def _split(text: str, allowed: tuple[str, ...] | dict, what: str) -> list[str]:
+    items = [x.strip() for x in text.split(",") if x.strip()]
+    bad = [x for x in items if x not in allowed]
+    if bad or not items:
+        raise StsError(f"--{what} {text!r}: choose from {', '.join(allowed)}")
+    return items
+
+
+@click.command(context_settings={"help_option_names": ["-h", "--help"]})
+@click.option("--families", default=",".join(FAMILIES), show_default=True, help="Comma-separated tiny families.")
+@click.option("--dtypes", default=",".join(DTYPES), show_default=True, help="fp32, fp16 or both.")
+@click.option("--work", type=click.Path(path_type=Path), default=None,
+              help="Where exports and engines go (default: a temporary directory, removed afterwards).")
+@click.option("--exports", multiple=True, help="FAMILY:DTYPE=DIR: use this export (copied) instead of making one; "
+                                               "repeatable; then only the given ones run.")
+@click.option("--exports-dir", type=click.Path(path_type=Path), default=None,
+              help="A --work directory of an --export-only run: use its FAMILY-DTYPE exports.")
+@click.option("--export-only", is_flag=True, help="Only make the exports in --work (needs torch; no TensorRT).")
+@click.option("--max-new-tokens", default=16, show_default=True, type=click.IntRange(1, 256))
+@click.option("--out", "out_file", type=click.Path(path_type=Path), default=None, help="Also write the report here.")
+def cli(families: str, dtypes: str, work: Path | None, exports: tuple[str, ...], exports_dir: Path | None,
+        export_only: bool, max_new_tokens: int, out_file: Path | None) -> int:
+    """Build the tiny models' TensorRT engines here and compare them with ONNX Runtime; print one report."""
+    from sts_export.backends.tensorrt import build as trt_build
+
+    combos = [(f, d) for f in _split(families, FAMILIES, "families") for d in _split(dtypes, DTYPES, "dtypes")]
+    given = _given(exports)
+    if exports_dir is not None:
+        given.update({(f, d): exports_dir / f"{f}-{d}" for f, d in combos
+                      if (exports_dir / f"{f}-{d}" / "manifest.json").is_file() and (f, d) not in given})
+        if not given:
+            raise StsError(f"--exports-dir {exports_dir} holds no FAMILY-DTYPE export (make them with --export-only)")
+    if exports or exports_dir is not None:
+        combos = list(given)
+    if export_only and work is None:
+        raise StsError("--export-only needs --work DIR (where the exports go, to copy to the device)")
+    trt = None if export_only else trt_build.require_tensorrt()  # one line when TensorRT is missing
+    own = work is None
+    work = Path(tempfile.mkdtemp(prefix="sts-trt-selftest-")) if own else work
+    work.mkdir(parents=True, exist_ok=True)
+    log = lambda s: print(f"[selftest] {s}", file=sys.stderr, flush=True)  # noqa: E731
+    try:
+        if export_only:
+            for f, d in combos:
+                out = work / f"{f}-{d}"
+                if not (out / "manifest.json").is_file():
+                    log(f"exporting {f} {d} -> {out}")
+                    _export(f, d, out, log)
+            click.echo(f"exports in {work}: copy it to the device and run "
+                       f"`python -m sts_export.backends.tensorrt.selftest --exports-dir {work.name}`")
+            return 0
+        rows = []
+        for f, d in combos:
+            log(f"{f} {d}: export, build, run")
+            rows.append(run_one(f, d, given.get((f, d)), work, max_new_tokens, log))
+        text = report(rows, platform_info(), getattr(trt, "__stand_in__", None))
+        click.echo(text)
+        if out_file is not None:
+            out_file.write_text(text + "\n")
+        return 0 if all(r.verdict == "PASS" for r in rows) else 1
+    finally:
+        if own:
+            shutil.rmtree(work, ignore_errors=True)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run the self-test; returns the exit status (2 with one line on stderr when it cannot start)."""
+    try:
+        return int(cli.main(args=argv, prog_name="selftest", standalone_mode=False) or 0)
+    except StsError as e:
+        print(f"selftest: {e}", file=sys.stderr)
+        return 2
+    except click.exceptions.Exit as e:  # --help
+        return int(e.exit_code)
+    except click.ClickException as e:
+        print(f"selftest: {e.format_message()}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
