@@ -390,6 +390,12 @@ def test_relaxed_to_what_the_importer_takes() -> None:
     assert passes(nz)  # the importer lists INT64 (operators.md said FP32, FP16)
     nz.graph.input[0].type.tensor_type.elem_type = TensorProto.UINT8  # a network input, but not in NonZero's list
     assert "NonZero for FP32" in one(nz)
+    dbl = model([helper.make_node("Add", ["x", "w"], ["y"], name="add")], [vi("x", shape=[2])], [vi("y")],
+                [const("w", np.ones(2, np.float64))])
+    rep = check_model(dbl)  # convertDtype maps DOUBLE to kFLOAT: computed as float32, with a warning
+    assert rep.ok and any("DOUBLE" in w for w in rep.warnings)
+    dbl.graph.input[0].type.tensor_type.elem_type = TensorProto.UINT32  # a type TensorRT has none for
+    assert "UINT32" in problems(dbl)[0]
     old = model([helper.make_node("Relu", ["x"], ["y"], name="r")], [vi("x", shape=[2])], [vi("y")], opset=6)
     rep = check_model(old)  # importModel only warns below opset 7
     assert rep.ok and any("opset 6" in w for w in rep.warnings)

@@ -140,6 +140,7 @@ class _Checker(Walk, Rules):
             what = self.dtype_problem(elem, name, scope)
             if what is None:
                 continue
+            severity = "warning" if what.startswith("tensor '" + name + "' is DOUBLE") else "error"
             self.flagged_tensors.add(name)
             if name in scope.producers:
                 node, op = scope.producers[name]
@@ -148,14 +149,14 @@ class _Checker(Walk, Rules):
                 node, op = prefix + name, "input"
             else:
                 node, op = prefix + name, "initializer"
-            self.add(node, op, what)
+            self.add(node, op, what, severity)
 
     def dtype_problem(self, elem: int, name: str, scope: Scope) -> str | None:
         tname = onnx.TensorProto.DataType.Name(elem) if elem in onnx.TensorProto.DataType.values() else str(elem)
         token = TYPE_TOKEN.get(tname)
-        if tname == "DOUBLE":
-            return (f"tensor '{name}' is DOUBLE: TensorRT has no float64 (the parser silently casts it to float32, "
-                    f"clamping at +-FLT_MAX); export it as float32")
+        if tname == "DOUBLE":  # importerUtils.cpp convertDtype: DOUBLE -> kFLOAT; WeightsContext::convertDouble clamps
+            return (f"tensor '{name}' is DOUBLE: TensorRT computes it as float32 (the parser maps DOUBLE to kFLOAT and "
+                    f"clamps DOUBLE weights at +-FLT_MAX); export it as float32")
         if token is None or (token == "FP4" and self.ver < (10, 8)):
             return f"tensor '{name}' is {tname}: TensorRT {self._v()} has no such type"
         if token == "UINT8" and scope.parent is None and name not in scope.graph_io and name in scope.producers:

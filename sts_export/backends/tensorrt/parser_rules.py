@@ -16,10 +16,10 @@ import numpy as np
 import onnx
 from onnx import numpy_helper
 
-from sts_export.backends.tensorrt.parser_tables import (BLOCK_DQ_INT4_SIZES, BLOCK_DQ_TYPES, INT32_MAX, TOPK_MAX_K,
-                                                        TYPE_TOKEN)
+from sts_export.backends.tensorrt.parser_tables import BLOCK_DQ_INT4_SIZES, BLOCK_DQ_TYPES, TOPK_MAX_K, TYPE_TOKEN
 from sts_export.backends.tensorrt.parser_values import (MAX_READ, UNKNOWN, Scope, attr, build_scope, shape_change,
                                                         type_dims, used_names)
+from sts_export.backends.tensorrt.parser_walk import is_max_trip_count
 
 
 def _name(elem: int) -> str:
@@ -74,7 +74,7 @@ class Rules:
         trip = node.input[0] if node.input else ""
         cond = node.input[1] if len(node.input) > 1 else ""
         n_state = max(0, len(node.input) - 2)
-        trip_limit = bool(trip) and not _int_max_weights(trip, scope)
+        trip_limit = bool(trip) and not is_max_trip_count(trip, scope)
         if not trip_limit and not cond:
             # Loop importer adds no kCOUNT limit (no trip count, or isMaxTripCount) and no kWHILE limit (no cond);
             # NvInfer.h ILoop::addTripLimit (v10.3.0 .. v11.1): "It is an error to not add at least one trip limiter."
@@ -374,10 +374,3 @@ class Rules:
         if axis != -2:
             self.add(label, "TensorScatter", f"axis={axis}: TensorRT supports axis=-2 only")
 
-
-def _int_max_weights(name: str, scope: Scope) -> bool:
-    """The Loop importer's isMaxTripCount: INT64 weights whose value is >= INT32_MAX (no kCOUNT limit)."""
-    t, val = scope.type(name), scope.const(name, strict=True)
-    if t is None or t[0] != onnx.TensorProto.INT64 or val is None or val is UNKNOWN:
-        return False
-    return int(np.asarray(val).reshape(-1)[0]) >= INT32_MAX

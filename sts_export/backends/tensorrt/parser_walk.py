@@ -99,6 +99,15 @@ def outer_refs(g: onnx.GraphProto) -> set[str]:
     return refs
 
 
+def is_max_trip_count(name: str, scope: Scope) -> bool:
+    """The Loop importer's isMaxTripCount: the trip count is INT64 weights whose first value is >= INT32_MAX (then
+    neither a kCOUNT trip limit nor the body's iteration input)."""
+    t, val = scope.type(name), scope.const(name, strict=True)
+    if t is None or t[0] != onnx.TensorProto.INT64 or val is None or val is UNKNOWN:
+        return False
+    return int(np.asarray(val).reshape(-1)[0]) >= INT32_MAX
+
+
 def toposort(nodes: list[onnx.NodeProto], ver: tuple[int, int]) -> tuple[list[int] | None, str]:
     """The importer's node order (toposort.hpp): post-order DFS in node order; (None, why) when it fails."""
     producer: dict[str, int] = {}
@@ -259,16 +268,6 @@ class Walk:
         self.reg.pop()
         return bscope
 
-    def is_max_trip_count(self, name: str, scope: Scope) -> bool:
-        """isMaxTripCount: the trip count is INT64 weights whose first value is >= INT32_MAX."""
-        if self.reg.kind(name) != WEIGHTS:
-            return False
-        t = scope.type(name)
-        val = scope.const(name)
-        if t is None or t[0] != onnx.TensorProto.INT64 or val is None or val is UNKNOWN:
-            return False
-        return int(np.asarray(val).reshape(-1)[0]) >= INT32_MAX
-
     def walk_loop(self, node: onnx.NodeProto, label: str, scope: Scope) -> None:
         g = attr(node, "body")
         if g is None:
@@ -278,7 +277,7 @@ class Walk:
         trip = node.input[0] if node.input else ""
         cond = node.input[1] if len(node.input) > 1 else ""
         register, missing = [], {}
-        if trip and not self.is_max_trip_count(trip, scope):
+        if trip and not is_max_trip_count(trip, scope):
             register += ins[:1]
         elif ins:
             missing[ins[0]] = (f"'{ins[0]}' is the iteration-number input of Loop '{label}', which onnx-tensorrt "
@@ -348,5 +347,5 @@ def registration_problems(model_or_path: onnx.ModelProto | str | os.PathLike,
     return w.lines
 
 
-__all__ = ["Registry", "Walk", "toposort", "outer_refs", "registration_problems", "NOT_REGISTERED", "NOT_SORTED",
+__all__ = ["Registry", "Walk", "toposort", "outer_refs", "is_max_trip_count", "registration_problems", "NOT_REGISTERED", "NOT_SORTED",
            "DUPLICATE"]
