@@ -350,6 +350,21 @@ def test_trt_static_check_passes_on_every_export(tmp_root: Path, name: str, meth
     assert r.exit_code == 0
 
 
+def test_trt_walk_refuses_the_previous_stage1_loop(tmp_root: Path) -> None:
+    """The vision.onnx this export writes parses (the check's registration walk); rewritten to the Loop the previous
+    code wrote (no cond, body reading cond_in) it fails with onnx-tensorrt's message naming the Loop and cond_in."""
+    from sts_export.backends.tensorrt.check import check_model
+    from tests.test_trt_importer_rules import legacy_stage1_loop
+
+    d = exported(tmp_root, "tiny-llava", "sts", 64)
+    vision = onnx.load(str(d / "vision.onnx"), load_external_data=False)
+    legacy, loop = legacy_stage1_loop(vision)
+    for version in ("10.3", "10.16", "11.4"):
+        assert check_model(vision, trt_version=version).ok
+        (line,) = check_model(legacy, trt_version=version).problems
+        assert f":{loop}/body/legacy_cond(Identity): Node input was not registered." in line and "'cond_in'" in line
+
+
 def test_trt_check_only_cli(tmp_root: Path) -> None:
     d = exported(tmp_root, "tiny-llava", "sts", 64)
     r = run_cli("export.py", "--onnx-dir", str(d), "--target", "trt", "--check-only")

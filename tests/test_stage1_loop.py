@@ -232,11 +232,13 @@ def test_static_tensorrt_check(exported: dict) -> None:
         assert rep.op_counts["Loop"] == 1 and rep.op_counts.get("TopK") == 1
 
 
-def test_static_check_rejects_runtime_trip_count(exported: dict) -> None:
+def test_static_check_takes_runtime_trip_count(exported: dict) -> None:
+    # onnx-tensorrt's Loop importer turns any trip count into a kCOUNT limit (and registers the iteration input the
+    # body reads): a runtime trip count parses
     m = onnx.ModelProto()
     m.CopyFrom(exported["sts"])
     loop = _loop(m)
     loop.input[0] = "steps"
     m.graph.input.append(onnx.helper.make_tensor_value_info("steps", onnx.TensorProto.INT64, []))
     rep = check_model(m, trt_version="10.3")
-    assert not rep.ok and any("trip count 'steps' is not a constant" in p for p in rep.problems), rep.format()
+    assert rep.ok, rep.format()

@@ -11,9 +11,21 @@ with an eager implementation (the reference: the same tensor ops as
 :func:`sts_export.pruning.selection.potential_energy_select` / :func:`~sts_export.pruning.selection.divprune_select`,
 so the picked *sets* are bit-identical to those selectors), a fake implementation (shape [B, k_max], so
 ``torch.export`` traces them with a dynamic B and N) and an ONNX translation (an onnxscript function whose greedy is
-``for i in range(k_max - 1)``: one ``Loop`` node whose trip count is a constant initializer, no ``cond`` input
-(= always true; TensorRT then adds only a count trip limit), and whose
-loop-carried tensors keep fixed shapes: picked mask [B, N], potential / min-distance [B, N], picks [B, k_max]).
+one explicit ``Loop(steps, '', picked, score, picks)`` with an ``@onnxscript.graph`` body: the trip count
+``steps = k_max - 1`` is a constant (folded to an initializer), and the loop-carried tensors keep fixed shapes:
+picked mask [B, N], potential / min-distance [B, N], picks [B, k_max]).
+
+The Loop has **no** ``cond`` input and its body **never reads** ``cond_in``: TensorRT's ONNX parser (onnx-tensorrt,
+``onnxOpImporters.cpp``, ``DEFINE_BUILTIN_OP_IMPORTER(Loop)``, 10.1 GA to 10.15 GA) registers the body's ``cond_in``
+only when the node has a ``cond``, and fails any node that reads an unregistered name ("Node input was not
+registered."): ``for i in range(...)`` in onnxscript writes ``cond_out = Identity(cond_in)`` with no ``cond``, which
+is why the body is written out here. The body's ``cond_out = Less(i, steps)`` is true on every step (ONNX ignores it
+without a ``cond``; ONNX Runtime reads it, so it must stay true). A count-only loop is the form the same importer
+recommends ("export loops with only a trip limit"): TensorRT adds one kCOUNT trip limit and no kWHILE recurrence.
+The iteration number ``i`` is registered because the trip count is given and below INT_MAX. The static check
+(``backends/tensorrt/check.py``) walks the graph the way the importer registers names, so a graph that reads
+``cond_in`` again fails ``--check-only``.
+
 Pass :func:`translation_table` as ``torch.onnx.export(..., dynamo=True, custom_translation_table=...)``.
 
 Picks are returned **in greedy order** (the first pick is ``first``). The greedy is prefix-consistent, so the first
@@ -185,7 +197,7 @@ def keep_first_k(method: str, x: torch.Tensor, k: int | torch.SymInt, k_max: int
 
 def _build_translations() -> dict[str, Callable]:
     import onnxscript  # noqa: PLC0415 - only needed when exporting
-    from onnxscript import FLOAT, INT64  # noqa: PLC0415
+    from onnxscript import BOOL, FLOAT, INT64  # noqa: PLC0415
     from onnxscript import opset18 as op  # noqa: PLC0415
 
     @onnxscript.script(opset=op, default_opset=op)
@@ -208,11 +220,18 @@ def _build_translations() -> dict[str, Callable]:
         # inputs' shapes (so the Loop's carried shapes are provably constant for the TensorRT check)
         r = op.Div(one, op.Add(op.GatherND(d, p0, batch_dims=1), eps))  # [B, N]
         picks = op.Add(p0, op.Mul(slots, op.Constant(value_int=0)))  # [B, k_max]: first in every slot
-        for i in range(k_max - 1):
-            p = op.ArgMin(op.Where(picked, inf, r), axis=1, keepdims=1)  # [B, 1] ties -> lower index
-            picked = op.Or(picked, op.Equal(ar, p))
-            r = op.Add(r, op.Div(one, op.Add(op.GatherND(d, p, batch_dims=1), eps)))  # [B, N]
-            picks = op.Where(op.Equal(slots, op.Add(i, op.Constant(value_int=1))), p, picks)
+        steps = op.Sub(kmax, op.Constant(value_int=1))  # [] the k_max - 1 greedy steps after the first pick
+
+        @onnxscript.graph()
+        def step(i: INT64, cond_in: BOOL, picked_in, r_in, picks_in):  # iteration, cond, carried
+            p = op.ArgMin(op.Where(picked_in, inf, r_in), axis=1, keepdims=1)  # [B, 1] ties -> lower index
+            picked_out = op.Or(picked_in, op.Equal(ar, p))
+            r_out = op.Add(r_in, op.Div(one, op.Add(op.GatherND(d, p, batch_dims=1), eps)))  # [B, N]
+            picks_out = op.Where(op.Equal(slots, op.Add(i, op.Constant(value_int=1))), p, picks_in)
+            cond_out = op.Less(i, steps)  # true on every step; never reads cond_in (module docstring)
+            return cond_out, picked_out, r_out, picks_out
+
+        picked, r, picks = op.Loop(steps, None, picked, r, picks, body=step)
         return picks
 
     @onnxscript.script(opset=op, default_opset=op)
@@ -236,11 +255,18 @@ def _build_translations() -> dict[str, Callable]:
         picked = op.Equal(ar, p0)  # [B, N]
         min_d = op.GatherND(dist, p0, batch_dims=1)  # [B, N] = min(inf, dist[seed, :])
         picks = op.Add(p0, op.Mul(slots, op.Constant(value_int=0)))  # [B, k_max]: the seed in every slot
-        for i in range(k_max - 1):
-            p = op.ArgMax(op.Where(picked, ninf, min_d), axis=1, keepdims=1)  # [B, 1] ties -> lower index
-            picked = op.Or(picked, op.Equal(ar, p))
-            min_d = op.Min(min_d, op.GatherND(dist, p, batch_dims=1))
-            picks = op.Where(op.Equal(slots, op.Add(i, op.Constant(value_int=1))), p, picks)
+        steps = op.Sub(kmax, op.Constant(value_int=1))  # [] the k_max - 1 greedy steps after the first pick
+
+        @onnxscript.graph()
+        def step(i: INT64, cond_in: BOOL, picked_in, min_in, picks_in):  # iteration, cond, carried
+            p = op.ArgMax(op.Where(picked_in, ninf, min_in), axis=1, keepdims=1)  # [B, 1] ties -> lower index
+            picked_out = op.Or(picked_in, op.Equal(ar, p))
+            min_out = op.Min(min_in, op.GatherND(dist, p, batch_dims=1))
+            picks_out = op.Where(op.Equal(slots, op.Add(i, op.Constant(value_int=1))), p, picks_in)
+            cond_out = op.Less(i, steps)  # true on every step; never reads cond_in (module docstring)
+            return cond_out, picked_out, min_out, picks_out
+
+        picked, min_d, picks = op.Loop(steps, None, picked, min_d, picks, body=step)
         return picks
 
     return {"potential_energy_picks": sts_potential_energy_picks, "divprune_picks": sts_divprune_picks}
