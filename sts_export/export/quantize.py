@@ -7,9 +7,10 @@ onnxruntime.quantization (no hand-written packer), one graph at a time, after th
     matmulnbits  ONNX Runtime   MatMulNBits (com.microsoft): block-wise symmetric int4  MatMulNBitsQuantizer (DEFAULT
                                 or int8, K in blocks of 32/128, one scale per block     = blockwise round-to-nearest,
                                 and output channel                                      the C++ kernels ORT runs)
-    qdq          TensorRT       int4: DequantizeLinear(INT4, block_size 128, axis 0)    MatMulNBitsQuantizer, QDQ
-                 (>= 10)        -> MatMul; int8: DequantizeLinear(INT8, axis 1, one     quant_utils (per-channel
-                                scale per output channel) -> MatMul                     scales, quantize_nparray)
+    qdq          TensorRT       int4: DequantizeLinear(INT4, block_size 128, axis 0)    quant_utils
+                 (>= 10)        -> MatMul; int8: DequantizeLinear(INT8, axis 1, one     (compute_scale_zp_blocked,
+                                scale per output channel) -> MatMul; symmetric,         quantize_nparray)
+                                positive scales (absmax / 7.5 for int4, / 127.5 int8)
 
 What is quantized, per graph: `segment1`, `segment2` (every decoder linear, and lm_head, which torch exports as a
 Gemm and is rewritten to the MatMul it is), the projector's two linears inside `vision`, and for int4 on ONNX Runtime
@@ -19,7 +20,10 @@ and k_proj in float, DESIGN.md), Stage 1 (a MatMul of activations, no constant w
 newline. The vision tower's linears only with `quantize_vision`.
 
 Why these encodings and not others: onnxruntime 1.32's weight-only quantizer writes QDQ weights for 4 bits only
-(for 8 bits it logs "MatMul only supports QOperator format" and leaves the MatMul float), and TensorRT dequantizes
+(for 8 bits it logs "MatMul only supports QOperator format" and leaves the MatMul float), and those carry a
+negative scale wherever a block's largest-magnitude weight is positive (it maps the signed absmax to -8), which
+onnx-tensorrt's DequantizeLinear importer refuses ("Scale coefficients must all be positive"): so the TensorRT form
+is quant_utils' symmetric quantization with positive scales, int4 and int8 alike. TensorRT dequantizes
 blocks of INT4 only, in blocks of 64 or 128 (its "Working with Quantized Types" page; the static check's
 `_BLOCK_DQ_TYPES`): so TensorRT int8 is per output channel, and TensorRT int4 refuses `--block-size 32`. HQQ and
 GPTQ exist in this onnxruntime (HQQWeightOnlyQuantConfig, GPTQWeightOnlyQuantConfig) but write MatMulNBits only,
@@ -235,13 +239,19 @@ def _targets(model: Any, graph: str, scheme: Scheme) -> tuple[list[str], list[st
     return take, leave
 
 
-def _int8_per_channel_qdq(model: Any, names: set[str]) -> None:
-    """TensorRT int8: each named MatMul(A, W [K, N]) becomes MatMul(A, DequantizeLinear(W_q INT8, s [N], axis=1)),
-    symmetric, one scale per output channel (onnxruntime.quantization.quant_utils computes scales and values)."""
+def _symmetric_qdq(model: Any, names: set[str], bits: int, block_size: int) -> None:
+    """The TensorRT form: each named MatMul(A, W [K, N]) becomes MatMul(A, DequantizeLinear(W_q, s)), symmetric with
+    positive scales (onnxruntime.quantization.quant_utils computes scales and values). int8: one scale per output
+    channel, s [N], axis=1; int4: one per block of `block_size` along K, s [ceil(K/b), N], axis=0, block_size=b.
+
+    Positive scales are what onnx-tensorrt's DequantizeLinear importer asserts ("Scale coefficients must all be
+    positive", QuantDequantLinearHelper). MatMulNBitsQuantizer's QDQ output maps each block's signed absmax to -8
+    with a negative scale where that value is positive, so it is not used for the TensorRT form."""
     import onnx  # noqa: PLC0415
     from onnx import TensorProto, numpy_helper  # noqa: PLC0415
     from onnxruntime.quantization.quant_utils import compute_scale_zp_blocked, quantize_nparray  # noqa: PLC0415
 
+    qtype, suffix = (TensorProto.INT8, "_DQ_Q8") if bits == 8 else (TensorProto.INT4, "_DQ_Q4")
     g = model.graph
     inits = {t.name: t for t in g.initializer}
     nodes, dropped = [], set()
@@ -251,14 +261,17 @@ def _int8_per_channel_qdq(model: Any, names: set[str]) -> None:
             nodes.append(n)
             continue
         arr = numpy_helper.to_array(w)
-        work = arr.astype(np.float32)
-        zp, scale = compute_scale_zp_blocked(work, TensorProto.INT8, axis=0, block_size=work.shape[0], symmetric=True)
-        q = quantize_nparray(TensorProto.INT8, work, scale, zp)  # [K, N] int8, |q| <= 127
-        qt = numpy_helper.from_array(q.astype(np.int8), w.name + "_DQ_Q8")
-        st = numpy_helper.from_array(scale.reshape(-1).astype(arr.dtype), w.name + "_DQ_scales")
+        work = arr.astype(np.float32)  # [K, N]
+        block = work.shape[0] if bits == 8 else block_size
+        zp, scale = compute_scale_zp_blocked(work, qtype, axis=0, block_size=block, symmetric=True)  # [ceil(K/b), N]
+        rows = np.repeat(np.arange(scale.shape[0]), block)[: work.shape[0]]  # the scale row of each of the K rows
+        q = quantize_nparray(qtype, work, scale[rows], zp[rows])  # [K, N], within the type's range
+        qt = numpy_helper.from_array(q.astype(np.int8) if bits == 8 else q, w.name + suffix)
+        st = numpy_helper.from_array((scale.reshape(-1) if bits == 8 else scale).astype(arr.dtype), w.name + "_DQ_scales")
         g.initializer.extend([qt, st])
-        dq = onnx.helper.make_node("DequantizeLinear", [qt.name, st.name], [qt.name + "_output"], name=n.name + "_DQ_Q8",
-                                   axis=1)
+        attrs = {"axis": 1} if bits == 8 else {"axis": 0, "block_size": block}
+        dq = onnx.helper.make_node("DequantizeLinear", [qt.name, st.name], [qt.name + "_output"], name=n.name + suffix,
+                                   **attrs)
         mm = onnx.helper.make_node("MatMul", [n.input[0], qt.name + "_output"], list(n.output), name=n.name)
         mm.metadata_props.extend(n.metadata_props)
         nodes += [dq, mm]
@@ -295,8 +308,8 @@ def quantize_graph(src: Path, dst: Path, graph: str, scheme: Scheme) -> int:
     _gemm_to_matmul(model)
     take, leave = _targets(model, graph, scheme)
     if take:
-        if scheme.encoding == "qdq" and scheme.bits == 8:
-            _int8_per_channel_qdq(model, set(take))
+        if scheme.encoding == "qdq":  # TensorRT: positive scales (see _symmetric_qdq)
+            _symmetric_qdq(model, set(take), scheme.bits, scheme.block_size)
         else:
             from onnxruntime.quantization.quant_utils import QuantFormat  # noqa: PLC0415
 
@@ -308,7 +321,7 @@ def quantize_graph(src: Path, dst: Path, graph: str, scheme: Scheme) -> int:
                 algo = HQQWeightOnlyQuantConfig(block_size=scheme.block_size, bits=scheme.bits, op_types_to_quantize=ops)
             q = _quantizer()(model, bits=scheme.bits, block_size=scheme.block_size, is_symmetric=True,
                              nodes_to_exclude=leave, op_types_to_quantize=ops, algo_config=algo,
-                             quant_format=QuantFormat.QDQ if scheme.encoding == "qdq" else QuantFormat.QOperator)
+                             quant_format=QuantFormat.QOperator)
             q.process()
             model = q.model.model
     _save(model, dst)
