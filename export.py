@@ -106,7 +106,7 @@ def main(model: str | None, recipe: str | None, budget: str, method: str, anchor
                 raise StsError("--onnx-dir builds engines: use it with --target trt")
             refuse_ort_weights(onnx_dir)
             from sts_export.backends.tensorrt.engines import build_engines, check_versions, engine_precision
-            from sts_export.export.manifest import read_manifest
+            from sts_export.artifact.manifest import read_manifest
 
             if check_only:
                 if precision is not None:

@@ -25,11 +25,12 @@ from sts_export.backends.onnxruntime import OrtBackend  # noqa: E402
 from sts_export.backends.torch import TorchBackend  # noqa: E402
 from sts_export.checkpoint import Source, ensure_synthetic, load_model  # noqa: E402
 from sts_export.export.compare import compare_generations  # noqa: E402
-from sts_export.export.manifest import manifest_plan, manifest_recipe, read_manifest  # noqa: E402
+from sts_export.artifact.manifest import manifest_plan, manifest_recipe, read_manifest  # noqa: E402
 from sts_export.export.validate import (AGREEMENT, Fp32Compute, _selection_inputs, agreement,  # noqa: E402
                                         forced_picks, sample_inputs)
 from sts_export.families import family_module  # noqa: E402
-from sts_export.generate import TORCH_DTYPES, generate  # noqa: E402
+from sts_export.artifact.plan import TORCH_DTYPES  # noqa: E402
+from sts_export.generate import generate  # noqa: E402
 from sts_export.graphs import build_graphs  # noqa: E402
 
 

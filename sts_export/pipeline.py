@@ -13,9 +13,10 @@ from sts_export.errors import StsError
 from sts_export.families import ImageInput, family_module
 from sts_export.families.llava import pixel_input
 from sts_export.recipe import ANCHORS, Recipe
-from sts_export.backends import Backend
-from sts_export.export.manifest import manifest_plan, manifest_recipe, read_manifest
-from sts_export.generate import NP_DTYPES, TORCH_DTYPES, Generation, Plan, generate
+from sts_export.artifact.protocol import Backend
+from sts_export.artifact.manifest import manifest_plan, manifest_recipe, read_manifest
+from sts_export.artifact.plan import NP_DTYPES, TORCH_DTYPES, Plan
+from sts_export.generate import Generation, generate
 from sts_export.tokenizer import Prompt, TextTokenizer, split_ids
 
 if TYPE_CHECKING:

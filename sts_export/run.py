@@ -13,7 +13,7 @@ import click
 import numpy as np
 
 from sts_export.errors import StsError, cli_errors
-from sts_export.export.manifest import read_manifest
+from sts_export.artifact.manifest import read_manifest
 from sts_export.pipeline import load_export_pipeline
 from sts_export.tokenizer import cli_input_ids
 

@@ -26,7 +26,7 @@ import torch
 from click.testing import CliRunner
 
 from sts_export import Pipeline, StsError
-from sts_export.generate import Plan
+from sts_export.artifact.plan import Plan
 from sts_export.pipeline import load_export_pipeline
 from sts_export.recipe import load_recipe
 from tests.conftest import make_image

@@ -217,7 +217,7 @@ def test_export_graph_prints_no_torchvision_lines(tiny_dir, tmp_path, capfd) -> 
     """torch.onnx logs four 'torchvision is not installed' lines per export; export_graph drops only those."""
     from sts_export.checkpoint import load_model, resolve
     from sts_export.export.onnx import export_graph
-    from sts_export.generate import Plan
+    from sts_export.artifact.plan import Plan
     from sts_export.graphs import build_graphs
 
     src = resolve("tiny-llava")

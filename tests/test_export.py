@@ -381,7 +381,7 @@ def test_engine_build_modes(tmp_root: Path, monkeypatch: pytest.MonkeyPatch) -> 
     """Engines are strongly typed: their precision is the graphs' dtype, read from the files; another is refused."""
     import sts_export.backends.tensorrt.build as tb
     from sts_export.backends.tensorrt.engines import build_engines, engine_precision
-    from sts_export.export.manifest import read_manifest
+    from sts_export.artifact.manifest import read_manifest
 
     d = exported(tmp_root, "tiny-llava", "sts", 64)
     m = read_manifest(d)
@@ -428,7 +428,7 @@ def test_sibling_reuse_refuses_changed_or_quantized_files(tmp_root: Path, tmp_pa
     the key follows the layers, dtype, opset and weights."""
     from sts_export.checkpoint import resolve
     from sts_export.export import reuse
-    from sts_export.generate import Plan
+    from sts_export.artifact.plan import Plan
 
     src = exported(tmp_root, "tiny-llava", "sts", 64)
     key = json.loads((src / "manifest.json").read_text())["graphs"]["segment1"]["build_key"]

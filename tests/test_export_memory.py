@@ -12,8 +12,9 @@ from pathlib import Path
 import pytest
 
 from sts_export import StsError
-from sts_export.export import memory
+from sts_export.artifact import memory
 from sts_export.export.onnx import export
+from sts_export.artifact.params import graph_params
 from sts_export.recipe import load_recipe
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -99,7 +100,7 @@ def test_staged_end_to_end_detects_a_wrong_graph(scene, tmp_path: Path) -> None:
 
     from sts_export.checkpoint import load_model, resolve
     from sts_export.export.validate import validate_export
-    from sts_export.generate import Plan
+    from sts_export.artifact.plan import Plan
     from sts_export.graphs import build_graphs
 
     _, out, _, _ = scene
@@ -174,7 +175,7 @@ def test_engine_build_estimate_and_stale_partial_engines(scene, tmp_path: Path, 
     est = memory.check_engine_memory(d, m, "fp16", 2 * 1024**3, progress=lambda s: None, unified=True)
     assert any(k.startswith("workspace") for k in est.parts) and est.need > 2 * 1024**3
     # the 7B fp16 figures the README quotes
-    sizes = {k: v * 2 for k, v in memory.graph_params(load_recipe("llava-1.5-7b"), "sts").items()}
+    sizes = {k: v * 2 for k, v in graph_params(load_recipe("llava-1.5-7b"), "sts").items()}
     jetson = memory.engine_estimate(sizes, "fp16", "fp16", 2 * 1024**3, unified=True)
     x86 = memory.engine_estimate(sizes, "fp16", "fp16", None, unified=False)
     assert 21e9 < jetson.need < 25e9 and 14e9 < x86.need < 16e9

@@ -91,7 +91,7 @@ def segments(tmp_path_factory: pytest.TempPathFactory) -> Any:
 def method_pipelines(name: str) -> Any:
     """The family's torch Pipeline per method, all on one loaded model (graphs built per method)."""
     from sts_export.backends.torch import TorchBackend
-    from sts_export.generate import Plan
+    from sts_export.artifact.plan import Plan
     from sts_export.graphs import build_graphs
 
     base = Pipeline.from_pretrained(name, budget="full", method="none")
@@ -191,7 +191,7 @@ def test_export_records_validates_and_caches_the_ort_form(tmp_path_factory: pyte
     from sts_export.pipeline import load_export_pipeline
     from tests.test_export import exported
 
-    from sts_export.export.manifest import read_manifest
+    from sts_export.artifact.manifest import read_manifest
 
     d = exported(tmp_path_factory.mktemp("exports"), "tiny-llava", "none", "full")  # test_export.py's too
     m = read_manifest(d)
@@ -361,7 +361,7 @@ def test_older_ort_form_is_left_unused(segments: Any) -> None:
     import copy
 
     from sts_export.errors import StsError
-    from sts_export.export.manifest import ORT_FORM_VERSION, ort_form_is_current
+    from sts_export.artifact.manifest import ORT_FORM_VERSION, ort_form_is_current
 
     pipe = Pipeline.from_pretrained("tiny-llava", budget=64, method="sts")
     d, m = segments("tiny-llava", pipe)

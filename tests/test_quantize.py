@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from sts_export import StsError
-from sts_export.export.manifest import read_manifest
+from sts_export.artifact.manifest import read_manifest
 from sts_export.export.onnx import export
 from sts_export.export.quantize import Scheme, check_weights, quantize_and_compare, required_opset
 from sts_export.pipeline import load_export_pipeline

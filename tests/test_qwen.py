@@ -400,7 +400,8 @@ def test_max_pixels_cap() -> None:
 def test_cost_model_qwen_7b() -> None:
     """bench --cost-only for the 7B at 640 x 480: N = 391 (17 x 23), the paper's ratio budgets per image, the
     ViT on 4N patches (windowed blocks dense in the graph), the PatchMerger on the kept tokens only."""
-    from sts_export.bench.cost import cost_summary, param_counts, phase_costs, token_grid, vit_attention_flops
+    from sts_export.bench.cost import cost_summary, phase_costs, token_grid, vit_attention_flops
+    from sts_export.artifact.params import param_counts
 
     r7 = load_recipe("qwen2.5-vl-7b")
     assert token_grid(r7, (640, 480)) == (17, 23)

@@ -500,7 +500,7 @@ def test_workspace_limit(unified: bool, exports: dict, tmp_path: Path, monkeypat
     import shutil
 
     from sts_export.backends.tensorrt.engines import build_engines
-    from sts_export.export import memory
+    from sts_export.artifact import memory
 
     fake = install(monkeypatch, "11")
     work = tmp_path / "e"

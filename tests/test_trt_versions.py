@@ -19,7 +19,7 @@ import pytest
 
 from sts_export.backends.tensorrt import build as trt_build
 from sts_export.errors import StsError
-from sts_export.export.manifest import graph_dtype, graph_opset, read_manifest
+from sts_export.artifact.manifest import graph_dtype, graph_opset, read_manifest
 from sts_export.export.onnx import export
 from tests.test_trt_check import _attention
 from tests.trt_stand_ins import APIS, NETWORK_FLAGS, StandInTrt, engine_meta, install
@@ -334,7 +334,7 @@ def test_bf16_graphs_run_in_onnx_reference_and_match_torch_bf16(bf16_dir: Path) 
     from sts_export.checkpoint import load_model, resolve
     from sts_export.export.onnx import example_inputs
     from sts_export.families.llava import preprocess_image
-    from sts_export.generate import Plan
+    from sts_export.artifact.plan import Plan
     from sts_export.graphs import build_graphs
     from tests.conftest import make_image
 

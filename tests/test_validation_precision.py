@@ -21,7 +21,7 @@ from sts_export.checkpoint import load_model, resolve
 from sts_export.export.onnx import export
 from sts_export.export.validate import (AGREEMENT, PROBE, Fp32Compute, check_selection, selection_probe,
                                         selection_tensors, validate_export)
-from sts_export.generate import Plan
+from sts_export.artifact.plan import Plan
 from sts_export.graphs import build_graphs
 from sts_export.pruning.reference import greedy_picks, potential_energy, topk_ascending
 

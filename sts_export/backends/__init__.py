@@ -1,53 +1,10 @@
-"""Backends run a graph by name: `run(graph, feeds) -> outputs`, dicts keyed by DESIGN.md's IO names.
+"""Backends run the graphs of an export (or the torch modules) by name, on one protocol
+(`sts_export.artifact.protocol.Backend`):
 
     torch.py        our PyTorch modules (the reference; eager or torch.compile)
     onnxruntime.py  the ONNX graphs of an export directory (CPU or CUDA provider)
-    tensorrt/       static parser check, engine build and the engine runtime
+    tensorrt/       the engine runtime
     aoti.py         the AOTInductor packages (<graph>.pt2) of an export directory (torch tensors)
 
-Three array helpers (`from_numpy`, `to_numpy`, `concat`) keep KV caches in the backend's own
-memory (torch tensors, ORT values, TensorRT device buffers) between steps; `synchronize` (optional)
-waits for the device before a timer is read. This module imports no backend library.
-
-Optional: `kv_cache(graph, layers, batch, capacity) -> KVCache | None`, a backend's own KV cache for a
-segment (ONNX Runtime: buffers preallocated to `capacity` entries, updated in place by the graph);
-None, or no such method, and the loop uses `generate.ConcatCache` (past in, past + new out).
+Building what they run (ONNX export, engines, packages) lives in `sts_export.export`; this package imports none of it.
 """
-from __future__ import annotations
-
-from typing import Any, Protocol
-
-import numpy as np
-
-
-class Backend(Protocol):
-    name: str
-
-    def run(self, graph: str, feeds: dict[str, Any]) -> dict[str, Any]: ...
-    def from_numpy(self, x: np.ndarray) -> Any: ...
-    def to_numpy(self, x: Any) -> np.ndarray: ...
-    def concat(self, xs: list[Any], axis: int) -> Any: ...
-
-
-class KVCache(Protocol):
-    """One segment's KV cache as the generation loop drives it."""
-
-    length: int  # valid entries
-
-    def feeds(self, new: int) -> dict[str, Any]: ...  # the cache's feeds for a call adding `new` entries
-    def update(self, out: dict[str, Any], new: int) -> None: ...  # take that call's outputs back
-
-
-class Wrapped:
-    """Base of a backend that wraps another (`self.inner`) and changes only `run`: the array helpers go to it."""
-
-    inner: Any
-
-    def from_numpy(self, x: np.ndarray) -> Any:
-        return self.inner.from_numpy(x)
-
-    def to_numpy(self, x: Any) -> np.ndarray:
-        return self.inner.to_numpy(x)
-
-    def concat(self, xs: list[Any], axis: int) -> Any:
-        return self.inner.concat(xs, axis)

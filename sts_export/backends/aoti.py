@@ -14,7 +14,7 @@ import torch
 
 from sts_export.backends.torch import TorchTensors
 from sts_export.export.aoti import check_packages
-from sts_export.generate import Plan
+from sts_export.artifact.plan import Plan
 
 
 class AotiBackend(TorchTensors):

@@ -147,14 +147,14 @@ class OrtBackend:
         chunk = int(raw)
         # (chunks of a batch of several rows need GroupQueryAttention with query_seqlens: onnxruntime 1.32+)
         self.prefill_chunk = chunk if chunk > 0 and self.device_type == "cpu" and gqa_takes_query_seqlens() else None
-        from sts_export.export.manifest import manifest_recipe
+        from sts_export.artifact.manifest import manifest_recipe
 
         t = manifest_recipe(manifest).text
         self.text = {"num_kv_heads": t.num_kv_heads, "head_dim": t.head_dim}
-        from sts_export.generate import NP_DTYPES
+        from sts_export.artifact.plan import NP_DTYPES
 
         self.np_dtype = np.dtype(NP_DTYPES[manifest.get("dtype", "fp32")])
-        from sts_export.export.manifest import ort_form_is_current
+        from sts_export.artifact.manifest import ort_form_is_current
 
         have = {g for g in manifest.get("ort_form", {}) if g in ("vision", "segment1", "segment2")}
         if form not in ("auto", "ort", "portable"):
@@ -204,7 +204,7 @@ class OrtBackend:
             return path, True
         try:
             d.mkdir(exist_ok=True)
-            from sts_export.export.memory import clean_stale_tmp
+            from sts_export.artifact.memory import clean_stale_tmp
 
             clean_stale_tmp(d, progress=lambda _: None)  # what killed loads left (dead owner pid only)
             stale = re.compile(re.escape(stem) + r"\.([0-9a-f]{16})\.onnx(\.data)?$")
@@ -223,7 +223,7 @@ class OrtBackend:
         when its graph is there, so every rename leaves a complete pair."""
         import shutil
 
-        from sts_export.export.memory import make_tmp_dir
+        from sts_export.artifact.memory import make_tmp_dir
 
         tmp = make_tmp_dir(dst)  # .<dst name>.tmp-XXXXXXXX beside it, with this process's owner record
         try:

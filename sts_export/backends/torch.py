@@ -6,7 +6,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from sts_export.generate import Plan
+from sts_export.artifact.plan import Plan
 
 
 class TorchTensors:

@@ -42,9 +42,8 @@ from typing import Any, Callable, Iterable
 import numpy as np
 
 from sts_export.bench.peers import PEERS, add_peer_ratios, load_peer, peer_unavailable
-from sts_export.bench.cost import (DEFAULT_TEXT_TOKENS, DTYPE_BYTES, HOST, get_device, kv_cache_bytes, memory_fit,
-                                   param_counts, phase_costs, register_device, roofline_terms, sequence_lengths,
-                                   token_grid, weight_bytes_by_part, with_weight_bytes)
+from sts_export.bench.cost import (DEFAULT_TEXT_TOKENS, DTYPE_BYTES, HOST, get_device, kv_cache_bytes, memory_fit, phase_costs, register_device, roofline_terms, sequence_lengths, token_grid, weight_bytes_by_part, with_weight_bytes)
+from sts_export.artifact.params import param_counts
 from sts_export.bench.report import SCHEMA_VERSION
 from sts_export.bench.timing import (STAT_KEYS, PeakMemory, TimedBackend, cpu_model, current_memory,
                                      detect_device_profile, free_memory, gpu_info, load_average, measure_host,
@@ -314,7 +313,7 @@ def _export_roots(opts: BenchOptions) -> list[Path]:
 
 def _export_matches(d: Path, recipe: Any, cfg: Config, dtype: str, random_weights: bool, engines: bool,
                     aoti: str | None = None) -> bool:
-    from sts_export.export.manifest import read_manifest
+    from sts_export.artifact.manifest import read_manifest
 
     if not (d / "manifest.json").is_file():
         return False
@@ -336,7 +335,7 @@ def _export_matches(d: Path, recipe: Any, cfg: Config, dtype: str, random_weight
     elif not all("onnx" in g for g in m.get("graphs", {}).values()):
         return False
     same_weights = (m.get("weights") or {}).get("label") == (cfg.scheme.label if cfg.scheme is not None else None)
-    from sts_export.export.manifest import ort_form_is_current
+    from sts_export.artifact.manifest import ort_form_is_current
 
     if aoti is None and not engines and "ort_form" in m and not ort_form_is_current(m):
         return False  # an older ORT form: export anew rather than time what users no longer get
@@ -412,7 +411,7 @@ def ensure_aoti_export(model: str, recipe: Any, cfg: Config, opts: BenchOptions,
 
 def _aoti_packages(export_dir: str) -> dict[str, Any] | None:
     """Per graph: compile seconds, package bytes, cache hit (from an AOTInductor export's manifest)."""
-    from sts_export.export.manifest import read_manifest
+    from sts_export.artifact.manifest import read_manifest
 
     try:
         m = read_manifest(Path(export_dir), verify=False)
@@ -608,7 +607,7 @@ def _blank_timing() -> dict[str, Any]:
 
 def _export_weight_bytes(export_dir: str) -> int | None:
     """Bytes of an export's ONNX graphs (weights included: `.onnx` + `.onnx.data`), from its manifest."""
-    from sts_export.export.manifest import read_manifest
+    from sts_export.artifact.manifest import read_manifest
 
     d = Path(export_dir)
     try:

@@ -30,7 +30,7 @@ from typing import TYPE_CHECKING, Any, Callable, Sequence
 
 import numpy as np
 
-from sts_export.backends import Wrapped
+from sts_export.artifact.protocol import Wrapped
 
 if TYPE_CHECKING:
     from sts_export.bench.cost import Device

@@ -150,7 +150,7 @@ def compile_graph(module: torch.nn.Module, graph: str, plan: Any, recipe: Any, d
 
     Returns the manifest entry (a graph's "aoti"): package file, sha256, size, export and compile seconds (a cache hit keeps the
     seconds of the compile that made the package, and says `cached`)."""
-    from sts_export.export.manifest import sha256
+    from sts_export.artifact.manifest import sha256
     from sts_export.export.onnx import example_inputs
 
     args, shapes = example_inputs(graph, plan, recipe, dtype)
@@ -210,8 +210,8 @@ def export_aoti(
 ) -> Path:
     """Compile an export configuration's graphs into AOTInductor packages in an export directory; returns its path."""
     from sts_export.checkpoint import load_model
-    from sts_export.export import memory
-    from sts_export.export.manifest import write_manifest
+    from sts_export.artifact import memory
+    from sts_export.artifact.manifest import write_manifest
     from sts_export.export.onnx import (EXPORT_DTYPES, GRAPH_ORDER, manifest_base, move_into_place, prepare_export,
                                         write_side_files)
     from sts_export.graphs import build_graphs

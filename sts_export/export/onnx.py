@@ -27,11 +27,11 @@ from sts_export import __version__
 from sts_export.pruning.budget import check_method, parse_budget, prune_layer_for, split_budget
 from sts_export.checkpoint import Source, load_model, resolve
 from sts_export.errors import StsError
-from sts_export.export.manifest import FORMAT_VERSION, sha256, write_manifest
+from sts_export.artifact.manifest import FORMAT_VERSION, sha256, write_manifest
 from sts_export.families.layers import Llava
 from sts_export.graphs import build_graphs
 from sts_export.recipe import Recipe
-from sts_export.generate import NP_DTYPES, TORCH_DTYPES, Plan
+from sts_export.artifact.plan import NP_DTYPES, TORCH_DTYPES, Plan
 
 GRAPH_ORDER = ("vision", "embed", "segment1", "prune", "segment2")
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "preprocessor_config.json",
@@ -182,7 +182,7 @@ def export_graph(module: torch.nn.Module, graph: str, plan: Plan, recipe: Recipe
 def graph_entries(out: Path, graphs: list[str], dtype: str, opset: int) -> tuple[int, dict[str, Any]]:
     """(the opset, the manifest's "graphs") of the graph files in `out`: sha256, IO, external data; dtype and opset
     are read from the written files, never copied from the request (one line when they differ from it)."""
-    from sts_export.export.manifest import graph_dtype, graph_opset
+    from sts_export.artifact.manifest import graph_dtype, graph_opset
 
     found = {g: graph_dtype(out / f"{g}.onnx") for g in graphs}
     if {d for d in found.values() if d is not None} != {dtype}:
@@ -278,7 +278,7 @@ def prepare_export(model: str, *, method: str, budget: int | str, dtype: str, ou
 
 def move_into_place(tmp: Path, out: Path) -> None:
     """Replace `out` with the completed temporary directory `tmp` (its owner record removed) in one rename."""
-    from sts_export.export import memory
+    from sts_export.artifact import memory
 
     if out.exists():
         shutil.rmtree(out)
@@ -348,7 +348,7 @@ def export(
     progress(f"model: {src.description} | recipe {rec.name} | method {method} budget {budget} -> "
              f"K={plan.k_pre} K'={plan.k_post} prune_layer={prune_layer_for(method, rec)} | {dtype}"
              + (f" | weights {scheme.label}" if scheme else ""))
-    from sts_export.export import memory
+    from sts_export.artifact import memory
 
     memory.clean_stale_tmp(out.parent, progress)  # what killed exports left here (dead owner pid only)
     memory.check_export_memory(rec, method, budget, dtype, validate, progress)  # one line if it cannot fit

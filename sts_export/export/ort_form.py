@@ -29,7 +29,7 @@ from typing import Any, Callable, Optional, Sequence
 import torch
 from torch import nn
 
-from sts_export.export.manifest import ORT_FORM_VERSION
+from sts_export.artifact.manifest import ORT_FORM_VERSION
 from sts_export.families.layers import ClipAttention, apply_rope, attend_sdpa, repeat_kv, rope_angles
 
 FORM_GRAPHS = ("segment1", "segment2")
@@ -275,7 +275,7 @@ class FusedSegment(nn.Module):
 
 
 def form_io(graph: str, layers: list[int]) -> tuple[list[str], list[str]]:
-    from sts_export.generate import graph_io
+    from sts_export.artifact.plan import graph_io
 
     inputs, outputs = graph_io(graph, layers)
     return [*inputs[:2], *CACHE_INPUTS, *inputs[2:]], outputs
@@ -314,7 +314,7 @@ def _fix_cache_dims(path: Path) -> None:
 
 def form_entry(path: Path) -> dict[str, Any]:
     """The manifest entry of one ORT-form graph file, read from the file (name, sha256, IO, external data)."""
-    from sts_export.export.manifest import sha256
+    from sts_export.artifact.manifest import sha256
     from sts_export.export.onnx import _io_spec
 
     e = {"onnx": path.name, "sha256": sha256(path), **_io_spec(path)}
@@ -416,7 +416,7 @@ def add_ort_form(export_dir: Path, progress: Callable[[str], None] = print) -> d
     from sts_export.backends.onnxruntime import OrtBackend
     from sts_export.checkpoint import Source, ensure_synthetic, load_model
     from sts_export.errors import StsError
-    from sts_export.export.manifest import manifest_plan, manifest_recipe, read_manifest, write_manifest
+    from sts_export.artifact.manifest import manifest_plan, manifest_recipe, read_manifest, write_manifest
     from sts_export.export.compare import compare_generations
     from sts_export.export.validate import sample_inputs
     from sts_export.generate import generate

@@ -46,7 +46,7 @@ from typing import Any, Callable
 
 import numpy as np
 
-from sts_export.backends import Wrapped
+from sts_export.artifact.protocol import Wrapped
 from sts_export.errors import StsError
 
 WEIGHTS = ("int8", "int4")
@@ -346,7 +346,7 @@ def quantize_export(export_dir: Path, graphs: list[str], scheme: Scheme, *, keep
         for f in export_dir.iterdir():
             if f.is_file() and f.name != "validation.json":
                 os.link(f, ref / f.name)
-    from sts_export.export.memory import fmt, release_memory, rss  # noqa: PLC0415
+    from sts_export.artifact.memory import fmt, release_memory, rss  # noqa: PLC0415
 
     # a graph is a file stem: "segment1", or "segment1.ort" (its ORT form); the part before the dot picks the weights
     for i, g in enumerate([g for g in graphs if g.split(".")[0] in quantized_graphs(scheme)], 1):
@@ -476,7 +476,7 @@ class _OneLive(Wrapped):
 
     def run(self, graph: str, feeds: dict[str, Any]) -> dict[str, Any]:
         if graph != self.graph:
-            from sts_export.export.memory import release_memory  # noqa: PLC0415
+            from sts_export.artifact.memory import release_memory  # noqa: PLC0415
 
             self.inner = None
             release_memory()
@@ -486,8 +486,8 @@ class _OneLive(Wrapped):
 
 def session_bytes(export_dir: Path, manifest: dict[str, Any]) -> int:
     """Resident bytes of ONNX Runtime CPU sessions of every graph of an export at once (an upper bound for quantized
-    graphs): float weights as fp32, times the session factor (sts_export.export.memory)."""
-    from sts_export.export.memory import DTYPE_BYTES, ORT_BASE_EXTRA, ORT_CPU_WEIGHT_BYTES, ORT_SESSION_FACTOR  # noqa: PLC0415
+    graphs): float weights as fp32, times the session factor (sts_export.artifact.memory)."""
+    from sts_export.artifact.memory import (DTYPE_BYTES, ORT_BASE_EXTRA, ORT_CPU_WEIGHT_BYTES, ORT_SESSION_FACTOR)  # noqa: PLC0415
 
     upcast = ORT_CPU_WEIGHT_BYTES / DTYPE_BYTES[manifest["dtype"]]
     files = sum(f.stat().st_size for g in manifest["graphs"] for f in _graph_files(export_dir, g))
@@ -536,13 +536,13 @@ def compare_exports(ref_dir: Path, q_dir: Path, scheme: Scheme, new_tokens: int 
     import time  # noqa: PLC0415
 
     from sts_export.backends.onnxruntime import OrtBackend  # noqa: PLC0415
-    from sts_export.export.manifest import manifest_plan, manifest_recipe, read_manifest  # noqa: PLC0415
-    from sts_export.export.memory import release_memory  # noqa: PLC0415
+    from sts_export.artifact.manifest import manifest_plan, manifest_recipe, read_manifest  # noqa: PLC0415
+    from sts_export.artifact.memory import release_memory  # noqa: PLC0415
     from sts_export.export.validate import sample_inputs  # noqa: PLC0415
     from sts_export.families import family_module  # noqa: PLC0415
     from sts_export.generate import generate  # noqa: PLC0415
 
-    from sts_export.export.memory import available_memory, fmt  # noqa: PLC0415
+    from sts_export.artifact.memory import available_memory, fmt  # noqa: PLC0415
 
     t0 = time.perf_counter()
     m_ref, m_q = read_manifest(ref_dir), read_manifest(q_dir)
@@ -634,7 +634,7 @@ def quantize_and_compare(export_dir: Path, scheme: Scheme, torch_graphs: dict[st
     weights (`torch_graphs`, when the validation has not), quantizes graph by graph, rewrites the manifest (its
     graphs' entries, read from the files, and "weights", read back from them), and with `compare` checks the
     result against the unquantized graphs (returned; else None)."""
-    from sts_export.export.manifest import read_manifest, write_manifest  # noqa: PLC0415
+    from sts_export.artifact.manifest import read_manifest, write_manifest  # noqa: PLC0415
     from sts_export.export.onnx import graph_entries  # noqa: PLC0415
 
     m = read_manifest(export_dir, verify=False)
@@ -688,7 +688,7 @@ def check_quantized_form(export_dir: Path, progress: Callable[[str], None] = pri
     Both hold the same quantized weights (packing q|k|v joins output columns; MatMulNBits blocks run
     along K), so only the kernels differ."""
     from sts_export.backends.onnxruntime import OrtBackend  # noqa: PLC0415
-    from sts_export.export.manifest import manifest_plan, manifest_recipe, read_manifest  # noqa: PLC0415
+    from sts_export.artifact.manifest import manifest_plan, manifest_recipe, read_manifest  # noqa: PLC0415
     from sts_export.export.validate import sample_inputs  # noqa: PLC0415
     from sts_export.families import family_module  # noqa: PLC0415
     from sts_export.generate import generate  # noqa: PLC0415

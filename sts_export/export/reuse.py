@@ -85,7 +85,7 @@ def siblings(out: Path) -> list[tuple[Path, dict[str, Any]]]:
 def find(near: Sequence[tuple[Path, dict[str, Any]]], key: str, form: str) -> tuple[Path, dict[str, Any]] | None:
     """The first of `near` (`siblings`) whose `form` entry ("graphs" or "ort_form") has `key` and whose files still
     match their recorded sha256: (its directory, the entry); None when there is none."""
-    from sts_export.export.manifest import entry_files, sha256
+    from sts_export.artifact.manifest import entry_files, sha256
 
     for d, m in near:
         for e in (m.get(form) or {}).values():
@@ -97,7 +97,7 @@ def find(near: Sequence[tuple[Path, dict[str, Any]]], key: str, form: str) -> tu
 
 def copy_into(sibling: Path, entry: dict[str, Any], tmp: Path) -> None:
     """Copy one graph's files (ONNX and external data) from a sibling export into the temporary directory."""
-    from sts_export.export.manifest import entry_files
+    from sts_export.artifact.manifest import entry_files
 
     for f, _ in entry_files(entry):
         shutil.copyfile(sibling / f, tmp / f)

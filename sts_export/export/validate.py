@@ -50,12 +50,13 @@ from torch.overrides import TorchFunctionMode
 from torch.utils._pytree import tree_map
 
 from sts_export.export.compare import compare_array, compare_generations, overlap, same_kept
-from sts_export.export.memory import fmt, forget_onnx_rewriter_state, peak_rss, release_memory, rss
+from sts_export.artifact.memory import fmt, forget_onnx_rewriter_state, peak_rss, release_memory, rss
 from sts_export.pruning.reference import greedy_picks, set_objective, topk_ascending
 from sts_export.recipe import Recipe
 from sts_export.backends.torch import TorchBackend
 from sts_export.families import ImageInput
-from sts_export.generate import Generation, Plan, generate
+from sts_export.generate import Generation, generate
+from sts_export.artifact.plan import Plan
 from sts_export.tokenizer import Prompt, split_ids
 
 DTYPE_NAMES = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}
@@ -452,7 +453,7 @@ def validate_export(export_dir: Path, graphs: dict[str, torch.nn.Module], plan: 
     reduced-precision check that re-runs the reference with the graphs' own picks when they differ.
     """
     from sts_export.backends.onnxruntime import OrtBackend
-    from sts_export.export.manifest import read_manifest
+    from sts_export.artifact.manifest import read_manifest
 
     say = progress or (lambda s: None)
     t_all = time.perf_counter()

@@ -31,7 +31,7 @@ from sts_export.pipeline import Pipeline
 from sts_export.families.llava import load_image, preprocess_image
 from sts_export.recipe import Recipe
 from sts_export.backends.torch import TorchBackend
-from sts_export.generate import Plan
+from sts_export.artifact.plan import Plan
 from sts_export.tokenizer import cli_input_ids
 from sts_export.show.pictures import compare_panels
 

@@ -9,8 +9,8 @@ from pathlib import Path
 from typing import Any, Callable
 
 from sts_export.errors import StsError
-from sts_export.export.manifest import manifest_recipe, read_manifest, sha256, write_manifest
-from sts_export.export.memory import check_engine_memory, claim_engine_dir, release_engine_dir
+from sts_export.artifact.manifest import manifest_recipe, read_manifest, sha256, write_manifest
+from sts_export.artifact.memory import check_engine_memory, claim_engine_dir, release_engine_dir
 
 PRECISIONS = ("fp16", "bf16", "fp32")
 # The selection functions of Stage 1/2, found in a graph through the torch exporter's node metadata (see
@@ -24,7 +24,7 @@ def engine_precision(onnx_dir: Path, m: dict[str, Any], precision: str | None) -
     strongly typed). A `precision` that differs is refused in one line: converting graphs here could not be
     validated against torch like an export is (onnxconverter-common's float16 pass, measured on the tiny export,
     leaves 3 of 5 graphs with type errors and converts Stage 1's Loop too), so the fix is to re-export."""
-    from sts_export.export.manifest import export_dtype
+    from sts_export.artifact.manifest import export_dtype
 
     have = export_dtype(onnx_dir, m)
     if precision is not None and precision not in PRECISIONS:
@@ -79,7 +79,7 @@ def build_engines(
 ) -> dict[str, Any]:
     """Check, then build `<graph>.engine` for every graph; the manifest gains engine hashes and TensorRT info.
 
-    First, within seconds: the host-memory estimate of the largest graph's build (`export.memory`; on a
+    First, within seconds: the host-memory estimate of the largest graph's build (`artifact.memory`; on a
     Jetson it includes the engine's weights on the GPU and the workspace, whose limit the build then sets when
     --workspace-gb is absent) against what is available."""
     m = read_manifest(onnx_dir)

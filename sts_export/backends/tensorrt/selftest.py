@@ -176,7 +176,7 @@ def run_one(family: str, dtype: str, src: Path | None, work: Path, max_new_token
             log: Callable[[str], None]) -> Row:
     """Export (or copy `src`), build the engines, run them and ONNX Runtime on the same feeds; one report row."""
     from sts_export.backends.tensorrt.engines import build_engines
-    from sts_export.export.manifest import manifest_recipe, read_manifest
+    from sts_export.artifact.manifest import manifest_recipe, read_manifest
     from sts_export.pipeline import load_export_pipeline
 
     row = Row(family, dtype)

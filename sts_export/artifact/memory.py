@@ -41,6 +41,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
+from sts_export.artifact.params import graph_params, total_params
 from sts_export.errors import StsError
 
 GB = 1e9  # reports use decimal GB, like /usr/bin/time's kbytes * 1e3 and `free -g`'s rough figures
@@ -244,32 +245,6 @@ class Estimate:
     def describe(self) -> str:
         parts = ", ".join(f"{k} {fmt(v)}" for k, v in self.parts.items())
         return f"~{fmt(self.need)} at {self.peak_phase} ({parts})"
-
-
-def graph_params(recipe: Any, method: str) -> dict[str, int]:
-    """Parameters of each graph of an export (analytic, from the recipe; no weights needed)."""
-    from sts_export.bench.cost import param_counts
-    from sts_export.pruning.budget import prune_layer_for
-
-    p, t = param_counts(recipe), recipe.text
-    pl = prune_layer_for(method, recipe)
-    h, kvd = t.hidden_size, t.num_kv_heads * t.head_dim
-    extra = h if getattr(recipe, "family", "") == "llava-next" else 0  # image_newline
-    return {
-        "vision": p["vision"] + p["projector"] + extra,
-        "embed": p["embed"],
-        "segment1": pl * p["decoder_layer"],
-        "prune": h + h * t.num_heads * t.head_dim + h * kvd,  # input norm, q_proj, k_proj of layer prune_layer
-        "segment2": (t.num_layers - pl) * p["decoder_layer"] + h + p["lm_head"],
-    }
-
-
-def total_params(recipe: Any) -> int:
-    from sts_export.bench.cost import param_counts
-
-    p = param_counts(recipe)
-    extra = recipe.text.hidden_size if getattr(recipe, "family", "") == "llava-next" else 0
-    return p["vision"] + p["projector"] + p["decoder"] + p["lm_head"] + p["embed"] + extra
 
 
 def export_estimate(recipe: Any, method: str, k_pre: int, dtype: str, validate: bool) -> Estimate:

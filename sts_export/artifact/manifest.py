@@ -13,7 +13,7 @@ from typing import Any
 from sts_export.pruning.budget import has_stage2
 from sts_export.errors import StsError
 from sts_export.recipe import Recipe, from_dict
-from sts_export.generate import NP_DTYPES, Plan
+from sts_export.artifact.plan import NP_DTYPES, Plan
 
 
 # the layout of an export's ORT form (manifest "ort_form" -> "cache" -> "form_version", `export/ort_form.py`); an
