@@ -90,7 +90,7 @@ def main(model: str | None, recipe: str | None, budget: str, method: str, anchor
                         device=aoti_device or "cpu", cache=aoti_cache)
             return
         # every flag is checked before any work: a version, opset or output place that cannot be honoured is one line
-        from sts_export.backends.tensorrt.check import default_version, parse_versions
+        from sts_export.export.tensorrt.check import default_version, parse_versions
         from sts_export.export.quantize import check_weights, refuse_ort_weights, required_opset
 
         block = int(block_size) if block_size is not None else None
@@ -105,7 +105,7 @@ def main(model: str | None, recipe: str | None, budget: str, method: str, anchor
             if target != "trt":
                 raise StsError("--onnx-dir builds engines: use it with --target trt")
             refuse_ort_weights(onnx_dir)
-            from sts_export.backends.tensorrt.engines import build_engines, check_versions, engine_precision
+            from sts_export.export.tensorrt.engines import build_engines, engine_precision
             from sts_export.artifact.manifest import read_manifest
 
             if check_only:
@@ -130,8 +130,8 @@ def main(model: str | None, recipe: str | None, budget: str, method: str, anchor
         if out is not None:
             check_out(out)
         if target == "trt" and not check_only:
-            from sts_export.backends.tensorrt.build import require_tensorrt
-            from sts_export.backends.tensorrt.engines import build_version
+            from sts_export.export.tensorrt.build import require_tensorrt
+            from sts_export.export.tensorrt.engines import build_version
 
             require_tensorrt()  # fail in one line before a long ONNX export
             build_version(trt_version)  # and on a --trt-version the installed TensorRT cannot build for
@@ -140,7 +140,7 @@ def main(model: str | None, recipe: str | None, budget: str, method: str, anchor
                       weights=weights, block_size=block, quantize_vision=quantize_vision, target=target,
                       max_pixels=max_pixels, reuse=not no_reuse)
         if target == "trt":
-            from sts_export.backends.tensorrt.engines import build_engines
+            from sts_export.export.tensorrt.engines import build_engines
 
             if check_only:
                 _check_and_exit(path, versions or [default_version()])
@@ -150,7 +150,7 @@ def main(model: str | None, recipe: str | None, budget: str, method: str, anchor
 
 def _check_and_exit(onnx_dir: Path, versions: list[str]) -> None:
     """The static check for each version: its report, then one verdict line per version; exit 1 when any fails."""
-    from sts_export.backends.tensorrt.engines import check_versions
+    from sts_export.export.tensorrt.engines import check_versions
 
     results = check_versions(onnx_dir, versions)
     for v, _, report in results:

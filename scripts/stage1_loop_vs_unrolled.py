@@ -29,7 +29,7 @@ import torch
 from torch.export import Dim
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from sts_export.backends.tensorrt.check import check_model  # noqa: E402
+from sts_export.export.tensorrt.check import check_model  # noqa: E402
 from sts_export.pruning.loop import first_k_ascending, translation_table  # noqa: E402
 from sts_export.pruning.selection import anchor_index, divprune_select, potential_energy_select  # noqa: E402
 

@@ -24,8 +24,8 @@ from collections import Counter
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from sts_export.backends.tensorrt.check import check_model, parse_versions  # noqa: E402
-from sts_export.backends.tensorrt.parser_walk import registration_problems  # noqa: E402
+from sts_export.export.tensorrt.check import check_model, parse_versions  # noqa: E402
+from sts_export.export.tensorrt.parser_walk import registration_problems  # noqa: E402
 
 # (method, budget) per family: the budgets tests/test_export.py exports (Qwen has no [CLS]: no cls)
 LLAVA = [("none", "full"), ("sts", 64), ("sts-s", 64), ("fastv", 300), ("divprune", 64), ("cls", 64)]

@@ -13,6 +13,8 @@ import numpy as np
 import onnx
 import pytest
 
+from sts_export.backends.tensorrt import discovery as trt_discovery
+from sts_export.export.tensorrt import build as trt_build
 from sts_export import Pipeline, StsError
 from sts_export.export.onnx import export
 from sts_export.pipeline import load_export_pipeline
@@ -129,20 +131,19 @@ def test_qwen_two_image_sizes_through_one_export(tmp_root: Path, name: str, meth
 
 def test_qwen_engine_profiles_span_the_patch_counts(tmp_root: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """The TensorRT profiles of a Qwen export span 1..N_max LLM tokens (4 patches each), 1..K_max, 1..K'_max."""
-    import sts_export.backends.tensorrt.build as tb
-    from sts_export.backends.tensorrt.engines import build_engines
+    from sts_export.export.tensorrt.engines import build_engines
 
     d = exported(tmp_root, "tiny-qwen2.5-vl", "sts", "20%")
     seen: dict[str, list] = {}
-    monkeypatch.setattr(tb, "require_tensorrt", lambda *a, **k: type("trt", (), {"__version__": "10.3.0"}))
-    monkeypatch.setattr(tb, "device_info", lambda *a, **k: {"gpu": "stand-in", "compute_capability": "8.7"})
+    monkeypatch.setattr(trt_discovery, "require_tensorrt", lambda *a, **k: type("trt", (), {"__version__": "10.3.0"}))
+    monkeypatch.setattr(trt_discovery, "device_info", lambda *a, **k: {"gpu": "stand-in", "compute_capability": "8.7"})
 
     def fake_build(onnx_path, engine_path, **kw):
         seen[Path(engine_path).stem] = kw["profiles"]
         Path(engine_path).write_bytes(b"engine")
         return {"profiles": [], "build_seconds": 0.0, "size_bytes": 6, "precision": "fp32", "io_dtypes": {}}
 
-    monkeypatch.setattr(tb, "build_engine", fake_build)
+    monkeypatch.setattr(trt_build, "build_engine", fake_build)
     work = tmp_root / "qwen-profiles"
     shutil.copytree(d, work)
     build_engines(work, progress=lambda s: None)
@@ -353,7 +354,7 @@ def test_trt_static_check_passes_on_every_export(tmp_root: Path, name: str, meth
 def test_trt_walk_refuses_the_previous_stage1_loop(tmp_root: Path) -> None:
     """The vision.onnx this export writes parses (the check's registration walk); rewritten to the Loop the previous
     code wrote (no cond, body reading cond_in) it fails with onnx-tensorrt's message naming the Loop and cond_in."""
-    from sts_export.backends.tensorrt.check import check_model
+    from sts_export.export.tensorrt.check import check_model
     from tests.test_trt_importer_rules import legacy_stage1_loop
 
     d = exported(tmp_root, "tiny-llava", "sts", 64)
@@ -379,8 +380,7 @@ def test_trt_check_only_cli(tmp_root: Path) -> None:
 
 def test_engine_build_modes(tmp_root: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """Engines are strongly typed: their precision is the graphs' dtype, read from the files; another is refused."""
-    import sts_export.backends.tensorrt.build as tb
-    from sts_export.backends.tensorrt.engines import build_engines, engine_precision
+    from sts_export.export.tensorrt.engines import build_engines, engine_precision
     from sts_export.artifact.manifest import read_manifest
 
     d = exported(tmp_root, "tiny-llava", "sts", 64)
@@ -390,13 +390,13 @@ def test_engine_build_modes(tmp_root: Path, monkeypatch: pytest.MonkeyPatch) -> 
         engine_precision(d, m, "bf16")
 
     calls = []
-    monkeypatch.setattr(tb, "require_tensorrt", lambda *a, **k: type("trt", (), {"__version__": "10.3.0"}))
-    monkeypatch.setattr(tb, "device_info", lambda *a, **k: {"gpu": "stand-in", "compute_capability": "8.7"})
+    monkeypatch.setattr(trt_discovery, "require_tensorrt", lambda *a, **k: type("trt", (), {"__version__": "10.3.0"}))
+    monkeypatch.setattr(trt_discovery, "device_info", lambda *a, **k: {"gpu": "stand-in", "compute_capability": "8.7"})
     def fake_build(onnx_path, engine_path, **kw):
         calls.append(kw)
         Path(engine_path).write_bytes(b"engine")
         return {"profiles": [], "build_seconds": 0.0, "size_bytes": 6, "precision": "fp32", "io_dtypes": {}}
-    monkeypatch.setattr(tb, "build_engine", fake_build)
+    monkeypatch.setattr(trt_build, "build_engine", fake_build)
     work = tmp_root / "modes"
     shutil.copytree(d, work)
     m = build_engines(work, progress=lambda s: None)

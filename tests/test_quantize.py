@@ -86,7 +86,7 @@ def test_scheme_quantizes_validates_and_runs(float_export: Path, root: Path, wei
     else:  # TensorRT's QDQ export: ONNX Runtime's ORT form is dropped
         assert "ort_form" not in m and not list(d.glob("*.ort.onnx*"))
     # the static TensorRT check: the QDQ form passes, ONNX Runtime's MatMulNBits is a custom op TensorRT lacks
-    from sts_export.backends.tensorrt.check import check_dir
+    from sts_export.export.tensorrt.check import check_dir
 
     reports = check_dir(d, trt_version="10.3")
     if target == "trt":

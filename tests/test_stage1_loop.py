@@ -8,7 +8,7 @@ import pytest
 import torch
 from torch.export import Dim
 
-from sts_export.backends.tensorrt.check import check_model
+from sts_export.export.tensorrt.check import check_model
 from sts_export.pruning.loop import first_k_ascending, translation_table
 from sts_export.pruning.selection import anchor_index, divprune_select, potential_energy_select
 from sts_export.pruning.selection import divprune_seed as _seed_batched

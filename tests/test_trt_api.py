@@ -15,7 +15,8 @@ import onnxruntime as ort
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
-from sts_export.backends.tensorrt import build as trt_build
+from sts_export.backends.tensorrt import discovery as trt_discovery
+from sts_export.export.tensorrt import build as trt_build
 from sts_export.backends.tensorrt import runtime as trt_runtime
 from sts_export.errors import StsError
 from tests.trt_stand_ins import (APIS, CACHE_MAGIC, DEFAULT_STREAM_WARNING, NETWORK_FLAGS, Network,
@@ -233,19 +234,19 @@ def test_build_engine_errors_are_one_line(fake_trt: StandInTrt, tmp_path: Path) 
     fake_trt.parse_ok = False
     with pytest.raises(StsError) as e:
         trt_build.build_engine(onnx_path, tmp_path / "v.engine", profiles=[], progress=_quiet)
-    assert "n7(Unique)" in str(e.value) and "sts_export.backends.tensorrt.check" in str(e.value) and "\n" not in str(e.value)
+    assert "n7(Unique)" in str(e.value) and "sts_export.export.tensorrt.check" in str(e.value) and "\n" not in str(e.value)
     with pytest.raises(StsError, match="precision"):
         trt_build.build_engine(onnx_path, tmp_path / "v.engine", precision="int8", profiles=[])
     assert not (tmp_path / "v.engine").exists()
 
 
 def test_require_tensorrt_refuses_an_unknown_major(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setitem(trt_build._TRT_CACHE, "mod", type("trt", (), {"__version__": "12.0.0"}))
+    monkeypatch.setitem(trt_discovery._TRT_CACHE, "mod", type("trt", (), {"__version__": "12.0.0"}))
     with pytest.raises(StsError, match="newer than sts-export knows"):
-        trt_build.require_tensorrt()
-    monkeypatch.setitem(trt_build._TRT_CACHE, "mod", type("trt", (), {"__version__": "10.2.0"}))
+        trt_discovery.require_tensorrt()
+    monkeypatch.setitem(trt_discovery._TRT_CACHE, "mod", type("trt", (), {"__version__": "10.2.0"}))
     with pytest.raises(StsError, match="too old"):
-        trt_build.require_tensorrt()
+        trt_discovery.require_tensorrt()
 
 
 # --- build: the error paths the real API has -------------------------------------------------------------------
@@ -338,7 +339,7 @@ def test_stand_in_refuses_what_the_real_api_refuses(tmp_path: Path, monkeypatch:
     """The stand-in itself: set_shape raises on a rank mismatch, an invalid profile is -1, a profile that does not
     fit the network fails the build (None) with the reason logged, set_timing_cache(None) is a TypeError."""
     fake = install(monkeypatch, "11")
-    logger = trt_build.trt_logger(fake)
+    logger = trt_discovery.trt_logger(fake)
     builder = fake.Builder(logger)
     config = builder.create_builder_config()
     p = builder.create_optimization_profile()
@@ -460,7 +461,7 @@ def test_runtime_refusals_are_one_line(tmp_path: Path, monkeypatch: pytest.Monke
         be.run("segment1", feeds)
     assert "\n" not in str(e.value) and "tensor 'hidden_out'" in str(e.value) and "256-byte aligned" in str(e.value)
     other = APIS["10.3"]()
-    monkeypatch.setitem(trt_build._TRT_CACHE, "mod", other)
+    monkeypatch.setitem(trt_discovery._TRT_CACHE, "mod", other)
     with pytest.raises(StsError) as e:
         trt_runtime.TrtBackend(d, check_manifest=False)
     assert "\n" not in str(e.value) and "could not load" in str(e.value) and "Version tag does not match" in str(e.value)
@@ -470,7 +471,7 @@ def test_stand_in_context_follows_the_header(tmp_path: Path, monkeypatch: pytest
     """get_tensor_shape: -1 for every runtime dim not known yet; set_input_shape: False outside the profile;
     set_tensor_address: False for a device pointer that is not 256-byte aligned."""
     fake, d = _engine_dir(tmp_path, monkeypatch)
-    engine = fake.Runtime(trt_build.trt_logger(fake)).deserialize_cuda_engine((d / "segment1.engine").read_bytes())
+    engine = fake.Runtime(trt_discovery.trt_logger(fake)).deserialize_cuda_engine((d / "segment1.engine").read_bytes())
     ctx = engine.create_execution_context()
     assert ctx.get_tensor_shape("hidden") == (-1, -1, D) and ctx.get_tensor_shape("present_key_0") == (-1, 1, -1, D)
     assert not ctx.set_input_shape("hidden", (3, 1, D)) and not ctx.set_input_shape("hidden", (1, 1, 5))
@@ -499,7 +500,7 @@ def test_workspace_limit(unified: bool, exports: dict, tmp_path: Path, monkeypat
     so without --workspace-gb the build sets the limit the estimate counted and says so in one line."""
     import shutil
 
-    from sts_export.backends.tensorrt.engines import build_engines
+    from sts_export.export.tensorrt.engines import build_engines
     from sts_export.artifact import memory
 
     fake = install(monkeypatch, "11")
@@ -527,7 +528,7 @@ def test_selftest_report_on_the_stand_in(exports: dict, tmp_path: Path, monkeypa
     """The self-test's plumbing: engines built with the package's own build, run through TrtBackend and compared
     with ONNX Runtime on the same feeds, one report. On the stand-in the engines ARE ONNX Runtime, so every figure
     must be exact; the report's first line says it is a stand-in run."""
-    from sts_export.backends.tensorrt import selftest
+    from sts_export.export.tensorrt import selftest
 
     fake = install(monkeypatch, "11")
     rc = selftest.main(["--work", str(tmp_path / "w"), "--exports", f"tiny-llava:fp32={exports['tiny-llava-fp32']}",
@@ -550,7 +551,7 @@ def test_selftest_report_on_the_stand_in(exports: dict, tmp_path: Path, monkeypa
 
 def test_selftest_reports_a_failed_build(exports: dict, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
                                          capsys: pytest.CaptureFixture) -> None:
-    from sts_export.backends.tensorrt import selftest
+    from sts_export.export.tensorrt import selftest
 
     fake = install(monkeypatch, "10.3")
     fake.fail_build = "Could not find any implementation for node /Loop."
@@ -565,7 +566,7 @@ def test_selftest_reports_a_failed_build(exports: dict, tmp_path: Path, monkeypa
 def test_selftest_sees_a_difference(exports: dict, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
                                     capsys: pytest.CaptureFixture) -> None:
     """The comparison is real: engines whose logits are off by 0.01 (above fp32's 1e-4) are DIFFERS, with the figure."""
-    from sts_export.backends.tensorrt import selftest
+    from sts_export.export.tensorrt import selftest
 
     fake = install(monkeypatch, "11")
     fake.perturb = {"logits": 0.01}
@@ -586,7 +587,7 @@ def test_selftest_without_tensorrt_is_one_line(tmp_path: Path) -> None:
             "        raise ImportError(\"No module named 'tensorrt'\")\n"
             "    return real(name, *a, **k)\n"
             "builtins.__import__ = imp\n"
-            "from sts_export.backends.tensorrt import selftest\n"
+            "from sts_export.export.tensorrt import selftest\n"
             "sys.exit(selftest.main([]))\n")
     r = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True, timeout=300,
                        env={**os.environ, "PYTHONPATH": str(ROOT)})

@@ -9,8 +9,9 @@ import onnx
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
-from sts_export.backends.tensorrt import build as trt_build
-from sts_export.backends.tensorrt import check as trt_check
+from sts_export.backends.tensorrt import discovery as trt_discovery
+from sts_export.export.tensorrt import build as trt_build
+from sts_export.export.tensorrt import check as trt_check
 from sts_export.backends.tensorrt import runtime as trt_runtime
 from sts_export.errors import StsError
 
@@ -187,9 +188,9 @@ def test_bad_versions_are_one_line(bad: str) -> None:
 def test_versions_parse_and_default(monkeypatch: pytest.MonkeyPatch) -> None:
     assert trt_check.parse_versions("10.3,10.16,11.4,10.3") == ["10.3", "10.16", "11.4"]
     assert trt_check.parse_version("10.3.0.26") == (10, 3) and trt_check.parse_version("11.4.1") == (11, 4)
-    monkeypatch.setitem(trt_build._TRT_CACHE, "mod", None)  # no TensorRT here: JetPack 6.1/6.2's 10.3
+    monkeypatch.setitem(trt_discovery._TRT_CACHE, "mod", None)  # no TensorRT here: JetPack 6.1/6.2's 10.3
     assert trt_check.default_version() == "10.3"
-    monkeypatch.setitem(trt_build._TRT_CACHE, "mod", type("trt", (), {"__version__": "10.16.1.11"}))
+    monkeypatch.setitem(trt_discovery._TRT_CACHE, "mod", type("trt", (), {"__version__": "10.16.1.11"}))
     assert trt_check.default_version() == "10.16"  # a Jetson on JetPack 7.2 checks against its own TensorRT
 
 
@@ -382,13 +383,13 @@ def test_require_tensorrt_one_line(monkeypatch: pytest.MonkeyPatch) -> None:
 
     monkeypatch.delitem(sys.modules, "tensorrt", raising=False)
     monkeypatch.setattr(builtins, "__import__", fake_import)
-    trt_build._TRT_CACHE.clear()
-    assert trt_build.trt_available() is False
+    trt_discovery._TRT_CACHE.clear()
+    assert trt_discovery.trt_available() is False
     with pytest.raises(StsError) as e:
-        trt_build.require_tensorrt()
+        trt_discovery.require_tensorrt()
     msg = str(e.value)
     assert "\n" not in msg and "TensorRT" in msg and "pip install tensorrt" in msg and "JetPack" in msg
-    trt_build._TRT_CACHE.clear()
+    trt_discovery._TRT_CACHE.clear()
 
 
 def _segment_spec() -> dict:
@@ -432,11 +433,11 @@ def test_profiles_for_other_graphs() -> None:
 
 def test_check_engine_compatible() -> None:
     here = {"trt_version": "10.3.0.30", "compute_capability": "8.7", "gpu": "Orin"}
-    trt_build.check_engine_compatible({"trt_version": "10.3.0", "compute_capability": "8.7"}, here=here)
+    trt_discovery.check_engine_compatible({"trt_version": "10.3.0", "compute_capability": "8.7"}, here=here)
     with pytest.raises(StsError, match="TensorRT 10.7.0"):
-        trt_build.check_engine_compatible({"trt_version": "10.7.0", "compute_capability": "8.7"}, here=here)
+        trt_discovery.check_engine_compatible({"trt_version": "10.7.0", "compute_capability": "8.7"}, here=here)
     with pytest.raises(StsError, match="compute capability 8.9"):
-        trt_build.check_engine_compatible({"trt_version": "10.3.0", "compute_capability": "8.9"}, here=here)
+        trt_discovery.check_engine_compatible({"trt_version": "10.3.0", "compute_capability": "8.9"}, here=here)
 
 
 def test_runtime_profile_selection() -> None:
@@ -452,4 +453,4 @@ def test_runtime_profile_selection() -> None:
 
 def test_modules_import_without_tensorrt() -> None:
     assert trt_runtime.TrtBackend.name == "tensorrt"
-    assert callable(trt_build.build_engine) and callable(trt_build.device_info)
+    assert callable(trt_build.build_engine) and callable(trt_discovery.device_info)

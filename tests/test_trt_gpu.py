@@ -17,8 +17,9 @@ import onnx  # noqa: E402
 import onnxruntime as ort  # noqa: E402
 from onnx import TensorProto, helper, numpy_helper  # noqa: E402
 
-from sts_export.backends.tensorrt import build as trt_build  # noqa: E402
-from sts_export.backends.tensorrt import check as trt_check  # noqa: E402
+from sts_export.backends.tensorrt import discovery as trt_discovery
+from sts_export.export.tensorrt import build as trt_build  # noqa: E402
+from sts_export.export.tensorrt import check as trt_check  # noqa: E402
 from sts_export.errors import StsError  # noqa: E402
 from sts_export.backends.tensorrt.runtime import TrtBackend  # noqa: E402
 
@@ -101,7 +102,7 @@ def test_build_info_and_files(built: dict) -> None:
     assert not list(built["dir"].glob(".*.tmp"))  # atomic writes left nothing behind
     assert any("parsing" in m for m in built["logs"])
     assert len(built["info_seg"]["profiles"]) == 2
-    trt_build.check_engine_compatible(info)  # built here, so it runs here
+    trt_discovery.check_engine_compatible(info)  # built here, so it runs here
 
 
 def test_matmul_softmax_matches_onnxruntime(built: dict) -> None:

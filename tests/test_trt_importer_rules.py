@@ -2,7 +2,7 @@
 fixed graph that passes (tiny onnx.helper graphs, no export), and the Stage 1 Loop as the previous code wrote it
 (cond omitted, body reading cond_in) failing the registration walk with the importer's message.
 
-Rule sources are in sts_export/backends/tensorrt/parser_walk.py, parser_rules.py and parser_tables.py."""
+Rule sources are in sts_export/export/tensorrt/parser_walk.py, parser_rules.py and parser_tables.py."""
 from __future__ import annotations
 
 import numpy as np
@@ -12,8 +12,8 @@ import torch
 from onnx import TensorProto, helper, numpy_helper
 from torch.export import Dim
 
-from sts_export.backends.tensorrt.check import check_model
-from sts_export.backends.tensorrt.parser_walk import NOT_REGISTERED, registration_problems, toposort
+from sts_export.export.tensorrt.check import check_model
+from sts_export.export.tensorrt.parser_walk import NOT_REGISTERED, registration_problems, toposort
 from sts_export.pruning.loop import translation_table
 
 FLOAT, INT64, BOOL, INT4 = TensorProto.FLOAT, TensorProto.INT64, TensorProto.BOOL, TensorProto.INT4

@@ -17,7 +17,7 @@ import numpy as np
 import onnx
 import pytest
 
-from sts_export.backends.tensorrt import build as trt_build
+from sts_export.backends.tensorrt import discovery as trt_discovery
 from sts_export.errors import StsError
 from sts_export.artifact.manifest import graph_dtype, graph_opset, read_manifest
 from sts_export.export.onnx import export
@@ -127,7 +127,7 @@ def test_low_precision_graphs_keep_selection_in_fp32(which: str, dtype: str, ops
 @pytest.mark.parametrize("which", ["bf16", "fp16"])
 def test_builds_record_the_graphs_dtype(which: str, api: str, request, root: Path,
                                         monkeypatch: pytest.MonkeyPatch) -> None:
-    from sts_export.backends.tensorrt.engines import build_engines
+    from sts_export.export.tensorrt.engines import build_engines
 
     src = request.getfixturevalue(f"{which}_dir")
     work = root / f"build-{which}-{api}"
@@ -155,7 +155,7 @@ def test_builds_record_the_graphs_dtype(which: str, api: str, request, root: Pat
 @pytest.mark.parametrize("api", list(APIS))
 def test_fp32_export_asked_for_fp16_is_refused(fp32_dir: Path, api: str, root: Path,
                                                monkeypatch: pytest.MonkeyPatch) -> None:
-    from sts_export.backends.tensorrt.engines import build_engines
+    from sts_export.export.tensorrt.engines import build_engines
 
     work = root / f"refuse-{api}"
     shutil.copytree(fp32_dir, work)
@@ -175,7 +175,7 @@ def test_next_export_builds_with_token_dims(monkeypatch: pytest.MonkeyPatch, roo
     src = test_export._EXPORTS.get(("tiny-llava-next", "sts", 320))
     if src is None:
         pytest.skip("reuses test_export.py's tiny-llava-next export (run the whole suite)")
-    from sts_export.backends.tensorrt.engines import build_engines
+    from sts_export.export.tensorrt.engines import build_engines
 
     work = root / "build-next"
     shutil.copytree(src, work)
@@ -188,9 +188,9 @@ def test_next_export_builds_with_token_dims(monkeypatch: pytest.MonkeyPatch, roo
 def test_runtime_refuses_another_tensorrt_in_one_line(tmp_path: Path) -> None:
     here = {"trt_version": "11.4.1.2", "compute_capability": "8.7", "gpu": "Thor"}
     with pytest.raises(StsError) as e:
-        trt_build.check_engine_compatible({"version": "10.16.1", "compute_capability": "8.7"}, here=here)
+        trt_discovery.check_engine_compatible({"version": "10.16.1", "compute_capability": "8.7"}, here=here)
     assert "\n" not in str(e.value) and "TensorRT 10.16.1" in str(e.value) and "version-compatible" in str(e.value)
-    trt_build.check_engine_compatible({"version": "11.4.1.2", "compute_capability": "8.7"}, here=here)
+    trt_discovery.check_engine_compatible({"version": "11.4.1.2", "compute_capability": "8.7"}, here=here)
 
 
 # --- export.py: the multi-version check and the bad inputs ---------------------------------------------------

@@ -1,6 +1,6 @@
 """Stand-ins of the TensorRT Python API (`import tensorrt`) in its 10.3, 10.16 and 11 flavours, for tests.
 
-No machine of this project has TensorRT, so the build (`backends/tensorrt/build.py`, `engines.py`) and runtime
+No machine of this project has TensorRT, so the build (`export/tensorrt/build.py`, `engines.py`) and runtime
 (`runtime.py`) code run in CI against these modules. They are not TensorRT: nothing here optimises a network or
 runs one on a GPU. What they promise is to answer each call the project makes the way the real bindings do, read
 from NVIDIA's own sources:
@@ -867,16 +867,16 @@ class CpuCudaTorch:
 
 def install(monkeypatch: Any, api: str = "11", device_info: bool = True) -> StandInTrt:
     """Make the build and runtime modules use a new stand-in of `api` (and torch on the CPU as their CUDA)."""
-    from sts_export.backends.tensorrt import build as trt_build
+    from sts_export.backends.tensorrt import discovery as trt_discovery
     from sts_export.backends.tensorrt import runtime as trt_runtime
 
     fake = APIS[api]()
     torch_cpu = CpuCudaTorch()
     fake.torch = torch_cpu
-    monkeypatch.setitem(trt_build._TRT_CACHE, "mod", fake)
+    monkeypatch.setitem(trt_discovery._TRT_CACHE, "mod", fake)
     monkeypatch.setattr(trt_runtime, "_torch_cuda", lambda: torch_cpu)
     if device_info:
-        monkeypatch.setattr(trt_build, "device_info", lambda *a, **k: {
+        monkeypatch.setattr(trt_discovery, "device_info", lambda *a, **k: {
             "trt_version": fake.__version__, "gpu": fake.device, "compute_capability": "8.7"})
     return fake
 

@@ -23,7 +23,7 @@ is why the body is written out here. The body's ``cond_out = Less(i, steps)`` is
 without a ``cond``; ONNX Runtime reads it, so it must stay true). A count-only loop is the form the same importer
 recommends ("export loops with only a trip limit"): TensorRT adds one kCOUNT trip limit and no kWHILE recurrence.
 The iteration number ``i`` is registered because the trip count is given and below INT_MAX. The static check
-(``backends/tensorrt/check.py``) walks the graph the way the importer registers names, so a graph that reads
+(``export/tensorrt/check.py``) walks the graph the way the importer registers names, so a graph that reads
 ``cond_in`` again fails ``--check-only``.
 
 Pass :func:`translation_table` as ``torch.onnx.export(..., dynamo=True, custom_translation_table=...)``.

@@ -1,1 +1,2 @@
-"""TensorRT: static parser check (check.py), engine build (build.py, engines.py), runtime (runtime.py); importable without TensorRT."""
+"""Running TensorRT engines: `runtime.TrtBackend`, and `discovery` (finding TensorRT and the GPU, whether engines
+built elsewhere run here). Importable without TensorRT. Building engines is `sts_export.export.tensorrt`."""

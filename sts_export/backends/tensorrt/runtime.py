@@ -24,8 +24,8 @@ from typing import Any
 import numpy as np
 
 from sts_export.errors import StsError
-from sts_export.backends.tensorrt.build import (_cudart, _enum_name, _torch_cuda, check_engine_compatible,
-                                                require_tensorrt, trt_logger)
+from sts_export.backends.tensorrt.discovery import (_cudart, _enum_name, _torch_cuda, check_engine_compatible,
+                                                    require_tensorrt, trt_logger)
 
 Ranges = dict[str, tuple[tuple[int, ...], tuple[int, ...], tuple[int, ...]]]
 

@@ -32,13 +32,10 @@ from typing import Iterable
 
 import onnx
 
-from sts_export.backends.tensorrt.parser_rules import Rules
-from sts_export.backends.tensorrt.parser_tables import (CONST_INPUT_UNTIL, CONTROL_FLOW, KNOWN_RELEASES, OPS_10_1,
-                                                        SUPPORTED, TABLE_LATEST, TOPK_MAX_K, TYPE_TOKEN, TYPED_SLOT,
-                                                        VersionError, default_version, max_opset, op_table,
-                                                        parse_version, parse_versions, version_label)
-from sts_export.backends.tensorrt.parser_values import Scope, used_names
-from sts_export.backends.tensorrt.parser_walk import Walk
+from sts_export.export.tensorrt.parser_rules import Rules
+from sts_export.export.tensorrt.parser_tables import (CONST_INPUT_UNTIL, CONTROL_FLOW, KNOWN_RELEASES, OPS_10_1, SUPPORTED, TABLE_LATEST, TOPK_MAX_K, TYPE_TOKEN, TYPED_SLOT, VersionError, default_version, max_opset, op_table, parse_version, parse_versions, version_label)
+from sts_export.export.tensorrt.parser_values import Scope, used_names
+from sts_export.export.tensorrt.parser_walk import Walk
 from sts_export.errors import StsError
 
 __all__ = ["check_model", "check_dir", "format_reports", "problems_of", "main", "Report", "Issue", "VersionError",
@@ -276,13 +273,13 @@ def problems_of(reports: Iterable[Report]) -> list[str]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """`python -m sts_export.backends.tensorrt.check EXPORT_DIR_OR_ONNX... [--trt-version 10.3,11.4]`; exit 1 on problems.
+    """`python -m sts_export.export.tensorrt.check EXPORT_DIR_OR_ONNX... [--trt-version 10.3,11.4]`; exit 1 on problems.
 
     One report and one verdict line per TensorRT version; the default version is the installed TensorRT, else 10.3.
     """
     import argparse  # noqa: PLC0415
 
-    ap = argparse.ArgumentParser(prog="python -m sts_export.backends.tensorrt.check", description=main.__doc__)
+    ap = argparse.ArgumentParser(prog="python -m sts_export.export.tensorrt.check", description=main.__doc__)
     ap.add_argument("paths", nargs="+", help="export directories (every *.onnx) or .onnx files")
     ap.add_argument("--trt-version", default=None,
                     help="TensorRT release(s) to check against, comma-separated (default: the installed one, else 10.3)")

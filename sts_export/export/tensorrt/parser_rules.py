@@ -16,10 +16,9 @@ import numpy as np
 import onnx
 from onnx import numpy_helper
 
-from sts_export.backends.tensorrt.parser_tables import BLOCK_DQ_INT4_SIZES, BLOCK_DQ_TYPES, TOPK_MAX_K, TYPE_TOKEN
-from sts_export.backends.tensorrt.parser_values import (MAX_READ, UNKNOWN, Scope, attr, build_scope, shape_change,
-                                                        type_dims, used_names)
-from sts_export.backends.tensorrt.parser_walk import is_max_trip_count
+from sts_export.export.tensorrt.parser_tables import BLOCK_DQ_INT4_SIZES, BLOCK_DQ_TYPES, TOPK_MAX_K, TYPE_TOKEN
+from sts_export.export.tensorrt.parser_values import (MAX_READ, UNKNOWN, Scope, attr, build_scope, shape_change, type_dims, used_names)
+from sts_export.export.tensorrt.parser_walk import is_max_trip_count
 
 
 def _name(elem: int) -> str:

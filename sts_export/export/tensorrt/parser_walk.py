@@ -38,8 +38,8 @@ from dataclasses import dataclass, field
 import numpy as np
 import onnx
 
-from sts_export.backends.tensorrt.parser_tables import INT32_MAX, parse_version
-from sts_export.backends.tensorrt.parser_values import UNKNOWN, Scope, attr, build_scope, node_name
+from sts_export.export.tensorrt.parser_tables import INT32_MAX, parse_version
+from sts_export.export.tensorrt.parser_values import UNKNOWN, Scope, attr, build_scope, node_name
 
 NOT_REGISTERED = "Node input was not registered."  # ModelImporter.cpp parseNode (10.1 GA .. 11.0)
 NOT_SORTED = "Failed to sort the model topologically."  # ModelImporter.cpp parseGraph

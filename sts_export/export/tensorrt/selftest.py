@@ -1,4 +1,4 @@
-"""Field check for users who have TensorRT: `python -m sts_export.backends.tensorrt.selftest`.
+"""Field check for users who have TensorRT: `python -m sts_export.export.tensorrt.selftest`.
 
 Builds the tiny models' engines for every family (tiny-llava, tiny-llava-gqa, tiny-llava-next, tiny-qwen2.5-vl; STS
 at a budget that runs both stages; fp32 and fp16) on this machine's TensorRT and GPU with the package's own export
@@ -12,11 +12,11 @@ shows which), FAIL (export, build or run failed: the reason follows the table). 
 provider has no bf16 kernels, so there is nothing here to compare a bf16 engine with.
 
 The name says what it is: a self-test of this install (TensorRT, GPU, driver) with this package, the thing a bug
-report needs first; `python -m sts_export.backends.tensorrt.check` is the static check, which needs no TensorRT.
+report needs first; `python -m sts_export.export.tensorrt.check` is the static check, which needs no TensorRT.
 
 Exports need torch and transformers. A Jetson that has neither makes them elsewhere:
-    host:    python -m sts_export.backends.tensorrt.selftest --export-only --work tiny-exports
-    device:  python -m sts_export.backends.tensorrt.selftest --exports-dir tiny-exports
+    host:    python -m sts_export.export.tensorrt.selftest --export-only --work tiny-exports
+    device:  python -m sts_export.export.tensorrt.selftest --exports-dir tiny-exports
 Engines are always built in copies under --work, never in a given export directory.
 
 Exit status: 0 when every row is PASS, 1 when a row DIFFERS or FAILs, 2 when it cannot start (no TensorRT: one
@@ -82,18 +82,17 @@ def _first_line(path: str) -> str:
 
 def platform_info() -> dict[str, str]:
     """What a TensorRT bug report needs about this machine; 'unknown' for what cannot be read."""
-    from sts_export.backends.tensorrt import build as trt_build
-    from sts_export.backends.tensorrt import runtime as trt_runtime
+    from sts_export.backends.tensorrt import discovery
 
-    trt = trt_build._import_trt()
-    dev = trt_build.device_info()
+    trt = discovery._import_trt()
+    dev = discovery.device_info()
     info = {"tensorrt": str(getattr(trt, "__version__", "not installed")), "gpu": str(dev.get("gpu") or "none visible"),
             "compute": str(dev.get("compute_capability") or "unknown"), "driver": "unknown", "cuda": "unknown",
             "memory": "unknown"}
     m = re.search(r"Kernel Module\s+(?:for \S+\s+)?(\d[\d.]*)", _first_line("/proc/driver/nvidia/version"))
     if m:
         info["driver"] = m.group(1)
-    torch = trt_runtime._torch_cuda()
+    torch = discovery._torch_cuda()
     if torch is not None:
         cuda = getattr(getattr(torch, "version", None), "cuda", None)
         info["cuda"] = f"{cuda} (torch)" if cuda else "unknown"
@@ -101,7 +100,7 @@ def platform_info() -> dict[str, str]:
             info["memory"] = f"{torch.cuda.get_device_properties(0).total_memory / 1024**3:.1f} GiB"
         except Exception:  # noqa: BLE001 - stand-ins and odd builds: leave unknown
             pass
-    cudart = trt_build._cudart()
+    cudart = discovery._cudart()
     if cudart is not None:
         try:
             err, v = cudart.cudaRuntimeGetVersion()
@@ -175,7 +174,7 @@ def _export(family: str, dtype: str, out: Path, log: Callable[[str], None]) -> P
 def run_one(family: str, dtype: str, src: Path | None, work: Path, max_new_tokens: int,
             log: Callable[[str], None]) -> Row:
     """Export (or copy `src`), build the engines, run them and ONNX Runtime on the same feeds; one report row."""
-    from sts_export.backends.tensorrt.engines import build_engines
+    from sts_export.export.tensorrt.engines import build_engines
     from sts_export.artifact.manifest import manifest_recipe, read_manifest
     from sts_export.pipeline import load_export_pipeline
 
@@ -275,7 +274,7 @@ def _split(text: str, allowed: tuple[str, ...] | dict, what: str) -> list[str]:
 def cli(families: str, dtypes: str, work: Path | None, exports: tuple[str, ...], exports_dir: Path | None,
         export_only: bool, max_new_tokens: int, out_file: Path | None) -> int:
     """Build the tiny models' TensorRT engines here and compare them with ONNX Runtime; print one report."""
-    from sts_export.backends.tensorrt import build as trt_build
+    from sts_export.backends.tensorrt import discovery
 
     combos = [(f, d) for f in _split(families, FAMILIES, "families") for d in _split(dtypes, DTYPES, "dtypes")]
     given = _given(exports)
@@ -288,7 +287,7 @@ def cli(families: str, dtypes: str, work: Path | None, exports: tuple[str, ...],
         combos = list(given)
     if export_only and work is None:
         raise StsError("--export-only needs --work DIR (where the exports go, to copy to the device)")
-    trt = None if export_only else trt_build.require_tensorrt()  # one line when TensorRT is missing
+    trt = None if export_only else discovery.require_tensorrt()  # one line when TensorRT is missing
     own = work is None
     work = Path(tempfile.mkdtemp(prefix="sts-trt-selftest-")) if own else work
     work.mkdir(parents=True, exist_ok=True)
@@ -301,7 +300,7 @@ def cli(families: str, dtypes: str, work: Path | None, exports: tuple[str, ...],
                     log(f"exporting {f} {d} -> {out}")
                     _export(f, d, out, log)
             click.echo(f"exports in {work}: copy it to the device and run "
-                       f"`python -m sts_export.backends.tensorrt.selftest --exports-dir {work.name}`")
+                       f"`python -m sts_export.export.tensorrt.selftest --exports-dir {work.name}`")
             return 0
         rows = []
         for f, d in combos:

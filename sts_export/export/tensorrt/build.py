@@ -41,146 +41,20 @@ from __future__ import annotations
 
 import os
 import re
-import sys
 import tempfile
 import threading
 import time
 from pathlib import Path
 from typing import Any, Callable
 
+from sts_export.backends.tensorrt import discovery
+from sts_export.backends.tensorrt.discovery import _enum_name, _stderr, trt_logger
 from sts_export.errors import StsError
 
 Shape = tuple[int, ...]
 Profile = dict[str, Any]  # input name -> (min_shape, opt_shape, max_shape); optional "__values__": same, values
 
-MIN_TRT = (10, 3)
 VALUES_KEY = "__values__"
-_TRT_CACHE: dict[str, Any] = {}
-MAX_MAJOR = 11  # the newest TensorRT major whose API this module was written against
-_INSTALL_HINT = (
-    "TensorRT is not installed (Python package `tensorrt` is needed for --target trt): on a Jetson it ships with "
-    "JetPack (6.1/6.2: TensorRT 10.3; 7.2: TensorRT 10.16; 7.2.2+: TensorRT 11.4.1+, python3-libnvinfer), on x86-64 "
-    "with an NVIDIA driver run `pip install tensorrt` (TensorRT 11.x wheels); see README 'TensorRT and Jetson'; "
-    "or export with --target onnx"
-)
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# TensorRT / CUDA discovery
-# ---------------------------------------------------------------------------------------------------------------
-
-def _import_trt() -> Any:
-    if "mod" not in _TRT_CACHE:
-        try:
-            import tensorrt  # noqa: PLC0415 - lazy on purpose
-
-            _TRT_CACHE["mod"] = tensorrt
-        except (ImportError, OSError) as e:  # OSError: wheel present but libnvinfer missing
-            _TRT_CACHE["mod"] = None
-            _TRT_CACHE["error"] = f"{type(e).__name__}: {e}"
-    return _TRT_CACHE["mod"]
-
-
-def _version_tuple(v: str) -> tuple[int, ...]:
-    return tuple(int(x) for x in re.findall(r"\d+", str(v))[:4])
-
-
-def trt_available() -> bool:
-    """True when `import tensorrt` works (no GPU check)."""
-    return _import_trt() is not None
-
-
-def require_tensorrt(min_version: tuple[int, int] = MIN_TRT) -> Any:
-    """The `tensorrt` module, or StsError with one line on how to get it (or a new enough one)."""
-    trt = _import_trt()
-    if trt is None:
-        raise StsError(_INSTALL_HINT)
-    if _version_tuple(trt.__version__)[:2] < tuple(min_version):
-        raise StsError(f"TensorRT {trt.__version__} is too old: sts-export needs TensorRT >= "
-                       f"{min_version[0]}.{min_version[1]} (`pip install -U tensorrt`, or JetPack 6.1+ on Jetson)")
-    if _version_tuple(trt.__version__)[0] > MAX_MAJOR:
-        raise StsError(f"TensorRT {trt.__version__} is newer than sts-export knows (10.3 to {MAX_MAJOR}.x): its "
-                       f"Python API may differ; install TensorRT {MAX_MAJOR}.x (`pip install 'tensorrt<{MAX_MAJOR + 1}'`)")
-    return trt
-
-
-def _cudart() -> Any:
-    """cuda-python's runtime module (new layout first), or None."""
-    try:
-        from cuda.bindings import runtime as cudart  # noqa: PLC0415
-
-        return cudart
-    except ImportError:
-        pass
-    try:
-        from cuda import cudart  # noqa: PLC0415
-
-        return cudart
-    except ImportError:
-        return None
-
-
-def _torch_cuda() -> Any:
-    """torch when it is importable and sees a CUDA device, else None."""
-    try:
-        import torch  # noqa: PLC0415
-
-        return torch if torch.cuda.is_available() else None
-    except ImportError:
-        return None
-
-
-def device_info(device: int = 0) -> dict[str, Any]:
-    """TensorRT version, GPU name and compute capability ("8.7") of `device`; None for what is not there."""
-    trt = _import_trt()
-    info: dict[str, Any] = {"trt_version": trt.__version__ if trt is not None else None, "gpu": None,
-                            "compute_capability": None}
-    torch = _torch_cuda()
-    if torch is not None:
-        major, minor = torch.cuda.get_device_capability(device)
-        info.update(gpu=torch.cuda.get_device_name(device), compute_capability=f"{major}.{minor}")
-        return info
-    cudart = _cudart()
-    if cudart is not None:
-        try:
-            err, prop = cudart.cudaGetDeviceProperties(device)
-            if int(getattr(err, "value", err)) == 0:
-                name = prop.name.decode(errors="replace") if isinstance(prop.name, bytes) else str(prop.name)
-                info.update(gpu=name.rstrip("\x00"), compute_capability=f"{prop.major}.{prop.minor}")
-        except Exception:  # noqa: BLE001 - no driver / no device: leave None
-            pass
-    return info
-
-
-def check_engine_compatible(manifest_trt: dict[str, Any], *, here: dict[str, Any] | None = None) -> None:
-    """Raise StsError (one line) unless engines described by `manifest_trt` can run on this machine.
-
-    `manifest_trt`: {"trt_version": "10.3.0.30", "compute_capability": "8.7", "gpu": ..., optional
-    "hardware_compatibility_level": "AMPERE_PLUS"}. Engines need the same TensorRT release (major.minor.patch)
-    and, unless built hardware-compatible, the same GPU compute capability.
-    """
-    here = device_info() if here is None else here
-    built_v = str(manifest_trt.get("trt_version") or manifest_trt.get("version") or "")
-    built_cc = str(manifest_trt.get("compute_capability") or "")
-    if here.get("trt_version") is None:
-        raise StsError(_INSTALL_HINT)
-    if built_v and _version_tuple(built_v)[:3] != _version_tuple(here["trt_version"])[:3]:
-        raise StsError(f"the engines were built with TensorRT {built_v} but this machine has TensorRT "
-                       f"{here['trt_version']} (sts-export builds no version-compatible engines): rebuild them here "
-                       f"(python export.py --onnx-dir DIR --target trt) or install TensorRT {built_v}")
-    cc = here.get("compute_capability")
-    if built_cc and cc is None:
-        raise StsError("no CUDA GPU is visible, and TensorRT engines need one "
-                       "(check the driver / CUDA_VISIBLE_DEVICES)")
-    if built_cc and cc != built_cc:
-        level = str(manifest_trt.get("hardware_compatibility_level") or "NONE").upper()
-        if level.endswith("AMPERE_PLUS") and _version_tuple(cc)[0] >= 8:
-            return
-        raise StsError(f"the engines were built for GPU compute capability {built_cc} "
-                       f"({manifest_trt.get('gpu', 'another GPU')}) but this GPU ({here.get('gpu')}) is {cc}: "
-                       f"TensorRT engines are GPU-specific, rebuild them on this machine (--target trt)")
-
-
 # ---------------------------------------------------------------------------------------------------------------
 # Optimisation profiles
 # ---------------------------------------------------------------------------------------------------------------
@@ -266,41 +140,6 @@ def profiles_for_graph(graph_name: str, io_spec: dict[str, Any], *, max_batch: i
 # Engine build
 # ---------------------------------------------------------------------------------------------------------------
 
-def _stderr(msg: str) -> None:
-    print(f"[trt] {msg}", file=sys.stderr, flush=True)
-
-
-def trt_logger(trt: Any, verbose: bool = False) -> Any:
-    """A `trt.ILogger` that prints what TensorRT's own `trt.Logger` would (WARNING and worse; everything with
-    `verbose`) to stderr and keeps the error messages, so a failed call can say why in one line (`why`).
-    Subclassing ILogger is how the Python API takes a custom logger (pyCore.cpp's PyLogger trampoline; Polygraphy's
-    backend/trt/util.py does the same)."""
-
-    class _Logger(trt.ILogger):
-        def __init__(self) -> None:
-            trt.ILogger.__init__(self)
-            self.errors: list[str] = []
-            self.shown = int(trt.ILogger.VERBOSE if verbose else trt.ILogger.WARNING)
-
-        def log(self, severity: Any, msg: str) -> None:  # called by TensorRT, maybe from its threads
-            text = " ".join(str(msg).split())
-            if int(severity) <= int(trt.ILogger.ERROR):
-                self.errors.append(text)
-            if int(severity) <= self.shown:
-                print(f"[TensorRT] {_enum_name(severity)}: {text}", file=sys.stderr, flush=True)
-
-        def why(self, since: int = 0) -> str:
-            """TensorRT's first error message after `since` (TensorRT logs the cause first, then the failed
-            assertion it led to), with how many followed; '' when it logged none."""
-            errs = self.errors[since:]
-            if not errs:
-                return ""
-            first = errs[0] if len(errs[0]) <= 300 else errs[0][:297] + "..."
-            return first + (f" (+{len(errs) - 1} more TensorRT error{'s' * (len(errs) > 2)})" if len(errs) > 1 else "")
-
-    return _Logger()
-
-
 def _make_monitor(trt: Any, log: Callable[[str], None]) -> Any:
     """An IProgressMonitor (TensorRT >= 10.0) that logs top-level phases, their children and 10% steps."""
 
@@ -361,10 +200,6 @@ def _atomic_write(path: Path, data: Any) -> int:
 # TensorRT DataType name -> the project's dtype name (the float types an engine can be "in").
 TRT_FLOAT_DTYPES = {"FLOAT": "fp32", "HALF": "fp16", "BF16": "bf16"}
 PRECISIONS = ("fp32", "fp16", "bf16")
-
-
-def _enum_name(v: Any) -> str:
-    return getattr(v, "name", str(v).rsplit(".", 1)[-1])
 
 
 _NODE_META_KEYS = ("namespace", "pkg.torch.onnx.name_scopes", "pkg.torch.onnx.class_hierarchy",
@@ -473,7 +308,7 @@ def _parse_onnx(trt: Any, network: Any, logger: Any, onnx_path: Path) -> Any:
             errors.append(str(e))
     more = f" (+{len(errors) - 1} more)" if len(errors) > 1 else ""
     raise StsError(f"TensorRT could not parse {onnx_path.name}: {errors[0] if errors else 'unknown error'}{more}; "
-                   f"`python -m sts_export.backends.tensorrt.check {onnx_path.parent}` lists every incompatibility")
+                   f"`python -m sts_export.export.tensorrt.check {onnx_path.parent}` lists every incompatibility")
 
 
 def _dims(t: Any) -> tuple[int, ...]:
@@ -590,7 +425,7 @@ def build_engine(onnx_path: str | os.PathLike, engine_path: str | os.PathLike, *
         raise StsError(f"unknown TensorRT precision '{precision}'; choose fp16, bf16 or fp32")
     if not 0 <= opt_level <= 5:
         raise StsError(f"builder optimisation level must be 0..5 (got {opt_level})")
-    trt = require_tensorrt()
+    trt = discovery.require_tensorrt()
     log = progress or _stderr
     onnx_path, engine_path = Path(onnx_path), Path(engine_path)
     cache_path = Path(timing_cache_path) if timing_cache_path else None
@@ -640,7 +475,7 @@ def build_engine(onnx_path: str | os.PathLike, engine_path: str | os.PathLike, *
     log(f"writing {engine_path}")
     size = _atomic_write(engine_path, serialized)
     del monitor
-    dev = device_info()
+    dev = discovery.device_info()
     return {
         "engine": str(engine_path), "onnx": str(onnx_path), "trt_version": trt.__version__,
         "gpu": dev["gpu"], "compute_capability": dev["compute_capability"], "precision": got,

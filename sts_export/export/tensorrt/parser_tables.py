@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import re
 
+from sts_export.backends.tensorrt import discovery
 from sts_export.errors import StsError
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -229,9 +230,7 @@ def version_label(v: str | tuple[int, ...]) -> str:
 
 def default_version() -> str:
     """The installed TensorRT's major.minor when there is one (and it is covered), else 10.3 (JetPack 6.1/6.2)."""
-    from sts_export.backends.tensorrt.build import _import_trt  # noqa: PLC0415 - tensorrt stays optional
-
-    trt = _import_trt()
+    trt = discovery._import_trt()
     if trt is not None:
         try:
             return version_label(str(trt.__version__))

@@ -8,6 +8,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Callable
 
+from sts_export.backends.tensorrt import discovery
 from sts_export.errors import StsError
 from sts_export.artifact.manifest import manifest_recipe, read_manifest, sha256, write_manifest
 from sts_export.artifact.memory import check_engine_memory, claim_engine_dir, release_engine_dir
@@ -38,7 +39,7 @@ def engine_precision(onnx_dir: Path, m: dict[str, Any], precision: str | None) -
 
 def check(onnx_dir: Path, trt_version: str = "10.3") -> tuple[bool, str]:
     """(compatible, printable report) for every graph of an export directory."""
-    from sts_export.backends.tensorrt.check import check_dir, format_reports
+    from sts_export.export.tensorrt.check import check_dir, format_reports
 
     reports = check_dir(onnx_dir, trt_version=trt_version)
     if not reports:
@@ -54,10 +55,9 @@ def check_versions(onnx_dir: Path, versions: list[str]) -> list[tuple[str, bool,
 def build_version(trt_version: str | None) -> str:
     """The TensorRT version the build's check targets: the installed one (which parses the graphs); a different
     --trt-version is refused in one line (it only applies to --check-only)."""
-    from sts_export.backends.tensorrt.build import require_tensorrt
-    from sts_export.backends.tensorrt.check import parse_versions, version_label
+    from sts_export.export.tensorrt.check import parse_versions, version_label
 
-    here = version_label(str(require_tensorrt().__version__))
+    here = version_label(str(discovery.require_tensorrt().__version__))
     if trt_version is not None:
         asked = parse_versions(trt_version)
         if [version_label(v) for v in asked] != [here]:
@@ -100,13 +100,13 @@ def build_engines(
 def _build_all(onnx_dir: Path, m: dict[str, Any], recipe: Any, precision: str, max_batch: int, opt_level: int,
                workspace_bytes: int | None, timing_cache: Path | None, trt_version: str,
                progress: Callable[[str], None]) -> dict[str, Any]:
-    from sts_export.backends.tensorrt.build import build_engine, device_info, profiles_for_graph, require_tensorrt
+    from sts_export.export.tensorrt.build import build_engine, profiles_for_graph
 
     ok, report = check(onnx_dir, trt_version)
     progress(report)
     if not ok:
         raise StsError("the graphs are not TensorRT-compatible (report above); nothing was built")
-    trt = require_tensorrt()
+    trt = discovery.require_tensorrt()
     cache = timing_cache or onnx_dir / "timing.cache"
     built: dict[str, Any] = {}
     names = list(m["graphs"])
@@ -133,7 +133,7 @@ def _build_all(onnx_dir: Path, m: dict[str, Any], recipe: Any, precision: str, m
         m["graphs"][name]["engine_profiles"] = info["profiles"]
         m["graphs"][name]["engine_precision"] = info.get("precision")
         m["graphs"][name]["engine_io_dtypes"] = info.get("io_dtypes")
-    dev = device_info()
+    dev = discovery.device_info()
     # read from what was built: TensorRT's version and the GPU from the build, precision from the parsed networks
     m["tensorrt"] = {"version": trt.__version__, "gpu": dev["gpu"], "compute_capability": dev["compute_capability"],
                      "precision": got.pop() if got else precision, "strongly_typed": True,
