@@ -91,7 +91,7 @@ def main(model: str | None, recipe: str | None, budget: str, method: str, anchor
             return
         # every flag is checked before any work: a version, opset or output place that cannot be honoured is one line
         from sts_export.export.tensorrt.check import default_version, parse_versions
-        from sts_export.export.quantize import check_weights, refuse_ort_weights, required_opset
+        from sts_export.export.weights import check_weights, refuse_ort_weights, required_opset
 
         block = int(block_size) if block_size is not None else None
         if onnx_dir is None:  # before the version parser: an old TensorRT gets the weights' own reason

@@ -26,8 +26,9 @@ from sts_export.backends.torch import TorchBackend  # noqa: E402
 from sts_export.checkpoint import Source, ensure_synthetic, load_model  # noqa: E402
 from sts_export.export.compare import compare_generations  # noqa: E402
 from sts_export.artifact.manifest import manifest_plan, manifest_recipe, read_manifest  # noqa: E402
-from sts_export.export.validate import (AGREEMENT, Fp32Compute, _selection_inputs, agreement,  # noqa: E402
-                                        forced_picks, sample_inputs)
+from sts_export.export.precision import (AGREEMENT, Fp32Compute, agreement, forced_picks,  # noqa: E402
+                                         selection_inputs)
+from sts_export.export.validate import sample_inputs  # noqa: E402
 from sts_export.families import family_module  # noqa: E402
 from sts_export.artifact.plan import TORCH_DTYPES  # noqa: E402
 from sts_export.generate import generate  # noqa: E402
@@ -74,7 +75,7 @@ def main() -> None:
         got = generate(ort_be, plan, image, prompt, a.new_tokens)
         with Fp32Compute():
             ref = generate(ref_be, plan, image, prompt, a.new_tokens)
-            feats = _selection_inputs(graphs["vision"], image, plan)
+            feats = selection_inputs(graphs["vision"], image, plan)
             with forced_picks(graphs, got.keep_pre, got.keep_post):
                 same = generate(ref_be, plan, image, prompt, a.new_tokens)
         ag = agreement(m["method"], ref, got, feats)

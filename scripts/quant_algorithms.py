@@ -17,7 +17,8 @@ import tempfile
 import time
 from pathlib import Path
 
-from sts_export.export.quantize import Scheme, quantize_and_compare
+from sts_export.export.weights import Scheme
+from sts_export.export.quantize import quantize_and_compare
 
 
 def main() -> None:

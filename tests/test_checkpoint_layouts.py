@@ -216,7 +216,7 @@ def test_synthetic_checkpoint_loads_into_transformers(tiny_dir) -> None:
 def test_export_graph_prints_no_torchvision_lines(tiny_dir, tmp_path, capfd) -> None:
     """torch.onnx logs four 'torchvision is not installed' lines per export; export_graph drops only those."""
     from sts_export.checkpoint import load_model, resolve
-    from sts_export.export.onnx import export_graph
+    from sts_export.export.io import export_graph
     from sts_export.artifact.plan import Plan
     from sts_export.graphs import build_graphs
 

@@ -13,7 +13,8 @@ import pytest
 from sts_export import StsError
 from sts_export.artifact.manifest import read_manifest
 from sts_export.export.onnx import export
-from sts_export.export.quantize import Scheme, check_weights, quantize_and_compare, required_opset
+from sts_export.export.weights import Scheme, check_weights, required_opset
+from sts_export.export.quantize import quantize_and_compare
 from sts_export.pipeline import load_export_pipeline
 from tests.conftest import make_image
 from tests.test_export import PROMPT, run_cli
@@ -73,7 +74,7 @@ def test_scheme_quantizes_validates_and_runs(float_export: Path, root: Path, wei
     pipe = load_export_pipeline(d, backend="onnxruntime", device="cpu")
     out = pipe.generate(make_image(seed=3), PROMPT, max_new_tokens=4)
     assert out.tokens.shape == (1, 4) and out.keep_pre.shape == (1, 96) and out.keep_post.shape == (1, 32)
-    from sts_export.export.quantize import graph_weights
+    from sts_export.export.weights import graph_weights
 
     if encoding == "MatMulNBits":  # the ORT form (fused kernels) is quantized with its graphs, checked against them
         assert report["ort_form"]["ok"] and report["ort_form"]["tokens_identical"], report["ort_form"]

@@ -332,7 +332,7 @@ def test_bf16_graphs_run_in_onnx_reference_and_match_torch_bf16(bf16_dir: Path) 
     from onnx.reference import ReferenceEvaluator
 
     from sts_export.checkpoint import load_model, resolve
-    from sts_export.export.onnx import example_inputs
+    from sts_export.export.io import example_inputs
     from sts_export.families.llava import preprocess_image
     from sts_export.artifact.plan import Plan
     from sts_export.graphs import build_graphs

@@ -1,4 +1,5 @@
-"""What a reduced-precision export promises, and that validation checks exactly that (export/validate.py):
+"""What a reduced-precision export promises, and that validation checks exactly that (export/validate.py,
+export/precision.py):
 
 * the reference is the export's weights computed in float32 (`Fp32Compute`), never torch's own fp16 kernels;
 * selection is exact on the graph's own tensors (Algorithm 1 on the Loop's distances and anchor, top-k on the
@@ -19,8 +20,9 @@ import torch
 
 from sts_export.checkpoint import load_model, resolve
 from sts_export.export.onnx import export
-from sts_export.export.validate import (AGREEMENT, PROBE, Fp32Compute, check_selection, selection_probe,
-                                        selection_tensors, validate_export)
+from sts_export.export.precision import (AGREEMENT, PROBE, Fp32Compute, check_selection, selection_probe,
+                                         selection_tensors)
+from sts_export.export.validate import validate_export
 from sts_export.artifact.plan import Plan
 from sts_export.graphs import build_graphs
 from sts_export.pruning.reference import greedy_picks, potential_energy, topk_ascending

@@ -129,7 +129,7 @@ class BenchOptions:
             raise StsError("--text-tokens must be >= 2 (BOS and at least one text token)")
         if self.threads is not None and self.threads < 1:
             raise StsError("--threads must be >= 1")
-        from sts_export.export.quantize import check_weights
+        from sts_export.export.weights import check_weights
 
         self.weights = _unique(self.weights or [self.dtype])
         for w in self.weights:
@@ -171,7 +171,7 @@ def configs_per_weights(configs: list[Config], opts: BenchOptions, backend: str,
                  notes: list[str]) -> list[Config]:
     """Every configuration once per --weights entry (quantized for `backend`'s encoding: analytic rows with a
     --device take TensorRT's, the one that runs on a GPU); torch runs float weights only."""
-    from sts_export.export.quantize import check_weights
+    from sts_export.export.weights import check_weights
 
     out: list[Config] = []
     target = "trt" if backend == "trt" or backend == "analytic" and opts.device is not None else "onnx"

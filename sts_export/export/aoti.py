@@ -26,18 +26,25 @@ import platform
 import shutil
 import time
 import warnings
-import zipfile
 from pathlib import Path
 from typing import Any, Callable
 
 import torch
 
+from sts_export.artifact import memory
+from sts_export.artifact.manifest import sha256, write_manifest
+from sts_export.backends.aoti import _capability, _cpu_isa, package_metadata
+from sts_export.checkpoint import load_model
 from sts_export.errors import StsError
+from sts_export.export.io import example_inputs
+from sts_export.export.onnx import (EXPORT_DTYPES, GRAPH_ORDER, manifest_base, move_into_place, prepare_export,
+                                    write_side_files)
+from sts_export.graphs import build_graphs
+from sts_export.pruning.budget import check_method, parse_budget
 
 AOTI_DEVICES = ("cpu", "cuda")
 PACKAGE = "{graph}.pt2"
 INDUCTOR_CONFIGS = {"scalar_asserts": False}  # see compile_graph
-_X86_ISA_RANK = {"DEFAULT": 0, "AVX2": 1, "AVX512": 2}  # torch.backends.cpu.get_cpu_capability() names
 
 
 def check_aoti_device(device: str) -> str:
@@ -52,28 +59,6 @@ def check_aoti_device(device: str) -> str:
     return device
 
 
-def _cpu_isa() -> str:
-    return torch.backends.cpu.get_cpu_capability()
-
-
-def _capability(device: str) -> str | None:
-    if device != "cuda":
-        return None
-    major, minor = torch.cuda.get_device_capability()
-    return f"{major}.{minor}"
-
-
-def package_metadata(path: Path) -> dict[str, str]:
-    """AOTInductor's own record of what a package was compiled for (AOTI_DEVICE_KEY, AOTI_COMPUTE_CAPABILITY,
-    AOTI_MACHINE, AOTI_CPU_ISA), read from the package file."""
-    try:
-        with zipfile.ZipFile(path) as z:
-            name = next(n for n in z.namelist() if n.endswith("wrapper_metadata.json"))
-            return json.loads(z.read(name))
-    except (OSError, zipfile.BadZipFile, StopIteration, json.JSONDecodeError):
-        raise StsError(f"{path} is not a readable AOTInductor package; copy it again or rebuild it") from None
-
-
 def build_record(path: Path) -> dict[str, Any]:
     """The manifest's "aoti" section, from a built package and the torch that built it."""
     meta = package_metadata(path)
@@ -81,42 +66,6 @@ def build_record(path: Path) -> dict[str, Any]:
             "compute_capability": meta.get("AOTI_COMPUTE_CAPABILITY") or None,
             "machine": meta.get("AOTI_MACHINE") or platform.machine(), "cpu_isa": _cpu_isa(),
             "package_isa": meta.get("AOTI_CPU_ISA") or None, "host": platform.platform()}
-
-
-def check_packages(export_dir: Path, manifest: dict[str, Any], device: str = "auto") -> str:
-    """The device to run an export's packages on; one line when they were built by another torch, for another
-    device, GPU generation or CPU. `device`: auto (the packages' own), cpu or cuda."""
-    rec = manifest.get("aoti")
-    if not isinstance(rec, dict) or not all("aoti" in g for g in manifest.get("graphs", {}).values()):
-        raise StsError(f"{export_dir} holds no AOTInductor packages; build them with export.py --target aoti")
-    rebuild = f"rebuild them on this machine: export.py --target aoti --aoti-device {{d}} --out {export_dir} --force"
-    built = rec.get("device")
-    if rec.get("torch_version") != torch.__version__:
-        raise StsError(f"{export_dir}: the AOTInductor packages were built by torch {rec.get('torch_version')}, this is "
-                       f"torch {torch.__version__} (packages run only under the torch that built them); "
-                       + rebuild.format(d=built))
-    want = built if device == "auto" else device
-    if want != built:
-        raise StsError(f"{export_dir}: the AOTInductor packages were built for {built}, not {want}; "
-                       + rebuild.format(d=want))
-    if built == "cuda":
-        if not torch.cuda.is_available():
-            raise StsError(f"{export_dir}: the AOTInductor packages were built for cuda and torch sees no GPU here; "
-                           + rebuild.format(d="cpu"))
-        cc = _capability("cuda")
-        if rec.get("compute_capability") and cc != rec["compute_capability"]:
-            raise StsError(f"{export_dir}: the AOTInductor packages were built for compute capability "
-                           f"{rec['compute_capability']}, this GPU is {cc}; " + rebuild.format(d="cuda"))
-    elif built != "cpu":
-        raise StsError(f"{export_dir}: AOTInductor packages for device '{built}' cannot run here; " + rebuild.format(d="cpu"))
-    if rec.get("machine") and rec["machine"] != platform.machine():
-        raise StsError(f"{export_dir}: the AOTInductor packages were built on {rec['machine']}, this is "
-                       f"{platform.machine()}; " + rebuild.format(d=built))
-    isa, here = rec.get("cpu_isa"), _cpu_isa()
-    if built == "cpu" and _X86_ISA_RANK.get(isa or "", 0) > _X86_ISA_RANK.get(here, 0):
-        raise StsError(f"{export_dir}: the AOTInductor packages use {isa} instructions this CPU lacks ({here}); "
-                       + rebuild.format(d="cpu"))
-    return built
 
 
 def _to(x: Any, device: torch.device) -> Any:
@@ -150,9 +99,6 @@ def compile_graph(module: torch.nn.Module, graph: str, plan: Any, recipe: Any, d
 
     Returns the manifest entry (a graph's "aoti"): package file, sha256, size, export and compile seconds (a cache hit keeps the
     seconds of the compile that made the package, and says `cached`)."""
-    from sts_export.artifact.manifest import sha256
-    from sts_export.export.onnx import example_inputs
-
     args, shapes = example_inputs(graph, plan, recipe, dtype)
     dev = torch.device(device)
     args = _to(args, dev)
@@ -209,13 +155,6 @@ def export_aoti(
     progress: Callable[[str], None] = print,
 ) -> Path:
     """Compile an export configuration's graphs into AOTInductor packages in an export directory; returns its path."""
-    from sts_export.checkpoint import load_model
-    from sts_export.artifact import memory
-    from sts_export.artifact.manifest import write_manifest
-    from sts_export.export.onnx import (EXPORT_DTYPES, GRAPH_ORDER, manifest_base, move_into_place, prepare_export,
-                                        write_side_files)
-    from sts_export.graphs import build_graphs
-    from sts_export.pruning.budget import check_method, parse_budget
 
     check_method(method)
     budget = parse_budget(budget)

@@ -24,14 +24,21 @@ import torch
 import yaml
 
 from sts_export import __version__
-from sts_export.pruning.budget import check_method, parse_budget, prune_layer_for, split_budget
+from sts_export.artifact import memory
+from sts_export.artifact.manifest import FORMAT_VERSION, write_manifest
+from sts_export.artifact.plan import NP_DTYPES, TORCH_DTYPES, Plan
 from sts_export.checkpoint import Source, load_model, resolve
 from sts_export.errors import StsError
-from sts_export.artifact.manifest import FORMAT_VERSION, sha256, write_manifest
+from sts_export.export import reuse as sibling
+from sts_export.export.io import export_graph, graph_entries
+from sts_export.export.ort_form import export_ort_form, rotary_here
+from sts_export.export.quantize import quantize_and_compare
+from sts_export.export.validate import validate_export
+from sts_export.export.weights import check_weights, required_opset
 from sts_export.families.layers import Llava
 from sts_export.graphs import build_graphs
-from sts_export.recipe import Recipe
-from sts_export.artifact.plan import NP_DTYPES, TORCH_DTYPES, Plan
+from sts_export.pruning.budget import check_method, parse_budget, prune_layer_for, split_budget
+from sts_export.recipe import Recipe, with_max_pixels
 
 GRAPH_ORDER = ("vision", "embed", "segment1", "prune", "segment2")
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "preprocessor_config.json",
@@ -75,129 +82,6 @@ def check_out(out: Path) -> None:
             why = e.strerror or type(e).__name__
     if why is not None:
         raise StsError(f"--out {out} cannot be written ({why} at {probe}); choose another --out")
-TWO_GB = 2 * 1024**3
-
-
-def _example_positions(plan: Plan, b: int, start: int, s: int, batch: Any, seq: Any) -> tuple[torch.Tensor, dict]:
-    """Example position ids start..start+s-1 and their dynamic axes: [B, S], or [3, B, S] for M-RoPE
-    (distinct rows, so no axis is traced as equal to another)."""
-    ids = torch.arange(start, start + s).expand(b, s)
-    if plan.position_axes == 1:
-        return ids.contiguous(), {0: batch, 1: seq}
-    rows = torch.stack([ids + r for r in range(plan.position_axes)])  # [3, B, S]
-    return rows, {1: batch, 2: seq}
-
-
-def example_inputs(graph: str, plan: Plan, recipe: Recipe, dtype: torch.dtype) -> tuple[tuple, tuple]:
-    """(example args, dynamic shapes) for one graph. Dynamic dims get examples >= 2 (0/1 would specialise)."""
-    from torch.export import Dim
-
-    b, s, p = 2, 5, 3
-    batch = Dim("B", min=1, max=256)
-    t = recipe.text
-    if graph == "vision":
-        from sts_export.families import family_module
-
-        pruned = "k_pre" in plan.vision_inputs
-        args, shapes = family_module(recipe.family).vision_example(recipe, pruned)
-        if pruned:  # length-only input: its length is this image's K (at most K_max)
-            args, shapes = (*args, torch.zeros(min(plan.k_pre, 7), dtype=torch.int64)), (*shapes, {0: Dim("K", min=1, max=plan.k_pre)})
-        return args, (tuple(shapes),)  # forward(*inputs): torch.export sees one nested argument
-    if graph == "embed":
-        return (torch.randint(0, t.vocab_size, (b, s)),), ({0: batch, 1: Dim("S", min=1, max=recipe.max_context)},)
-    if graph == "prune":
-        if plan.dynamic:  # this image's K and K' arrive as the lengths of k_pre [K] and k_post [K']
-            k, kp = min(plan.k_pre, 40), min(plan.k_post, 13)
-            s1 = k + 8
-            seq = Dim("S1", min=2, max=recipe.max_prompt_tokens)
-            pos, pos_shape = _example_positions(plan, b, 0, s1, batch, seq)
-            args = (torch.randn(b, s1, t.hidden_size, dtype=dtype), pos,
-                    torch.tensor(3, dtype=torch.int64), torch.zeros(k, dtype=torch.int64), torch.zeros(kp, dtype=torch.int64))
-            return args, ({0: batch, 1: seq}, pos_shape, None,
-                          ({0: Dim("K", min=1, max=plan.k_pre)}, {0: Dim("Kp", min=1, max=plan.k_post)}))
-        s1 = plan.k_pre + 8
-        seq = Dim("S1", min=plan.k_pre + 1, max=recipe.max_prompt_tokens)
-        pos, pos_shape = _example_positions(plan, b, 0, s1, batch, seq)
-        args = (torch.randn(b, s1, t.hidden_size, dtype=dtype), pos, torch.tensor(3, dtype=torch.int64))
-        return args, ({0: batch, 1: seq}, pos_shape, None)
-    layers = plan.segment_layers[graph]
-    seq = Dim("S", min=1, max=recipe.max_context)
-    past = Dim("P", min=0, max=recipe.max_context)
-    # a distinct tensor per past slot: aliased example inputs would be merged into one graph input
-    kv = tuple(torch.randn(b, t.num_kv_heads, p, t.head_dim, dtype=dtype) for _ in range(2 * len(layers)))
-    pos, pos_shape = _example_positions(plan, b, p, s, batch, seq)
-    args = (torch.randn(b, s, t.hidden_size, dtype=dtype), pos, *kv)
-    # forward(hidden, position_ids, *past): torch.export sees *past as one nested argument
-    shapes = ({0: batch, 1: seq}, pos_shape, tuple([{0: batch, 2: past}] * (2 * len(layers))))
-    return args, shapes
-
-
-def _io_spec(path: Path) -> dict[str, list[dict[str, Any]]]:
-    """Names, dtypes and shapes (ints or symbolic names) of a saved ONNX graph's inputs and outputs."""
-    import onnx
-
-    m = onnx.load(str(path), load_external_data=False)
-
-    def info(v: Any) -> dict[str, Any]:
-        tt = v.type.tensor_type
-        dims = [d.dim_value if d.HasField("dim_value") else (d.dim_param or "?") for d in tt.shape.dim]
-        return {"name": v.name, "dtype": onnx.helper.tensor_dtype_to_np_dtype(tt.elem_type).name, "shape": dims}
-
-    return {"inputs": [info(v) for v in m.graph.input], "outputs": [info(v) for v in m.graph.output]}
-
-
-def _translations() -> dict:
-    """ONNX translations of the greedy selectors' custom ops (an ONNX Loop with a constant trip count)."""
-    from sts_export.pruning.loop import translation_table
-
-    return translation_table()
-
-
-def export_graph(module: torch.nn.Module, graph: str, plan: Plan, recipe: Recipe, dtype: torch.dtype,
-                 path: Path, opset: int, translations: dict | None = None) -> None:
-    """torch.onnx.export one graph with dynamic batch/sequence/past axes and DESIGN.md's IO names
-    (`translations`: more custom ops' ONNX translations, e.g. the ORT form's fused kernels)."""
-    args, shapes = example_inputs(graph, plan, recipe, dtype)
-    inputs, outputs = plan.io(graph)
-    # torch.onnx rebuilds its op registry on every export and, without torchvision, logs "torchvision is
-    # not installed. Skipping torchvision::nms" (and roi_align, roi_pool, deform_conv2d): drop just those.
-    import logging
-
-    registry_log = logging.getLogger("torch.onnx._internal.exporter._registration")
-    no_torchvision = lambda r: not r.getMessage().startswith("torchvision is not installed")  # noqa: E731
-    registry_log.addFilter(no_torchvision)
-    try:
-        with warnings.catch_warnings(), torch.inference_mode(False), torch.no_grad():
-            warnings.simplefilter("ignore")
-            prog = torch.onnx.export(module, args, dynamo=True, input_names=inputs, output_names=outputs,
-                                     custom_translation_table={**_translations(), **(translations or {})},
-                                     dynamic_shapes=shapes, opset_version=opset, optimize=True, verbose=False)
-    finally:
-        registry_log.removeFilter(no_torchvision)
-    n_bytes = sum(p.numel() * p.element_size() for p in module.parameters())
-    prog.save(str(path), external_data=n_bytes > TWO_GB - 64 * 1024**2)
-    del prog
-
-
-def graph_entries(out: Path, graphs: list[str], dtype: str, opset: int) -> tuple[int, dict[str, Any]]:
-    """(the opset, the manifest's "graphs") of the graph files in `out`: sha256, IO, external data; dtype and opset
-    are read from the written files, never copied from the request (one line when they differ from it)."""
-    from sts_export.artifact.manifest import graph_dtype, graph_opset
-
-    found = {g: graph_dtype(out / f"{g}.onnx") for g in graphs}
-    if {d for d in found.values() if d is not None} != {dtype}:
-        raise StsError(f"the exported graphs are {found}, not {dtype} as asked: this is a bug, please report it")
-    opsets = {g: graph_opset(out / f"{g}.onnx") for g in graphs}
-    if set(opsets.values()) != {opset}:
-        raise StsError(f"torch.onnx wrote opsets {opsets} where {opset} was asked; choose another --opset")
-    files = {}
-    for g in graphs:
-        entry = {"onnx": f"{g}.onnx", "sha256": sha256(out / f"{g}.onnx"), **_io_spec(out / f"{g}.onnx")}
-        data = out / f"{g}.onnx.data"
-        if data.exists():
-            entry["external_data"] = {"file": data.name, "sha256": sha256(data)}
-        files[g] = entry
-    return opsets[graphs[0]], files
 
 
 def manifest_for(recipe: Recipe, source: Source, method: str, budget: int | str, plan: Plan, anchor: str,
@@ -266,8 +150,6 @@ def prepare_export(model: str, *, method: str, budget: int | str, dtype: str, ou
         raise StsError(f"output directory {out} already exists; pass --force to replace it or choose --out")
     check_out(out)
     src = resolve(model, recipe, random_weights)
-    from sts_export.recipe import with_max_pixels
-
     # dynamic resolution: the export's pixel cap (N, K_max, profiles); the modules carry it too
     src = dataclasses.replace(src, recipe=with_max_pixels(src.recipe, max_pixels))
     rec = src.recipe
@@ -278,8 +160,6 @@ def prepare_export(model: str, *, method: str, budget: int | str, dtype: str, ou
 
 def move_into_place(tmp: Path, out: Path) -> None:
     """Replace `out` with the completed temporary directory `tmp` (its owner record removed) in one rename."""
-    from sts_export.artifact import memory
-
     if out.exists():
         shutil.rmtree(out)
     (tmp / memory.OWNER_FILE).unlink(missing_ok=True)
@@ -330,8 +210,6 @@ def export(
     the same build key (`export/reuse.py`) instead of exporting it again."""
     check_method(method)
     budget = parse_budget(budget)
-    from sts_export.export.quantize import check_weights, required_opset
-
     scheme = check_weights(weights, block_size, quantize_vision, target=target, dtype=dtype)
     opset = required_opset(scheme, opset)
     if dtype not in EXPORT_DTYPES:
@@ -348,8 +226,6 @@ def export(
     progress(f"model: {src.description} | recipe {rec.name} | method {method} budget {budget} -> "
              f"K={plan.k_pre} K'={plan.k_post} prune_layer={prune_layer_for(method, rec)} | {dtype}"
              + (f" | weights {scheme.label}" if scheme else ""))
-    from sts_export.artifact import memory
-
     memory.clean_stale_tmp(out.parent, progress)  # what killed exports left here (dead owner pid only)
     memory.check_export_memory(rec, method, budget, dtype, validate, progress)  # one line if it cannot fit
     t0 = time.perf_counter()
@@ -359,10 +235,6 @@ def export(
     names = [g for g in GRAPH_ORDER if g in graphs]
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = memory.make_tmp_dir(out)  # .<name>.tmp-XXXXXXXX with this process's owner record
-    from sts_export.export import reuse as sibling
-
-    from sts_export.export.ort_form import rotary_here
-
     rotary = rotary_here()  # the ORT form's rotary layout for this onnxruntime, part of its graphs' keys
     labels = {"portable": "portable", "ort": "ort" if rotary == "kernel" else f"ort/rotary-{rotary}"}
     keys = {(g, form): sibling.build_key(src, rec, plan, g, label, dtype, opset, anchor)
@@ -395,8 +267,6 @@ def export(
         # (GroupQueryAttention's rotary takes head_dim % 16 == 0: every real architecture's; else portable only)
         if ort_form and target != "trt" and dtype == "fp32" and (scheme is None or scheme.encoding == "matmulnbits") \
                 and rec.text.head_dim % 16 == 0:
-            from sts_export.export.ort_form import export_ort_form
-
             t = time.perf_counter()
             progress("exporting the ORT form of segment1/segment2 (fused kernels, in-place KV cache) ...")
             manifest["ort_form"] = export_ort_form(graphs, plan, rec, torch_dtype, tmp, opset,
@@ -406,8 +276,6 @@ def export(
             gc.collect()
         write_manifest(tmp, manifest)
         if validate:
-            from sts_export.export.validate import validate_export
-
             progress("validating: ONNX Runtime vs torch, per graph and end to end ...")
             # frees the torch weights once its torch reference is recorded: one ORT session at a time after that
             report = validate_export(tmp, graphs, plan, rec, torch_dtype, release_torch=True, progress=progress,
@@ -417,8 +285,6 @@ def export(
             if not report["passed"]:
                 _keep_failed(tmp, out, report["summary"])
         if scheme is not None:  # weight-only int8/int4: graph by graph, once the torch weights are freed
-            from sts_export.export.quantize import quantize_and_compare
-
             fidelity = quantize_and_compare(tmp, scheme, None if validate else graphs, validate, progress)
             if fidelity is not None:
                 report = {**report, "weights": fidelity, "passed": report["passed"] and fidelity["passed"]}

@@ -23,14 +23,27 @@ in-place cache), or past [.., P, ..] -> present [.., P+S, ..] when not (the same
 The causal mask is by cache order, as the portable graphs'. Stage 1 and Stage 2 are not here: vision,
 embed and prune stay portable (their float32 math and picks are the validated ones).
 """
+import time
 from pathlib import Path
 from typing import Any, Callable, Optional, Sequence
 
+import onnx
 import torch
 from torch import nn
+from torch.export import Dim
 
-from sts_export.artifact.manifest import ORT_FORM_VERSION
+from sts_export.artifact.manifest import ORT_FORM_VERSION, manifest_plan, manifest_recipe, read_manifest, write_manifest
+from sts_export.artifact.plan import graph_io
+from sts_export.backends.onnxruntime import OrtBackend, gqa_takes_query_seqlens
+from sts_export.checkpoint import Source, ensure_synthetic, load_model
+from sts_export.errors import StsError
+from sts_export.export import reuse
+from sts_export.export.compare import compare_generations
+from sts_export.export.io import example_positions, export_graph, file_entry, onnx_export
+from sts_export.export.validate import sample_inputs
 from sts_export.families.layers import ClipAttention, apply_rope, attend_sdpa, repeat_kv, rope_angles
+from sts_export.generate import generate
+from sts_export.graphs import build_graphs
 
 FORM_GRAPHS = ("segment1", "segment2")
 CACHE_INPUTS = ("seqlens_k", "total_sequence_length")
@@ -43,8 +56,6 @@ ROTARY = ("kernel", "ops")
 def rotary_here() -> str:
     """The rotary layout this machine's onnxruntime runs: "kernel" when its GroupQueryAttention takes
     query_seqlens (1.32+), else "ops" (see ROTARY)."""
-    from sts_export.backends.onnxruntime import gqa_takes_query_seqlens
-
     return "kernel" if gqa_takes_query_seqlens() else "ops"
 
 
@@ -275,17 +286,11 @@ class FusedSegment(nn.Module):
 
 
 def form_io(graph: str, layers: list[int]) -> tuple[list[str], list[str]]:
-    from sts_export.artifact.plan import graph_io
-
     inputs, outputs = graph_io(graph, layers)
     return [*inputs[:2], *CACHE_INPUTS, *inputs[2:]], outputs
 
 
 def _example(plan: Any, recipe: Any, graph: str, dtype: torch.dtype) -> tuple[tuple, tuple]:
-    from torch.export import Dim
-
-    from sts_export.export.onnx import _example_positions
-
     b, s, p = 2, 5, 3
     t = recipe.text
     batch = Dim("B", min=1, max=256)
@@ -293,7 +298,7 @@ def _example(plan: Any, recipe: Any, graph: str, dtype: torch.dtype) -> tuple[tu
     cap = Dim("C", min=0, max=recipe.max_context)
     layers = plan.segment_layers[graph]
     kv = tuple(torch.randn(b, t.num_kv_heads, p + s + 4, t.head_dim, dtype=dtype) for _ in range(2 * len(layers)))
-    pos, pos_shape = _example_positions(plan, b, p, s, batch, seq)
+    pos, pos_shape = example_positions(plan, b, p, s, batch, seq)
     args = (torch.randn(b, s, t.hidden_size, dtype=dtype), pos, torch.full((b,), p + s - 1, dtype=torch.int32),
             torch.tensor(p + s, dtype=torch.int32), *kv)
     shapes = ({0: batch, 1: seq}, pos_shape, {0: batch}, None, tuple([{0: batch, 2: cap}] * (2 * len(layers))))
@@ -302,26 +307,12 @@ def _example(plan: Any, recipe: Any, graph: str, dtype: torch.dtype) -> tuple[tu
 
 def _fix_cache_dims(path: Path) -> None:
     """present_* have their own length symbol (the capacity when shared, P+S when not); drop traced value_info."""
-    import onnx
-
     m = onnx.load(str(path), load_external_data=False)
     for o in m.graph.output:
         if o.name.startswith("present_"):
             o.type.tensor_type.shape.dim[2].dim_param = "present_length"
     del m.graph.value_info[:]
     onnx.save(m, str(path))
-
-
-def form_entry(path: Path) -> dict[str, Any]:
-    """The manifest entry of one ORT-form graph file, read from the file (name, sha256, IO, external data)."""
-    from sts_export.artifact.manifest import sha256
-    from sts_export.export.onnx import _io_spec
-
-    e = {"onnx": path.name, "sha256": sha256(path), **_io_spec(path)}
-    data = path.with_name(f"{path.name}.data")
-    if data.exists():
-        e["external_data"] = {"file": data.name, "sha256": sha256(data)}
-    return e
 
 
 def _clip_attention(module: nn.Module) -> list[ClipAttention]:
@@ -332,8 +323,6 @@ def export_vision_form(vision: nn.Module, plan: Any, recipe: Any, dtype: torch.d
     """Write the vision graph's ORT form: the same module and IO, the CLIP tower's attention as ONNX Runtime's
     fused MultiHeadAttention (no head reshapes/transposes, no separate softmax). -> False (nothing written) when
     the tower has no CLIP attention (Qwen2.5-VL's windowed ViT keeps its portable graph)."""
-    from sts_export.export.onnx import export_graph
-
     attention = _clip_attention(vision)
     if not attention:
         return False
@@ -356,16 +345,11 @@ def export_ort_form(graphs: dict[str, nn.Module], plan: Any, recipe: Any, dtype:
     `graphs` are the export's torch modules (their SegmentGraphs' layers are reused, q|k|v packed).
     keys: the graphs' build keys, recorded in their entries; a graph whose key one of the sibling exports `near`
     (`reuse.siblings`) records is copied from it (`export/reuse.py`)."""
-    import warnings
-
-    from sts_export.export import reuse
-    from sts_export.export.onnx import TWO_GB
-
     keys = keys or {}
     entry: dict[str, Any] = {}
 
     def record(g: str, **extra: str) -> None:  # the written file's entry, with its build key
-        entry[g] = {**form_entry(out / ort_file(g)), **({"build_key": keys[g]} if g in keys else {}), **extra}
+        entry[g] = {**file_entry(out / ort_file(g)), **({"build_key": keys[g]} if g in keys else {}), **extra}
 
     def copied(g: str) -> bool:  # the sibling's file of the same key, when there is one
         hit = reuse.find(near, keys[g], "ort_form") if g in keys else None
@@ -386,14 +370,8 @@ def export_ort_form(graphs: dict[str, nn.Module], plan: Any, recipe: Any, dtype:
         args, shapes = _example(plan, recipe, g, dtype)
         inputs, outputs = form_io(g, plan.segment_layers[g])
         path = out / ort_file(g)
-        with warnings.catch_warnings(), torch.inference_mode(False), torch.no_grad():
-            warnings.simplefilter("ignore")
-            prog = torch.onnx.export(fused, args, dynamo=True, input_names=inputs, output_names=outputs,
-                                     custom_translation_table=translation_table(), dynamic_shapes=shapes,
-                                     opset_version=opset, optimize=True, verbose=False)
-        n_bytes = sum(p.numel() * p.element_size() for p in fused.parameters())
-        prog.save(str(path), external_data=n_bytes > TWO_GB - 64 * 1024**2)
-        del prog, fused
+        onnx_export(fused, args, shapes, inputs, outputs, path, opset, translation_table())
+        del fused
         _fix_cache_dims(path)
         record(g)
     entry["cache"] = {"inputs": list(CACHE_INPUTS), "layout": "BNSH", "share_buffer": True, "form_version": ORT_FORM_VERSION,
@@ -410,18 +388,6 @@ def add_ort_form(export_dir: Path, progress: Callable[[str], None] = print) -> d
     before it is recorded: free-running generations (batch 1 and 2) of the ORT form, in place, against the
     export's portable graphs on ONNX Runtime: identical tokens, keep_pre and keep_post, first-token logits within
     the recipe's fp32 tolerance. -> the manifest's new "ort_form" entry (nothing is written when the check fails)."""
-    import time
-
-
-    from sts_export.backends.onnxruntime import OrtBackend
-    from sts_export.checkpoint import Source, ensure_synthetic, load_model
-    from sts_export.errors import StsError
-    from sts_export.artifact.manifest import manifest_plan, manifest_recipe, read_manifest, write_manifest
-    from sts_export.export.compare import compare_generations
-    from sts_export.export.validate import sample_inputs
-    from sts_export.generate import generate
-    from sts_export.graphs import build_graphs
-
     export_dir = Path(export_dir)
     m = read_manifest(export_dir)
     if m["dtype"] != "fp32" or any(g.get("weights") for g in m["graphs"].values()) or m.get("weights"):

@@ -20,6 +20,8 @@ import shutil
 from pathlib import Path
 from typing import Any, Sequence
 
+from sts_export.artifact.manifest import entry_files, sha256
+
 METHOD_FREE = ("embed", "segment1", "segment2")  # graphs that depend on neither the method nor the budget
 
 
@@ -85,8 +87,6 @@ def siblings(out: Path) -> list[tuple[Path, dict[str, Any]]]:
 def find(near: Sequence[tuple[Path, dict[str, Any]]], key: str, form: str) -> tuple[Path, dict[str, Any]] | None:
     """The first of `near` (`siblings`) whose `form` entry ("graphs" or "ort_form") has `key` and whose files still
     match their recorded sha256: (its directory, the entry); None when there is none."""
-    from sts_export.artifact.manifest import entry_files, sha256
-
     for d, m in near:
         for e in (m.get(form) or {}).values():
             if isinstance(e, dict) and e.get("build_key") == key and all(
@@ -97,7 +97,5 @@ def find(near: Sequence[tuple[Path, dict[str, Any]]], key: str, form: str) -> tu
 
 def copy_into(sibling: Path, entry: dict[str, Any], tmp: Path) -> None:
     """Copy one graph's files (ONNX and external data) from a sibling export into the temporary directory."""
-    from sts_export.artifact.manifest import entry_files
-
     for f, _ in entry_files(entry):
         shutil.copyfile(sibling / f, tmp / f)
