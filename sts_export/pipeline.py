@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable, Sequence
+from typing import TYPE_CHECKING, Callable, Sequence
 
 import numpy as np
 from PIL import Image
@@ -14,7 +14,7 @@ from sts_export.families import ImageInput, family_module
 from sts_export.families.llava import pixel_input
 from sts_export.recipe import ANCHORS, Recipe
 from sts_export.artifact.protocol import Backend
-from sts_export.artifact.manifest import manifest_plan, manifest_recipe, read_manifest
+from sts_export.backends.open import backend_name, open_export
 from sts_export.artifact.plan import NP_DTYPES, TORCH_DTYPES, Plan
 from sts_export.generate import Generation, generate
 from sts_export.tokenizer import Prompt, TextTokenizer, split_ids
@@ -48,19 +48,16 @@ class Pipeline:
         compile: bool = False,
         max_pixels: int | None = None,
     ) -> "Pipeline":
-        """Load a model (recipe name, local dir or cached HF id) and build its pruned graphs.
-
-        backend "torch" runs our PyTorch modules; "onnxruntime"/"ort", "tensorrt" and "aoti" (AOTInductor
-        packages) take an export directory.
+        """Load a model (recipe name, local checkpoint directory or cached HF id) and build its pruned torch graphs
+        (backend "torch"; an export directory is opened with `Pipeline.from_export`).
         max_pixels (dynamic resolution, torch): cap the image area as an export's --max-pixels does (default:
         the recipe's own, as transformers' processor).
         """
         check_method(method)
         budget = parse_budget(budget)
-        if backend in ("onnxruntime", "ort", "tensorrt", "trt", "aoti"):
-            return load_export_pipeline(Path(path_or_id), backend=backend, device=device)
-        if backend != "torch":
-            raise StsError(f"unknown backend '{backend}'; choose torch, onnxruntime, tensorrt or aoti")
+        if backend_name(backend) != "torch":
+            raise StsError(f"backend '{backend}' runs an export directory: open it with Pipeline.from_export(DIR, "
+                           f"backend='{backend}'); from_pretrained builds the torch graphs of a checkpoint")
         import torch
 
         from sts_export.backends.torch import TorchBackend
@@ -87,6 +84,12 @@ class Pipeline:
         if src.path is not None and (src.path / "tokenizer.json").is_file():
             tok = TextTokenizer(src.path, rec)
         return cls(rec, TorchBackend(graphs, plan, device, compile), plan, tok, anchor, src.description, model)
+
+    @classmethod
+    def from_export(cls, export_dir: str | os.PathLike, backend: str = "auto", device: str = "auto",
+                    threads: int | None = None, form: str = "auto", inplace: bool = True) -> "Pipeline":
+        """Open an export directory (ONNX graphs, TensorRT engines or AOTInductor packages; `backends.open`)."""
+        return load_export_pipeline(export_dir, backend, device, threads, form, inplace)
 
     # ------------------------------------------------------------------ inputs
     def prepare_image(self, images: Image.Image | str | os.PathLike | Sequence) -> ImageInput:
@@ -139,33 +142,10 @@ class Pipeline:
         return self.tokenizer.decode(ids)
 
 
-def load_export_pipeline(export_dir: Path, backend: str = "auto", device: str = "auto",
+def load_export_pipeline(export_dir: str | os.PathLike, backend: str = "auto", device: str = "auto",
                          threads: int | None = None, form: str = "auto", inplace: bool = True) -> Pipeline:
-    """A Pipeline over an export directory (ONNX Runtime, TensorRT or AOTInductor; "auto": engines, else ONNX
-    graphs, else AOTInductor packages). `form` (ONNX Runtime): the decoder graphs
-    to run, "auto" (the export's ORT form when it has one), "ort" or "portable"; `inplace` (ORT form): KV caches
-    preallocated and written in place, else each call returns past + new (backends/onnxruntime.py)."""
-
-    m = read_manifest(Path(export_dir))
-    recipe = manifest_recipe(m)
-    plan = manifest_plan(m, recipe)
-    has_engines = all("engine" in g for g in m["graphs"].values())
-    has_onnx = all("onnx" in g for g in m["graphs"].values())
-    if backend == "aoti" or (backend == "auto" and not has_engines and not has_onnx):
-        from sts_export.backends.aoti import AotiBackend
-
-        be: Any = AotiBackend(Path(export_dir), m, plan, device)
-    elif not has_onnx:
-        raise StsError(f"{export_dir} holds AOTInductor packages, no ONNX graphs; run it with --backend aoti")
-    elif backend in ("tensorrt", "trt") or (backend == "auto" and has_engines):
-        if not has_engines:
-            raise StsError(f"{export_dir} holds no TensorRT engines; build them with export.py --onnx-dir {export_dir} --target trt")
-        from sts_export.backends.tensorrt.runtime import TrtBackend
-
-        be = TrtBackend(Path(export_dir))
-    else:
-        from sts_export.backends.onnxruntime import OrtBackend
-
-        be = OrtBackend(Path(export_dir), m, device, threads, form=form, inplace=inplace, cache=True)
-    tok = TextTokenizer(Path(export_dir), recipe) if (Path(export_dir) / "tokenizer.json").is_file() else None
-    return Pipeline(recipe, be, plan, tok, m["anchor"], str(export_dir))
+    """A Pipeline over an export directory (`backends.open.open_export`: engines, else ONNX graphs, else AOTInductor
+    packages, or the backend named); its tokenizer when the export has one. Same as `Pipeline.from_export`."""
+    opened = open_export(export_dir, backend, device, threads, form, inplace)
+    tok = TextTokenizer(Path(export_dir), opened.recipe) if (Path(export_dir) / "tokenizer.json").is_file() else None
+    return Pipeline(opened.recipe, opened.backend, opened.plan, tok, opened.manifest["anchor"], str(export_dir))

@@ -80,7 +80,7 @@ def exported(root: Path, name: str, method: str, budget: int | str) -> Path:
 def test_aoti_generation_equals_torch(aoti_root: Path, name: str, method: str, budget: int | str) -> None:
     d = exported(aoti_root, name, method, budget)
     ref = Pipeline.from_pretrained(name, budget=budget, method=method)
-    pipe = Pipeline.from_pretrained(d, backend="aoti")
+    pipe = Pipeline.from_export(d, backend="aoti")
     assert pipe.backend.name == "aoti"
     ns = set()
     for w, h, seed in IMAGES[name]:
