@@ -35,7 +35,7 @@ def main(export_dir: Path, image: str, prompt: str | None, input_ids: str | None
     """Answer a question about an image with an exported (pruned) model, streaming the answer."""
     with cli_errors():
         pipe = load_export_pipeline(export_dir, backend, device)
-        ids = cli_input_ids(prompt, input_ids, raw_fallback=pipe.tokenizer is None)  # no tokenizer: the raw prompt
+        ids = cli_input_ids(prompt, input_ids, raw_fallback=True)  # neither: the Pipeline's raw prompt (no tokenizer)
         inp = pipe.prepare_image(image)  # the family's preprocessing (= its transformers processor)
         shown: list[int] = []
         printed = [""]
