@@ -18,7 +18,7 @@ import numpy as np
 from sts_export.artifact.plan import Plan
 from sts_export.artifact.protocol import Backend, KVCache
 from sts_export.families import ImageInput
-from sts_export.tokenizer import Prompt
+from sts_export.tokenizer import Prompt, check_prompt_fits
 
 @dataclass
 class Generation:
@@ -104,7 +104,9 @@ def generate(
         assert plan.recipe is not None
         image = pixel_input(image, plan.recipe)
     b = image.batch
-    k_pre, k_post = plan.image_split(image)
+    k_pre, k_post = plan.image_split(image)  # K: the image tokens entering the decoder (its whole span without Stage 1)
+    if plan.recipe is not None:
+        check_prompt_fits(plan.recipe, prompt, k_pre, max_new_tokens)  # one line before any graph runs
     length = {"k_pre": np.zeros(k_pre, dtype=np.int64)}  # length-only input: its length is K
     t0 = time.perf_counter()
     vis = backend.run("vision", {n: backend.from_numpy(image.feeds[n] if n in image.feeds else length[n])

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import os
+import sys
 from pathlib import Path
 from typing import TYPE_CHECKING, Callable, Sequence
 
@@ -17,7 +18,7 @@ from sts_export.artifact.protocol import Backend
 from sts_export.backends.open import backend_name, open_export
 from sts_export.artifact.plan import NP_DTYPES, TORCH_DTYPES, Plan
 from sts_export.generate import Generation, generate
-from sts_export.tokenizer import Prompt, TextTokenizer, split_ids
+from sts_export.tokenizer import Prompt, TextTokenizer, raw_prompt_note, split_ids
 
 if TYPE_CHECKING:
     from sts_export.families.layers import Llava
@@ -31,6 +32,7 @@ class Pipeline:
                  anchor: str, source: str, model: "Llava | None" = None) -> None:
         self.recipe, self.backend, self.plan, self.tokenizer = recipe, backend, plan, tokenizer
         self.anchor, self.source, self.model = anchor, source, model
+        self._said_raw = False  # the raw-prompt line (no tokenizer) is said once
 
     @classmethod
     def from_pretrained(
@@ -101,11 +103,17 @@ class Pipeline:
         return self.prepare_image(images).feeds["pixel_values"]
 
     def encode(self, prompt: str | None = None, input_ids: Sequence[int] | None = None) -> Prompt:
-        """A prompt string (templated, tokenized) or raw ids holding one image token."""
+        """A prompt string (templated, tokenized) or raw ids holding one image token. Without a tokenizer and ids:
+        the family's raw prompt from the config's own ids (`raw_prompt_ids`), said once in one line on stderr."""
         if input_ids is not None:
             return split_ids(np.asarray(input_ids), self.recipe)
         if self.tokenizer is None:
-            raise StsError("this model has no tokenizer.json; pass input ids (one image token) instead of a prompt")
+            ids = family_module(self.recipe.family).raw_prompt_ids(self.recipe)
+            if not self._said_raw:
+                unused = "the prompt text cannot be encoded and is not used; " if prompt else ""
+                print(unused + raw_prompt_note(ids, self.recipe), file=sys.stderr)
+                self._said_raw = True
+            return split_ids(ids, self.recipe)
         return self.tokenizer.encode_prompt(prompt or "")
 
     # ------------------------------------------------------------------ run
@@ -129,10 +137,7 @@ class Pipeline:
             inp = self.prepare_image(image)
         if max_new_tokens < 0:
             raise StsError("max_new_tokens must be >= 0")
-        pr = self.encode(prompt, input_ids)
-        k_pre, _ = self.plan.image_split(inp)
-        if pr.image_start + k_pre + len(pr.suffix) + max_new_tokens > self.recipe.max_context:
-            raise StsError(f"prompt + {max_new_tokens} new tokens exceed max_context={self.recipe.max_context}")
+        pr = self.encode(prompt, input_ids)  # generate() refuses a prompt that does not fit with its image
         sync = getattr(self.backend, "synchronize", None)
         return generate(self.backend, self.plan, inp, pr, max_new_tokens, on_token, sync)
 

@@ -70,10 +70,11 @@ class TextConfig:
     mrope_section: tuple[int, ...] = ()  # Qwen2.5-VL M-RoPE (t, h, w) sections of head_dim/2; () = 1-D RoPE
     attention_bias: bool = False  # q/k/v projections with bias (Qwen2)
     tie_word_embeddings: bool = False
+    head_size: int = 0  # width of one attention head where it is not hidden_size / num_heads (transformers' head_dim)
 
     @property
     def head_dim(self) -> int:
-        return self.hidden_size // self.num_heads
+        return self.head_size or self.hidden_size // self.num_heads
 
 
 @dataclass(frozen=True)
@@ -130,8 +131,8 @@ class Recipe:
     pruning: PruningConfig = field(default_factory=PruningConfig)
     image_processor: ImageProcessorConfig = field(default_factory=ImageProcessorConfig)
     prompt_template: str = LLAVA_TEMPLATE
-    max_prompt_tokens: int = 1024  # text + image tokens in a prompt (TensorRT profiles use it)
-    max_context: int = 2048  # prompt + generated tokens
+    max_prompt_tokens: int = 1024  # text + image tokens of a prompt the decoder sees (graph axes, TensorRT profiles)
+    max_context: int = 2048  # prompt + generated tokens; at most the model's context (text.max_position_embeddings)
     tolerance: Tolerance = field(default_factory=Tolerance)
     description: str = ""
 
@@ -207,7 +208,7 @@ _NESTED: dict[str, type] = {
 
 def _check(obj: Any, where: str) -> None:
     if isinstance(obj, TextConfig):
-        if obj.hidden_size % obj.num_heads or obj.num_heads % obj.num_kv_heads:
+        if (obj.hidden_size % obj.num_heads and not obj.head_size) or obj.num_heads % obj.num_kv_heads:
             raise StsError(f"{where}: hidden_size/num_heads/num_kv_heads are inconsistent")
     if isinstance(obj, VisionConfig) and obj.image_size % obj.patch_size:
         raise StsError(f"{where}: image_size must be a multiple of patch_size")
@@ -224,6 +225,23 @@ def _check(obj: Any, where: str) -> None:
             )
         if "{prompt}" not in obj.prompt_template or obj.prompt_template.count("<image>") != 1:
             raise StsError(f"{where}.prompt_template needs exactly one <image> and a {{prompt}} slot")
+        if not 1 <= obj.max_prompt_tokens <= obj.max_context <= obj.text.max_position_embeddings:
+            raise StsError(f"{where}: need 1 <= max_prompt_tokens ({obj.max_prompt_tokens}) <= max_context "
+                           f"({obj.max_context}) <= text.max_position_embeddings ({obj.text.max_position_embeddings}, "
+                           "the model's context)")
+
+
+PROMPT_TEXT_TOKENS = 1024  # a derived recipe's prompt: the largest image's tokens plus this many text tokens ...
+NEW_TOKENS = 1024  # ... and its context that prompt plus this many generated tokens, both within the model's context
+
+
+def fit_context(recipe: Recipe, context: int) -> Recipe:
+    """The recipe with the limits of a model whose context is `context` tokens: max_prompt_tokens = the largest
+    image's span (`max_image_span`: NeXT's 2880 candidates + newlines, Qwen's N at max_pixels) + PROMPT_TEXT_TOKENS,
+    max_context = that + NEW_TOKENS, each at most `context` (a prompt that does not fit is refused per image:
+    `tokenizer.check_prompt_fits`)."""
+    prompt = min(recipe.max_image_span + PROMPT_TEXT_TOKENS, context)
+    return recipe.replace(max_prompt_tokens=prompt, max_context=min(prompt + NEW_TOKENS, context))
 
 
 DEFAULT_EXPORT_MAX_PIXELS = 1280 * 28 * 28  # an export's default pixel cap for dynamic resolution: N <= 1280 at 28 px
@@ -232,24 +250,32 @@ DEFAULT_EXPORT_MAX_PIXELS = 1280 * 28 * 28  # an export's default pixel cap for 
 def with_max_pixels(recipe: Recipe, max_pixels: int | None = None, default: int | None = DEFAULT_EXPORT_MAX_PIXELS) -> Recipe:
     """The recipe with a dynamic-resolution model's `max_pixels` lowered (smart_resize then keeps every
     image within it, so N, K_max and the TensorRT profiles shrink with it); None: min(the recipe's,
-    `default`). max_prompt_tokens / max_context shrink by the image tokens no image can have any more.
-    A fixed-resolution recipe refuses a value."""
+    `default`). max_prompt_tokens / max_context shrink by the image tokens no image can have any more (their text
+    allowance stays; where the model's context was the limit, it stays the limit while the largest image plus
+    PROMPT_TEXT_TOKENS exceed it). A fixed-resolution recipe refuses a value."""
     p = recipe.image_processor
     if not p.max_pixels:
         if max_pixels is not None:
             raise StsError(f"--max-pixels applies to dynamic-resolution models (Qwen2.5-VL), not {recipe.family}")
         return recipe
     cap = max_pixels if max_pixels is not None else min(p.max_pixels, default or p.max_pixels)
+    if cap == p.max_pixels:  # the model's own bound (also one below the 200-cell floor: prepare_image guards it)
+        return recipe
     cell = (recipe.vision.patch_size * recipe.vision.spatial_merge_size) ** 2
-    lo = max(p.min_pixels, 200 * cell)  # below 200 cells a 200:1 strip could give more than max_pixels / cell tokens
+    # below 200 cells a 200:1 strip could give more than max_pixels / cell tokens (a model's own lower bound stays)
+    lo = min(max(p.min_pixels, 200 * cell), p.max_pixels)
     if isinstance(cap, bool) or not isinstance(cap, int) or not lo <= cap <= p.max_pixels:
         raise StsError(f"--max-pixels must be an integer in {lo}..{p.max_pixels} for {recipe.name} (the model's own "
                        f"max_pixels is the top; below {lo} some images would exceed it), got {max_pixels}")
-    if cap == p.max_pixels:
-        return recipe
-    fewer = p.max_pixels // cell - cap // cell  # image tokens no image can reach any more
-    return recipe.replace(image_processor=dataclasses.replace(p, max_pixels=cap),
-                          max_prompt_tokens=recipe.max_prompt_tokens - fewer, max_context=recipe.max_context - fewer)
+    capped = recipe.replace(image_processor=dataclasses.replace(p, max_pixels=cap))
+    text = recipe.max_prompt_tokens - recipe.max_image_span  # text tokens beside the largest image
+    new = recipe.max_context - recipe.max_prompt_tokens  # generated tokens beyond the longest prompt
+    if text >= 0:  # the image's tokens no image can have any more go; text and generation allowances stay
+        prompt, context = capped.max_image_span + text, capped.max_image_span + text + new
+    else:  # the model's context was the limit: fit_context's allowances, within it
+        prompt = min(recipe.max_prompt_tokens, capped.max_image_span + PROMPT_TEXT_TOKENS)
+        context = min(recipe.max_context, prompt + max(new, NEW_TOKENS))
+    return capped.replace(max_prompt_tokens=prompt, max_context=context)
 
 
 def available_recipes() -> list[str]:

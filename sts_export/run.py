@@ -21,7 +21,8 @@ from sts_export.tokenizer import cli_input_ids
 @click.command(context_settings={"help_option_names": ["-h", "--help"]})
 @click.argument("export_dir", type=click.Path(path_type=Path))
 @click.option("--image", "image", required=True, help="Image file (PNG/JPEG/...).")
-@click.option("--prompt", default=None, help="Question about the image (the recipe's template is applied).")
+@click.option("--prompt", default=None, help="Question about the image (the recipe's template is applied). Without "
+              "a tokenizer in the export and without --input-ids: a raw prompt from the config's token ids.")
 @click.option("--input-ids", default=None, help="Comma-separated token ids holding one image token (no tokenizer needed).")
 @click.option("--max-new-tokens", default=64, show_default=True, type=click.IntRange(0, 4096))
 @click.option("--backend", type=click.Choice(["auto", "onnxruntime", "tensorrt", "aoti"]), default="auto", show_default=True,
@@ -34,7 +35,7 @@ def main(export_dir: Path, image: str, prompt: str | None, input_ids: str | None
     """Answer a question about an image with an exported (pruned) model, streaming the answer."""
     with cli_errors():
         pipe = load_export_pipeline(export_dir, backend, device)
-        ids = cli_input_ids(prompt, input_ids)
+        ids = cli_input_ids(prompt, input_ids, raw_fallback=True)  # neither: the Pipeline's raw prompt (no tokenizer)
         inp = pipe.prepare_image(image)  # the family's preprocessing (= its transformers processor)
         shown: list[int] = []
         printed = [""]

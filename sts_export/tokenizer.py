@@ -106,27 +106,62 @@ class TextTokenizer:
 
 
 def split_ids(ids: np.ndarray, recipe: Recipe) -> Prompt:
-    """Split a token sequence holding exactly one image token into prefix/suffix."""
+    """Split a token sequence holding exactly one image token into prefix/suffix (whether it fits with its image
+    is `check_prompt_fits`'s, once the image's tokens are known)."""
     ids = np.asarray(ids, dtype=np.int64).reshape(-1)
     where = np.flatnonzero(ids == recipe.image_token_id)
     if len(where) != 1:
         raise StsError(f"the input ids must hold exactly one image token (id {recipe.image_token_id}), found {len(where)}")
-    if len(ids) - 1 + recipe.num_image_tokens > recipe.max_prompt_tokens:
-        raise StsError(
-            f"prompt too long: {len(ids) - 1} text tokens + {recipe.num_image_tokens} image tokens exceed "
-            f"max_prompt_tokens={recipe.max_prompt_tokens} of recipe '{recipe.name}'; shorten the prompt"
-        )
+    if len(ids) - 1 >= recipe.max_prompt_tokens:
+        raise StsError(f"prompt too long: {len(ids) - 1} text tokens leave no room for the image within "
+                       f"max_prompt_tokens={recipe.max_prompt_tokens} of recipe '{recipe.name}'; shorten the prompt")
     i = int(where[0])
     return Prompt(prefix=ids[:i], suffix=ids[i + 1:])
 
 
-def cli_input_ids(prompt: str | None, input_ids: str | None) -> list[int] | None:
-    """--input-ids '1,32000,...' as a list (None when a --prompt is used); one of the two is required."""
+def check_prompt_fits(recipe: Recipe, prompt: Prompt, image_tokens: int, new_tokens: int = 0) -> None:
+    """Refuse in one line a prompt whose tokens entering the decoder (its text + `image_tokens`: this image's K, or
+    its whole span where Stage 1 keeps it) exceed max_prompt_tokens, or with `new_tokens` exceed max_context.
+    Where that limit is the model's context (text.max_position_embeddings), the line names it."""
+    text = len(prompt.prefix) + len(prompt.suffix)
+    context = recipe.text.max_position_embeddings
+    s1 = text + image_tokens
+    for total, limit, key in ((s1, recipe.max_prompt_tokens, "max_prompt_tokens"),
+                              (s1 + new_tokens, recipe.max_context, "max_context")):
+        if total <= limit:
+            continue
+        new = f" + {new_tokens} new" if key == "max_context" else ""
+        head = f"prompt too long: {text} text + {image_tokens} image{new} tokens = {total}"
+        if limit >= context:
+            raise StsError(f"{head} exceed the model's context of {context} tokens ({recipe.name}); use a smaller "
+                           "image, a smaller pruning budget or fewer tokens")
+        raise StsError(f"{head} exceed {key}={limit} of recipe '{recipe.name}' (the model's context is {context}); "
+                       "use a smaller image, a smaller pruning budget or fewer tokens")
+
+
+def text_ids(recipe: Recipe, n: int = 5) -> list[int]:
+    """Stand-in text ids of a raw prompt (no tokenizer): the first `n` ids from 5 on that are no special id."""
+    special = {recipe.image_token_id, recipe.vision_start_token_id, recipe.vision_end_token_id, recipe.bos_token_id,
+               recipe.eos_token_id, recipe.pad_token_id, *recipe.stop_token_ids}
+    return [i for i in range(5, recipe.text.vocab_size) if i not in special][:n]
+
+
+def raw_prompt_note(ids: np.ndarray | list[int], recipe: Recipe) -> str:
+    """The one line that says a raw prompt (the family's `raw_prompt_ids`) stands in for a missing tokenizer."""
+    image = ("<|vision_start|>, one <|image_pad|>, <|vision_end|>" if recipe.vision_start_token_id >= 0
+             else "one image token")
+    return (f"no tokenizer.json: the prompt is the raw ids {[int(i) for i in ids]}, built from the config's token "
+            f"ids ({image}, stand-in text ids around it); pass --input-ids for your own")
+
+
+def cli_input_ids(prompt: str | None, input_ids: str | None, raw_fallback: bool = False) -> list[int] | None:
+    """--input-ids '1,32000,...' as a list (None when a --prompt is used, or when neither is given and
+    `raw_fallback`: the model has no tokenizer and takes `raw_prompt_ids`); else one of the two is required."""
     if input_ids:
         try:
             return [int(t) for t in input_ids.replace(" ", "").split(",") if t]
         except ValueError:
             raise StsError("--input-ids must be comma-separated integers") from None
-    if prompt is None:
+    if prompt is None and not raw_fallback:
         raise StsError("pass --prompt TEXT (or --input-ids when there is no tokenizer)")
     return None

@@ -16,7 +16,6 @@ import platform
 import shutil
 import tempfile
 import time
-import warnings
 from pathlib import Path
 from typing import Any, Callable
 
@@ -111,13 +110,14 @@ def manifest_base(recipe: Recipe, source: Source, method: str, budget: int | str
 
 def write_side_files(tmp: Path, src: Source, rec: Recipe, progress: Callable[[str], None]) -> None:
     """The checkpoint's tokenizer/processor files and recipe.yaml, beside the graphs."""
-    if src.path is not None:
-        copied = [f for f in TOKENIZER_FILES if (src.path / f).is_file()]
-        for f in copied:
-            shutil.copy2(src.path / f, tmp / f)
-        if "tokenizer.json" not in copied:
-            warnings.warn(f"{src.path} has no tokenizer.json: the runner will need --input-ids", stacklevel=2)
-            progress("warning: no tokenizer.json in the checkpoint; run with --input-ids")
+    copied = [f for f in TOKENIZER_FILES if src.path is not None and (src.path / f).is_file()]
+    for f in copied:
+        shutil.copy2(src.path / f, tmp / f)
+    if "tokenizer.json" not in copied:  # validation and the runner take the family's raw prompt
+        from sts_export.families import family_module
+        from sts_export.tokenizer import raw_prompt_note
+
+        progress(raw_prompt_note(family_module(rec.family).raw_prompt_ids(rec), rec))
     (tmp / "recipe.yaml").write_text(yaml.safe_dump(json.loads(json.dumps(rec.to_dict())), sort_keys=False))
 
 

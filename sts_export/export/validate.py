@@ -176,7 +176,7 @@ def sample_inputs(export_dir: Path, recipe: Recipe, batch: int = 1) -> tuple[Ima
     pv = family.prepare_image(images[-1:] if recipe.dynamic_tokens else images, recipe)
     if (export_dir / "tokenizer.json").is_file():
         return pv, TextTokenizer(export_dir, recipe).encode_prompt("What is shown in this image?")
-    return pv, split_ids(np.array([recipe.bos_token_id, 5, 6, recipe.image_token_id, 7, 8, 9]), recipe)
+    return pv, split_ids(family.raw_prompt_ids(recipe), recipe)
 
 
 def run_loop(backend: Any, plan: Plan, image: Any, prompt: Prompt, new_tokens: int) -> Generation:

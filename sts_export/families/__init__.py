@@ -15,6 +15,9 @@ generation loop, export, validation, backends or bench, which are shared):
                                                           Stage 1 features, pre-projector, in kept order
     full_embeds(model, *inputs) -> [B, N_full, Hd]        the image span exactly as transformers packs it
     project(model, feats [B,K,C]) -> [B,K,Hd]             the projector
+    raw_prompt_ids(recipe) -> [S] int64                   a valid raw prompt from the config's own token ids (one
+                                                          image slot as the family's raw input ids hold it), for
+                                                          models without a tokenizer (validation, the runner)
 
 Optional, where a family differs from LLaVA:
 

@@ -19,7 +19,9 @@ from typing import TYPE_CHECKING, Any, Sequence
 
 from sts_export.errors import StsError
 from sts_export.families import ImageInput
-from sts_export.recipe import ImageProcessorConfig, PruningConfig, Recipe, TextConfig, VisionConfig, from_dict
+from sts_export.recipe import (CLIP_MEAN, CLIP_STD, LLAVA_TEMPLATE, ImageProcessorConfig, PruningConfig, Recipe,
+                               TextConfig, VisionConfig, fit_context, from_dict)
+from sts_export.tokenizer import text_ids
 
 if TYPE_CHECKING:
     import torch
@@ -104,9 +106,59 @@ def check_pixel_values(pixel_values: np.ndarray, image_size: int) -> None:
 
 
 # ----------------------------------------------------------------------------- family interface
+# Text models a LLaVA checkpoint may hold: transformers' Llama (LLaVA-1.5, Vicuna) and Mistral (llava-v1.6-mistral).
+# Both are the decoder of layers.py: a Mistral differs only by its sliding window, which a context no longer than the
+# window makes moot (every cached token is within it), so the context is capped there.
+TEMPLATES = {"llama": LLAVA_TEMPLATE, "mistral": "[INST] <image>\n{prompt} [/INST]"}
+
+
+def _unsupported(cfg_path: Path, cfg: dict[str, Any], t: dict[str, Any]) -> str | None:
+    """Why this LLaVA config cannot be served exactly (None: it can)."""
+    rope = t.get("rope_parameters") or {}
+    fl = cfg.get("vision_feature_layer", -2)
+    checks = [
+        (t.get("model_type", "llama") not in TEMPLATES,
+         f"text model '{t.get('model_type')}' is not supported (supported: {', '.join(TEMPLATES)})"),
+        (cfg.get("vision_feature_select_strategy", "default") != "default",
+         "only vision_feature_select_strategy 'default' (CLS dropped) is supported"),
+        (not isinstance(fl, int), f"a single integer vision_feature_layer is required, got {fl}"),
+        (rope.get("rope_type", "default") != "default" or bool(t.get("rope_scaling")),
+         f"only default RoPE is supported, got {rope or t.get('rope_scaling')}"),
+        (t.get("hidden_act", "silu") != "silu", f"text hidden_act '{t.get('hidden_act')}' is not supported (silu)"),
+        (bool(t.get("attention_bias")) or bool(t.get("mlp_bias")),
+         "a text model with attention_bias/mlp_bias is not supported"),
+        (cfg.get("multimodal_projector_bias", True) is False, "a projector without bias is not supported"),
+    ]
+    why = next((msg for bad, msg in checks if bad), None)
+    return None if why is None else f"{cfg_path}: {why}"
+
+
+def _image_processor(config_dir: Path, size: int, pinpoints: tuple[tuple[int, int], ...]) -> ImageProcessorConfig:
+    """The checkpoint's preprocessor_config.json (resize, crop, pad, mean/std) as our image processor settings;
+    without one, CLIP's at the tower's image size."""
+    f = Path(config_dir) / "preprocessor_config.json"
+    pp: dict[str, Any] = {}
+    if f.is_file():
+        try:
+            pp = json.loads(f.read_text())
+        except json.JSONDecodeError as e:
+            raise StsError(f"{f}: not valid JSON ({e})") from None
+    edge, crop = pp.get("size") or {}, pp.get("crop_size") or {}
+    crop = crop if isinstance(crop, dict) else {"height": crop}
+    return ImageProcessorConfig(
+        shortest_edge=int((edge if isinstance(edge, dict) else {"shortest_edge": edge}).get("shortest_edge", size)),
+        crop_size=int(crop.get("height", size)),
+        do_pad=bool(pp.get("do_pad", False)) and not pinpoints,  # NeXT's do_pad pads tile batches, not the image
+        image_grid_pinpoints=pinpoints,
+        image_mean=tuple(pp.get("image_mean", CLIP_MEAN)),
+        image_std=tuple(pp.get("image_std", CLIP_STD)),
+    )
+
+
 def recipe_from_config(cfg: dict[str, Any], config_dir: Path, name: str, family: str = NAME,
                        pinpoints: tuple[tuple[int, int], ...] = ()) -> Recipe:
-    """A recipe from a LLaVA-architecture config.json (family defaults: prune_layer = L // 2, rho = 1/3).
+    """A recipe from a LLaVA-architecture config.json (family defaults: prune_layer = L // 2, rho = 1/3), its limits
+    from the model's context (`fit_context`); an architecture served inexactly is refused in one line.
 
     LLaVA-NeXT reuses it with its `family` and anyres `pinpoints`.
     """
@@ -114,18 +166,14 @@ def recipe_from_config(cfg: dict[str, Any], config_dir: Path, name: str, family:
     v, t = cfg.get("vision_config", {}), cfg.get("text_config", {})
     if v.get("model_type", "clip_vision_model") != "clip_vision_model":
         raise StsError(f"{cfg_path}: vision tower '{v.get('model_type')}' is not CLIP")
-    if t.get("model_type", "llama") != "llama":
-        raise StsError(f"{cfg_path}: text model '{t.get('model_type')}' is not Llama")
-    if cfg.get("vision_feature_select_strategy", "default") != "default":
-        raise StsError(f"{cfg_path}: only vision_feature_select_strategy 'default' (CLS dropped) is supported")
-    fl = cfg.get("vision_feature_layer", -2)
-    if not isinstance(fl, int):
-        raise StsError(f"{cfg_path}: a single integer vision_feature_layer is required, got {fl}")
+    why = _unsupported(cfg_path, cfg, t)
+    if why:
+        raise StsError(why)
+    text_model = t.get("model_type", "llama")
     heads = t.get("num_attention_heads", 32)
     layers = t.get("num_hidden_layers", 32)
+    hidden = t.get("hidden_size", 4096)
     rope = t.get("rope_parameters") or {}
-    if rope.get("rope_type", "default") != "default" or t.get("rope_scaling"):
-        raise StsError(f"{cfg_path}: only default RoPE is supported")
     vision = VisionConfig(
         image_size=v.get("image_size", 224),
         patch_size=v.get("patch_size", 32),
@@ -133,22 +181,29 @@ def recipe_from_config(cfg: dict[str, Any], config_dir: Path, name: str, family:
         intermediate_size=v.get("intermediate_size", 3072),
         num_layers=v.get("num_hidden_layers", 12),
         num_heads=v.get("num_attention_heads", 12),
-        feature_layer=fl,
+        feature_layer=cfg.get("vision_feature_layer", -2),
         layer_norm_eps=v.get("layer_norm_eps", 1e-5),
         hidden_act=v.get("hidden_act", "quick_gelu"),
     )
+    head_dim = t.get("head_dim") or hidden // heads
     text = TextConfig(
-        hidden_size=t.get("hidden_size", 4096),
-        intermediate_size=t.get("intermediate_size", 11008),
+        hidden_size=hidden,
+        intermediate_size=t.get("intermediate_size", 14336 if text_model == "mistral" else 11008),
         num_layers=layers,
         num_heads=heads,
         num_kv_heads=t.get("num_key_value_heads") or heads,
         vocab_size=t.get("vocab_size", 32000),
-        max_position_embeddings=t.get("max_position_embeddings", 2048),
+        max_position_embeddings=t.get("max_position_embeddings", 4096 * 32 if text_model == "mistral" else 2048),
         rms_norm_eps=t.get("rms_norm_eps", 1e-6),
         rope_theta=float(rope.get("rope_theta", t.get("rope_theta", 10000.0))),
+        head_size=0 if head_dim * heads == hidden else head_dim,
+        tie_word_embeddings=bool(t.get("tie_word_embeddings", cfg.get("tie_word_embeddings", False))),
     )
-    size = vision.image_size
+    context = text.max_position_embeddings
+    window = t.get("sliding_window") if text_model == "mistral" else None
+    if window and window < context:  # attention within the window only: exact while no sequence is longer
+        context = window
+    pad = cfg.get("pad_token_id", t.get("pad_token_id"))
     recipe = Recipe(
         name=name,
         family=family,
@@ -157,14 +212,16 @@ def recipe_from_config(cfg: dict[str, Any], config_dir: Path, name: str, family:
         text=text,
         projector_act=cfg.get("projector_hidden_act", "gelu"),
         image_token_id=cfg.get("image_token_id", cfg.get("image_token_index", 32000)),
-        pad_token_id=cfg.get("pad_token_id", t.get("pad_token_id")) or 0,
-        bos_token_id=t.get("bos_token_id", 1) if t.get("bos_token_id") is not None else 1,
-        eos_token_id=t.get("eos_token_id", 2) if t.get("eos_token_id") is not None else 2,
+        pad_token_id=pad if pad is not None else 0,
+        bos_token_id=t.get("bos_token_id") if t.get("bos_token_id") is not None else 1,
+        eos_token_id=t.get("eos_token_id") if t.get("eos_token_id") is not None else 2,
         pruning=PruningConfig(prune_layer=max(1, layers // 2)),
-        image_processor=ImageProcessorConfig(shortest_edge=size, crop_size=size, image_grid_pinpoints=pinpoints),
-        max_context=min(2048, text.max_position_embeddings),
-        description=f"derived from config.json with {family} family defaults",
+        image_processor=_image_processor(config_dir, vision.image_size, pinpoints),
+        prompt_template=TEMPLATES[text_model],
+        description=f"derived from config.json with {family} family defaults ({text_model} text model"
+                    + (f"; context capped at its sliding window {window}" if context == window else "") + ")",
     )
+    recipe = fit_context(recipe, context)
     return from_dict(Recipe, json.loads(json.dumps(recipe.to_dict())), cfg_path.name)  # the recipe checks
 
 
@@ -193,6 +250,7 @@ def hf_config(recipe: Recipe) -> dict[str, Any]:
             "max_position_embeddings": t.max_position_embeddings, "rms_norm_eps": t.rms_norm_eps,
             "rope_theta": t.rope_theta, "bos_token_id": recipe.bos_token_id, "eos_token_id": recipe.eos_token_id,
             "pad_token_id": recipe.pad_token_id, "tie_word_embeddings": False, "hidden_act": "silu",
+            "head_dim": t.head_dim,
         },
     }
 
@@ -245,6 +303,13 @@ def candidate_features(model: "torch.nn.Module", pixel_values: "torch.Tensor", c
 def full_embeds(model: "torch.nn.Module", pixel_values: "torch.Tensor") -> "torch.Tensor":
     """pixel_values [B,3,H,W] -> image embeddings [B,576,Hd], as transformers' LLaVA."""
     return model.projector(model.vision(pixel_values)[0])
+
+
+def raw_prompt_ids(recipe: Recipe) -> np.ndarray:
+    """A valid raw prompt from the config's own ids, for a model without a tokenizer: BOS (as Llama/Mistral
+    tokenizers add it), two stand-in text ids, one image token (the pipeline expands it), three text ids."""
+    text = text_ids(recipe)
+    return np.asarray([recipe.bos_token_id, *text[:2], recipe.image_token_id, *text[2:]], dtype=np.int64)
 
 
 def project(model: "torch.nn.Module", feats: "torch.Tensor") -> "torch.Tensor":

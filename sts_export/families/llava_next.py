@@ -28,6 +28,7 @@ from PIL import Image
 from sts_export.errors import StsError
 from sts_export.families import ImageInput, llava
 from sts_export.families.llava import load_image, resized_size, to_rgb  # noqa: F401  (load_image re-exported)
+from sts_export.families.llava import raw_prompt_ids  # noqa: F401  (the family interface: LLaVA's raw prompt)
 from sts_export.recipe import ImageProcessorConfig, Recipe
 
 if TYPE_CHECKING:

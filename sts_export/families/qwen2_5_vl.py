@@ -37,7 +37,9 @@ from PIL import Image
 from sts_export.errors import StsError
 from sts_export.families import ImageInput
 from sts_export.families.llava import load_image, to_rgb  # noqa: F401  (load_image re-exported)
-from sts_export.recipe import ImageProcessorConfig, PruningConfig, Recipe, TextConfig, VisionConfig, from_dict
+from sts_export.recipe import (ImageProcessorConfig, PruningConfig, Recipe, TextConfig, VisionConfig, fit_context,
+                               from_dict)
+from sts_export.tokenizer import text_ids
 
 if TYPE_CHECKING:
     import torch
@@ -449,6 +451,9 @@ def recipe_from_config(cfg: dict[str, Any], config_dir: Path, name: str) -> Reci
     rope = t.get("rope_parameters") or t.get("rope_scaling") or {}
     if rope.get("rope_type", rope.get("type", "default")) not in ("default", "mrope"):
         raise StsError(f"{cfg_path}: only M-RoPE with default frequencies is supported, got {rope}")
+    if t.get("use_sliding_window"):
+        raise StsError(f"{cfg_path}: use_sliding_window is not supported (every decoder layer attends to the whole "
+                       "sequence here)")
     heads = t.get("num_attention_heads", 28)
     layers = t.get("num_hidden_layers", 28)
     vrope = v.get("rope_parameters") or {}
@@ -489,7 +494,6 @@ def recipe_from_config(cfg: dict[str, Any], config_dir: Path, name: str) -> Reci
     if gen.is_file():
         g = json.loads(gen.read_text()).get("eos_token_id")
         eos_ids += [x for x in (g if isinstance(g, list) else [g]) if x is not None and x not in eos_ids]
-    n_max = max_llm_tokens(hi, vision.patch_size, vision.spatial_merge_size)
     recipe = Recipe(
         name=name,
         family=NAME,
@@ -507,10 +511,12 @@ def recipe_from_config(cfg: dict[str, Any], config_dir: Path, name: str) -> Reci
         pruning=PruningConfig(prune_layer=max(1, layers // 2)),
         image_processor=ImageProcessorConfig(min_pixels=lo, max_pixels=hi, image_mean=CLIP_MEAN, image_std=CLIP_STD),
         prompt_template=CHAT_TEMPLATE,
-        max_prompt_tokens=n_max + 1024,
-        max_context=min(n_max + 2048, text.max_position_embeddings),
         description=f"derived from config.json with {NAME} family defaults",
     )
+    half = text.head_dim // 2
+    if sum(text.mrope_section) != half:
+        raise StsError(f"{cfg_path}: rope mrope_section {list(text.mrope_section)} must sum to head_dim / 2 = {half}")
+    recipe = fit_context(recipe, text.max_position_embeddings)  # N at max_pixels + text, within the context
     return from_dict(Recipe, json.loads(json.dumps(recipe.to_dict())), cfg_path.name)  # the recipe checks
 
 
@@ -594,6 +600,15 @@ def position_ids(image: ImageInput, prompt: "Prompt", recipe: Recipe) -> np.ndar
     pos, _ = rope_index(ids, image.grid, recipe.image_token_id, recipe.vision_start_token_id,
                         recipe.vision.spatial_merge_size)
     return pos
+
+
+def raw_prompt_ids(recipe: Recipe) -> np.ndarray:
+    """A valid raw prompt from the config's own ids, for a model without a tokenizer: two stand-in text ids,
+    <|vision_start|>, one <|image_pad|> (the pipeline expands it to N), <|vision_end|>, three text ids (no BOS:
+    Qwen's tokenizer adds none)."""
+    text = text_ids(recipe)
+    image = [recipe.vision_start_token_id, recipe.image_token_id, recipe.vision_end_token_id]
+    return np.asarray([*text[:2], *image, *text[2:]], dtype=np.int64)
 
 
 def check_selection(method: str, anchor: str) -> None:
