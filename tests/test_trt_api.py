@@ -528,7 +528,7 @@ def test_selftest_report_on_the_stand_in(exports: dict, tmp_path: Path, monkeypa
     """The self-test's plumbing: engines built with the package's own build, run through TrtBackend and compared
     with ONNX Runtime on the same feeds, one report. On the stand-in the engines ARE ONNX Runtime, so every figure
     must be exact; the report's first line says it is a stand-in run."""
-    from sts_export.export.tensorrt import selftest
+    from sts_export.show import selftest
 
     fake = install(monkeypatch, "11")
     rc = selftest.main(["--work", str(tmp_path / "w"), "--exports", f"tiny-llava:fp32={exports['tiny-llava-fp32']}",
@@ -551,7 +551,7 @@ def test_selftest_report_on_the_stand_in(exports: dict, tmp_path: Path, monkeypa
 
 def test_selftest_reports_a_failed_build(exports: dict, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
                                          capsys: pytest.CaptureFixture) -> None:
-    from sts_export.export.tensorrt import selftest
+    from sts_export.show import selftest
 
     fake = install(monkeypatch, "10.3")
     fake.fail_build = "Could not find any implementation for node /Loop."
@@ -566,7 +566,7 @@ def test_selftest_reports_a_failed_build(exports: dict, tmp_path: Path, monkeypa
 def test_selftest_sees_a_difference(exports: dict, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
                                     capsys: pytest.CaptureFixture) -> None:
     """The comparison is real: engines whose logits are off by 0.01 (above fp32's 1e-4) are DIFFERS, with the figure."""
-    from sts_export.export.tensorrt import selftest
+    from sts_export.show import selftest
 
     fake = install(monkeypatch, "11")
     fake.perturb = {"logits": 0.01}
@@ -587,7 +587,7 @@ def test_selftest_without_tensorrt_is_one_line(tmp_path: Path) -> None:
             "        raise ImportError(\"No module named 'tensorrt'\")\n"
             "    return real(name, *a, **k)\n"
             "builtins.__import__ = imp\n"
-            "from sts_export.export.tensorrt import selftest\n"
+            "from sts_export.show import selftest\n"
             "sys.exit(selftest.main([]))\n")
     r = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True, timeout=300,
                        env={**os.environ, "PYTHONPATH": str(ROOT)})

@@ -44,6 +44,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 import numpy as np
+from PIL import Image
 import torch
 
 from sts_export.export.compare import compare_generations, same_kept
@@ -52,10 +53,10 @@ from sts_export.export.precision import (PROBE, Fp32Compute, ProbeBackend, agree
 from sts_export.artifact.memory import fmt, forget_onnx_rewriter_state, peak_rss, release_memory, rss
 from sts_export.recipe import Recipe
 from sts_export.backends.torch import TorchBackend
-from sts_export.families import ImageInput
+from sts_export.families import ImageInput, family_module
 from sts_export.generate import Generation, generate
 from sts_export.artifact.plan import Plan
-from sts_export.tokenizer import Prompt, split_ids
+from sts_export.tokenizer import Prompt, TextTokenizer, split_ids
 
 DTYPE_NAMES = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}
 STAGED = ("staged: one ONNX Runtime session at a time; decode steps fed torch's tokens, so tokens agree iff "
@@ -163,20 +164,25 @@ class StagedBackend:
 def sample_inputs(export_dir: Path, recipe: Recipe, batch: int = 1) -> tuple[ImageInput, Prompt]:
     """A deterministic synthetic image (a batch of rotations of it; image-dependent-N families take one
     image per call, so batch 2 gives the rotated image alone: another aspect ratio, another N) and a
-    prompt (tokenized when the export has a tokenizer)."""
-    from PIL import Image
-
-    from sts_export.families import family_module
-    from sts_export.tokenizer import TextTokenizer
-
-    rng = np.random.default_rng(0)
-    img = Image.fromarray(rng.integers(0, 256, (12, 16, 3), dtype=np.uint8)).resize((480, 360), Image.BILINEAR)
-    images = [img.rotate(90 * i, expand=True) for i in range(batch)]
+    prompt (tokenized when the export has a tokenizer, else the family's raw prompt). The image is 480 x 360,
+    halved until its unpruned span leaves room for the prompt within max_prompt_tokens (a model with a short
+    context: every budget's validation, `full` included, then has an image it can take)."""
     family = family_module(recipe.family)
-    pv = family.prepare_image(images[-1:] if recipe.dynamic_tokens else images, recipe)
     if (export_dir / "tokenizer.json").is_file():
-        return pv, TextTokenizer(export_dir, recipe).encode_prompt("What is shown in this image?")
-    return pv, split_ids(family.raw_prompt_ids(recipe), recipe)
+        prompt = TextTokenizer(export_dir, recipe).encode_prompt("What is shown in this image?")
+    else:
+        prompt = split_ids(family.raw_prompt_ids(recipe), recipe)
+    rng = np.random.default_rng(0)
+    base = Image.fromarray(rng.integers(0, 256, (12, 16, 3), dtype=np.uint8))
+    room = recipe.max_prompt_tokens - len(prompt.prefix) - len(prompt.suffix)
+    w, h = 480, 360
+    while True:
+        img = base.resize((w, h), Image.BILINEAR)
+        images = [img.rotate(90 * i, expand=True) for i in range(batch)]
+        pv = family.prepare_image(images[-1:] if recipe.dynamic_tokens else images, recipe)
+        if pv.n_full <= room or min(w, h) < 32:
+            return pv, prompt
+        w, h = w // 2, h // 2
 
 
 def run_loop(backend: Any, plan: Plan, image: Any, prompt: Prompt, new_tokens: int) -> Generation:
