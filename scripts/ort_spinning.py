@@ -14,7 +14,8 @@ import os
 
 import numpy as np
 
-from sts_export.bench.runner import PHASES, interleaved_generations
+from sts_export.bench.options import PHASES
+from sts_export.bench.runner import interleaved_generations
 from sts_export.pipeline import load_export_pipeline
 
 

@@ -13,7 +13,7 @@ import argparse
 import numpy as np
 
 from sts_export.bench.cost import DEFAULT_TEXT_TOKENS
-from sts_export.bench.runner import default_image, prompt_ids
+from sts_export.bench.options import default_image, prompt_ids
 from sts_export.pipeline import load_export_pipeline
 
 

@@ -174,7 +174,8 @@ def test_synthetic_cpu_recipe_keeps_7b_layout() -> None:
 def test_interleaved_generations_times_every_pipeline_every_round() -> None:
     """The scripts' A/B loop: one row of phase timings per round per pipeline, and each pipeline's greedy tokens."""
     from sts_export import Pipeline
-    from sts_export.bench.runner import PHASES, interleaved_generations
+    from sts_export.bench.options import PHASES
+    from sts_export.bench.runner import interleaved_generations
 
     pipes = {"full": Pipeline.from_pretrained("tiny-llava"),
              "sts": Pipeline.from_pretrained("tiny-llava", budget=64, method="sts")}

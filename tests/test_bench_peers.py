@@ -18,7 +18,8 @@ import pytest
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from sts_export.bench.runner import BenchOptions, default_image, prompt_ids, recipe_of, run_bench  # noqa: E402
+from sts_export.bench.options import BenchOptions, default_image, prompt_ids, recipe_of  # noqa: E402
+from sts_export.bench.runner import run_bench  # noqa: E402
 from sts_export.pipeline import Pipeline  # noqa: E402
 from tests.test_bench import check_schema  # noqa: E402
 

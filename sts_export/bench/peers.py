@@ -37,10 +37,13 @@ from typing import Any
 import numpy as np
 
 from sts_export.bench.cost import DTYPE_BYTES, kv_cache_bytes
+from sts_export.bench.exports import _recipe_digest
+from sts_export.bench.options import PHASES, prompt_ids
+from sts_export.bench.rows import cost_fields
 from sts_export.bench.timing import PeakMemory, current_memory, stats_ms, timed_call
 from sts_export.errors import StsError
 
-PEERS = ("transformers", "ort-genai")  # canonical names (runner.BACKENDS maps the CLI's aliases onto them)
+PEERS = ("transformers", "ort-genai")  # canonical names (options.BACKENDS maps the CLI's aliases onto them)
 SCOPE = {"transformers": "full model", "ort-genai": "decoder only"}
 HF_CLASSES = {"llava-1.5": "LlavaForConditionalGeneration", "llava-next": "LlavaNextForConditionalGeneration",
               "qwen2.5-vl": "Qwen2_5_VLForConditionalGeneration"}
@@ -68,7 +71,7 @@ def peer_unavailable(peer: str, opts: Any, cuda: bool = False) -> str | None:
 
 # ----------------------------------------------------------------------------------------------- inputs
 class _Prompting:
-    """What runner.prompt_ids reads off a pipeline: the recipe, its tokenizer (or None) and `encode`."""
+    """What options.prompt_ids reads off a pipeline: the recipe, its tokenizer (or None) and `encode`."""
 
     def __init__(self, recipe: Any, tokenizer: Any) -> None:
         self.recipe, self.tokenizer = recipe, tokenizer
@@ -93,8 +96,7 @@ def peer_source(model: str, recipe: Any, opts: Any) -> tuple[Path, bool]:
 
 def peer_prompt(recipe: Any, opts: Any, path: Path | None, tokenized: bool) -> Any:
     """The prompt (prefix, suffix ids around the image token) our rows run, as a tokenizer.Prompt: --prompt through
-    the checkpoint's tokenizer when `tokenized`, else runner.prompt_ids' pseudo-prompt."""
-    from sts_export.bench.runner import prompt_ids
+    the checkpoint's tokenizer when `tokenized`, else options.prompt_ids' pseudo-prompt."""
     from sts_export.tokenizer import TextTokenizer, split_ids
 
     tok = TextTokenizer(path, recipe) if tokenized and path is not None else None
@@ -105,7 +107,6 @@ def peer_prompt(recipe: Any, opts: Any, path: Path | None, tokenized: bool) -> A
 def _peer_row(peer: str, model: str, recipe: Any, opts: Any, device: str, text_tokens: int, n_full: int,
               samples: dict[str, list[float]], mem: tuple[int, int, int | None], image_size: Any) -> dict[str, Any]:
     """A peer's row: the schema's keys (runner.cost_fields at budget full, no pruning) and its timings."""
-    from sts_export.bench.runner import PHASES, cost_fields
 
     s1 = text_tokens + n_full
     n_tok = opts.max_new_tokens
@@ -350,7 +351,6 @@ def decoder_state(model: str, recipe: Any, opts: Any, path: Path) -> dict[str, A
 def build_genai_decoder(model: str, recipe: Any, opts: Any, root: Path, cuda: bool) -> Path:
     """onnxruntime-genai's model builder on the recipe's text decoder, once: <root>/ort-genai/<recipe>-<digest>-
     <dtype>-<ep>-<weights>/ (genai_config.json, model.onnx); reused when it is there."""
-    from sts_export.bench.runner import _recipe_digest
 
     path, _ = (None, False) if opts.random_weights else peer_source(model, recipe, opts)
     ep = "cuda" if cuda else "cpu"

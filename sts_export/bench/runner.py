@@ -23,411 +23,33 @@ Rows with budget `full` are run once per (model, backend) as method `none` (no p
 method) and serve as the baseline of the speedups: speedup_ttft = ttft(full) / ttft(row), beside
 flop_ratio_ttft = FLOPs(vision + prefill, full) / FLOPs(vision + prefill, row).
 
-Here: options (BenchOptions), configurations, export lookup, pipeline loading, the Stage 1 probe, Runner (one loaded
-configuration), measure_backend / run_bench. The table, JSON and plot of the result: sts_export.bench.report.
+Here: which backends can run (backend_unavailable), Runner (one loaded configuration), measure_backend, run_bench,
+and the interleaved loop scripts share (interleaved_generations). What is measured: options.py; the exports and
+pipelines: exports.py; Stage 1 alone: probe.py; rows and ratios: rows.py; the table, JSON and plot: report.py.
 """
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import importlib.util
-import json
 import os
 import shutil
 import traceback
-from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any, Callable, Iterable
 
 import numpy as np
 
 from sts_export.bench.peers import PEERS, add_peer_ratios, load_peer, peer_unavailable
-from sts_export.bench.cost import (DEFAULT_TEXT_TOKENS, DTYPE_BYTES, HOST, get_device, kv_cache_bytes, memory_fit, phase_costs, register_device, roofline_terms, sequence_lengths, token_grid, weight_bytes_by_part, with_weight_bytes)
+from sts_export.bench.cost import DEFAULT_TEXT_TOKENS, DTYPE_BYTES, HOST, register_device
 from sts_export.artifact.params import param_counts
 from sts_export.bench.report import SCHEMA_VERSION
-from sts_export.bench.timing import (STAT_KEYS, PeakMemory, TimedBackend, cpu_model, current_memory,
-                                     detect_device_profile, free_memory, gpu_info, load_average, measure_host,
-                                     release_memory, stats_ms, system_info, time_repeats, timed_call)
+from sts_export.bench.timing import (PeakMemory, TimedBackend, cpu_model, current_memory, detect_device_profile, free_memory, gpu_info, load_average, measure_host, release_memory, stats_ms, system_info)
+from sts_export.bench.exports import (_aoti_packages, _export_roots, _no_trt_export, _want_cuda, find_trt_export,
+                                      load_pipeline)
+from sts_export.bench.options import (PHASES, BenchOptions, Config, _unique, configs_for, configs_per_weights,
+                                      default_image, prompt_ids, recipe_of)
+from sts_export.bench.probe import stage1_probe
+from sts_export.bench.rows import _export_weight_bytes, add_ratios, cost_fields, cost_row
 from sts_export.errors import StsError
-from sts_export.pruning.budget import METHODS, check_method, has_stage2, parse_budget, split_budget
-
-BACKENDS = {  # CLI name -> canonical
-    "torch": "torch", "eager": "torch", "torch-eager": "torch",
-    "torch-compile": "torch-compile", "compile": "torch-compile", "torch.compile": "torch-compile",
-    "ort": "ort", "onnxruntime": "ort",
-    "trt": "trt", "tensorrt": "trt",
-    "aoti": "aoti", "aotinductor": "aoti",  # AOTInductor packages (export.py --target aoti), built here
-    # peers (sts_export.bench.peers): other runtimes on the same weights and inputs
-    "transformers": "transformers", "hf": "transformers",
-    "ort-genai": "ort-genai", "genai": "ort-genai", "onnxruntime-genai": "ort-genai",
-}
-# --ort-forms: the ort backend's decoder graphs and KV cache (backends/onnxruntime.py) -> (form, inplace)
-ORT_FORMS = {"auto": ("auto", True),  # the ORT form, in place, when the export has it (what users run)
-             "ort": ("ort", True),  # the ORT form, KV cache preallocated and updated in place
-             "ort-concat": ("ort", False),  # the ORT form, each call returning past + new (the concatenating cache)
-             "portable": ("portable", True)}  # the TensorRT-portable graphs (concatenating cache)
-PHASES = ("vision", "prefill", "ttft", "decode")  # timed per run (Generation.timings)
-DEFAULT_PROMPT = "What is shown in this image? Answer the question using a single word or phrase."
-
-
-# ----------------------------------------------------------------------------------------------- options
-@dataclass
-class BenchOptions:
-    """What to benchmark and how (bench.py's options); checked and normalised (canonical names, no repeats) on
-    creation, so a bad value is one StsError before anything loads."""
-
-    models: list[str]
-    budgets: list[int | str]
-    methods: list[str]
-    backends: list[str] = field(default_factory=lambda: ["torch"])
-    repeats: int = 5
-    warmup: int = 1
-    max_new_tokens: int = 8
-    dtype: str = "fp32"
-    accelerator: str = "auto"  # where to run: auto (cuda when torch sees one), cpu, cuda
-    device: str | None = None  # roofline profile (cost.load_devices)
-    devices_file: str | None = None
-    on_device: bool = False  # the --device profile is the hardware running the benchmark: report measured/bound
-    random_weights: bool = False
-    prompt: str = DEFAULT_PROMPT
-    text_tokens: int | None = None  # synthetic prompt of this many text tokens instead of tokenizing --prompt
-    image: str | None = None
-    exports: str | None = None  # where ORT/TRT exports are looked up and created (default: the sts-export cache)
-    stage1_probe: bool = True
-    ignore_eos: bool = True
-    cost_only: bool = False
-    interleave: bool | None = None  # None: when every configuration's weights fit in memory at once
-    threads: int | None = None  # intra-op threads for torch and ONNX Runtime (None: their defaults)
-    weights: list[str] = field(default_factory=list)  # int8 / int4 / the dtype (float); empty: the dtype
-    block_size: int | None = None  # quantization block along K (None: the exporter's default, 128)
-    ort_forms: list[str] = field(default_factory=list)  # ORT decoder-graph forms per configuration (ORT_FORMS)
-    progress: Callable[[str], None] = lambda s: None
-
-    def __post_init__(self) -> None:
-        if not self.models:
-            raise StsError("no model given; pass --model NAME (a recipe, a local checkpoint dir or a cached HF id)")
-        self.budgets = _unique([parse_budget(b) for b in self.budgets])
-        if not self.budgets:
-            raise StsError("no budget given; pass --budgets, e.g. full,128,64,32")
-        self.methods = _unique([check_method(m) for m in self.methods])
-        if not self.methods:
-            raise StsError(f"no method given; pass --methods from {', '.join(METHODS)}")
-        bad = [b for b in self.backends if b not in BACKENDS]
-        if bad:
-            raise StsError(f"unknown backend(s) {', '.join(bad)}; choose from torch, torch-compile, ort, trt, aoti, "
-                           "transformers, ort-genai")
-        self.backends = _unique([BACKENDS[b] for b in self.backends])
-        if self.repeats < 1 or self.warmup < 0:
-            raise StsError("--repeats must be >= 1 and --warmup >= 0")
-        if self.max_new_tokens < 1:
-            raise StsError("--max-new-tokens must be >= 1 (2 or more to time decode steps)")
-        if self.dtype not in DTYPE_BYTES:
-            raise StsError(f"unknown dtype '{self.dtype}'; choose fp32, fp16 or bf16")
-        if self.accelerator not in ("auto", "cpu", "cuda"):
-            raise StsError(f"--accelerator must be auto, cpu or cuda, got '{self.accelerator}'")
-        if self.text_tokens is not None and self.text_tokens < 2:
-            raise StsError("--text-tokens must be >= 2 (BOS and at least one text token)")
-        if self.threads is not None and self.threads < 1:
-            raise StsError("--threads must be >= 1")
-        from sts_export.export.weights import check_weights
-
-        self.weights = _unique(self.weights or [self.dtype])
-        for w in self.weights:
-            check_weights(w, self.block_size, dtype=self.dtype)  # one line for a bad --weights/--block-size
-        if self.device is not None and self.device != HOST:  # host: measured by run_bench
-            get_device(self.device, self.devices_file)  # unknown name -> one-line error listing the valid ones
-        self.ort_forms = _unique(self.ort_forms or ["auto"])
-        bad = [f for f in self.ort_forms if f not in ORT_FORMS]
-        if bad:
-            raise StsError(f"unknown --ort-forms {', '.join(bad)}; choose from {', '.join(ORT_FORMS)}")
-
-
-def _unique(xs: Iterable[Any]) -> list[Any]:
-    """xs without repeats, in first-seen order."""
-    out: list[Any] = []
-    for x in xs:
-        if x not in out:
-            out.append(x)
-    return out
-
-
-# ----------------------------------------------------------------------------------------------- configurations
-@dataclass(frozen=True)
-class Config:
-    model: str
-    method: str
-    budget: int | str
-    k_pre: int
-    k_post: int
-    scheme: Any = None  # sts_export.export.quantize.Scheme of quantized weights; None: the dtype's float weights
-    form: str = "auto"  # ort backend: the decoder graphs and KV cache it runs (ORT_FORMS)
-
-    def weights(self, dtype: str) -> str:
-        """The `weights` column: the scheme's label (int4-b128, int8-ch-qdq, ...) or the float dtype."""
-        return self.scheme.label if self.scheme is not None else dtype
-
-
-def configs_per_weights(configs: list[Config], opts: BenchOptions, backend: str, skipped: list[dict[str, Any]],
-                 notes: list[str]) -> list[Config]:
-    """Every configuration once per --weights entry (quantized for `backend`'s encoding: analytic rows with a
-    --device take TensorRT's, the one that runs on a GPU); torch runs float weights only."""
-    from sts_export.export.weights import check_weights
-
-    out: list[Config] = []
-    target = "trt" if backend == "trt" or backend == "analytic" and opts.device is not None else "onnx"
-    for w in opts.weights:
-        if w in ("int8", "int4") and backend in ("torch", "torch-compile"):
-            notes.append(f"{backend}: --weights {w} skipped: the torch backend runs the float weights (quantized "
-                         f"weights are an export's: use --backends ort or trt)")
-            continue
-        try:
-            scheme = check_weights(w, opts.block_size, target=target, dtype=opts.dtype)
-        except StsError as e:
-            notes.append(f"{backend}: --weights {w} skipped: {e}")
-            skipped.append({"backend": backend, "weights": w, "reason": str(e)})
-            continue
-        forms = opts.ort_forms if backend == "ort" else ["auto"]
-        out += [dataclasses.replace(c, scheme=scheme, form=f) for f in forms for c in configs]
-    return out
-
-
-def configs_for(recipe: Any, model: str, methods: list[str], budgets: list[int | str],
-                skipped: list[dict[str, Any]], backend: str = "*") -> list[Config]:
-    """`full` once (method none) first, then every method x pruned budget; out-of-range ones are skipped."""
-    out: list[Config] = []
-    if "full" in budgets or "none" in methods:
-        n = recipe.num_image_tokens
-        out.append(Config(model, "none", "full", n, n))
-    for method in methods:
-        if method == "none":
-            continue
-        for budget in budgets:
-            if budget == "full":
-                continue
-            try:
-                k, k2 = split_budget(budget, recipe, method)
-            except StsError as e:
-                skipped.append({"model": model, "method": method, "budget": budget, "backend": backend,
-                                "reason": str(e)})
-                continue
-            out.append(Config(model, method, budget, k, k2))
-    return out
-
-
-def recipe_of(model: str) -> Any:
-    """The recipe of --model without loading weights (recipe name, local checkpoint dir, or error); for dynamic
-    resolution (Qwen2.5-VL) with an export's default pixel cap, which every backend then runs at."""
-    from sts_export.families import recipe_from_hf_config
-    from sts_export.recipe import available_recipes, load_recipe, with_max_pixels
-
-    path = Path(model).expanduser()
-    if path.is_dir():
-        return with_max_pixels(recipe_from_hf_config(path))
-    if model in available_recipes() or path.suffix in (".yaml", ".yml"):
-        return with_max_pixels(load_recipe(model))
-    from sts_export.checkpoint import resolve
-
-    return with_max_pixels(resolve(model).recipe)  # a cached HF id (reads config.json only)
-
-
-# ----------------------------------------------------------------------------------------------- inputs
-def bench_image(size: int = 500, seed: int = 0, aspect: float = 0.8) -> Any:
-    """A deterministic smooth random photo-like image (blocks + noise): nearby patches are similar.
-
-    size x (aspect * size) pixels; anyres families get a square one (aspect 1), whose 2x2 tiles keep
-    every token after unpad: 5 x 576 = 2880 candidates, the paper's LLaVA-NeXT setting.
-    """
-    from PIL import Image
-
-    rng = np.random.default_rng(seed)
-    blocks = rng.integers(0, 256, (8, 10, 3)).astype(np.uint8)
-    img = Image.fromarray(blocks).resize((size, int(size * aspect)), Image.BILINEAR)
-    arr = np.asarray(img).astype(np.int16) + rng.integers(-20, 21, (int(size * aspect), size, 3))
-    return Image.fromarray(arr.clip(0, 255).astype(np.uint8))
-
-
-def default_image(recipe: Any) -> Any:
-    """The bench's image when none is given: 500 x 400; anyres (LLaVA-NeXT) a square 500 x 500 (5 x 576
-    candidates); dynamic resolution (Qwen2.5-VL) 640 x 480 (391 tokens after smart_resize)."""
-    if recipe.image_processor.max_pixels:
-        return bench_image(size=640, aspect=0.75)
-    return bench_image(aspect=1.0 if recipe.dynamic_tokens else 0.8)
-
-
-def prompt_ids(pipe: Any, prompt: str, text_tokens: int | None) -> np.ndarray:
-    """Token ids with one image token: the tokenized --prompt (recipe template), or, with --text-tokens or when
-    the model has no tokenizer, a fixed pseudo-prompt of that many text tokens (default cost.DEFAULT_TEXT_TOKENS)
-    laid out like LLaVA's template: BOS + 4 tokens ("USER:") + image + the rest."""
-    r = pipe.recipe
-    if text_tokens is None and pipe.tokenizer is not None:
-        pr = pipe.encode(prompt)
-        return np.concatenate([pr.prefix, [r.image_token_id], pr.suffix]).astype(np.int64)
-    t = text_tokens or DEFAULT_TEXT_TOKENS
-    specials = {r.image_token_id, r.bos_token_id, r.eos_token_id, r.pad_token_id, r.vision_start_token_id,
-                r.vision_end_token_id}
-    pool = np.array([i for i in range(5, min(r.text.vocab_size, 1024)) if i not in specials], dtype=np.int64)
-    text = np.random.default_rng(0).choice(pool, size=t - 1)
-    p = min(4, t - 1)
-    if r.vision_start_token_id >= 0 and p < t - 1:  # Qwen2.5-VL: the pad between <|vision_start|>, <|vision_end|>
-        text[p - 1], text[p] = r.vision_start_token_id, r.vision_end_token_id
-    return np.concatenate([[r.bos_token_id], text[:p], [r.image_token_id], text[p:]]).astype(np.int64)
-
-
-def interleaved_generations(pipes: dict[str, Any], rounds: int, new_tokens: int,
-                            warmup_tokens: int = 4) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
-    """Pipelines of one model (label -> Pipeline) timed against each other in one process: one warm-up generation
-    each (creates every session), then `rounds` rounds that run every pipeline once, in the order given, on the
-    bench's image and pseudo-prompt (DEFAULT_TEXT_TOKENS text ids around the image).
-    -> (label -> seconds [rounds, len(PHASES)], label -> the last round's greedy tokens [B, n])."""
-    first = next(iter(pipes.values()))
-    ids, img = prompt_ids(first, "", DEFAULT_TEXT_TOKENS), default_image(first.recipe)
-    for p in pipes.values():
-        p.generate(img, input_ids=ids, max_new_tokens=warmup_tokens)
-    times: dict[str, list[list[float]]] = {k: [] for k in pipes}
-    tokens: dict[str, np.ndarray] = {}
-    for _ in range(rounds):
-        for label, p in pipes.items():
-            g = p.generate(img, input_ids=ids, max_new_tokens=new_tokens)
-            times[label].append([g.timings[ph] for ph in PHASES])
-            tokens[label] = g.tokens
-    return {k: np.array(v) for k, v in times.items()}, tokens
-
-
-# ----------------------------------------------------------------------------------------------- exports
-def _cache_root() -> Path:
-    from sts_export import checkpoint
-
-    return Path(checkpoint.CACHE_DIR)
-
-
-def _recipe_digest(recipe: Any) -> str:
-    return hashlib.sha256(json.dumps(recipe.to_dict(), sort_keys=True).encode()).hexdigest()[:12]
-
-
-def _export_roots(opts: BenchOptions) -> list[Path]:
-    """Where exports are looked up: --exports (or the cache's bench-exports, where new ones go) first, then
-    ./exports."""
-    root = Path(opts.exports) if opts.exports else _cache_root() / "bench-exports"
-    return _unique([root, Path("exports")])
-
-
-def _export_matches(d: Path, recipe: Any, cfg: Config, dtype: str, random_weights: bool, engines: bool,
-                    aoti: str | None = None) -> bool:
-    from sts_export.artifact.manifest import read_manifest
-
-    if not (d / "manifest.json").is_file():
-        return False
-    try:
-        m = read_manifest(d, verify=False)
-    except StsError:
-        return False
-    same_recipe = json.loads(json.dumps(m.get("recipe"))) == json.loads(json.dumps(recipe.to_dict()))
-    same_config = (m.get("k_pre"), m.get("k_post")) == (cfg.k_pre, cfg.k_post) and (
-        cfg.budget == "full" and m.get("budget") == "full" or (m.get("method"), m.get("budget")) == (cfg.method, cfg.budget))
-    has_engines = all("engine" in g for g in m.get("graphs", {}).values())
-    if aoti is not None:  # AOTInductor packages for this device, built by this torch (else: ONNX graphs)
-        import torch
-
-        built = m.get("aoti") or {}
-        if not (all("aoti" in g for g in m.get("graphs", {}).values()) and built.get("device") == aoti
-                and built.get("torch_version") == torch.__version__):
-            return False
-    elif not all("onnx" in g for g in m.get("graphs", {}).values()):
-        return False
-    same_weights = (m.get("weights") or {}).get("label") == (cfg.scheme.label if cfg.scheme is not None else None)
-    from sts_export.artifact.manifest import ort_form_is_current
-
-    if aoti is None and not engines and "ort_form" in m and not ort_form_is_current(m):
-        return False  # an older ORT form: export anew rather than time what users no longer get
-    return (same_recipe and same_config and same_weights and m.get("dtype") == dtype
-            and bool(m.get("model", {}).get("random_weights")) == random_weights and (has_engines or not engines))
-
-
-def find_export(recipe: Any, cfg: Config, dtype: str, random_weights: bool, roots: list[Path],
-                engines: bool = False, aoti: str | None = None) -> Path | None:
-    """An existing export directory for this configuration under any of `roots` (one level deep)."""
-    for root in roots:
-        if not root.is_dir():
-            continue
-        for d in sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith(".")):
-            if _export_matches(d, recipe, cfg, dtype, random_weights, engines, aoti):
-                return d
-    return None
-
-
-def find_trt_export(recipe: Any, cfg: Config, opts: BenchOptions) -> Path | None:
-    """An existing export with TensorRT engines for this configuration (engines are built by export.py, not here)."""
-    return find_export(recipe, cfg, opts.dtype, opts.random_weights, _export_roots(opts), engines=True)
-
-
-def _no_trt_export(what: str, opts: BenchOptions) -> str:
-    return (f"no TensorRT export of {what} ({opts.dtype}) under {_export_roots(opts)[0]} or ./exports; build one with "
-            "export.py --target trt and pass --exports DIR")
-
-
-def ensure_onnx_export(model: str, recipe: Any, cfg: Config, opts: BenchOptions) -> Path:
-    """Reuse a matching export (--exports, ./exports, the cache) or export one into --exports / the cache
-    (validate=False: the export's correctness is the exporter's tests' business, not the benchmark's)."""
-    from sts_export.export.onnx import export
-
-    roots = _export_roots(opts)
-    root = roots[0]
-    found = find_export(recipe, cfg, opts.dtype, opts.random_weights, roots)
-    if found is not None:
-        opts.progress(f"  reusing export {found}")
-        return found
-    suffix = "-rw" if opts.random_weights else ""
-    q = cfg.scheme
-    suffix += f"-{q.label}" if q is not None else ""
-    out = root / f"{recipe.name}-{_recipe_digest(recipe)}-{cfg.method}-b{cfg.budget}-{opts.dtype}{suffix}"
-    opts.progress(f"  exporting {model} {cfg.method} b={cfg.budget} to {out} (once; reused later) ...")
-    _, secs = timed_call(lambda: export(model, budget=cfg.budget, method=cfg.method, out=out, dtype=opts.dtype,
-                                        random_weights=opts.random_weights, validate=False, force=True,
-                                        weights=q.weights if q else None, block_size=q.block_size if q else None,
-                                        progress=lambda s: None))
-    opts.progress(f"  exported in {secs:.0f} s")
-    return out
-
-
-def ensure_aoti_export(model: str, recipe: Any, cfg: Config, opts: BenchOptions, device: str) -> Path:
-    """Reuse a matching AOTInductor export (this device and torch) or compile one into --exports / the cache;
-    packages already compiled for the same graph (embed, segments) come from the cache's .aoti-packages."""
-    from sts_export.export.aoti import export_aoti
-
-    roots = _export_roots(opts)
-    found = find_export(recipe, cfg, opts.dtype, opts.random_weights, roots, aoti=device)
-    if found is not None:
-        opts.progress(f"  reusing AOTInductor export {found}")
-        return found
-    suffix = "-rw" if opts.random_weights else ""
-    out = roots[0] / f"{recipe.name}-{_recipe_digest(recipe)}-{cfg.method}-b{cfg.budget}-{opts.dtype}-aoti-{device}{suffix}"
-    opts.progress(f"  compiling AOTInductor packages of {model} {cfg.method} b={cfg.budget} to {out} (once) ...")
-    _, secs = timed_call(lambda: export_aoti(model, budget=cfg.budget, method=cfg.method, out=out, dtype=opts.dtype,
-                                             random_weights=opts.random_weights, force=True, device=device,
-                                             cache=roots[0] / ".aoti-packages", progress=lambda s: None))
-    opts.progress(f"  compiled in {secs:.0f} s")
-    return out
-
-
-def _aoti_packages(export_dir: str) -> dict[str, Any] | None:
-    """Per graph: compile seconds, package bytes, cache hit (from an AOTInductor export's manifest)."""
-    from sts_export.artifact.manifest import read_manifest
-
-    try:
-        m = read_manifest(Path(export_dir), verify=False)
-    except StsError:
-        return None
-    return {g: {k: e["aoti"][k] for k in ("compile_s", "size_bytes", "cached")} for g, e in m["graphs"].items()}
-
-
-# ----------------------------------------------------------------------------------------------- pipelines
-def _want_cuda(opts: BenchOptions) -> bool:
-    import torch
-
-    if opts.accelerator == "cuda" and not torch.cuda.is_available():
-        raise StsError("--accelerator cuda: torch sees no CUDA GPU; use --accelerator cpu")
-    return opts.accelerator == "cuda" or opts.accelerator == "auto" and torch.cuda.is_available()
-
 
 def backend_unavailable(backend: str, opts: BenchOptions) -> str | None:
     """Why a backend cannot run here (None when it can)."""
@@ -459,164 +81,26 @@ def backend_unavailable(backend: str, opts: BenchOptions) -> str | None:
     return None
 
 
-def load_pipeline(model: str, recipe: Any, cfg: Config, backend: str, opts: BenchOptions) -> Any:
-    from sts_export.pipeline import Pipeline
-
-    cuda = _want_cuda(opts)
-    if backend in ("torch", "torch-compile"):  # dynamic resolution: the same pixel cap as the exports (recipe_of)
-        return Pipeline.from_pretrained(model, budget=cfg.budget, method=cfg.method, backend="torch", dtype=opts.dtype,
-                                        device="cuda" if cuda else "cpu", random_weights=opts.random_weights,
-                                        compile=backend == "torch-compile",
-                                        max_pixels=recipe.image_processor.max_pixels or None)
-    if opts.dtype == "bf16":
-        raise StsError("ONNX exports are fp32 or fp16; run the ort/trt backends with --dtype fp32 or fp16")
-    from sts_export.pipeline import load_export_pipeline
-
-    if backend == "aoti":
-        dev = "cuda" if cuda else "cpu"
-        return load_export_pipeline(ensure_aoti_export(model, recipe, cfg, opts, dev), backend="aoti", device=dev)
-    if backend == "ort":
-        d = ensure_onnx_export(model, recipe, cfg, opts)
-        form, inplace = ORT_FORMS[cfg.form]
-        return load_export_pipeline(d, backend="onnxruntime", device="cuda" if cuda else "cpu", threads=opts.threads,
-                                    form=form, inplace=inplace)
-    # trt: engines come from export.py --target trt; the benchmark does not build them
-    d = find_trt_export(recipe, cfg, opts)
-    if d is None:
-        raise StsError(_no_trt_export(f"{model} {cfg.method} b={cfg.budget}", opts))
-    return load_export_pipeline(d, backend="tensorrt")
+def interleaved_generations(pipes: dict[str, Any], rounds: int, new_tokens: int,
+                            warmup_tokens: int = 4) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
+    """Pipelines of one model (label -> Pipeline) timed against each other in one process: one warm-up generation
+    each (creates every session), then `rounds` rounds that run every pipeline once, in the order given, on the
+    bench's image and pseudo-prompt (DEFAULT_TEXT_TOKENS text ids around the image).
+    -> (label -> seconds [rounds, len(PHASES)], label -> the last round's greedy tokens [B, n])."""
+    first = next(iter(pipes.values()))
+    ids, img = prompt_ids(first, "", DEFAULT_TEXT_TOKENS), default_image(first.recipe)
+    for p in pipes.values():
+        p.generate(img, input_ids=ids, max_new_tokens=warmup_tokens)
+    times: dict[str, list[list[float]]] = {k: [] for k in pipes}
+    tokens: dict[str, np.ndarray] = {}
+    for _ in range(rounds):
+        for label, p in pipes.items():
+            g = p.generate(img, input_ids=ids, max_new_tokens=new_tokens)
+            times[label].append([g.timings[ph] for ph in PHASES])
+            tokens[label] = g.tokens
+    return {k: np.array(v) for k, v in times.items()}, tokens
 
 
-# ----------------------------------------------------------------------------------------------- Stage 1 probe
-def _stage1_module(method: str, k: int, anchor: str) -> Any:
-    """Stage 1 alone, as the vision graph runs it (`keep_first_k`: the greedy's ONNX Loop, K = K_max)."""
-    import torch
-
-    from sts_export.pruning.loop import keep_first_k
-
-    class Stage1(torch.nn.Module):
-        def forward(self, x: torch.Tensor, cls_att: torch.Tensor) -> torch.Tensor:
-            return keep_first_k(method, x, k, k, anchor, cls_att)  # cls_att is read by `cls` and anchor saliency only
-
-    return Stage1().eval()
-
-
-def _stage1_inputs(recipe: Any, method: str) -> tuple[np.ndarray, np.ndarray]:
-    rng = np.random.default_rng(0)
-    n = recipe.num_image_tokens
-    c = recipe.text.hidden_size if method == "divprune" else recipe.vision.hidden_size
-    return rng.standard_normal((1, n, c)).astype(np.float32), rng.random((1, n)).astype(np.float32)
-
-
-def stage1_probe(pipe: Any, cfg: Config, backend: str, opts: BenchOptions) -> tuple[list[float], str | None]:
-    """Seconds per Stage 1 call alone (the same selection code, on this backend), or ([], why not)."""
-    if cfg.budget == "full" or cfg.method in ("fastv", "none"):
-        return [], None
-    import torch
-
-    recipe, anchor = pipe.recipe, pipe.anchor
-    mod = _stage1_module(cfg.method, cfg.k_pre, anchor)
-    x, cls_att = _stage1_inputs(recipe, cfg.method)
-    warm, reps = max(opts.warmup, 1), max(opts.repeats, 10)
-    if backend in ("torch", "torch-compile"):
-        dev = torch.device("cuda" if _want_cuda(opts) else "cpu")
-        xt, ct = torch.from_numpy(x).to(dev), torch.from_numpy(cls_att).to(dev)
-        f = torch.compile(mod, dynamic=False) if backend == "torch-compile" else mod
-
-        def run() -> None:
-            with torch.inference_mode():
-                f(xt, ct)
-
-        return time_repeats(run, warm, reps, torch.cuda.synchronize if dev.type == "cuda" else None), None
-    if backend == "ort":
-        import onnxruntime as ort
-
-        d = _cache_root() / "bench-exports" / "stage1"
-        d.mkdir(parents=True, exist_ok=True)
-        # "loop2": the batched Loop (GatherND rows); files named "-loop" / "-unrolled" hold earlier forms
-        path = d / f"{cfg.method}-n{x.shape[1]}-c{x.shape[2]}-k{cfg.k_pre}-{anchor}-loop2.onnx"
-        if not path.is_file():
-            import warnings
-
-            with warnings.catch_warnings(), torch.no_grad():
-                warnings.simplefilter("ignore")
-                from sts_export.pruning.loop import translation_table
-
-                prog = torch.onnx.export(mod, (torch.from_numpy(x), torch.from_numpy(cls_att)), dynamo=True,
-                                         custom_translation_table=translation_table(),
-                                         input_names=["features", "cls_attention"], output_names=["keep_pre"],
-                                         opset_version=18, optimize=True, verbose=False)
-            tmp = path.with_suffix(f".tmp{os.getpid()}")
-            prog.save(str(tmp))
-            os.replace(tmp, path)
-        inner = getattr(pipe.backend, "inner", pipe.backend)
-        sess = ort.InferenceSession(str(path), getattr(inner, "opts", None),
-                                    providers=getattr(inner, "providers", ["CPUExecutionProvider"]))
-        feeds = {i.name: {"features": x, "cls_attention": cls_att}[i.name] for i in sess.get_inputs()}
-        return time_repeats(lambda: sess.run(None, feeds), warm, reps), None
-    return [], f"Stage 1 probe not implemented for backend {backend} (its time is inside vision_ms)"
-
-
-# ----------------------------------------------------------------------------------------------- rows
-def cost_fields(recipe: Any, method: str, budget: int | str, dtype: str, text_tokens: int, decode_context: int,
-                device: str | None, devices_file: str | None, image_size: tuple[int, int] | None = None,
-                scheme: Any = None, new_tokens: int = 0) -> dict[str, Any]:
-    """A row's analytic fields: flops_/bytes_ per phase (cost.phase_costs) and, with a device, the roofline.
-    `image_size` (width, height): the image of dynamic-resolution recipes (Qwen2.5-VL), whose N it sets.
-    `scheme` (quantized weights): the weight traffic at its bytes; every row gets the analytic weight bytes and the
-    memory it needs resident after `new_tokens` decode steps (cost.memory_fit), with a device whether it fits."""
-    costs = phase_costs(recipe, budget, method, dtype=dtype, prompt_tokens=text_tokens, decode_context=decode_context,
-                        image_size=image_size)
-    out: dict[str, Any] = {}
-    for ph, c in costs.items():
-        out[f"flops_{ph}"] = c.flops
-        out[f"bytes_{ph}"] = c.bytes
-    out["flops_stage1"] = costs["vision"].detail.get("stage1", 0.0)
-    out["flops_stage2"] = costs["prefill"].detail.get("stage2", 0.0)
-    q = scheme
-    parts = weight_bytes_by_part(recipe, dtype, q.weights if q else None, q.block_size if q else None,
-                                 q.encoding if q else "matmulnbits", bool(q and q.quantize_vision))
-    if q is not None:
-        costs = with_weight_bytes(costs, parts, has_stage2(method, budget))
-        for ph, c in costs.items():
-            out[f"bytes_{ph}"] = c.bytes
-    out["weight_bytes_analytic"] = float(sum(parts.values()))
-    dev = get_device(device, devices_file) if device is not None else None
-    seq = sequence_lengths(recipe, budget, method, text_tokens, image_size)
-    out.update(memory_fit(recipe, seq, dtype, parts, new_tokens, dev))
-    if device is not None:
-        terms = roofline_terms(costs, dev)
-        out["roofline_device"] = device
-        for ph, t in terms.items():
-            out[f"{ph}_roofline_ms"] = t["bound_ms"]
-            out[f"{ph}_bound"] = t["bound"]
-        out["ttft_roofline_ms"] = terms["vision"]["bound_ms"] + terms["prefill"]["bound_ms"]
-    return out
-
-
-def _blank_timing() -> dict[str, Any]:
-    """The measured fields of a row, all empty (--cost-only rows)."""
-    row: dict[str, Any] = {}
-    for ph in PHASES:
-        for s in STAT_KEYS:
-            row[f"{ph}_ms_{s}"] = None
-    row.update(stage1_ms_median=None, stage1_ms_iqr=None, stage1_share_ttft=None, peak_rss_bytes=None,
-               peak_gpu_bytes=None, peak_mem_bytes=None, graph_ms_median={}, samples_ms={})
-    return row
-
-
-def _export_weight_bytes(export_dir: str) -> int | None:
-    """Bytes of an export's ONNX graphs (weights included: `.onnx` + `.onnx.data`), from its manifest."""
-    from sts_export.artifact.manifest import read_manifest
-
-    d = Path(export_dir)
-    try:
-        m = read_manifest(d, verify=False)
-    except StsError:
-        return None
-    files = [g["onnx"] for g in m["graphs"].values()] + [g["external_data"]["file"] for g in m["graphs"].values()
-                                                          if "external_data" in g]
-    return int(sum((d / f).stat().st_size for f in files))
 
 
 class Runner:
@@ -848,64 +332,6 @@ def _device_name(backend: str, cuda: bool, pipe: Any) -> str:
     if backend == "ort":
         return getattr(getattr(pipe.backend, "inner", pipe.backend), "device_type", "cpu")
     return "cuda" if cuda else "cpu"
-
-
-def cost_image_size(recipe: Any, image: Any) -> tuple[int, int] | None:
-    """(width, height) of the bench image where it sets N (dynamic resolution: Qwen2.5-VL), else None."""
-    if not recipe.image_processor.max_pixels:
-        return None
-    return tuple((image if image is not None else default_image(recipe)).size)
-
-
-def cost_row(model: str, recipe: Any, cfg: Config, opts: BenchOptions, image: Any = None) -> dict[str, Any]:
-    """An analytic-only row (--cost-only): no weights, no timings."""
-    t = opts.text_tokens or None
-    size = cost_image_size(recipe, image)
-    seq = sequence_lengths(recipe, cfg.budget, cfg.method, t, size)
-    row: dict[str, Any] = {
-        "model": model, "recipe": recipe.name, "method": cfg.method, "budget": cfg.budget, "backend": "analytic",
-        "dtype": opts.dtype, "device": None, "k_pre": seq.k_pre, "k_post": seq.k_post,
-        "prune_layer": seq.prune_layer, "text_tokens": seq.text_tokens, "seq_len_stage1": seq.s1,
-        "seq_len_stage2": seq.s2,
-        "kv_cache_bytes": kv_cache_bytes(recipe, seq.s1, seq.s2, DTYPE_BYTES[opts.dtype], prune_layer=seq.prune_layer),
-        "repeats": 0, "warmup": 0, "max_new_tokens": opts.max_new_tokens,
-    }
-    row.update(_blank_timing())
-    row.update(cost_fields(recipe, cfg.method, cfg.budget, opts.dtype, seq.text_tokens,
-                           max(opts.max_new_tokens - 2, 0) // 2, opts.device, opts.devices_file, size,
-                           scheme=cfg.scheme, new_tokens=opts.max_new_tokens))
-    row["weights"] = cfg.weights(opts.dtype)
-    row["weight_bytes"], row["weight_bytes_source"] = row["weight_bytes_analytic"], "analytic"
-    if size is not None:
-        rows, cols = token_grid(recipe, size)
-        row["image_size"], row["n_tokens"] = list(size), rows * cols
-    return row
-
-
-def add_ratios(rows: list[dict[str, Any]], on_device: str | None) -> None:
-    """Speedups over the `full` row of the same model/backend, beside the analytic FLOP ratios; measured/bound."""
-    for row in rows:
-        base = next((r for r in rows if r["budget"] == "full" and r["model"] == row["model"]
-                     and r["backend"] == row["backend"] and r["dtype"] == row["dtype"]
-                     and r.get("weights") == row.get("weights") and r.get("graph_form") == row.get("graph_form")),
-                    None)
-        row.update(speedup_ttft=None, speedup_prefill=None, flop_ratio_ttft=None, flop_ratio_prefill=None,
-                   speedup_over_flop_ratio=None)
-        if base is not None:
-            row["flop_ratio_ttft"] = (base["flops_vision"] + base["flops_prefill"]) / (row["flops_vision"] + row["flops_prefill"])
-            row["flop_ratio_prefill"] = base["flops_prefill"] / row["flops_prefill"]
-            if row["ttft_ms_median"] and base["ttft_ms_median"]:
-                row["speedup_ttft"] = base["ttft_ms_median"] / row["ttft_ms_median"]
-                row["speedup_prefill"] = base["prefill_ms_median"] / row["prefill_ms_median"]
-                row["speedup_over_flop_ratio"] = row["speedup_ttft"] / row["flop_ratio_ttft"]
-        if on_device and "ttft_roofline_ms" in row and row.get("ttft_ms_median") is not None:
-            for ph in PHASES:
-                bound, meas = row.get(f"{ph}_roofline_ms"), row.get(f"{ph}_ms_median")
-                row[f"{ph}_measured_over_bound"] = meas / bound if bound and meas is not None else None
-        if row.get("ttft_ms_median"):
-            for ph, fl in (("vision", row["flops_vision"]), ("prefill", row["flops_prefill"])):
-                ms = row.get(f"{ph}_ms_median")
-                row[f"{ph}_gflops_per_s"] = fl / (ms * 1e6) if ms else None
 
 
 # ----------------------------------------------------------------------------------------------- driver
