@@ -197,7 +197,7 @@ def test_bench_aoti_rows_report_packages(aoti_root: Path) -> None:
         exported(aoti_root, *case)
     notes: list[str] = []
     res = run_bench(BenchOptions(models=["tiny-llava"], budgets=["full", "8"], methods=["sts"], backends=["aoti"],
-                                 exports=str(aoti_root), repeats=1, warmup=0, max_new_tokens=3, accelerator="cpu",
+                                 exports=str(aoti_root), repeats=1, warmup=0, max_new_tokens=3, device="cpu",
                                  stage1_probe=False, progress=notes.append))
     rows = [r for r in res["rows"] if r["backend"] == "aoti"]
     assert [r["budget"] for r in rows] == ["full", 8], res["notes"]

@@ -59,8 +59,8 @@ def timed_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[subprocess.Comp
     tmp = tmp_path_factory.mktemp("bench")
     env = {**os.environ, "STS_CACHE": str(tmp / "cache"), "HF_HUB_OFFLINE": "1"}
     cmd = [sys.executable, str(ROOT / "bench.py"), "--models", "tiny-llava", "--budgets", "full,64", "--methods", "sts",
-           "--backends", "torch,ort,trt", "--accelerator", "cpu", "--repeats", "1", "--warmup", "0", "--max-new-tokens", "3",
-           "--ort-forms", "auto,ort-concat,portable", "--device", "host",
+           "--backends", "torch,ort,trt", "--device", "cpu", "--repeats", "1", "--warmup", "0", "--max-new-tokens", "3",
+           "--ort-forms", "auto,ort-concat,portable", "--roofline", "host",
            "--json", str(tmp / "out.json"), "--plot", str(tmp / "out.png")]
     proc = subprocess.run(cmd, cwd=tmp, env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -125,7 +125,7 @@ def test_cost_only(tmp_path: Path) -> None:
     """No weights, no timing: analytic rows for the real 7B, with the roofline for a chosen device."""
     js, png = tmp_path / "c.json", tmp_path / "c.png"
     res = CliRunner().invoke(bench_cli.main, ["--model", "llava-1.5-7b", "--cost-only", "--budgets", "full,128,64,32",
-                                              "--methods", "sts,fastv", "--dtype", "fp16", "--device",
+                                              "--methods", "sts,fastv", "--dtype", "fp16", "--roofline",
                                               "jetson-agx-orin-64gb", "--json", str(js), "--plot", str(png)])
     assert res.exit_code == 0, res.output
     result = json.loads(js.read_text())
@@ -146,7 +146,7 @@ def test_cost_only(tmp_path: Path) -> None:
     (["--methods", "nope"], "unknown method 'nope'"),
     (["--backends", "cuda-magic"], "unknown backend"),
     (["--budgets", "0"], "budget must be a positive integer"),
-    (["--device", "h900"], "unknown device 'h900'"),
+    (["--roofline", "h900"], "unknown device 'h900'"),
     (["--ort-forms", "fast"], "unknown --ort-forms fast"),
 ])
 def test_errors_are_one_line(args: list[str], message: str) -> None:

@@ -115,7 +115,7 @@ def test_bench_cli_with_peers(tmp_path: Path) -> None:
     _require_genai()
     env = {**os.environ, "STS_CACHE": str(tmp_path / "cache"), "HF_HUB_OFFLINE": "1"}
     cmd = [sys.executable, str(ROOT / "bench.py"), "--models", "tiny-llava", "--random-weights", "--budgets", "full,64",
-           "--methods", "sts", "--backends", "transformers,ort-genai,torch", "--accelerator", "cpu", "--repeats", "1",
+           "--methods", "sts", "--backends", "transformers,ort-genai,torch", "--device", "cpu", "--repeats", "1",
            "--warmup", "0", "--max-new-tokens", "3", "--threads", "2", "--no-stage1-probe", "--json",
            str(tmp_path / "out.json")]
     proc = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)

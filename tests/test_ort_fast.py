@@ -370,7 +370,7 @@ def test_older_ort_form_is_left_unused(segments: Any) -> None:
     old["ort_form"]["cache"]["form_version"] = ORT_FORM_VERSION - 1
     assert not ort_form_is_current(old)
     assert OrtBackend(d, old, device="cpu").form == "portable"
-    with pytest.raises(StsError, match="older ORT form.*python -m sts_export.export.ort_form"):
+    with pytest.raises(StsError, match="older ORT form.*sts ort-form"):
         OrtBackend(d, old, device="cpu", form="ort")
 
 

@@ -17,7 +17,8 @@ from PIL import Image
 from tests.conftest import hf_llava, make_image
 from sts_export import Pipeline, StsError, load_recipe
 from sts_export.show.diagnostics import knn_consistency
-from sts_export.show.compare import compare_methods, consistency, full_vision_tower, main
+from sts_export.cli.show import main
+from sts_export.show.compare import compare_methods, consistency, full_vision_tower
 from sts_export.show.pictures import compare_panels
 
 MODEL = "tiny-llava"
@@ -128,7 +129,7 @@ def _env() -> dict[str, str]:
 
 
 def _show(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "sts_export.show", *args], cwd=ROOT, env=_env(),
+    return subprocess.run([sys.executable, "-m", "sts_export.cli", "show", *args], cwd=ROOT, env=_env(),
                           capture_output=True, text=True, timeout=120)
 
 
@@ -144,7 +145,7 @@ def test_cli_writes_files(tmp_path: Path, image: Image.Image, tiny_dir) -> None:
         assert im.width > 100 and im.height > 100
     out = tmp_path / "cmp.png"  # the same click group in-process (saves a second interpreter start)
     r = CliRunner().invoke(main, ["compare", "--model", MODEL, "--image", str(img), "--prompt", PROMPT,
-                                  "--methods", "sts,cls", "--budget", "64", "--out", str(out)])
+                                  "--methods", "sts,cls", "--budget", "64", "--png", str(out)])
     assert r.exit_code == 0, r.output
     with Image.open(out) as im:
         assert im.width == 2 * W + 3 * GAP
@@ -162,7 +163,7 @@ def test_cli_bad_budget_one_line(tmp_path: Path, image: Image.Image) -> None:
     img = tmp_path / "img.png"
     image.save(img)
     r = CliRunner().invoke(main, ["compare", "--model", MODEL, "--image", str(img), "--prompt", PROMPT,
-                                  "--methods", "sts,fastv", "--budget", "64", "--out", str(tmp_path / "x.png")])
+                                  "--methods", "sts,fastv", "--budget", "64", "--png", str(tmp_path / "x.png")])
     assert r.exit_code == 2
     assert r.stderr.count("\n") == 1 and r.stderr.startswith("error: ") and "fastv" in r.stderr
     assert not (tmp_path / "x.png").exists()

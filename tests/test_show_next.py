@@ -227,7 +227,7 @@ def test_fastv_generation_maps_through_packed_index() -> None:
 # ---------------------------------------------------------------- run.py --show-kept
 
 def test_run_show_kept_draws_next_panels(sts_pipe: Pipeline, monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
-    import sts_export.run as run
+    import sts_export.cli.run as run
 
     img_path, out = tmp_path / "img.png", tmp_path / "kept.png"
     make_image(350, 700, seed=6).save(img_path)

@@ -523,6 +523,17 @@ def test_workspace_limit(unified: bool, exports: dict, tmp_path: Path, monkeypat
         assert pools == {None} and "TensorRT's default pool limit" in ws[0] and m["tensorrt"]["workspace_bytes"] is None
 
 
+def _selftest(args: list[str]) -> int:
+    """`sts selftest ARGS` in this process (the stand-in installed by the test); its exit status."""
+    from sts_export.cli.main import main
+
+    try:
+        main(["selftest", *args], prog_name="sts", standalone_mode=False)
+    except SystemExit as e:
+        return int(e.code or 0)
+    return 0
+
+
 def test_selftest_report_on_the_stand_in(exports: dict, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
                                          capsys: pytest.CaptureFixture) -> None:
     """The self-test's plumbing: engines built with the package's own build, run through TrtBackend and compared
@@ -531,7 +542,7 @@ def test_selftest_report_on_the_stand_in(exports: dict, tmp_path: Path, monkeypa
     from sts_export.show import selftest
 
     fake = install(monkeypatch, "11")
-    rc = selftest.main(["--work", str(tmp_path / "w"), "--exports", f"tiny-llava:fp32={exports['tiny-llava-fp32']}",
+    rc = _selftest(["--work", str(tmp_path / "w"), "--exports", f"tiny-llava:fp32={exports['tiny-llava-fp32']}",
                         "--exports", f"tiny-llava-gqa:fp16={exports['tiny-llava-gqa-fp16']}",
                         "--max-new-tokens", "6"])
     assert sum(c.startswith("context.execute_async_v3") for c in fake.calls) >= 2 * 5  # the engines ran
@@ -551,11 +562,9 @@ def test_selftest_report_on_the_stand_in(exports: dict, tmp_path: Path, monkeypa
 
 def test_selftest_reports_a_failed_build(exports: dict, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
                                          capsys: pytest.CaptureFixture) -> None:
-    from sts_export.show import selftest
-
     fake = install(monkeypatch, "10.3")
     fake.fail_build = "Could not find any implementation for node /Loop."
-    rc = selftest.main(["--work", str(tmp_path / "w"), "--exports", f"tiny-llava:fp32={exports['tiny-llava-fp32']}"])
+    rc = _selftest(["--work", str(tmp_path / "w"), "--exports", f"tiny-llava:fp32={exports['tiny-llava-fp32']}"])
     report = capsys.readouterr().out
     assert rc == 1
     row = [r for r in report.splitlines() if r.startswith("tiny-llava ")][0]
@@ -566,11 +575,9 @@ def test_selftest_reports_a_failed_build(exports: dict, tmp_path: Path, monkeypa
 def test_selftest_sees_a_difference(exports: dict, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
                                     capsys: pytest.CaptureFixture) -> None:
     """The comparison is real: engines whose logits are off by 0.01 (above fp32's 1e-4) are DIFFERS, with the figure."""
-    from sts_export.show import selftest
-
     fake = install(monkeypatch, "11")
     fake.perturb = {"logits": 0.01}
-    rc = selftest.main(["--work", str(tmp_path / "w"), "--exports", f"tiny-llava:fp32={exports['tiny-llava-fp32']}",
+    rc = _selftest(["--work", str(tmp_path / "w"), "--exports", f"tiny-llava:fp32={exports['tiny-llava-fp32']}",
                         "--max-new-tokens", "4"])
     report = capsys.readouterr().out
     row = [r for r in report.splitlines() if r.startswith("tiny-llava ")][0]
@@ -587,9 +594,9 @@ def test_selftest_without_tensorrt_is_one_line(tmp_path: Path) -> None:
             "        raise ImportError(\"No module named 'tensorrt'\")\n"
             "    return real(name, *a, **k)\n"
             "builtins.__import__ = imp\n"
-            "from sts_export.show import selftest\n"
-            "sys.exit(selftest.main([]))\n")
+            "from sts_export.cli.main import main\n"
+            "main(['selftest'], prog_name='sts')\n")
     r = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True, timeout=300,
                        env={**os.environ, "PYTHONPATH": str(ROOT)})
     assert r.returncode == 2 and r.stdout == "" and r.stderr.count("\n") == 1, (r.stdout, r.stderr)
-    assert r.stderr.startswith("selftest: ") and "TensorRT is not installed" in r.stderr
+    assert r.stderr.startswith("error: ") and "TensorRT is not installed" in r.stderr

@@ -194,16 +194,18 @@ def test_versions_parse_and_default(monkeypatch: pytest.MonkeyPatch) -> None:
     assert trt_check.default_version() == "10.16"  # a Jetson on JetPack 7.2 checks against its own TensorRT
 
 
-def test_check_main_one_verdict_per_version(tmp_path, capsys: pytest.CaptureFixture) -> None:
+def test_check_command_one_verdict_per_version(tmp_path) -> None:
+    from click.testing import CliRunner
+
+    from sts_export.cli.main import main
+
     onnx.save(_attention(), str(tmp_path / "attn.onnx"))
-    assert trt_check.main([str(tmp_path), "--trt-version", "10.3,11.4"]) == 1
-    out = capsys.readouterr().out
-    assert "TensorRT 10.3 compatibility: FAIL" in out and "TensorRT 11.4 compatibility: PASS" in out
-    assert "op 'Attention' is not in the TensorRT 10.3 ONNX parser's support table" in out
-    with pytest.raises(SystemExit) as e:
-        trt_check.main([str(tmp_path), "--trt-version", "abc"])
-    err = capsys.readouterr().err
-    assert e.value.code == 2 and err.count("\n") == 1 and err.startswith("error: --trt-version 'abc'")
+    r = CliRunner().invoke(main, ["check", str(tmp_path), "--trt-version", "10.3,11.4"])
+    assert r.exit_code == 1, r.output
+    assert "TensorRT 10.3 compatibility: FAIL" in r.output and "TensorRT 11.4 compatibility: PASS" in r.output
+    assert "op 'Attention' is not in the TensorRT 10.3 ONNX parser's support table" in r.output
+    r = CliRunner().invoke(main, ["check", str(tmp_path), "--trt-version", "abc"])
+    assert r.exit_code == 2 and r.output.count("\n") == 1 and r.output.startswith("error: --trt-version 'abc'")
 
 
 def test_double_tensor() -> None:

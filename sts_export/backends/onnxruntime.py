@@ -164,7 +164,7 @@ class OrtBackend:
         if have and not ort_form_is_current(manifest):  # an older sts-export's layout: its portable graphs run
             if form == "ort":
                 raise StsError(f"{export_dir} holds an older ORT form; write the current one with "
-                               f"python -m sts_export.export.ort_form {export_dir}")
+                               f"sts ort-form {export_dir}")
             have = set()
         kernel_rotary = manifest.get("ort_form", {}).get("cache", {}).get("rotary", "kernel") == "kernel"
         if have & {"segment1", "segment2"} and kernel_rotary and not gqa_takes_query_seqlens():
@@ -173,7 +173,7 @@ class OrtBackend:
             # ids (gapped ids after Stage 2, M-RoPE's). A form exported there rotates with RotaryEmbedding ops.
             if form == "ort":
                 raise StsError(f"this ORT form of the decoder needs onnxruntime 1.32 or newer (this is {ort.__version__}); "
-                               "pip install -U onnxruntime, rewrite it with python -m sts_export.export.ort_form "
+                               "pip install -U onnxruntime, rewrite it with sts ort-form "
                                "DIR, or run the portable graphs (form 'portable')")
             have -= {"segment1", "segment2"}
         # the ORT form is float32 for the CPU provider (GroupQueryAttention has no float32 CUDA kernel: on CUDA an

@@ -429,12 +429,12 @@ def load_devices(path: str | os.PathLike | None = None) -> dict[str, Device]:
     return devices
 
 
-HOST = "host"  # --device host: this machine, measured at the start of the run (timing.measure_host)
+HOST = "host"  # --roofline host: this machine, measured at the start of the run (timing.measure_host)
 _MEASURED: dict[str, Device] = {}
 
 
 def register_device(dev: Device) -> None:
-    """Make a measured profile (`--device host`) known to get_device for the rest of the process."""
+    """Make a measured profile (`--roofline host`) known to get_device for the rest of the process."""
     _MEASURED[dev.name] = dev
 
 

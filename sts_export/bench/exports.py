@@ -144,9 +144,9 @@ def _aoti_packages(export_dir: str) -> dict[str, Any] | None:
 def _want_cuda(opts: BenchOptions) -> bool:
     import torch
 
-    if opts.accelerator == "cuda" and not torch.cuda.is_available():
-        raise StsError("--accelerator cuda: torch sees no CUDA GPU; use --accelerator cpu")
-    return opts.accelerator == "cuda" or opts.accelerator == "auto" and torch.cuda.is_available()
+    if opts.device == "cuda" and not torch.cuda.is_available():
+        raise StsError("--device cuda: torch sees no CUDA GPU; use --device cpu")
+    return opts.device == "cuda" or opts.device == "auto" and torch.cuda.is_available()
 
 
 def load_pipeline(model: str, recipe: Any, cfg: Config, backend: str, opts: BenchOptions) -> Any:

@@ -47,10 +47,10 @@ class BenchOptions:
     warmup: int = 1
     max_new_tokens: int = 8
     dtype: str = "fp32"
-    accelerator: str = "auto"  # where to run: auto (cuda when torch sees one), cpu, cuda
-    device: str | None = None  # roofline profile (cost.load_devices)
-    devices_file: str | None = None
-    on_device: bool = False  # the --device profile is the hardware running the benchmark: report measured/bound
+    device: str = "auto"  # the accelerator: auto (cuda when torch sees one), cpu, cuda
+    roofline: str | None = None  # roofline profile (cost.load_devices), or "host" (measured)
+    roofline_file: str | None = None
+    on_device: bool = False  # the --roofline profile is the hardware running the benchmark: report measured/bound
     random_weights: bool = False
     prompt: str = DEFAULT_PROMPT
     text_tokens: int | None = None  # synthetic prompt of this many text tokens instead of tokenizing --prompt
@@ -86,8 +86,8 @@ class BenchOptions:
             raise StsError("--max-new-tokens must be >= 1 (2 or more to time decode steps)")
         if self.dtype not in DTYPE_BYTES:
             raise StsError(f"unknown dtype '{self.dtype}'; choose fp32, fp16 or bf16")
-        if self.accelerator not in ("auto", "cpu", "cuda"):
-            raise StsError(f"--accelerator must be auto, cpu or cuda, got '{self.accelerator}'")
+        if self.device not in ("auto", "cpu", "cuda"):
+            raise StsError(f"--device must be auto, cpu or cuda, got '{self.device}'")
         if self.text_tokens is not None and self.text_tokens < 2:
             raise StsError("--text-tokens must be >= 2 (BOS and at least one text token)")
         if self.threads is not None and self.threads < 1:
@@ -97,8 +97,8 @@ class BenchOptions:
         self.weights = _unique(self.weights or [self.dtype])
         for w in self.weights:
             check_weights(w, self.block_size, dtype=self.dtype)  # one line for a bad --weights/--block-size
-        if self.device is not None and self.device != HOST:  # host: measured by run_bench
-            get_device(self.device, self.devices_file)  # unknown name -> one-line error listing the valid ones
+        if self.roofline is not None and self.roofline != HOST:  # host: measured by run_bench
+            get_device(self.roofline, self.roofline_file)  # unknown name -> one-line error listing the valid ones
         self.ort_forms = _unique(self.ort_forms or ["auto"])
         bad = [f for f in self.ort_forms if f not in ORT_FORMS]
         if bad:
@@ -133,11 +133,11 @@ class Config:
 def configs_per_weights(configs: list[Config], opts: BenchOptions, backend: str, skipped: list[dict[str, Any]],
                  notes: list[str]) -> list[Config]:
     """Every configuration once per --weights entry (quantized for `backend`'s encoding: analytic rows with a
-    --device take TensorRT's, the one that runs on a GPU); torch runs float weights only."""
+    --roofline take TensorRT's, the one that runs on a GPU); torch runs float weights only."""
     from sts_export.export.weights import check_weights
 
     out: list[Config] = []
-    target = "trt" if backend == "trt" or backend == "analytic" and opts.device is not None else "onnx"
+    target = "trt" if backend == "trt" or backend == "analytic" and opts.roofline is not None else "onnx"
     for w in opts.weights:
         if w in ("int8", "int4") and backend in ("torch", "torch-compile"):
             notes.append(f"{backend}: --weights {w} skipped: the torch backend runs the float weights (quantized "

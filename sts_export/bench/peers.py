@@ -128,8 +128,8 @@ def _peer_row(peer: str, model: str, recipe: Any, opts: Any, device: str, text_t
     row.update(peak_rss_bytes=int(peak_rss), peak_rss_delta_bytes=int(delta_rss), peak_gpu_bytes=peak_gpu,
                peak_mem_bytes=int(peak_gpu if peak_gpu is not None else peak_rss), graph_ms_median={},
                samples_ms={ph: [x * 1e3 for x in v] for ph, v in samples.items()})
-    row.update(cost_fields(recipe, "none", "full", opts.dtype, text_tokens, max(n_tok - 2, 0) // 2, opts.device,
-                           opts.devices_file, image_size, new_tokens=n_tok))
+    row.update(cost_fields(recipe, "none", "full", opts.dtype, text_tokens, max(n_tok - 2, 0) // 2, opts.roofline,
+                           opts.roofline_file, image_size, new_tokens=n_tok))
     row["weight_bytes"], row["weight_bytes_source"] = row["weight_bytes_analytic"], "analytic"
     return row
 

@@ -92,7 +92,7 @@ def format_table(result: dict[str, Any]) -> str:
         if any(r.get("ttft_measured_over_bound") is not None for r in rows):
             cols += [("TTFT meas/bound", lambda r: _fmt(r.get("ttft_measured_over_bound"), ".1f")),
                      ("dec meas/bound", lambda r: _fmt(r.get("decode_measured_over_bound"), ".2f"))]
-    if any(r.get("fits") is not None for r in rows):  # memory fit on --device: weights + KV + activations + runtime
+    if any(r.get("fits") is not None for r in rows):  # memory fit on --roofline: weights + KV + activations + runtime
         cols += [("need GB", lambda r: _fmt(r.get("mem_need_bytes"), ".2f", 1e-9)),
                  (f"fits {rows[0].get('roofline_device') or ''}".strip(),
                   lambda r: "-" if r.get("fits") is None else ("yes" if r["fits"] else "NO"))]

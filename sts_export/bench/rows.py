@@ -97,7 +97,7 @@ def cost_row(model: str, recipe: Any, cfg: Config, opts: BenchOptions, image: An
     }
     row.update(_blank_timing())
     row.update(cost_fields(recipe, cfg.method, cfg.budget, opts.dtype, seq.text_tokens,
-                           max(opts.max_new_tokens - 2, 0) // 2, opts.device, opts.devices_file, size,
+                           max(opts.max_new_tokens - 2, 0) // 2, opts.roofline, opts.roofline_file, size,
                            scheme=cfg.scheme, new_tokens=opts.max_new_tokens))
     row["weights"] = cfg.weights(opts.dtype)
     row["weight_bytes"], row["weight_bytes_source"] = row["weight_bytes_analytic"], "analytic"

@@ -17,7 +17,7 @@ features of the model's shape, so its share of the pruned TTFT can be read off.
 Configurations of one backend run interleaved when their weights fit in memory together (all loaded, warm-ups and
 repeats round-robin), so a change in machine load - other processes on a shared host, thermal throttling - hits
 every configuration alike and the speedups stay fair; otherwise one after the other (--sequential).
-Cost: sts_export.bench.cost (analytic FLOPs/bytes per phase, roofline for --device). `--cost-only` needs no weights.
+Cost: sts_export.bench.cost (analytic FLOPs/bytes per phase, roofline for --roofline). `--cost-only` needs no weights.
 
 Rows with budget `full` are run once per (model, backend) as method `none` (no pruning: the same graphs for every
 method) and serve as the baseline of the speedups: speedup_ttft = ttft(full) / ttft(row), beside
@@ -194,7 +194,7 @@ class Runner:
             row["samples_ms"]["stage1"] = [x * 1e3 for x in s1_samples]
         size = tuple(self.image.size) if self.recipe.image_processor.max_pixels else None  # Qwen: this image's N
         row.update(cost_fields(self.recipe, cfg.method, cfg.budget, opts.dtype, text_tokens,
-                               max(n_tok - 2, 0) // 2, opts.device, opts.devices_file, size,
+                               max(n_tok - 2, 0) // 2, opts.roofline, opts.roofline_file, size,
                                scheme=cfg.scheme, new_tokens=opts.max_new_tokens))
         row["weight_bytes"] = self.weight_bytes if self.weight_bytes is not None else row["weight_bytes_analytic"]
         row["weight_bytes_source"] = "export files" if self.weight_bytes is not None else "analytic"
@@ -367,18 +367,18 @@ def run_bench(opts: BenchOptions) -> dict[str, Any]:
 
         image = load_image(image)
     on_device = None
-    if opts.device == HOST:  # this machine, measured now: the roofline of every row is its own
-        opts.progress("measuring this machine (--device host): memory read bandwidth and fp32 GEMM throughput ...")
+    if opts.roofline == HOST:  # this machine, measured now: the roofline of every row is its own
+        opts.progress("measuring this machine (--roofline host): memory read bandwidth and fp32 GEMM throughput ...")
         dev = measure_host(opts.threads)
         register_device(dev)
         system["host_profile"] = dataclasses.asdict(dev)
         opts.progress(f"  host: {dev.bandwidth_gbs:.1f} GB/s read, {dev.fp32_tflops * 1e3:.0f} GFLOP/s fp32")
         on_device = HOST if not opts.cost_only else None
-    elif opts.device is not None and not opts.cost_only:
-        if opts.on_device or detect_device_profile() == opts.device:
-            on_device = opts.device
+    elif opts.roofline is not None and not opts.cost_only:
+        if opts.on_device or detect_device_profile() == opts.roofline:
+            on_device = opts.roofline
         else:
-            notes.append(f"roofline for --device {opts.device}; measured/bound is reported only on that device "
+            notes.append(f"roofline for --roofline {opts.roofline}; measured/bound is reported only on that device "
                          f"(this machine: {', '.join(g['name'] for g in gpu_info()) or cpu_model()}; "
                          "pass --on-device if the profile describes it)")
     for model in opts.models:

@@ -344,7 +344,7 @@ HOST_GEMM = (512, 4096, 4096)  # [M, K] x [K, N] fp32
 
 
 def measure_host(threads: int | None = None, repeats: int = 10) -> Device:
-    """This machine as a roofline profile (`--device host`, cost.Device named "host"), measured now:
+    """This machine as a roofline profile (`--roofline host`, cost.Device named "host"), measured now:
 
     bandwidth_gbs  the best of `repeats` runs of two readers that stream a 512 MiB fp32 weight once: ONNX
                    Runtime's CPU MatMul as a GEMV [1, 8192] x [8192, 16384] (the kernel a decode step runs) and

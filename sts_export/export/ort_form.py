@@ -421,27 +421,3 @@ def add_ort_form(export_dir: Path, progress: Callable[[str], None] = print) -> d
     write_manifest(export_dir, {**m, "ort_form": entry})
     progress(f"ORT form recorded in {export_dir / 'manifest.json'}")
     return entry
-
-
-def main(argv: list[str] | None = None) -> int:
-    """python -m sts_export.export.ort_form EXPORT_DIR...: add the ORT form to fp32 exports (one line on bad input)."""
-    import argparse
-    import sys
-
-    from sts_export.errors import StsError
-
-    ap = argparse.ArgumentParser(prog="python -m sts_export.export.ort_form",
-                                 description="Add the fused ONNX Runtime form of the decoder segments to fp32 exports.")
-    ap.add_argument("export_dirs", nargs="+", type=Path, metavar="EXPORT_DIR")
-    args = ap.parse_args(argv)
-    try:
-        for d in args.export_dirs:
-            add_ort_form(d)
-    except StsError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    return 0
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())

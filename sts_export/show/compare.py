@@ -1,9 +1,9 @@
 """Pictures of what pruning does: methods side by side (paper Figs. 6-7) and KNN consistency per
 vision-encoder layer (paper Fig. 2).
 
-    python -m sts_export.show compare --model tiny-llava --image cat.jpg --prompt "What is this?" \
-        --methods sts,divprune,cls,fastv --budget 64 --out compare.png
-    python -m sts_export.show consistency --model tiny-llava --image cat.jpg --out report/
+    sts show compare --model tiny-llava --image cat.jpg --prompt "What is this?" \
+        --methods sts,divprune,cls,fastv --budget 64 --png compare.png
+    sts show consistency --model tiny-llava --image cat.jpg --out report/
 
 Both run our torch modules on CPU by default; weights come from the same sources as
 :class:`~sts_export.pipeline.Pipeline` (recipe name, local checkpoint dir, cached HF id).
@@ -12,10 +12,8 @@ from __future__ import annotations
 
 import dataclasses
 import os
-from pathlib import Path
 from typing import Any, Sequence
 
-import click
 import numpy as np
 import torch
 from PIL import Image
@@ -23,8 +21,8 @@ from torch import nn
 
 from sts_export.pruning.budget import check_method, parse_budget, split_budget
 from sts_export.checkpoint import init_random_, load_weights, resolve
-from sts_export.show.diagnostics import consistency_per_layer, write_report
-from sts_export.errors import StsError, cli_errors
+from sts_export.show.diagnostics import consistency_per_layer
+from sts_export.errors import StsError
 from sts_export.families.layers import ClipLayer, ClipVision
 from sts_export.graphs import build_graphs
 from sts_export.pipeline import Pipeline
@@ -32,7 +30,6 @@ from sts_export.families.llava import load_image, preprocess_image
 from sts_export.recipe import Recipe
 from sts_export.backends.torch import TorchBackend
 from sts_export.artifact.plan import Plan
-from sts_export.tokenizer import cli_input_ids
 from sts_export.show.pictures import compare_panels
 
 def _methods(methods: Sequence[str] | str) -> list[str]:
@@ -163,80 +160,4 @@ def consistency(
     return result
 
 
-# ----------------------------------------------------------------------------- CLI
-def _ks(value: str) -> list[int]:
-    try:
-        ks = [int(k) for k in value.replace(" ", "").split(",") if k]
-    except ValueError:
-        raise StsError(f"--ks must be comma-separated integers, got '{value}'") from None
-    if not ks:
-        raise StsError("--ks is empty")
-    return ks
-
-
-@click.group(context_settings={"help_option_names": ["-h", "--help"]})
-def main() -> None:
-    """Pictures of visual-token pruning: methods side by side, KNN consistency per CLIP layer."""
-
-
-_model_options = [
-    click.option("--model", required=True, help="Recipe name, local checkpoint dir or cached HF id."),
-    click.option("--image", required=True, help="Image file (PNG/JPEG/...)."),
-    click.option("--recipe", default=None, help="Recipe for the architecture (with a dir or HF id)."),
-    click.option("--random-weights", is_flag=True, help="Seeded random weights instead of a checkpoint."),
-]
-
-
-def _with_model_options(f: Any) -> Any:
-    for opt in reversed(_model_options):
-        f = opt(f)
-    return f
-
-
-@main.command("consistency")
-@_with_model_options
-@click.option("--out", required=True, type=click.Path(path_type=Path), help="Directory for consistency.json/.png.")
-@click.option("--ks", default="5,10,20", show_default=True, help="Neighbourhood sizes k, comma-separated.")
-def consistency_cmd(model: str, image: str, recipe: str | None, random_weights: bool, out: Path, ks: str) -> None:
-    """KNN consistency of CLS attention vs. patch features at every CLIP layer (paper Fig. 2)."""
-    with cli_errors():
-        if out.exists() and not out.is_dir():
-            raise StsError(f"--out {out} exists and is not a directory")
-        result = consistency(model, image, recipe=recipe, random_weights=random_weights, ks=_ks(ks))
-        try:
-            write_report(result, out / "consistency.json", out / "consistency.png",
-                         title=f"KNN consistency across CLIP layers ({result['recipe']})")
-        except OSError as e:
-            raise StsError(f"cannot write to {out}: {e.strerror or e}") from None
-        click.echo(f"wrote {out / 'consistency.json'} and {out / 'consistency.png'}", err=True)
-
-
-@main.command("compare")
-@_with_model_options
-@click.option("--prompt", default=None, help="Question about the image (Stage 2 is prompt-aware).")
-@click.option("--input-ids", default=None, help="Comma-separated token ids holding one image token (no tokenizer needed).")
-@click.option("--methods", default="sts,divprune,cls,fastv", show_default=True, help="Comma-separated methods.")
-@click.option("--budget", required=True, help="Average visual tokens per decoder layer, or 'full'.")
-@click.option("--anchor", default=None, help="Stage-1 anchor (mean, first, saliency); default: the recipe's.")
-@click.option("--display-size", default=None, type=click.IntRange(16, 8192), help="Longest side of each panel in px.")
-@click.option("--out", required=True, type=click.Path(path_type=Path), help="Output PNG.")
-def compare_cmd(model: str, image: str, recipe: str | None, random_weights: bool, prompt: str | None,
-                input_ids: str | None, methods: str,
-                budget: str, anchor: str | None, display_size: int | None, out: Path) -> None:
-    """Draw the tokens each method keeps at the same budget, side by side (paper Figs. 6-7)."""
-    with cli_errors():
-        ids = cli_input_ids(prompt, input_ids)
-        picture = compare_methods(model, image, prompt, _methods(methods), budget, input_ids=ids, recipe=recipe,
-                                  random_weights=random_weights, anchor=anchor, display_size=display_size)
-        try:
-            out.parent.mkdir(parents=True, exist_ok=True)
-            picture.save(out, format="PNG" if out.suffix.lower() not in (".jpg", ".jpeg", ".webp") else None)
-        except (OSError, ValueError) as e:
-            raise StsError(f"cannot write {out}: {getattr(e, 'strerror', None) or e}") from None
-        click.echo(f"wrote {out}", err=True)
-
-
 __all__ = ["compare_methods", "consistency", "full_vision_tower"]
-
-if __name__ == "__main__":
-    main()

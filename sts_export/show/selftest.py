@@ -1,4 +1,4 @@
-"""Field check for users who have TensorRT: `python -m sts_export.show.selftest`.
+"""Field check for users who have TensorRT: `sts selftest`.
 
 Builds the tiny models' engines for every family (tiny-llava, tiny-llava-gqa, tiny-llava-next, tiny-qwen2.5-vl; STS
 at a budget that runs both stages; fp32 and fp16) on this machine's TensorRT and GPU with the package's own export
@@ -13,11 +13,11 @@ where the picks are the same), DIFFERS (it ran; some figure is off: the report s
 provider has no bf16 kernels, so there is nothing here to compare a bf16 engine with.
 
 The name says what it is: a self-test of this install (TensorRT, GPU, driver) with this package, the thing a bug
-report needs first; `python -m sts_export.export.tensorrt.check` is the static check, which needs no TensorRT.
+report needs first; `sts check` is the static check, which needs no TensorRT.
 
 Exports need torch and transformers. A Jetson that has neither makes them elsewhere:
-    host:    python -m sts_export.show.selftest --export-only --work tiny-exports
-    device:  python -m sts_export.show.selftest --exports-dir tiny-exports
+    host:    sts selftest --export-only --work tiny-exports
+    device:  sts selftest --exports-dir tiny-exports
 Engines are always built in copies under --work, never in a given export directory.
 
 Exit status: 0 when every row is PASS, 1 when a row DIFFERS or FAILs, 2 when it cannot start (no TensorRT: one
@@ -37,7 +37,6 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Callable
 
-import click
 import numpy as np
 
 from sts_export.errors import StsError
@@ -264,21 +263,10 @@ def _split(text: str, allowed: tuple[str, ...] | dict, what: str) -> list[str]:
     return items
 
 
-@click.command(context_settings={"help_option_names": ["-h", "--help"]})
-@click.option("--families", default=",".join(FAMILIES), show_default=True, help="Comma-separated tiny families.")
-@click.option("--dtypes", default=",".join(DTYPES), show_default=True, help="fp32, fp16 or both.")
-@click.option("--work", type=click.Path(path_type=Path), default=None,
-              help="Where exports and engines go (default: a temporary directory, removed afterwards).")
-@click.option("--exports", multiple=True, help="FAMILY:DTYPE=DIR: use this export (copied) instead of making one; "
-                                               "repeatable; then only the given ones run.")
-@click.option("--exports-dir", type=click.Path(path_type=Path), default=None,
-              help="A --work directory of an --export-only run: use its FAMILY-DTYPE exports.")
-@click.option("--export-only", is_flag=True, help="Only make the exports in --work (needs torch; no TensorRT).")
-@click.option("--max-new-tokens", default=16, show_default=True, type=click.IntRange(1, 256))
-@click.option("--out", "out_file", type=click.Path(path_type=Path), default=None, help="Also write the report here.")
-def cli(families: str, dtypes: str, work: Path | None, exports: tuple[str, ...], exports_dir: Path | None,
-        export_only: bool, max_new_tokens: int, out_file: Path | None) -> int:
-    """Build the tiny models' TensorRT engines here and compare them with ONNX Runtime; print one report."""
+def selftest(families: str, dtypes: str, work: Path | None, exports: tuple[str, ...], exports_dir: Path | None,
+             export_only: bool, max_new_tokens: int, report_file: Path | None) -> int:
+    """Build the tiny models' TensorRT engines here and compare them with ONNX Runtime; print one report (stdout) and
+    return the exit status (0: every row PASS, 1: a row DIFFERS or FAILs). `sts selftest` is its command."""
     from sts_export.backends.tensorrt import discovery
 
     combos = [(f, d) for f in _split(families, FAMILIES, "families") for d in _split(dtypes, DTYPES, "dtypes")]
@@ -304,36 +292,18 @@ def cli(families: str, dtypes: str, work: Path | None, exports: tuple[str, ...],
                 if not (out / "manifest.json").is_file():
                     log(f"exporting {f} {d} -> {out}")
                     _export(f, d, out, log)
-            click.echo(f"exports in {work}: copy it to the device and run "
-                       f"`python -m sts_export.show.selftest --exports-dir {work.name}`")
+            print(f"exports in {work}: copy it to the device and run "
+                  f"`sts selftest --exports-dir {work.name}`")
             return 0
         rows = []
         for f, d in combos:
             log(f"{f} {d}: export, build, run")
             rows.append(run_one(f, d, given.get((f, d)), work, max_new_tokens, log))
         text = report(rows, platform_info(), getattr(trt, "__stand_in__", None))
-        click.echo(text)
-        if out_file is not None:
-            out_file.write_text(text + "\n")
+        print(text)
+        if report_file is not None:
+            report_file.write_text(text + "\n")
         return 0 if all(r.verdict == "PASS" for r in rows) else 1
     finally:
         if own:
             shutil.rmtree(work, ignore_errors=True)
-
-
-def main(argv: list[str] | None = None) -> int:
-    """Run the self-test; returns the exit status (2 with one line on stderr when it cannot start)."""
-    try:
-        return int(cli.main(args=argv, prog_name="selftest", standalone_mode=False) or 0)
-    except StsError as e:
-        print(f"selftest: {e}", file=sys.stderr)
-        return 2
-    except click.exceptions.Exit as e:  # --help
-        return int(e.exit_code)
-    except click.ClickException as e:
-        print(f"selftest: {e.format_message()}", file=sys.stderr)
-        return 2
-
-
-if __name__ == "__main__":
-    sys.exit(main())

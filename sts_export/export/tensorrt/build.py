@@ -308,7 +308,7 @@ def _parse_onnx(trt: Any, network: Any, logger: Any, onnx_path: Path) -> Any:
             errors.append(str(e))
     more = f" (+{len(errors) - 1} more)" if len(errors) > 1 else ""
     raise StsError(f"TensorRT could not parse {onnx_path.name}: {errors[0] if errors else 'unknown error'}{more}; "
-                   f"`python -m sts_export.export.tensorrt.check {onnx_path.parent}` lists every incompatibility")
+                   f"`sts check {onnx_path.parent}` lists every incompatibility")
 
 
 def _dims(t: Any) -> tuple[int, ...]:

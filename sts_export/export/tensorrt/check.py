@@ -36,9 +36,8 @@ from sts_export.export.tensorrt.parser_rules import Rules
 from sts_export.export.tensorrt.parser_tables import (CONST_INPUT_UNTIL, CONTROL_FLOW, KNOWN_RELEASES, OPS_10_1, SUPPORTED, TABLE_LATEST, TOPK_MAX_K, TYPE_TOKEN, TYPED_SLOT, VersionError, default_version, max_opset, op_table, parse_version, parse_versions, version_label)
 from sts_export.export.tensorrt.parser_values import Scope, used_names
 from sts_export.export.tensorrt.parser_walk import Walk
-from sts_export.errors import StsError
 
-__all__ = ["check_model", "check_dir", "format_reports", "problems_of", "main", "Report", "Issue", "VersionError",
+__all__ = ["check_model", "check_dir", "format_reports", "problems_of", "Report", "Issue", "VersionError",
            "SUPPORTED", "OPS_10_1", "TOPK_MAX_K", "default_version", "max_opset", "op_table", "parse_version",
            "parse_versions", "version_label"]
 
@@ -270,41 +269,3 @@ def check_dir(onnx_dir: str | os.PathLike, *, trt_version: str = "10.3") -> dict
 def problems_of(reports: Iterable[Report]) -> list[str]:
     """Every problem line of several reports (for a single error message)."""
     return [line for r in reports for line in r.problems]
-
-
-def main(argv: list[str] | None = None) -> int:
-    """`python -m sts_export.export.tensorrt.check EXPORT_DIR_OR_ONNX... [--trt-version 10.3,11.4]`; exit 1 on problems.
-
-    One report and one verdict line per TensorRT version; the default version is the installed TensorRT, else 10.3.
-    """
-    import argparse  # noqa: PLC0415
-
-    ap = argparse.ArgumentParser(prog="python -m sts_export.export.tensorrt.check", description=main.__doc__)
-    ap.add_argument("paths", nargs="+", help="export directories (every *.onnx) or .onnx files")
-    ap.add_argument("--trt-version", default=None,
-                    help="TensorRT release(s) to check against, comma-separated (default: the installed one, else 10.3)")
-    args = ap.parse_args(argv)
-    from sts_export.errors import cli_errors  # noqa: PLC0415
-
-    with cli_errors():
-        versions = parse_versions(args.trt_version) if args.trt_version else [default_version()]
-        for p in map(Path, args.paths):
-            if not p.exists():
-                raise StsError(f"{p} does not exist")
-        verdicts = []
-        for v in versions:
-            reports: dict[str, Report] = {}
-            for p in map(Path, args.paths):
-                if p.is_dir():
-                    reports.update(check_dir(p, trt_version=v))
-                else:
-                    reports[p.stem] = check_model(p, trt_version=v)
-            print(format_reports(reports))
-            verdicts.append((v, all(r.ok for r in reports.values())))
-        for v, ok in verdicts:
-            print(f"TensorRT {v} compatibility: {'PASS' if ok else 'FAIL'}")
-        return 0 if all(ok for _, ok in verdicts) else 1
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())

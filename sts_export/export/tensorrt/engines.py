@@ -37,19 +37,23 @@ def engine_precision(onnx_dir: Path, m: dict[str, Any], precision: str | None) -
     return have
 
 
-def check(onnx_dir: Path, trt_version: str = "10.3") -> tuple[bool, str]:
-    """(compatible, printable report) for every graph of an export directory."""
-    from sts_export.export.tensorrt.check import check_dir, format_reports
+def check(paths: Path | list[Path], trt_version: str = "10.3") -> tuple[bool, str]:
+    """(compatible, printable report) for every graph of the export directories and .onnx files `paths`."""
+    from sts_export.export.tensorrt.check import check_dir, check_model, format_reports
 
-    reports = check_dir(onnx_dir, trt_version=trt_version)
+    reports = {}
+    for p in [paths] if isinstance(paths, Path) else paths:
+        if not p.exists():
+            raise StsError(f"{p} does not exist")
+        reports.update(check_dir(p, trt_version=trt_version) if p.is_dir() else {p.stem: check_model(p, trt_version=trt_version)})
     if not reports:
-        raise StsError(f"{onnx_dir} holds no *.onnx graphs")
+        raise StsError(f"{', '.join(map(str, [paths] if isinstance(paths, Path) else paths))} holds no *.onnx graphs")
     return all(r.ok for r in reports.values()), format_reports(reports)
 
 
-def check_versions(onnx_dir: Path, versions: list[str]) -> list[tuple[str, bool, str]]:
+def check_versions(paths: Path | list[Path], versions: list[str]) -> list[tuple[str, bool, str]]:
     """`check` for each TensorRT version: [(version, compatible, report), ...] in the order given."""
-    return [(v, *check(onnx_dir, v)) for v in versions]
+    return [(v, *check(paths, v)) for v in versions]
 
 
 def build_version(trt_version: str | None) -> str:

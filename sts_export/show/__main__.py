@@ -1,3 +1,0 @@
-from sts_export.show.compare import main
-
-main()
