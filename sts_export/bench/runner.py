@@ -58,7 +58,7 @@ def backend_unavailable(backend: str, opts: BenchOptions) -> str | None:
     if backend == "ort" and importlib.util.find_spec("onnxruntime") is None:
         return "onnxruntime is not installed (pip install onnxruntime, or onnxruntime-gpu)"
     if backend == "trt":
-        from sts_export.export.tensorrt.build import require_tensorrt
+        from sts_export.backends.tensorrt.discovery import require_tensorrt
 
         try:
             require_tensorrt()

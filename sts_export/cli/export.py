@@ -121,7 +121,7 @@ def main(model: str | None, recipe: str | None, random_weights: bool, max_pixels
         if out is not None:
             check_out(out)
         if target == "trt" and not check_only:
-            from sts_export.export.tensorrt.build import require_tensorrt
+            from sts_export.backends.tensorrt.discovery import require_tensorrt
             from sts_export.export.tensorrt.engines import build_version
 
             require_tensorrt()  # fail in one line before a long ONNX export
