@@ -19,6 +19,7 @@ from sts_export.artifact.plan import Plan
 from sts_export.artifact.protocol import Backend, KVCache
 from sts_export.families import ImageInput
 from sts_export.tokenizer import Prompt, check_prompt_fits
+from sts_export.families.llava import pixel_input
 
 @dataclass
 class Generation:
@@ -99,7 +100,6 @@ def generate(
     """
     sync = sync or (lambda: None)
     if isinstance(image, np.ndarray):
-        from sts_export.families.llava import pixel_input
 
         assert plan.recipe is not None
         image = pixel_input(image, plan.recipe)

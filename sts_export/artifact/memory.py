@@ -43,6 +43,7 @@ from typing import Any, Callable
 
 from sts_export.artifact.params import graph_params, total_params
 from sts_export.errors import StsError
+from sts_export.pruning.budget import export_split
 
 GB = 1e9  # reports use decimal GB, like /usr/bin/time's kbytes * 1e3 and `free -g`'s rough figures
 GiB = 1024**3
@@ -274,13 +275,7 @@ def export_estimate(recipe: Any, method: str, k_pre: int, dtype: str, validate: 
 def check_export_memory(recipe: Any, method: str, budget: int | str, dtype: str, validate: bool,
                         progress: Callable[[str], None] = print) -> Estimate:
     """Raise StsError (one line: needed, available, what to do) when the export will not fit; else report."""
-    from sts_export.pruning.budget import split_budget
-
-    try:
-        from sts_export.pruning.budget import export_split as split
-    except ImportError:  # older budget module
-        split = split_budget
-    k_pre = split(budget, recipe, method)[0]
+    k_pre = export_split(budget, recipe, method)[0]
     est = export_estimate(recipe, method, k_pre, dtype, validate)
     have, source = available_memory()
     progress(f"memory: needs {est.describe()}; {fmt(have)} available ({source})")

@@ -9,7 +9,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from sts_export.families import ImageInput
+from sts_export.families import ImageInput, family_module
 from sts_export.pruning.budget import export_split, has_stage2, prune_layer_for, split_budget
 from sts_export.recipe import Recipe
 from sts_export.tokenizer import Prompt
@@ -62,7 +62,6 @@ class Plan:
     @classmethod
     def create(cls, recipe: Recipe, method: str, budget: int | str, dtype: str = "float32") -> "Plan":
         """k_pre/k_post are the export's K and K' (for image-dependent N: K_max and K'_max)."""
-        from sts_export.families import family_module
 
         k_pre, k_post = export_split(budget, recipe, method)
         t = recipe.text
@@ -97,7 +96,6 @@ class Plan:
         p, t = len(prompt.prefix), len(prompt.suffix)
         explicit = None
         if self.recipe is not None:
-            from sts_export.families import family_module
 
             explicit = getattr(family_module(self.recipe.family), "position_ids", None)
         if explicit is None:

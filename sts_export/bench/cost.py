@@ -49,6 +49,7 @@ from sts_export.artifact.params import param_counts
 from sts_export.pruning.budget import check_method, has_stage2, parse_budget, prune_layer_for, split_budget
 from sts_export.errors import StsError
 from sts_export.recipe import Recipe, TextConfig, from_dict, read_yaml
+from sts_export.families.qwen2_5_vl import token_layout, window_layout
 
 DTYPE_BYTES: dict[str, int] = {"fp32": 4, "fp16": 2, "bf16": 2}
 PHASES = ("vision", "prefill", "decode")
@@ -104,7 +105,6 @@ def token_grid(recipe: Recipe, image_size: tuple[int, int] | None = None) -> tup
     p = recipe.image_processor
     if not p.max_pixels:
         return None
-    from sts_export.families.qwen2_5_vl import token_layout
 
     if image_size is None:
         side = math.isqrt(p.max_pixels)
@@ -218,7 +218,6 @@ def _phase(dtype: str, detail: dict[str, float], fp32_flops: float, weight: floa
 def vit_attention_flops(recipe: Recipe, grid: tuple[int, int], windowed: bool = False) -> float:
     """QK^T and PV FLOPs of all Qwen2.5-VL ViT blocks on an image of `grid` LLM tokens: dense (every block
     Np^2, what the exported graph computes) or `windowed` (the windowed blocks only within their windows)."""
-    from sts_export.families.qwen2_5_vl import window_layout
 
     v = recipe.vision
     m, u = v.spatial_merge_size, v.spatial_merge_size**2

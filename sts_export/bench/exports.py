@@ -11,6 +11,10 @@ from typing import Any
 from sts_export.bench.timing import timed_call
 from sts_export.bench.options import ORT_FORMS, BenchOptions, Config, _unique
 from sts_export.errors import StsError
+from sts_export.artifact.manifest import ort_form_is_current, read_manifest
+from sts_export.export.aoti import export_aoti
+from sts_export.export.onnx import export
+from sts_export.pipeline import Pipeline, load_export_pipeline
 
 
 # ----------------------------------------------------------------------------------------------- exports
@@ -33,8 +37,6 @@ def _export_roots(opts: BenchOptions) -> list[Path]:
 
 def _export_matches(d: Path, recipe: Any, cfg: Config, dtype: str, random_weights: bool, engines: bool,
                     aoti: str | None = None) -> bool:
-    from sts_export.artifact.manifest import read_manifest
-
     if not (d / "manifest.json").is_file():
         return False
     try:
@@ -55,7 +57,6 @@ def _export_matches(d: Path, recipe: Any, cfg: Config, dtype: str, random_weight
     elif not all("onnx" in g for g in m.get("graphs", {}).values()):
         return False
     same_weights = (m.get("weights") or {}).get("label") == (cfg.scheme.label if cfg.scheme is not None else None)
-    from sts_export.artifact.manifest import ort_form_is_current
 
     if aoti is None and not engines and "ort_form" in m and not ort_form_is_current(m):
         return False  # an older ORT form: export anew rather than time what users no longer get
@@ -88,7 +89,6 @@ def _no_trt_export(what: str, opts: BenchOptions) -> str:
 def ensure_onnx_export(model: str, recipe: Any, cfg: Config, opts: BenchOptions) -> Path:
     """Reuse a matching export (--exports, ./exports, the cache) or export one into --exports / the cache
     (validate=False: the export's correctness is the exporter's tests' business, not the benchmark's)."""
-    from sts_export.export.onnx import export
 
     roots = _export_roots(opts)
     root = roots[0]
@@ -112,7 +112,6 @@ def ensure_onnx_export(model: str, recipe: Any, cfg: Config, opts: BenchOptions)
 def ensure_aoti_export(model: str, recipe: Any, cfg: Config, opts: BenchOptions, device: str) -> Path:
     """Reuse a matching AOTInductor export (this device and torch) or compile one into --exports / the cache;
     packages already compiled for the same graph (embed, segments) come from the cache's .aoti-packages."""
-    from sts_export.export.aoti import export_aoti
 
     roots = _export_roots(opts)
     found = find_export(recipe, cfg, opts.dtype, opts.random_weights, roots, aoti=device)
@@ -131,7 +130,6 @@ def ensure_aoti_export(model: str, recipe: Any, cfg: Config, opts: BenchOptions,
 
 def _aoti_packages(export_dir: str) -> dict[str, Any] | None:
     """Per graph: compile seconds, package bytes, cache hit (from an AOTInductor export's manifest)."""
-    from sts_export.artifact.manifest import read_manifest
 
     try:
         m = read_manifest(Path(export_dir), verify=False)
@@ -150,8 +148,6 @@ def _want_cuda(opts: BenchOptions) -> bool:
 
 
 def load_pipeline(model: str, recipe: Any, cfg: Config, backend: str, opts: BenchOptions) -> Any:
-    from sts_export.pipeline import Pipeline
-
     cuda = _want_cuda(opts)
     if backend in ("torch", "torch-compile"):  # dynamic resolution: the same pixel cap as the exports (recipe_of)
         return Pipeline.from_pretrained(model, budget=cfg.budget, method=cfg.method, backend="torch", dtype=opts.dtype,
@@ -160,7 +156,6 @@ def load_pipeline(model: str, recipe: Any, cfg: Config, backend: str, opts: Benc
                                         max_pixels=recipe.image_processor.max_pixels or None)
     if opts.dtype == "bf16":
         raise StsError("ONNX exports are fp32 or fp16; run the ort/trt backends with --dtype fp32 or fp16")
-    from sts_export.pipeline import load_export_pipeline
 
     if backend == "aoti":
         dev = "cuda" if cuda else "cpu"

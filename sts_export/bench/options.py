@@ -12,6 +12,10 @@ import numpy as np
 from sts_export.bench.cost import DEFAULT_TEXT_TOKENS, DTYPE_BYTES, HOST, get_device
 from sts_export.errors import StsError
 from sts_export.pruning.budget import METHODS, check_method, parse_budget, split_budget
+from sts_export.checkpoint import resolve
+from sts_export.export.weights import check_weights
+from sts_export.families import recipe_from_hf_config
+from sts_export.recipe import available_recipes, load_recipe, with_max_pixels
 
 
 BACKENDS = {  # CLI name -> canonical
@@ -92,7 +96,6 @@ class BenchOptions:
             raise StsError("--text-tokens must be >= 2 (BOS and at least one text token)")
         if self.threads is not None and self.threads < 1:
             raise StsError("--threads must be >= 1")
-        from sts_export.export.weights import check_weights
 
         self.weights = _unique(self.weights or [self.dtype])
         for w in self.weights:
@@ -134,7 +137,6 @@ def configs_per_weights(configs: list[Config], opts: BenchOptions, backend: str,
                  notes: list[str]) -> list[Config]:
     """Every configuration once per --weights entry (quantized for `backend`'s encoding: analytic rows with a
     --roofline take TensorRT's, the one that runs on a GPU); torch runs float weights only."""
-    from sts_export.export.weights import check_weights
 
     out: list[Config] = []
     target = "trt" if backend == "trt" or backend == "analytic" and opts.roofline is not None else "onnx"
@@ -180,15 +182,12 @@ def configs_for(recipe: Any, model: str, methods: list[str], budgets: list[int |
 def recipe_of(model: str) -> Any:
     """The recipe of --model without loading weights (recipe name, local checkpoint dir, or error); for dynamic
     resolution (Qwen2.5-VL) with an export's default pixel cap, which every backend then runs at."""
-    from sts_export.families import recipe_from_hf_config
-    from sts_export.recipe import available_recipes, load_recipe, with_max_pixels
 
     path = Path(model).expanduser()
     if path.is_dir():
         return with_max_pixels(recipe_from_hf_config(path))
     if model in available_recipes() or path.suffix in (".yaml", ".yml"):
         return with_max_pixels(load_recipe(model))
-    from sts_export.checkpoint import resolve
 
     return with_max_pixels(resolve(model).recipe)  # a cached HF id (reads config.json only)
 

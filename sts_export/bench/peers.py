@@ -42,6 +42,9 @@ from sts_export.bench.options import PHASES, prompt_ids
 from sts_export.bench.rows import cost_fields
 from sts_export.bench.timing import PeakMemory, current_memory, stats_ms, timed_call
 from sts_export.errors import StsError
+from sts_export.checkpoint import Source, _safetensors_files, ensure_synthetic, key_map, load_model, resolve
+from sts_export.families import family_module
+from sts_export.tokenizer import TextTokenizer, build_synthetic_tokenizer, split_ids
 
 PEERS = ("transformers", "ort-genai")  # canonical names (options.BACKENDS maps the CLI's aliases onto them)
 SCOPE = {"transformers": "full model", "ort-genai": "decoder only"}
@@ -86,7 +89,6 @@ def peer_source(model: str, recipe: Any, opts: Any) -> tuple[Path, bool]:
     --random-weights: our rows draw the recipe's seeded weights (checkpoint.init_random_); the recipe's synthetic
     checkpoint holds exactly those (save_checkpoint draws them the same way), so it is generated once into the cache.
     Our rows tokenize --prompt only when the checkpoint they load has a tokenizer (never with --random-weights)."""
-    from sts_export.checkpoint import ensure_synthetic, resolve
 
     src = resolve(model, None, opts.random_weights)
     if src.path is None:
@@ -97,7 +99,6 @@ def peer_source(model: str, recipe: Any, opts: Any) -> tuple[Path, bool]:
 def peer_prompt(recipe: Any, opts: Any, path: Path | None, tokenized: bool) -> Any:
     """The prompt (prefix, suffix ids around the image token) our rows run, as a tokenizer.Prompt: --prompt through
     the checkpoint's tokenizer when `tokenized`, else options.prompt_ids' pseudo-prompt."""
-    from sts_export.tokenizer import TextTokenizer, split_ids
 
     tok = TextTokenizer(path, recipe) if tokenized and path is not None else None
     return split_ids(prompt_ids(_Prompting(recipe, tok), opts.prompt, opts.text_tokens), recipe)
@@ -189,7 +190,6 @@ class TransformersPeer(_Peer):
         import torch
         import transformers
 
-        from sts_export.families import family_module
 
         self.model, self.recipe, self.opts, self.cuda = model, recipe, opts, cuda
         path, tokenized = peer_source(model, recipe, opts)
@@ -322,7 +322,6 @@ def decoder_state(model: str, recipe: Any, opts: Any, path: Path) -> dict[str, A
     import torch
     from safetensors import safe_open
 
-    from sts_export.checkpoint import Source, _safetensors_files, key_map, load_model
 
     def hf_name(ours: str) -> str | None:
         if ours.startswith(("vision.", "projector.", "image_newline")):
@@ -361,7 +360,6 @@ def build_genai_decoder(model: str, recipe: Any, opts: Any, root: Path, cuda: bo
         return out
     from safetensors.torch import save_file
 
-    from sts_export.tokenizer import build_synthetic_tokenizer
 
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}-", dir=out.parent))
@@ -404,7 +402,6 @@ class GenaiPeer(_Peer):
     def __init__(self, model: str, recipe: Any, opts: Any, image: Any, cuda: bool, root: Path) -> None:
         import onnxruntime_genai as og
 
-        from sts_export.families import family_module
 
         self.og, self.model, self.recipe, self.opts, self.cuda = og, model, recipe, opts, cuda
         self.dir = build_genai_decoder(model, recipe, opts, root, cuda)

@@ -10,6 +10,7 @@ import numpy as np
 from sts_export.bench.timing import time_repeats
 from sts_export.bench.exports import _cache_root, _want_cuda
 from sts_export.bench.options import BenchOptions, Config
+from sts_export.pruning.loop import keep_first_k, translation_table
 
 
 # ----------------------------------------------------------------------------------------------- Stage 1 probe
@@ -17,7 +18,6 @@ def _stage1_module(method: str, k: int, anchor: str) -> Any:
     """Stage 1 alone, as the vision graph runs it (`keep_first_k`: the greedy's ONNX Loop, K = K_max)."""
     import torch
 
-    from sts_export.pruning.loop import keep_first_k
 
     class Stage1(torch.nn.Module):
         def forward(self, x: torch.Tensor, cls_att: torch.Tensor) -> torch.Tensor:
@@ -65,7 +65,6 @@ def stage1_probe(pipe: Any, cfg: Config, backend: str, opts: BenchOptions) -> tu
 
             with warnings.catch_warnings(), torch.no_grad():
                 warnings.simplefilter("ignore")
-                from sts_export.pruning.loop import translation_table
 
                 prog = torch.onnx.export(mod, (torch.from_numpy(x), torch.from_numpy(cls_att)), dynamo=True,
                                          custom_translation_table=translation_table(),

@@ -11,6 +11,7 @@ from sts_export.bench.timing import STAT_KEYS
 from sts_export.bench.options import PHASES, BenchOptions, Config, default_image
 from sts_export.errors import StsError
 from sts_export.pruning.budget import has_stage2
+from sts_export.artifact.manifest import read_manifest
 
 
 # ----------------------------------------------------------------------------------------------- rows
@@ -63,7 +64,6 @@ def _blank_timing() -> dict[str, Any]:
 
 def _export_weight_bytes(export_dir: str) -> int | None:
     """Bytes of an export's ONNX graphs (weights included: `.onnx` + `.onnx.data`), from its manifest."""
-    from sts_export.artifact.manifest import read_manifest
 
     d = Path(export_dir)
     try:

@@ -50,6 +50,8 @@ from sts_export.bench.options import (PHASES, BenchOptions, Config, _unique, con
 from sts_export.bench.probe import stage1_probe
 from sts_export.bench.rows import _export_weight_bytes, add_ratios, cost_fields, cost_row
 from sts_export.errors import StsError
+from sts_export.export.aoti import check_aoti_device
+from sts_export.families.llava import load_image
 
 def backend_unavailable(backend: str, opts: BenchOptions) -> str | None:
     """Why a backend cannot run here (None when it can)."""
@@ -69,7 +71,6 @@ def backend_unavailable(backend: str, opts: BenchOptions) -> str | None:
         if not torch.cuda.is_available():
             return "TensorRT needs a CUDA GPU; torch sees none"
     if backend == "aoti":
-        from sts_export.export.aoti import check_aoti_device
 
         try:
             check_aoti_device("cuda" if _want_cuda(opts) else "cpu")
@@ -363,7 +364,6 @@ def run_bench(opts: BenchOptions) -> dict[str, Any]:
     system["load_average_start"] = load_average()
     image = opts.image
     if image is not None:
-        from sts_export.families.llava import load_image
 
         image = load_image(image)
     on_device = None

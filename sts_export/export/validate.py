@@ -57,6 +57,8 @@ from sts_export.families import ImageInput, family_module
 from sts_export.generate import Generation, generate
 from sts_export.artifact.plan import Plan
 from sts_export.tokenizer import Prompt, TextTokenizer, split_ids
+from sts_export.artifact.manifest import read_manifest
+from sts_export.backends.onnxruntime import OrtBackend
 
 DTYPE_NAMES = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}
 STAGED = ("staged: one ONNX Runtime session at a time; decode steps fed torch's tokens, so tokens agree iff "
@@ -224,8 +226,6 @@ def validate_export(export_dir: Path, graphs: dict[str, torch.nn.Module], plan: 
     then stays the export's own); the modules are unusable afterwards. `reload` rebuilds them, for the
     reduced-precision check that re-runs the reference with the graphs' own picks when they differ.
     """
-    from sts_export.backends.onnxruntime import OrtBackend
-    from sts_export.artifact.manifest import read_manifest
 
     say = progress or (lambda s: None)
     t_all = time.perf_counter()
@@ -388,7 +388,6 @@ def validate_ort_form(export_dir: Path, manifest: dict[str, Any], plan: Plan, in
     """The ORT form (ORT-form segments, portable vision/embed/prune) free-running per batch, KV cache in place:
     greedy tokens, keep_pre, keep_post and first-token logits against the torch reference. All of the export's
     ONNX Runtime sessions are alive at once here (as when users run it)."""
-    from sts_export.backends.onnxruntime import OrtBackend
 
     be = OrtBackend(export_dir, manifest, device="cpu", form="ort")
     out: dict[str, Any] = {}

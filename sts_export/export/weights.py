@@ -49,6 +49,7 @@ from typing import Any, Callable
 import numpy as np
 
 from sts_export.errors import StsError
+from sts_export.artifact.memory import fmt, release_memory, rss
 
 WEIGHTS = ("int8", "int4")
 FLOAT_WEIGHTS = ("fp32", "fp16", "bf16")  # "--weights fp16" = the ONNX dtype's own weights (no quantization)
@@ -347,7 +348,6 @@ def quantize_export(export_dir: Path, graphs: list[str], scheme: Scheme, *, keep
         for f in export_dir.iterdir():
             if f.is_file() and f.name != "validation.json":
                 os.link(f, ref / f.name)
-    from sts_export.artifact.memory import fmt, release_memory, rss  # noqa: PLC0415
 
     # a graph is a file stem: "segment1", or "segment1.ort" (its ORT form); the part before the dot picks the weights
     for i, g in enumerate([g for g in graphs if g.split(".")[0] in quantized_graphs(scheme)], 1):

@@ -10,7 +10,7 @@ from typing import Any, Callable
 
 from sts_export.backends.tensorrt import discovery
 from sts_export.errors import StsError
-from sts_export.artifact.manifest import manifest_recipe, read_manifest, sha256, write_manifest
+from sts_export.artifact.manifest import export_dtype, manifest_recipe, read_manifest, sha256, write_manifest
 from sts_export.artifact.memory import check_engine_memory, claim_engine_dir, release_engine_dir
 
 PRECISIONS = ("fp16", "bf16", "fp32")
@@ -25,7 +25,6 @@ def engine_precision(onnx_dir: Path, m: dict[str, Any], precision: str | None) -
     strongly typed). A `precision` that differs is refused in one line: converting graphs here could not be
     validated against torch like an export is (onnxconverter-common's float16 pass, measured on the tiny export,
     leaves 3 of 5 graphs with type errors and converts Stage 1's Loop too), so the fix is to re-export."""
-    from sts_export.artifact.manifest import export_dtype
 
     have = export_dtype(onnx_dir, m)
     if precision is not None and precision not in PRECISIONS:
