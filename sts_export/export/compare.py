@@ -56,8 +56,11 @@ def _comparable(got: np.ndarray, want: np.ndarray) -> tuple[np.ndarray, np.ndarr
 
 
 def cosine(a: np.ndarray, b: np.ndarray) -> float:
-    """Cosine of two arrays flattened (float64, shared infinities left out); 1.0 for two zero arrays."""
+    """Cosine of two arrays flattened (float64, shared infinities left out); 1.0 for two zero arrays, NaN where a
+    side holds other non-finite values."""
     x, y = _comparable(a, b)
+    if not (np.isfinite(x).all() and np.isfinite(y).all()):
+        return float("nan")
     den = float(np.linalg.norm(x) * np.linalg.norm(y))
     return float(x @ y / den) if den > 0 else float(np.array_equal(x, y))
 
