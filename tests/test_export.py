@@ -118,7 +118,7 @@ def test_qwen_two_image_sizes_through_one_export(tmp_root: Path, name: str, meth
     assert m["max_pixels"] == ref.recipe.image_processor.max_pixels
     io = {g: {v["name"]: v for v in m["graphs"][g]["inputs"]} for g in m["graphs"]}
     pruned = method not in ("none", "fastv")
-    assert list(io["vision"]) == ["pixel_values", "rotary_pos", "window_index", "window_segment_ids"] + (
+    assert list(io["vision"]) == ["pixel_values", "rotary_pos", "window_index", "window_patches", "patch_slot"] + (
         ["k_pre"] if pruned else [])
     assert io["vision"]["pixel_values"]["shape"][1] == 1176 and isinstance(io["vision"]["pixel_values"]["shape"][0], str)
     for g in ("segment1", "segment2", "prune"):
@@ -129,9 +129,34 @@ def test_qwen_two_image_sizes_through_one_export(tmp_root: Path, name: str, meth
         assert len(out["position_ids_out"]["shape"]) == 3
 
 
+@pytest.mark.parametrize("size", [(448, 280), (1000, 700), (30, 20)])
+def test_qwen_vision_graph_attends_per_window_as_transformers(tmp_root: Path, tiny_dir, size: tuple[int, int]) -> None:
+    """The exported vision graph (ONNX Runtime) attends per window (the host's [W, 64] window table, padding
+    masked): its merger output equals transformers' ViT on three image sizes, one a whole number of windows
+    (448 x 280 -> 10 x 16 tokens: no, ragged), one shrunk to max_pixels, one a single partial window."""
+    import torch
+    from transformers import Qwen2_5_VLForConditionalGeneration
+
+    d = exported(tmp_root, "tiny-qwen2.5-vl", "none", "full")
+    pipe = load_export_pipeline(d, backend="ort", form="portable")
+    hf = Qwen2_5_VLForConditionalGeneration.from_pretrained(tiny_dir("tiny-qwen2.5-vl"), dtype=torch.float32,
+                                                            attn_implementation="eager").eval()
+    inp = pipe.prepare_image(make_image(*size, seed=3))
+    table = inp.feeds["window_patches"]
+    assert table.shape[1] == 64 and (table.shape[0] > 1) == (size != (30, 20))
+    got = pipe.backend.run("vision", {n: inp.feeds[n] for n in pipe.plan.vision_inputs})
+    with torch.no_grad():
+        ref = hf.model.visual(torch.from_numpy(inp.feeds["pixel_values"]), grid_thw=torch.tensor([inp.grid]))
+    np.testing.assert_allclose(np.asarray(pipe.backend.to_numpy(got["image_embeds"]))[0], ref.pooler_output.numpy(),
+                               rtol=0, atol=1e-4)
+
+
 def test_qwen_engine_profiles_span_the_patch_counts(tmp_root: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    """The TensorRT profiles of a Qwen export span 1..N_max LLM tokens (4 patches each), 1..K_max, 1..K'_max."""
+    """The TensorRT profiles of a Qwen export span 1..N_max LLM tokens (4 patches each), 1..K_max, 1..K'_max, and
+    1..W_max windows of the windowed ViT blocks."""
     from sts_export.export.tensorrt.engines import build_engines
+    from sts_export.families.qwen2_5_vl import max_windows
+    from sts_export.recipe import load_recipe
 
     d = exported(tmp_root, "tiny-qwen2.5-vl", "sts", "20%")
     seen: dict[str, list] = {}
@@ -151,7 +176,9 @@ def test_qwen_engine_profiles_span_the_patch_counts(tmp_root: Path, monkeypatch:
     n_max = m["recipe"]["image_processor"]["max_pixels"] // 28**2
     (vis,) = seen["vision"]
     assert vis["pixel_values"] == ((4, 1176), (4 * n_max, 1176), (4 * n_max, 1176))
-    assert vis["window_index"] == ((1,), (n_max,), (n_max,)) and vis["window_segment_ids"][2] == (4 * n_max,)
+    assert vis["window_index"] == ((1,), (n_max,), (n_max,)) and vis["patch_slot"][2] == (4 * n_max,)
+    w_max = max_windows(load_recipe("tiny-qwen2.5-vl"))  # windows of 4 x 4 LLM tokens, 64 patches each
+    assert vis["window_patches"] == ((1, 64), (w_max, 64), (w_max, 64))
     assert vis["k_pre"][2] == (m["k_pre"],)
     prefill, decode = seen["segment1"]
     assert prefill["position_ids"][2][0] == 3 and decode["position_ids"] == ((3, 1, 1), (3, 1, 1), (3, 1, 1))

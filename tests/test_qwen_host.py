@@ -216,7 +216,11 @@ def test_segment_masks_reproduce_transformers_vit(hf_vit, size: tuple[int, int])
     proc = ref.last_hidden_state.numpy()[np.argsort(qi.vision.patch_perm)]  # back to processor order
     assert feats.shape == (qi.n, m.config.hidden_size)
     np.testing.assert_allclose(feats, proc.reshape(qi.n, 4, -1).mean(1), rtol=0, atol=1e-6)
-    assert set(qi.feeds()) == {"pixel_values", "rotary_pos", "window_index", "window_segment_ids"}
+    assert set(qi.feeds()) == {"pixel_values", "rotary_pos", "window_index", "window_patches", "patch_slot"}
+    # the window table: every patch once, in its own window's row, padding pointing at the row's first patch
+    table, slot = qi.vision.window_patches, qi.vision.patch_slot
+    assert np.array_equal(table.reshape(-1)[slot], np.arange(slot.shape[0]))
+    assert np.array_equal(qi.vision.window_segments, slot // table.shape[1])
 
 
 # ---------------------------------------------------------------- 3-D M-RoPE ids vs transformers

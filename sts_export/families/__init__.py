@@ -29,6 +29,8 @@ Optional, where a family differs from LLaVA:
                               (M-RoPE: R = 3); every kept token keeps its own (default: 1-D ids,
                               renumbered 0..S1-1 after Stage 1)
     check_selection(method, anchor)                       refuse a method/anchor the tower cannot serve
+    profile_limits(recipe) -> dict[str, int]              the vision graph's own symbolic dims and their largest
+                              value, for TensorRT's profiles (Qwen2.5-VL: W windows)
     preprocessor_config(recipe) -> dict                   preprocessor_config.json of synthetic checkpoints
 
 Family modules import numpy/PIL at top level only, so the ONNX Runtime and TensorRT paths (which

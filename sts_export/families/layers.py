@@ -296,8 +296,10 @@ class QwenPatchEmbed(nn.Module):
 
 
 class QwenVisionAttention(nn.Module):
-    """Bidirectional attention over the patches with 2-D rotary; a windowed block gets an additive bias
-    (0 within a window, dtype-min across), a full-attention block none (one image per call)."""
+    """Bidirectional attention over the patches with 2-D rotary: a full-attention block over all Np patches (one
+    image per call), a windowed block within each window: the host's window table [W, P] gathers each window's
+    patches (padded to P, the padding masked as keys), attention runs as one batch of W windows, and `patch_slot`
+    [Np] gathers the outputs back (static shapes, no scatter: what TensorRT builds profiles for)."""
 
     def __init__(self, cfg: VisionConfig) -> None:
         super().__init__()
@@ -306,14 +308,24 @@ class QwenVisionAttention(nn.Module):
         self.qkv = nn.Linear(c, 3 * c)
         self.proj = nn.Linear(c, c)
 
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-        """x [Np, C], cos/sin [Np, 1, d] float32, bias [Np, Np] (x's dtype) | None -> [Np, C]."""
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                windows: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
+        """x [Np, C], cos/sin [Np, 1, d] float32; windows (None: full attention): (window_patches [W, P],
+        patch_slot [Np], key bias [W, 1, 1, P] in x's dtype: 0 valid, dtype-min padding) -> [Np, C]."""
         n = x.shape[0]
         q, k, v = self.qkv(x).view(n, 3, self.num_heads, self.head_dim).unbind(1)  # [Np, h, d] each
         q, k = apply_rope(q.float(), cos, sin).to(x.dtype), apply_rope(k.float(), cos, sin).to(x.dtype)  # fp32, as HF
-        q, k, v = (t.transpose(0, 1)[None] for t in (q, k, v))  # [1, h, Np, d]
-        o = F.scaled_dot_product_attention(q, k, v, attn_mask=bias)
-        return self.proj(o[0].transpose(0, 1).reshape(n, -1))
+        if windows is None:
+            q, k, v = (t.transpose(0, 1)[None] for t in (q, k, v))  # [1, h, Np, d]
+            o = F.scaled_dot_product_attention(q, k, v)
+            return self.proj(o[0].transpose(0, 1).reshape(n, -1))
+        table, slot, bias = windows
+        w, p = table.shape
+        q, k, v = (t[table.reshape(-1)].view(w, p, self.num_heads, self.head_dim).transpose(1, 2)
+                   for t in (q, k, v))  # [W, h, P, d]
+        o = F.scaled_dot_product_attention(q, k, v, attn_mask=bias)  # [W, h, P, d]
+        o = o.transpose(1, 2).reshape(w * p, -1)[slot]  # [Np, C] window order
+        return self.proj(o)
 
 
 class QwenVisionBlock(nn.Module):
@@ -324,11 +336,12 @@ class QwenVisionBlock(nn.Module):
         self.attn = QwenVisionAttention(cfg)
         self.mlp = MLP(cfg.hidden_size, cfg.intermediate_size, bias=True, act=cfg.hidden_act)
 
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                windows: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
         """x [Np, C] float32 (the residual stream stays fp32 in reduced-precision models; the linears run in
         the weights' dtype on the normed input) -> [Np, C] float32."""
         dt = self.attn.qkv.weight.dtype
-        x = x + self.attn(self.norm1(x).to(dt), cos, sin, bias).float()
+        x = x + self.attn(self.norm1(x).to(dt), cos, sin, windows).float()
         return x + self.mlp(self.norm2(x).to(dt)).float()
 
 
@@ -349,7 +362,7 @@ class QwenPatchMerger(nn.Module):
 
 class QwenVision(nn.Module):
     """Qwen2.5-VL's ViT up to (not including) the PatchMerger, as transformers runs it: patches permuted
-    into window order, windowed blocks attend within their 112-px window (segment-id equality), the
+    into window order, windowed blocks attend within their 112-px window (one batch of windows), the
     full-attention blocks everywhere; the output is returned per LLM token in raster order."""
 
     def __init__(self, cfg: VisionConfig) -> None:
@@ -361,23 +374,26 @@ class QwenVision(nn.Module):
         self.merger = QwenPatchMerger(cfg)
 
     def forward(self, pixel_values: torch.Tensor, rotary_pos: torch.Tensor, window_index: torch.Tensor,
-                window_segment_ids: torch.Tensor) -> torch.Tensor:
+                window_patches: torch.Tensor, patch_slot: torch.Tensor) -> torch.Tensor:
         """pixel_values [Np, 1176], rotary_pos [Np, d/2] (processor order), window_index [N] (window order ->
-        raster unit), window_segment_ids [Np] (window order) -> groups [N, unit*C] float32: each LLM token's
-        pre-merger patches concatenated, raster (LLM-token) order."""
+        raster unit), window_patches [W, P] and patch_slot [Np] (window order: `qwen2_5_vl.window_patch_table`)
+        -> groups [N, unit*C] float32: each LLM token's pre-merger patches concatenated, raster order."""
         unit, n = self.unit, window_index.shape[0]
         perm = (window_index[:, None] * unit + torch.arange(unit, device=window_index.device)).reshape(-1)  # [Np]
         x = self.patch_embed(pixel_values).float()[perm]  # [Np, C] window order
         rot = rotary_pos.float()[perm]  # [Np, d/2]
         emb = torch.cat([rot, rot], dim=-1)[:, None]  # [Np, 1, d]
         cos, sin = emb.cos(), emb.sin()
-        seg, dt = window_segment_ids, self.patch_embed.proj.weight.dtype
-        # windowed blocks: attention only within a window (no data-dependent shapes: an equality mask), additive
-        # in the attention's dtype (no row is fully masked: each patch sees its own window)
-        bias = torch.zeros(seg.shape[0], seg.shape[0], dtype=dt, device=x.device).masked_fill(
-            seg[:, None] != seg[None, :], torch.finfo(dt).min)  # [Np, Np]
+        dt = self.patch_embed.proj.weight.dtype
+        # windowed blocks: a slot of the window table is a real patch where the patch sits in that very slot; the
+        # padding is masked as keys, additive in the attention's dtype (every window holds a real patch)
+        w, p = window_patches.shape
+        flat = torch.arange(w * p, device=x.device)
+        valid = (patch_slot[window_patches.reshape(-1)] == flat).view(w, 1, 1, p)  # [W, 1, 1, P]
+        bias = torch.zeros(valid.shape, dtype=dt, device=x.device).masked_fill(~valid, torch.finfo(dt).min)
+        windows = (window_patches, patch_slot, bias)
         for i, blk in enumerate(self.blocks):
-            x = blk(x, cos, sin, None if i in self.full else bias)
+            x = blk(x, cos, sin, None if i in self.full else windows)
         groups = x.reshape(n, -1)  # [N, unit*C] window order
         # window order -> raster: reverse = argsort(window_index), as a scatter of the permutation (no Sort op)
         reverse = torch.zeros_like(window_index).scatter(0, window_index, torch.arange(n, device=x.device))

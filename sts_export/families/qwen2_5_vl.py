@@ -228,6 +228,8 @@ class VisionHostInputs:
     patch_perm: np.ndarray  # [Np] int64: x_window = x_processor[patch_perm]
     window_segments: np.ndarray  # [Np] int64, window order: window id of each patch (windowed blocks)
     full_segments: np.ndarray  # [Np] int64, window order: all 0 for one image (full blocks need no mask)
+    window_patches: np.ndarray  # [W, P] int64: each window's patches (window-order indices), padded to P
+    patch_slot: np.ndarray  # [Np] int64: where each window-order patch sits in window_patches flattened (w*P + j)
     cu_seqlens: np.ndarray  # [2] int32 (transformers, full blocks)
     cu_window_seqlens: np.ndarray  # [W+1] int32 (transformers, windowed blocks)
 
@@ -238,9 +240,25 @@ class VisionHostInputs:
 
     def feeds(self) -> dict[str, np.ndarray]:
         """The vision graph's host inputs besides pixel_values (the full-attention blocks of a single
-        image attend everywhere, so they need no segment input)."""
+        image attend everywhere, so they need no window input)."""
         return {"rotary_pos": self.rotary_pos, "window_index": self.window_index,
-                "window_segment_ids": self.window_segments}
+                "window_patches": self.window_patches, "patch_slot": self.patch_slot}
+
+
+def window_patch_table(window_tokens: np.ndarray, merge_size: int = 2, window_size: int = 112,
+                       patch_size: int = 14) -> tuple[np.ndarray, np.ndarray]:
+    """(window_patches [W, P] int64, patch_slot [Np] int64) for the windowed blocks' per-window attention, with
+    P = (window_size / patch_size)^2 patches a window can hold (64 at 112 px / 14 px). Row w lists window w's
+    patches (window order, contiguous) and pads with its first patch; patch_slot inverts it (w*P + j), so a
+    graph gathers [W, P] windows, attends within each (the padding masked: a slot is valid where
+    patch_slot[window_patches] equals its own flat index) and gathers the Np outputs back."""
+    p = (window_size // patch_size) ** 2
+    sizes = np.asarray(window_tokens, dtype=np.int64) * merge_size * merge_size  # patches per window
+    starts = np.concatenate([[0], np.cumsum(sizes)[:-1]])
+    j = np.arange(p, dtype=np.int64)
+    table = np.where(j[None] < sizes[:, None], starts[:, None] + j[None], starts[:, None])  # [W, P]
+    slot = np.concatenate([w * p + np.arange(n, dtype=np.int64) for w, n in enumerate(sizes)])  # [Np]
+    return np.ascontiguousarray(table), slot
 
 
 def vision_host_inputs(grid_thw: Sequence[int], *, head_dim: int, merge_size: int = 2, window_size: int = 112,
@@ -250,6 +268,7 @@ def vision_host_inputs(grid_thw: Sequence[int], *, head_dim: int, merge_size: in
     win, sizes = window_layout(grid_thw, merge_size, window_size, patch_size)
     cu_win = cu_seqlens_window(sizes, merge_size)
     cu_full = cu_seqlens_full(grid_thw, merge_size)
+    table, slot = window_patch_table(sizes, merge_size, window_size, patch_size)
     return VisionHostInputs(
         grid_thw=(1, gh, gw),
         rotary_pos=rotary_pos(grid_thw, head_dim, merge_size, theta),
@@ -258,6 +277,8 @@ def vision_host_inputs(grid_thw: Sequence[int], *, head_dim: int, merge_size: in
         patch_perm=patch_window_perm(win, merge_size),
         window_segments=segment_ids(cu_win),
         full_segments=segment_ids(cu_full),
+        window_patches=table,
+        patch_slot=slot,
         cu_seqlens=cu_full,
         cu_window_seqlens=cu_win,
     )
@@ -392,7 +413,7 @@ class QwenImage:
         return self.layout.n
 
     def feeds(self) -> dict[str, np.ndarray]:
-        """pixel_values [Np, 1176], rotary_pos [Np, d/2], window_index [N], window_segment_ids [Np]."""
+        """pixel_values [Np, 1176], rotary_pos [Np, d/2], window_index [N], window_patches [W, P], patch_slot [Np]."""
         return {"pixel_values": self.pixel_values, **self.vision.feeds()}
 
 
@@ -414,8 +435,9 @@ def prepare_qwen_image(image: Image.Image | str, *, head_dim: int, patch_size: i
 
 # ---- family interface (see sts_export.families); torch is imported lazily
 #
-# Vision graph: pixel_values [Np, 1176], rotary_pos [Np, d/2], window_index [N], window_segment_ids [Np]
-# (host-computed, `vision_host_inputs`), one image per call. Stage 1 selects on V [1, N, C] = the 2x2
+# Vision graph: pixel_values [Np, 1176], rotary_pos [Np, d/2], window_index [N], window_patches [W, P],
+# patch_slot [Np] (host-computed, `vision_host_inputs`), one image per call; the windowed blocks attend per
+# window ([W, P] gathered, the padding masked), the full-attention blocks over all Np patches. Stage 1 selects on V [1, N, C] = the 2x2
 # means of the pre-merger ViT output, raster order; the PatchMerger then runs on the kept tokens' own
 # four pre-merger patches (candidate_features' third output), so a kept token's embedding is exactly
 # transformers' merger output for it. Position ids are 3-D (M-RoPE), from `rope_index` on the unpruned
@@ -617,8 +639,23 @@ def check_selection(method: str, anchor: str) -> None:
 
 
 def vision_inputs(pruned: bool) -> list[str]:
-    """pixel_values [Np,1176], rotary_pos [Np,d/2], window_index [N], window_segment_ids [Np] (pruned or not)."""
-    return ["pixel_values", "rotary_pos", "window_index", "window_segment_ids"]
+    """pixel_values [Np,1176], rotary_pos [Np,d/2], window_index [N], window_patches [W,P], patch_slot [Np]."""
+    return ["pixel_values", "rotary_pos", "window_index", "window_patches", "patch_slot"]
+
+
+def profile_limits(recipe: Recipe) -> dict[str, int]:
+    """The vision graph's own symbolic dims and their largest value, for TensorRT's profiles: W windows."""
+    return {"W": max_windows(recipe)}
+
+
+def max_windows(recipe: Recipe) -> int:
+    """The most windows any image within the recipe's max_pixels can have (the TensorRT profiles' W): over every
+    merged grid rows x cols with rows * cols <= N_max, ceil(rows / ws) * ceil(cols / ws), ws = window side in
+    LLM tokens (4 at 112 px)."""
+    v = recipe.vision
+    ws = max(1, v.window_size // v.patch_size // v.spatial_merge_size)
+    n = recipe.num_image_tokens
+    return max(math.ceil(r / ws) * math.ceil((n // r) / ws) for r in range(1, n + 1))
 
 
 def min_llm_tokens(recipe: Recipe) -> int:
@@ -639,10 +676,11 @@ def vision_example(recipe: Recipe, pruned: bool) -> tuple[tuple, tuple]:
     host = vision_host_inputs(grid, head_dim=v.hidden_size // v.num_heads, merge_size=v.spatial_merge_size,
                               window_size=v.window_size, patch_size=v.patch_size, theta=v.rope_theta)
     n = Dim("tokens", min=min_llm_tokens(recipe), max=recipe.num_image_tokens)  # not "N": sympy reads that as N()
+    w = Dim("windows", min=1, max=max_windows(recipe))
     np_ = grid[1] * grid[2]
     args = (torch.randn(np_, 3 * v.temporal_patch_size * v.patch_size**2), torch.from_numpy(host.rotary_pos),
-            torch.from_numpy(host.window_index), torch.from_numpy(host.window_segments))
-    return args, ({0: unit * n}, {0: unit * n}, {0: n}, {0: unit * n})
+            torch.from_numpy(host.window_index), torch.from_numpy(host.window_patches), torch.from_numpy(host.patch_slot))
+    return args, ({0: unit * n}, {0: unit * n}, {0: n}, {0: w}, {0: unit * n})
 
 
 def build(recipe: Recipe) -> "torch.nn.Module":
@@ -653,21 +691,21 @@ def build(recipe: Recipe) -> "torch.nn.Module":
 
 
 def candidate_features(model: "torch.nn.Module", pixel_values: "torch.Tensor", rotary_pos: "torch.Tensor",
-                       window_index: "torch.Tensor", window_segment_ids: "torch.Tensor", cls_attention: bool = False
-                       ) -> tuple["torch.Tensor", None, "torch.Tensor"]:
+                       window_index: "torch.Tensor", window_patches: "torch.Tensor", patch_slot: "torch.Tensor",
+                       cls_attention: bool = False) -> tuple["torch.Tensor", None, "torch.Tensor"]:
     """Stage 1 features V [1, N, C] = the 2x2 means of the pre-merger ViT output in LLM-token (raster)
     order; no CLS attention; and each token's four pre-merger patches [1, N, 4C] for `project`."""
     if cls_attention:
         raise StsError(NO_CLS)
-    groups = model.vision(pixel_values, rotary_pos, window_index, window_segment_ids)  # [N, unit*C] float32
+    groups = model.vision(pixel_values, rotary_pos, window_index, window_patches, patch_slot)  # [N, unit*C] float32
     n, unit = groups.shape[0], model.vision.unit
     return groups.view(n, unit, -1).mean(dim=1)[None], None, groups[None]
 
 
 def full_embeds(model: "torch.nn.Module", pixel_values: "torch.Tensor", rotary_pos: "torch.Tensor",
-                window_index: "torch.Tensor", window_segment_ids: "torch.Tensor") -> "torch.Tensor":
+                window_index: "torch.Tensor", window_patches: "torch.Tensor", patch_slot: "torch.Tensor") -> "torch.Tensor":
     """The merger output of every LLM token in raster order [1, N, Hd], as transformers splices it."""
-    return project(model, model.vision(pixel_values, rotary_pos, window_index, window_segment_ids)[None])
+    return project(model, model.vision(pixel_values, rotary_pos, window_index, window_patches, patch_slot)[None])
 
 
 def project(model: "torch.nn.Module", groups: "torch.Tensor") -> "torch.Tensor":

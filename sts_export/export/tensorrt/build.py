@@ -59,12 +59,12 @@ VALUES_KEY = "__values__"
 # Optimisation profiles
 # ---------------------------------------------------------------------------------------------------------------
 
-_TOKEN_KINDS = ("T", "N", "K", "Kp")  # image-dependent N: crops, token index, this image's K and K'
-_TOKEN_ALIASES = {"tokens": "N"}  # Qwen2.5-VL's LLM-token axis (not named N: sympy reads that as its N())
+_TOKEN_KINDS = ("T", "N", "K", "Kp", "W")  # image-dependent N: crops, token index, this image's K and K', windows
+_TOKEN_ALIASES = {"tokens": "N", "windows": "W"}  # Qwen2.5-VL's LLM-token axis (not "N": sympy reads that as N())
 
 
 def _dim_kind(d: int | str) -> str:
-    """fixed, batch, past, seq, a token kind (T, N, K, Kp), or c*kind for an axis c times one (Qwen's 4*tokens
+    """fixed, batch, past, seq, a token kind (T, N, K, Kp, W), or c*kind for an axis c times one (Qwen's 4*tokens
     patches: 4 per LLM token); unknown otherwise."""
     if isinstance(d, int):
         return "fixed"
@@ -90,8 +90,8 @@ def profiles_for_graph(graph_name: str, io_spec: dict[str, Any], *, max_batch: i
 
     min_prompt: smallest prefill length (e.g. k_pre + 1 for `prune`, whose S1 holds the K image tokens);
     opt_*: the shapes TensorRT tunes for (default batch 1, max_prompt, max_context // 2).
-    token_limits: the largest T (crops), N (token index), K and Kp (K') of an image-dependent-N export;
-    each spans 1..its limit, tuned at the limit.
+    token_limits: the largest T (crops), N (token index), K and Kp (K') of an image-dependent-N export, and W (the
+    windows of Qwen2.5-VL's windowed ViT blocks); each spans 1..its limit, tuned at the limit.
     """
     if not (max_batch >= 1 and 1 <= min_prompt <= max_prompt and max_context > 1):
         raise StsError(f"{graph_name}: bad profile limits (max_batch={max_batch}, min_prompt={min_prompt}, "

@@ -10,6 +10,7 @@ from typing import Any, Callable
 
 from sts_export.backends.tensorrt import discovery
 from sts_export.errors import StsError
+from sts_export.families import family_module
 from sts_export.artifact.manifest import export_dtype, manifest_recipe, read_manifest, sha256, write_manifest
 from sts_export.artifact.memory import check_engine_memory, claim_engine_dir, release_engine_dir
 
@@ -117,7 +118,8 @@ def _build_all(onnx_dir: Path, m: dict[str, Any], recipe: Any, precision: str, m
         g = m["graphs"][name]
         dynamic = recipe.dynamic_tokens
         limits = {"T": recipe.num_image_tokens // recipe.vision.num_patches, "N": recipe.max_image_span,
-                  "K": m["k_pre"], "Kp": m["k_post"]} if dynamic else None
+                  "K": m["k_pre"], "Kp": m["k_post"],
+                  **getattr(family_module(recipe.family), "profile_limits", lambda r: {})(recipe)} if dynamic else None
         profiles = profiles_for_graph(name, g, max_batch=max_batch, max_prompt=recipe.max_prompt_tokens,
                                       max_context=recipe.max_context, token_limits=limits,
                                       min_prompt=m["k_pre"] + 1 if name == "prune" and not dynamic else 1)  # prune: S1 > K
