@@ -26,6 +26,10 @@ Optional, where a family differs from LLaVA:
                               (M-RoPE: R = 3); every kept token keeps its own (default: 1-D ids,
                               renumbered 0..S1-1 after Stage 1)
     check_selection(method, anchor)                       refuse a method/anchor the tower cannot serve
+    deepstack(model, tokens [B,K,D]) -> [T,B,K,Hd]        DeepStack (Qwen3-VL): each kept candidate's T extra
+                              embeddings, from the same per-candidate tokens `project` takes; segment1 adds plane t
+                              after decoder layer t at the image positions. A family with it
+                              (`Recipe.vision.deepstack_visual_indexes`) has candidates = its image span, in order
     preprocessor_config(recipe) -> dict                   preprocessor_config.json of synthetic checkpoints
 
 Family modules import numpy/PIL at top level only, so the ONNX Runtime and TensorRT paths (which
@@ -46,7 +50,7 @@ import numpy as np
 from sts_export.errors import StsError
 from sts_export.recipe import Recipe
 
-FAMILIES = {"llava-1.5": "llava", "llava-next": "llava_next", "qwen2.5-vl": "qwen2_5_vl"}
+FAMILIES = {"llava-1.5": "llava", "llava-next": "llava_next", "qwen2.5-vl": "qwen2_5_vl", "qwen3-vl": "qwen3_vl"}
 
 
 @dataclass(frozen=True)
