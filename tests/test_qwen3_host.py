@@ -69,7 +69,7 @@ CASES = [
     ((300, 200), PUB, "min"),  # 60 000 px < 65 536: grow
     ((1000, 37), PUB, "min"),  # a 27:1 strip
     ((1920, 1080), PUB, "round"),
-    ((5000, 4000), PUB, "max"),
+    ((1500, 1000), (PUB[0], 1003520), "max"),  # the export default cap (980 tokens)
 ]
 
 
