@@ -46,6 +46,7 @@ OUR_NAMES: dict[str, tuple[tuple[str, str], ...]] = {
     "llava_next": (("model.image_newline", "image_newline"), *_LLAVA_NAMES),
     # Qwen2.5-VL: the published layout (visual.*, model.layers.*) is canonicalised by transformers too
     "qwen2_5_vl": (("model.visual.", "vision."), ("lm_head.", "lm_head."), ("model.language_model.", "")),
+    "qwen3_vl": (("model.visual.", "vision."), ("lm_head.", "lm_head."), ("model.language_model.", "")),
 }
 # Only where transformers lacks the conversion API (older 5.x): its llava renamings, by hand.
 _FALLBACK_RENAMES = (
@@ -271,7 +272,7 @@ def init_random_(model: torch.nn.Module, seed: int) -> None:
                 t.normal_(1.0, 0.05, generator=g)
             elif p.dim() == 1:
                 t.normal_(0.0, 0.02 if name.endswith("bias") else 1.0, generator=g)
-            elif "embed_tokens" in name or "position_embedding" in name:
+            elif "embed_tokens" in name or "position_embedding" in name or "pos_embed" in name:
                 t.normal_(0.0, 1.0 if "embed_tokens" in name else 0.3, generator=g)
             else:
                 fan_in = math.prod(p.shape[1:])

@@ -60,23 +60,45 @@ def segment_cache(backend: Backend, plan: Plan, graph: str, batch: int, capacity
     return cache if cache is not None else ConcatCache(backend, plan, plan.segment_layers[graph], batch)
 
 
-def run_segment(backend: Backend, graph: str, hidden: Any, pos: Any, cache: KVCache, new: int) -> dict[str, Any]:
-    """One segment call adding `new` entries to its cache. A cache with a `prefill_chunk` (ONNX Runtime's CPU
-    in-place cache) takes a longer prefill in chunks of that many tokens, each attending to the cache written by
-    the ones before (causal, as one call): the same numbers, but each attention call's score matrix stays small
-    enough for the CPU caches. -> the outputs of one call over all `new` tokens."""
+def deepstack_feeds(backend: Backend, plan: Plan, batch: int, planes: Any = None, start: int = 0) -> dict[str, Any]:
+    """segment1's DeepStack inputs: `planes` [T,B,K,Hd] to add at sequence rows start..start+K-1, or (None: a decode
+    step, or a prefill chunk without image rows) one zero row at row 0, which adds nothing. {} without DeepStack."""
+    if not plan.deepstack:
+        return {}
+    if planes is None:
+        assert plan.recipe is not None
+        planes = backend.from_numpy(np.zeros((plan.deepstack, batch, 1, plan.recipe.text.hidden_size), plan.dtype))
+    return {"deepstack_embeds": planes, "image_start": backend.from_numpy(np.array(start, dtype=np.int64))}
+
+
+def run_segment(backend: Backend, graph: str, hidden: Any, pos: Any, cache: KVCache, new: int,
+                deep: dict[str, Any] | None = None) -> dict[str, Any]:
+    """One segment call adding `new` entries to its cache (`deep`: segment1's DeepStack feeds, `deepstack_feeds`).
+    A cache with a `prefill_chunk` (ONNX Runtime's CPU in-place cache) takes a longer prefill in chunks of that many
+    tokens, each attending to the cache written by the ones before (causal, as one call), each given the DeepStack
+    rows that fall in it: the same numbers, but each attention call's score matrix stays small enough for the CPU
+    caches. -> the outputs of one call over all `new` tokens."""
+    deep = deep or {}
     chunk = getattr(cache, "prefill_chunk", None)
     if not chunk or new <= chunk:
-        out = backend.run(graph, {"hidden": hidden, "position_ids": pos, **cache.feeds(new)})
+        out = backend.run(graph, {"hidden": hidden, "position_ids": pos, **deep, **cache.feeds(new)})
         cache.update(out, new)
         return out
     h, p = backend.to_numpy(hidden), backend.to_numpy(pos)  # [B, S, Hd], [B, S] | [3, B, S]
+    planes = backend.to_numpy(deep["deepstack_embeds"]) if deep else None  # [T, B, K, Hd]
+    start = int(backend.to_numpy(deep["image_start"]).reshape(-1)[0]) if deep else 0
     hiddens: list[Any] = []
     for a in range(0, new, chunk):
         n = min(chunk, new - a)
+        chunk_deep = {}
+        if planes is not None:  # the image rows inside [a, a + n), or one zero row
+            lo, hi = max(a, start), min(a + n, start + planes.shape[2])
+            rows = np.ascontiguousarray(planes[:, :, lo - start:hi - start]) if lo < hi else np.zeros_like(planes[:, :, :1])
+            chunk_deep = {"deepstack_embeds": backend.from_numpy(rows),
+                          "image_start": backend.from_numpy(np.array(lo - a if lo < hi else 0, dtype=np.int64))}
         out = backend.run(graph, {"hidden": backend.from_numpy(np.ascontiguousarray(h[:, a:a + n])),
                                   "position_ids": backend.from_numpy(np.ascontiguousarray(p[..., a:a + n])),
-                                  **cache.feeds(n)})
+                                  **chunk_deep, **cache.feeds(n)})
         cache.update(out, n)
         if "hidden_out" in out:
             hiddens.append(out["hidden_out"])
@@ -127,7 +149,9 @@ def generate(
     next_pos = int(prompt_pos.max()) + 1  # decode step t has id max(prompt ids) + 1 + t (1-D: S1 + t) on every axis
     pos = backend.from_numpy(prompt_pos)
     cache1 = segment_cache(backend, plan, "segment1", b, s1 + max_new_tokens)
-    o1 = run_segment(backend, "segment1", hidden, pos, cache1, s1)
+    # DeepStack: the kept tokens' planes at their rows of the Stage-1 sequence (prefill only)
+    deep = deepstack_feeds(backend, plan, b, vis["deepstack_embeds"], len(prompt.prefix)) if plan.deepstack else {}
+    o1 = run_segment(backend, "segment1", hidden, pos, cache1, s1, deep)
     hidden, keep_post = o1["hidden_out"], None
     if plan.has_prune:
         feeds = {"hidden": hidden, "position_ids": pos,
@@ -149,6 +173,7 @@ def generate(
     done = np.zeros(b, dtype=bool)
     step_logits = logits
     stops = np.asarray(plan.stop_token_ids, dtype=np.int64)
+    no_deep = deepstack_feeds(backend, plan, b)  # decode steps add no DeepStack rows
     for t in range(max_new_tokens):
         nxt = np.where(done, plan.eos_token_id, step_logits.argmax(-1)).astype(np.int64)  # [B]
         tokens = np.concatenate([tokens, nxt[:, None]], axis=1)
@@ -159,7 +184,7 @@ def generate(
             break
         h = backend.run("embed", {"input_ids": backend.from_numpy(nxt[:, None])})["inputs_embeds"]
         p = backend.from_numpy(np.full((*prompt_pos.shape[:-1], 1), next_pos + t, dtype=np.int64))  # [B,1] | [3,B,1]
-        o1 = backend.run("segment1", {"hidden": h, "position_ids": p, **cache1.feeds(1)})
+        o1 = backend.run("segment1", {"hidden": h, "position_ids": p, **no_deep, **cache1.feeds(1)})
         cache1.update(o1, 1)
         o2 = backend.run("segment2", {"hidden": o1["hidden_out"], "position_ids": p, **cache2.feeds(1)})
         cache2.update(o2, 1)

@@ -1,8 +1,10 @@
 """The five graphs of an export (vision, embed, segment1, prune, segment2), built from any family.
 
     vision    pixel_values [B,3,H,W]            -> image_embeds [B,K,Hd], keep_pre [B,K]
+                                                   (+ deepstack_embeds [T,B,K,Hd] with T DeepStack taps)
     embed     input_ids [B,S]                   -> inputs_embeds [B,S,Hd]
-    segment1  hidden, position_ids, past (layers < prune_layer)  -> hidden_out, presents
+    segment1  hidden, position_ids, (deepstack_embeds, image_start,) past (layers < prune_layer)
+                                                -> hidden_out, presents
     prune     hidden [B,S1,Hd], position_ids, image_start -> hidden_out [B,S2,Hd], position_ids_out, keep_post
     segment2  hidden, position_ids, past (layers >= prune_layer) -> logits [B,V] (last position), presents
 
@@ -28,6 +30,8 @@ class VisionGraph(nn.Module):
     the export's largest K and the graph keeps the first K picks, K = len(k_pre) (a length-only input, so every
     shape stays a dimension TensorRT can build profiles for).
     Without pruning, image_embeds is the image span exactly as transformers packs it.
+    DeepStack families (T = len(deepstack_visual_indexes) > 0) also return deepstack_embeds [T, B, K, Hd]: the kept
+    tokens' own DeepStack embeddings (the family's `deepstack`), in keep_pre's order.
     `forced_keep` [B, K] (None outside validation): keep these tokens instead of selecting (the reference run with a
     candidate's picks, so numerics are compared on the same kept tokens).
     """
@@ -38,6 +42,7 @@ class VisionGraph(nn.Module):
         self.model, self.family = model, family_module(recipe.family)
         self.method, self.k_max, self.anchor = method, k_pre, anchor
         self.dynamic = recipe.dynamic_tokens
+        self.taps = len(recipe.vision.deepstack_visual_indexes)
         self.pruned = method not in ("none", "fastv") and budget != "full"
         self.inputs = self.family.vision_inputs(self.pruned) + (["k_pre"] if self.dynamic and self.pruned else [])
         check = getattr(self.family, "check_selection", None)  # a tower without [CLS] refuses cls / saliency
@@ -54,10 +59,15 @@ class VisionGraph(nn.Module):
         x = self.family.project(self.model, tokens) if self.method == "divprune" else feats  # [B, N, C|Hd]
         return x, cls_att, tokens
 
-    def forward(self, *inputs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def forward(self, *inputs: torch.Tensor) -> tuple[torch.Tensor, ...]:
         fam, model = self.family, self.model
         k_len = inputs[-1] if self.dynamic and self.pruned else None  # [K] length-only
         tower_inputs = inputs[:-1] if k_len is not None else inputs
+        if not self.pruned and self.taps:  # DeepStack: the span is every candidate, each with its planes
+            tokens = fam.candidate_features(model, *tower_inputs)[2]  # [B, N, D]
+            b, n = tokens.shape[:2]
+            everything = torch.arange(n, device=tokens.device).expand(b, n)
+            return fam.project(model, tokens), everything, fam.deepstack(model, tokens)
         if not self.pruned:
             emb = fam.full_embeds(model, *tower_inputs)  # [B, N_full, Hd]
             b, n = emb.shape[:2]
@@ -68,9 +78,10 @@ class VisionGraph(nn.Module):
         k = k_len.shape[0] if k_len is not None else self.k_max
         keep = keep_first_k(self.method, x, k, self.k_max, self.anchor, cls_att) if self.forced_keep is None \
             else self.forced_keep  # [B, K]
-        if self.method == "divprune":
-            return take_tokens(x, keep), keep  # [B, K, Hd] (selected on the projected tokens)
-        return fam.project(model, take_tokens(tokens, keep)), keep  # [B, K, Hd]
+        kept = take_tokens(tokens, keep)  # [B, K, D]
+        # [B, K, Hd]: divprune selected on the projected tokens
+        emb = take_tokens(x, keep) if self.method == "divprune" else fam.project(model, kept)
+        return (emb, keep, fam.deepstack(model, kept)) if self.taps else (emb, keep)
 
 
 class EmbedGraph(nn.Module):
@@ -84,11 +95,27 @@ class EmbedGraph(nn.Module):
         return self.embed_tokens(input_ids)
 
 
+def image_rows(plane: torch.Tensor, image_start: torch.Tensor, s: int) -> torch.Tensor:
+    """plane [B, K, Hd] placed at sequence rows image_start .. image_start+K-1 of an [B, S, Hd] tensor, zeros
+    elsewhere (K >= 1, image_start + K <= S). A gather and a select (static shapes, no scatter)."""
+    b, k, _ = plane.shape
+    slot = torch.arange(s, device=plane.device) - image_start  # [S] row j holds plane row j - image_start
+    inside = (slot >= 0) & (slot < k)
+    slot = torch.where(slot < 0, 0, torch.where(slot > k - 1, k - 1, slot))  # no INT64 Clip (TensorRT)
+    rows = take_tokens(plane, slot[None].expand(b, -1))  # [B, S, Hd]
+    return torch.where(inside[None, :, None], rows, torch.zeros((), dtype=plane.dtype, device=plane.device))
+
+
 class SegmentGraph(nn.Module):
     """Decoder layers [start, end) with explicit KV tensors; the last segment ends in norm + lm_head.
 
     forward(hidden [B,S,Hd], position_ids [B,S] (M-RoPE: [3,B,S]), past_key_i, past_value_i, ... [B,kvh,P,dh])
       -> (hidden_out [B,S,Hd] | logits [B,V], present_key_i, present_value_i, ... [B,kvh,P+S,dh])
+
+    With T DeepStack taps the segment holding layers 0..T-1 (segment1: prune_layer >= T) also takes, after
+    position_ids, deepstack_embeds [T,B,K,Hd] and image_start [] int64, and adds plane t to rows image_start ..
+    image_start+K-1 of layer t's output (transformers' `_deepstack_process` at the K image tokens present). Decode
+    steps feed one zero row (K = 1, image_start 0): they add nothing.
     """
 
     def __init__(self, model: nn.Module, start: int, end: int) -> None:
@@ -98,15 +125,22 @@ class SegmentGraph(nn.Module):
         self.final = end == len(model.layers)
         if self.final:
             self.norm, self.lm_head = model.norm, model.lm_head
+        taps = len(model.recipe.vision.deepstack_visual_indexes)
+        self.taps = taps if start == 0 else 0
+        if (start == 0 and end < taps) or 0 < start < taps:
+            raise ValueError(f"layers {start}..{end - 1}: the DeepStack layers 0..{taps - 1} must all be in segment1")
 
     def layer_indices(self) -> list[int]:
         return list(range(self.start, self.end))
 
-    def forward(self, hidden: torch.Tensor, position_ids: torch.Tensor, *past: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    def forward(self, hidden: torch.Tensor, position_ids: torch.Tensor, *rest: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        deep, image_start, past = (rest[0], rest[1], rest[2:]) if self.taps else (None, None, rest)
         presents: list[torch.Tensor] = []
         x = hidden
         for i, layer in enumerate(self.layers):
             x, k, v = layer(x, position_ids, past[2 * i], past[2 * i + 1])
+            if deep is not None and i < self.taps:
+                x = x + image_rows(deep[i].to(x.dtype), image_start, x.shape[1])
             presents += [k, v]
         if self.final:
             x = self.lm_head(self.norm(x[:, -1]))  # [B, V]

@@ -42,6 +42,10 @@ class VisionConfig:
     fullatt_block_indexes: tuple[int, ...] = ()
     out_hidden_size: int = 0  # merger output width; 0 = no merger
     rope_theta: float = 10000.0  # the ViT's 2-D rotary base
+    # Qwen3-VL's ViT (neutral defaults elsewhere): a learned square position table resampled to each image's grid,
+    # and DeepStack taps (ViT blocks whose merged outputs are added to the decoder after layers 0, 1, ...)
+    num_position_embeddings: int = 0  # entries of the learned position table (a square: 2304 = 48 x 48); 0 = none
+    deepstack_visual_indexes: tuple[int, ...] = ()  # ViT blocks tapped for DeepStack, in decoder-layer order
 
     @property
     def num_patches(self) -> int:
@@ -70,11 +74,14 @@ class TextConfig:
     mrope_section: tuple[int, ...] = ()  # Qwen2.5-VL M-RoPE (t, h, w) sections of head_dim/2; () = 1-D RoPE
     attention_bias: bool = False  # q/k/v projections with bias (Qwen2)
     tie_word_embeddings: bool = False
-    head_size: int = 0  # width of one attention head where it is not hidden_size / num_heads (transformers' head_dim)
+    # Qwen3 (neutral defaults elsewhere)
+    head_dim: int = 0  # per-head width; 0 = hidden_size // num_heads (Qwen3-VL-4B: 128, not 2560 / 32)
+    qk_norm: bool = False  # RMSNorm of each head's q and k before RoPE
+    mrope_interleaved: bool = False  # M-RoPE slots t, h, w interleaved (Qwen3-VL) instead of contiguous sections
 
-    @property
-    def head_dim(self) -> int:
-        return self.head_size or self.hidden_size // self.num_heads
+    def __post_init__(self) -> None:
+        if not self.head_dim and self.num_heads:  # derived once, so every reader sees one number
+            object.__setattr__(self, "head_dim", self.hidden_size // self.num_heads)
 
 
 @dataclass(frozen=True)
@@ -208,8 +215,11 @@ _NESTED: dict[str, type] = {
 
 def _check(obj: Any, where: str) -> None:
     if isinstance(obj, TextConfig):
-        if (obj.hidden_size % obj.num_heads and not obj.head_size) or obj.num_heads % obj.num_kv_heads:
-            raise StsError(f"{where}: hidden_size/num_heads/num_kv_heads are inconsistent")
+        derived_uneven = obj.hidden_size % obj.num_heads and obj.head_dim == obj.hidden_size // obj.num_heads
+        if obj.num_heads % obj.num_kv_heads or derived_uneven:
+            raise StsError(f"{where}: hidden_size/num_heads/num_kv_heads/head_dim are inconsistent")
+        if obj.mrope_section and 2 * sum(obj.mrope_section) != obj.head_dim:
+            raise StsError(f"{where}.mrope_section {list(obj.mrope_section)} must sum to head_dim / 2 = {obj.head_dim // 2}")
     if isinstance(obj, VisionConfig) and obj.image_size % obj.patch_size:
         raise StsError(f"{where}: image_size must be a multiple of patch_size")
     if isinstance(obj, PruningConfig):
@@ -223,6 +233,13 @@ def _check(obj: Any, where: str) -> None:
                 f"{where}.pruning.prune_layer must be in [1, {obj.text.num_layers - 1}], "
                 f"got {obj.pruning.prune_layer}"
             )
+        taps = len(obj.vision.deepstack_visual_indexes)
+        if taps and obj.pruning.prune_layer < taps:  # Stage 2 would drop tokens a later DeepStack add still needs
+            raise StsError(f"{where}.pruning.prune_layer {obj.pruning.prune_layer} is at or below decoder layer {taps - 1}, "
+                           f"the last that receives DeepStack features; use a prune_layer of at least {taps}")
+        if taps > obj.text.num_layers or any(not 0 <= i < obj.vision.num_layers for i in obj.vision.deepstack_visual_indexes):
+            raise StsError(f"{where}.vision.deepstack_visual_indexes {list(obj.vision.deepstack_visual_indexes)} must name "
+                           f"at most {obj.text.num_layers} of the {obj.vision.num_layers} ViT blocks")
         if "{prompt}" not in obj.prompt_template or obj.prompt_template.count("<image>") != 1:
             raise StsError(f"{where}.prompt_template needs exactly one <image> and a {{prompt}} slot")
         if not 1 <= obj.max_prompt_tokens <= obj.max_context <= obj.text.max_position_embeddings:

@@ -102,9 +102,9 @@ class HfImage:
 
     def rope_ids(self, prompt: Prompt) -> torch.Tensor:
         """transformers' get_rope_index of the unpruned prompt: [3, 1, S_full]."""
-        n = self.span.shape[0]
-        ids = torch.tensor(np.concatenate([prompt.prefix, [IMG] * n, prompt.suffix])[None])
-        pos, _ = self.hf.model.get_rope_index(ids, mm_token_type_ids=(ids == IMG).int(), image_grid_thw=self.grid)
+        n, img = self.span.shape[0], self.hf.config.image_token_id
+        ids = torch.tensor(np.concatenate([prompt.prefix, [img] * n, prompt.suffix])[None])
+        pos, _ = self.hf.model.get_rope_index(ids, mm_token_type_ids=(ids == img).int(), image_grid_thw=self.grid)
         return pos
 
 
@@ -137,7 +137,7 @@ class Case:
 
     def embeds(self, span: torch.Tensor) -> torch.Tensor:
         """transformers' embeddings of prefix + [image]*len(span) + suffix with the span replaced: [1, S1, Hd]."""
-        ids = np.concatenate([self.prompt.prefix, [IMG] * span.shape[0], self.prompt.suffix])
+        ids = np.concatenate([self.prompt.prefix, [self.pipe.recipe.image_token_id] * span.shape[0], self.prompt.suffix])
         with torch.no_grad():
             emb = self.ref.hf.get_input_embeddings()(torch.tensor(ids[None]))
         emb[0, self.start:self.start + span.shape[0]] = span
@@ -151,8 +151,10 @@ class Case:
         return full[:, :, cols]
 
 
-@pytest.fixture(scope="module")
-def case(hf, processor):
+def case_runner(name: str, hf: torch.nn.Module, processor, make_ref=None, case_cls: type = Case):
+    """get(method, budget, (w, h), seed, steps) -> a cached Case of recipe `name` (one Pipeline per method and budget),
+    its transformers side from `make_ref(hf, processor, image)` (default: this module's hf_image)."""
+    make_ref = make_ref or hf_image
     pipes: dict = {}
     runs: dict = {}
 
@@ -160,37 +162,48 @@ def case(hf, processor):
         key = (method, budget, wh, seed, steps)
         if key not in runs:
             if (method, budget) not in pipes:
-                pipes[method, budget] = Pipeline.from_pretrained(NAME, budget=budget, method=method)
+                pipes[method, budget] = Pipeline.from_pretrained(name, budget=budget, method=method)
             pipe = pipes[method, budget]
-            ref = hf_image(hf, processor, make_image(*wh, seed=seed))
+            ref = make_ref(hf, processor, make_image(*wh, seed=seed))
             inp = pipe.prepare_image(ref.img)
             gen, step_logits = generate_logged(pipe, inp, steps)
-            runs[key] = Case(method, budget, pipe, inp, pipe.encode(PROMPT), gen, step_logits, ref)
+            runs[key] = case_cls(method, budget, pipe, inp, pipe.encode(PROMPT), gen, step_logits, ref)
         return runs[key]
 
     return get
 
 
+@pytest.fixture(scope="module")
+def case(hf, processor):
+    return case_runner(NAME, hf, processor)
+
+
 def hf_decoder_forward(hf: torch.nn.Module, emb: torch.Tensor, pos: torch.Tensor, prune_layer: int,
-                       keep_idx: list[int] | None) -> torch.Tensor:
+                       keep_idx: list[int] | None, start: int = 0, deep: torch.Tensor | None = None) -> torch.Tensor:
     """Recompute with transformers' decoder layers and its M-RoPE: layers < prune_layer on all of `emb`
     with 3-D ids `pos` [3, 1, S], then the sequence slots `keep_idx` (ids kept) for the rest. An explicit
-    sequence-order causal mask (3-row ids make transformers build none from positions anyway)."""
+    sequence-order causal mask (3-row ids make transformers build none from positions anyway). Qwen3-VL:
+    plane t of `deep` [T, K, Hd] added at the K image positions from `start` after layer t, by transformers'
+    own `_deepstack_process` (T <= prune_layer)."""
     lm = hf.model.language_model
 
-    def run(h: torch.Tensor, p: torch.Tensor, layers) -> torch.Tensor:
+    def run(h: torch.Tensor, p: torch.Tensor, first: int, last: int) -> torch.Tensor:
         n = h.shape[1]
         mask = torch.full((n, n), torch.finfo(h.dtype).min).triu(1)[None, None]
         pe = lm.rotary_emb(h, p)
-        for layer in layers:
-            h = layer(h, attention_mask=mask, position_ids=None, position_embeddings=pe)
+        for i in range(first, last):
+            h = lm.layers[i](h, attention_mask=mask, position_ids=None, position_embeddings=pe)
             h = h[0] if isinstance(h, tuple) else h
+            if deep is not None and i < deep.shape[0]:
+                visual = torch.zeros(1, n, dtype=torch.bool)
+                visual[0, start:start + deep.shape[1]] = True
+                h = lm._deepstack_process(h, visual, deep[i])
         return h
 
-    h = run(emb, pos, lm.layers[:prune_layer])
+    h = run(emb, pos, 0, prune_layer)
     if keep_idx is not None:
         h, pos = h[:, keep_idx], pos[:, :, keep_idx]
-    h = run(h, pos, lm.layers[prune_layer:])
+    h = run(h, pos, prune_layer, len(lm.layers))
     return hf.lm_head(lm.norm(h[:, -1]))
 
 

@@ -12,8 +12,9 @@ def test_every_recipe_loads(name: str) -> None:
     r = load_recipe(name)
     assert r.name == name
     # LLaVA-1.5: one 336-px crop of 24x24 patches; LLaVA-NeXT: base crop + at most 4 tiles of them (2880);
-    # Qwen2.5-VL: one LLM token per 28x28 px of the largest image smart_resize allows
-    expected = {"llava-1.5": 576, "llava-next": 2880, "qwen2.5-vl": r.image_processor.max_pixels // (28 * 28)}
+    # Qwen2.5-VL / Qwen3-VL: one LLM token per 28x28 / 32x32 px of the largest image smart_resize allows
+    expected = {"llava-1.5": 576, "llava-next": 2880, "qwen2.5-vl": r.image_processor.max_pixels // (28 * 28),
+                "qwen3-vl": r.image_processor.max_pixels // (32 * 32)}
     assert r.num_image_tokens == expected[r.family] and r.num_image_tokens > 0
     assert dataclasses.is_dataclass(r)
     with pytest.raises(dataclasses.FrozenInstanceError):

@@ -16,14 +16,16 @@ from sts_export.tokenizer import Prompt
 
 
 def graph_io(name: str, layers: list[int] | None = None, vision_inputs: tuple[str, ...] = ("pixel_values",),
-             dynamic: bool = False) -> tuple[list[str], list[str]]:
+             dynamic: bool = False, deepstack: bool = False) -> tuple[list[str], list[str]]:
     """Input and output names of a graph (DESIGN.md); `layers` = global indices of a segment's layers.
 
     `vision_inputs` are the family's; `dynamic` (image-dependent N) adds the length-only inputs
-    `k_pre` [K] / `k_post` [K'] that carry this image's K and K' as dimensions.
+    `k_pre` [K] / `k_post` [K'] that carry this image's K and K' as dimensions. `deepstack` (a family with
+    DeepStack taps): the vision graph also returns `deepstack_embeds` [T,B,K,Hd], and segment1 takes it with
+    `image_start` [] int64 (the planes' first sequence row).
     """
     if name == "vision":
-        return list(vision_inputs), ["image_embeds", "keep_pre"]
+        return list(vision_inputs), ["image_embeds", "keep_pre", *(["deepstack_embeds"] if deepstack else [])]
     if name == "embed":
         return ["input_ids"], ["inputs_embeds"]
     if name == "prune":
@@ -32,7 +34,8 @@ def graph_io(name: str, layers: list[int] | None = None, vision_inputs: tuple[st
     if name in ("segment1", "segment2"):
         past = [f"past_{kv}_{i}" for i in layers or [] for kv in ("key", "value")]
         present = [f"present_{kv}_{i}" for i in layers or [] for kv in ("key", "value")]
-        return ["hidden", "position_ids", *past], ["hidden_out" if name == "segment1" else "logits", *present]
+        deep = ["deepstack_embeds", "image_start"] if deepstack and name == "segment1" else []
+        return ["hidden", "position_ids", *deep, *past], ["hidden_out" if name == "segment1" else "logits", *present]
     raise ValueError(f"unknown graph {name}")
 
 
@@ -73,6 +76,11 @@ class Plan:
     @property
     def dynamic(self) -> bool:
         return self.recipe is not None and self.recipe.dynamic_tokens
+
+    @property
+    def deepstack(self) -> int:
+        """DeepStack taps T of the model (0: none): vision returns deepstack_embeds, segment1 takes them."""
+        return len(self.recipe.vision.deepstack_visual_indexes) if self.recipe is not None else 0
 
     @property
     def position_axes(self) -> int:
@@ -117,4 +125,4 @@ class Plan:
         return {"segment1": list(range(self.prune_layer)), "segment2": list(range(self.prune_layer, self.num_layers))}
 
     def io(self, graph: str) -> tuple[list[str], list[str]]:
-        return graph_io(graph, self.segment_layers.get(graph), self.vision_inputs, self.dynamic)
+        return graph_io(graph, self.segment_layers.get(graph), self.vision_inputs, self.dynamic, self.deepstack > 0)

@@ -31,6 +31,10 @@ Optional, where a family differs from LLaVA:
     check_selection(method, anchor)                       refuse a method/anchor the tower cannot serve
     profile_limits(recipe) -> dict[str, int]              the vision graph's own symbolic dims and their largest
                               value, for TensorRT's profiles (Qwen2.5-VL: W windows)
+    deepstack(model, tokens [B,K,D]) -> [T,B,K,Hd]        DeepStack (Qwen3-VL): each kept candidate's T extra
+                              embeddings, from the same per-candidate tokens `project` takes; segment1 adds plane t
+                              after decoder layer t at the image positions. A family with it
+                              (`Recipe.vision.deepstack_visual_indexes`) has candidates = its image span, in order
     preprocessor_config(recipe) -> dict                   preprocessor_config.json of synthetic checkpoints
 
 Family modules import numpy/PIL at top level only, so the ONNX Runtime and TensorRT paths (which
@@ -51,7 +55,7 @@ import numpy as np
 from sts_export.errors import StsError
 from sts_export.recipe import Recipe
 
-FAMILIES = {"llava-1.5": "llava", "llava-next": "llava_next", "qwen2.5-vl": "qwen2_5_vl"}
+FAMILIES = {"llava-1.5": "llava", "llava-next": "llava_next", "qwen2.5-vl": "qwen2_5_vl", "qwen3-vl": "qwen3_vl"}
 
 
 @dataclass(frozen=True)

@@ -1,6 +1,8 @@
 """Shared PyTorch layers of the families, in flat gpt-fast style: the CLIP vision tower, the
-LLaVA projector, Qwen2.5-VL's window-attention ViT and PatchMerger, and the Llama/Qwen2 decoder
-(RMSNorm, RoPE or 3-D M-RoPE, grouped-KV attention with optional q/k/v bias, SwiGLU MLP).
+LLaVA projector, Qwen2.5-VL's window-attention ViT and PatchMerger, Qwen3-VL's ViT (learned
+position table resampled per image, DeepStack taps and their mergers), and the Llama/Qwen2/Qwen3
+decoder (RMSNorm, RoPE or 3-D M-RoPE with contiguous or interleaved sections, grouped-KV attention
+with optional q/k/v bias and q/k RMSNorm, SwiGLU MLP).
 
 Parameter names mirror transformers' checkpoints after each family's key map, so weights load
 without conversion. The causal mask follows sequence order, never position ids: after Stage 2
@@ -21,7 +23,11 @@ def quick_gelu(x: torch.Tensor) -> torch.Tensor:
     return x * torch.sigmoid(1.702 * x)
 
 
-ACTIVATIONS = {"quick_gelu": quick_gelu, "gelu": F.gelu, "silu": F.silu}
+def gelu_tanh(x: torch.Tensor) -> torch.Tensor:
+    return F.gelu(x, approximate="tanh")  # transformers' "gelu_pytorch_tanh" (GELUTanh)
+
+
+ACTIVATIONS = {"quick_gelu": quick_gelu, "gelu": F.gelu, "silu": F.silu, "gelu_pytorch_tanh": gelu_tanh}
 
 
 # ----------------------------------------------------------------------------- CLIP vision tower
@@ -157,26 +163,43 @@ class RMSNorm(nn.Module):
         return self.weight * h.to(x.dtype)
 
 
+def mrope_axes(mrope_section: tuple[int, ...], interleaved: bool = False) -> list[int]:
+    """The position-id axis (0 t, 1 h, 2 w) each of the d/2 frequency slots reads under M-RoPE.
+
+    Contiguous (Qwen2.5-VL's Qwen2_5_VLRotaryEmbedding): section i covers the next mrope_section[i] slots and reads
+    axis i % 3. Interleaved (Qwen3-VL's Qwen3VLTextRotaryEmbedding.recomposition_frequencies): slots 1, 4, 7, ...
+    (mrope_section[1] of them) read h, slots 2, 5, 8, ... (mrope_section[2]) read w, every other slot t.
+    """
+    if not interleaved:
+        return [i % 3 for i, n in enumerate(mrope_section) for _ in range(n)]
+    axes = [0] * sum(mrope_section)
+    for axis in (1, 2):
+        for j in range(axis, 3 * mrope_section[axis], 3):
+            axes[j] = axis
+    return axes
+
+
 def rope_angles(position_ids: torch.Tensor, head_dim: int, theta: float,
-                mrope_section: tuple[int, ...] = ()) -> torch.Tensor:
+                mrope_section: tuple[int, ...] = (), interleaved: bool = False) -> torch.Tensor:
     """Rotary angles [B, S, d/2] (float32, as transformers) of integer position ids [B, S].
 
-    M-RoPE (Qwen2.5-VL, `mrope_section` = (t, h, w) sizes summing to d/2): ids are [3, B, S] and
-    frequency slot j takes its angle from the axis of the section it falls in (transformers'
-    Qwen2_5_VLRotaryEmbedding: section i reads axis i % 3), so text tokens (equal ids on all axes)
-    get plain RoPE.
+    M-RoPE (`mrope_section` = (t, h, w) slot counts summing to d/2): ids are [3, B, S] and frequency slot j
+    takes its angle from the axis `mrope_axes` gives it (contiguous sections, or Qwen3-VL's interleaved
+    slots), so text tokens (equal ids on all axes) get plain RoPE. The same products as transformers,
+    which multiplies every axis and then picks the slots.
     """
     inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, device=position_ids.device).float() / head_dim))
-    freqs = position_ids[..., None].float() * inv_freq  # [B, S, d/2] | M-RoPE: [3, B, S, d/2]
     if mrope_section:
-        freqs = torch.cat([f[i % 3] for i, f in enumerate(freqs.split(list(mrope_section), dim=-1))], dim=-1)
-    return freqs
+        axes = torch.tensor(mrope_axes(mrope_section, interleaved), device=position_ids.device)  # [d/2]
+        position_ids = position_ids[axes].permute(1, 2, 0)  # [3, B, S] -> [B, S, d/2]: each slot's own id
+        return position_ids.float() * inv_freq  # [B, S, d/2]
+    return position_ids[..., None].float() * inv_freq  # [B, S, d/2]
 
 
 def rope_cos_sin(position_ids: torch.Tensor, head_dim: int, theta: float, dtype: torch.dtype,
-                 mrope_section: tuple[int, ...] = ()) -> tuple[torch.Tensor, torch.Tensor]:
+                 mrope_section: tuple[int, ...] = (), interleaved: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     """cos, sin [B, 1, S, d] for integer position ids [B, S] ([3, B, S] for M-RoPE; see `rope_angles`)."""
-    freqs = rope_angles(position_ids, head_dim, theta, mrope_section)  # [B, S, d/2]
+    freqs = rope_angles(position_ids, head_dim, theta, mrope_section, interleaved)  # [B, S, d/2]
     emb = torch.cat([freqs, freqs], dim=-1)[:, None]  # [B, 1, S, d]
     return emb.cos().to(dtype), emb.sin().to(dtype)
 
@@ -203,6 +226,8 @@ class Attention(nn.Module):
         self.k_proj = nn.Linear(cfg.hidden_size, kvh * d, bias=bias)
         self.v_proj = nn.Linear(cfg.hidden_size, kvh * d, bias=bias)
         self.o_proj = nn.Linear(h * d, cfg.hidden_size, bias=False)
+        if cfg.qk_norm:  # Qwen3: RMSNorm over each head's d, before RoPE
+            self.q_norm, self.k_norm = RMSNorm(d, cfg.rms_norm_eps), RMSNorm(d, cfg.rms_norm_eps)
 
     def qk(self, x: torch.Tensor, position_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """RoPE'd queries [B,h,S,d] and keys [B,kvh,S,d] of the normed input x [B,S,Hd]; ids [B,S] or [3,B,S] (M-RoPE)."""
@@ -210,7 +235,9 @@ class Attention(nn.Module):
         c = self.cfg
         q = self.q_proj(x).view(b, s, c.num_heads, c.head_dim).transpose(1, 2)
         k = self.k_proj(x).view(b, s, c.num_kv_heads, c.head_dim).transpose(1, 2)
-        cos, sin = rope_cos_sin(position_ids, c.head_dim, c.rope_theta, x.dtype, c.mrope_section)
+        if c.qk_norm:
+            q, k = self.q_norm(q), self.k_norm(k)
+        cos, sin = rope_cos_sin(position_ids, c.head_dim, c.rope_theta, x.dtype, c.mrope_section, c.mrope_interleaved)
         return apply_rope(q, cos, sin), apply_rope(k, cos, sin)
 
     def forward(
@@ -282,17 +309,18 @@ class Llava(nn.Module):
 # Np patches (processor order: merge units in raster order, the 2x2 patches of a unit contiguous),
 # N = Np / unit LLM tokens (unit = merge**2 = 4), C the ViT width, d = C / heads.
 class QwenPatchEmbed(nn.Module):
-    """The checkpoint's Conv3d patch embedding (stride = kernel, no bias) run as one linear over the
-    flattened patch: pixel_values [Np, 3*T*ps*ps] (1176) -> [Np, C]."""
+    """The checkpoint's Conv3d patch embedding (stride = kernel; a bias in Qwen3-VL, none in Qwen2.5-VL) run as
+    one linear over the flattened patch: pixel_values [Np, 3*T*ps*ps] (1176 at 14 px, 1536 at 16) -> [Np, C]."""
 
-    def __init__(self, cfg: VisionConfig) -> None:
+    def __init__(self, cfg: VisionConfig, bias: bool = False) -> None:
         super().__init__()
         k = (cfg.temporal_patch_size, cfg.patch_size, cfg.patch_size)
-        self.proj = nn.Conv3d(3, cfg.hidden_size, k, k, bias=False)  # weight [C, 3, T, ps, ps]: (C, T, y, x) = patch order
+        self.proj = nn.Conv3d(3, cfg.hidden_size, k, k, bias=bias)  # weight [C, 3, T, ps, ps]: (C, T, y, x) = patch order
 
     def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
-        w = self.proj.weight
-        return pixel_values.to(w.dtype) @ w.reshape(w.shape[0], -1).t()  # [Np, C]
+        w, b = self.proj.weight, self.proj.bias
+        x = pixel_values.to(w.dtype) @ w.reshape(w.shape[0], -1).t()  # [Np, C]
+        return x if b is None else x + b
 
 
 class QwenVisionAttention(nn.Module):
@@ -328,13 +356,39 @@ class QwenVisionAttention(nn.Module):
         return self.proj(o)
 
 
-class QwenVisionBlock(nn.Module):
-    def __init__(self, cfg: VisionConfig) -> None:
+class LayerNorm(nn.LayerNorm):
+    """nn.LayerNorm computed in float32 whatever the weights' dtype (a float32 residual stream may meet fp16
+    weights); equal to nn.LayerNorm in float32."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.layer_norm(x.float(), self.normalized_shape, self.weight.float(), self.bias.float(), self.eps)
+
+
+class Qwen3MLP(nn.Module):
+    """linear_fc2(act(linear_fc1(x))) with biases: Qwen3-VL's ViT blocks (C -> I -> C) and its mergers (4C -> 4C -> Hd)."""
+
+    def __init__(self, inp: int, hidden: int, out: int, act: str) -> None:
         super().__init__()
-        self.norm1 = RMSNorm(cfg.hidden_size, cfg.layer_norm_eps)
-        self.norm2 = RMSNorm(cfg.hidden_size, cfg.layer_norm_eps)
+        self.linear_fc1 = nn.Linear(inp, hidden)
+        self.linear_fc2 = nn.Linear(hidden, out)
+        self.act = ACTIVATIONS[act]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.linear_fc2(self.act(self.linear_fc1(x)))
+
+
+class QwenVisionBlock(nn.Module):
+    """Qwen2.5-VL's block (RMSNorm, SwiGLU MLP) or, with `qwen3`, Qwen3-VL's (LayerNorm, two-layer MLP); the same
+    attention."""
+
+    def __init__(self, cfg: VisionConfig, qwen3: bool = False) -> None:
+        super().__init__()
+        c = cfg.hidden_size
+        self.norm1, self.norm2 = ((LayerNorm(c, cfg.layer_norm_eps), LayerNorm(c, cfg.layer_norm_eps)) if qwen3
+                                  else (RMSNorm(c, cfg.layer_norm_eps), RMSNorm(c, cfg.layer_norm_eps)))
         self.attn = QwenVisionAttention(cfg)
-        self.mlp = MLP(cfg.hidden_size, cfg.intermediate_size, bias=True, act=cfg.hidden_act)
+        self.mlp = (Qwen3MLP(c, cfg.intermediate_size, c, cfg.hidden_act) if qwen3
+                    else MLP(c, cfg.intermediate_size, bias=True, act=cfg.hidden_act))
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
                 windows: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
@@ -360,6 +414,13 @@ class QwenPatchMerger(nn.Module):
         return self.mlp(x.to(self.mlp[0].weight.dtype))
 
 
+def vision_cos_sin(rotary_pos: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos, sin [Np, 1, d] float32 of the ViT's 2-D rotary angles [Np, d/2] (rows | cols), repeated twice."""
+    rot = rotary_pos.float()
+    emb = torch.cat([rot, rot], dim=-1)[:, None]  # [Np, 1, d]
+    return emb.cos(), emb.sin()
+
+
 class QwenVision(nn.Module):
     """Qwen2.5-VL's ViT up to (not including) the PatchMerger, as transformers runs it: patches permuted
     into window order, windowed blocks attend within their 112-px window (one batch of windows), the
@@ -381,9 +442,7 @@ class QwenVision(nn.Module):
         unit, n = self.unit, window_index.shape[0]
         perm = (window_index[:, None] * unit + torch.arange(unit, device=window_index.device)).reshape(-1)  # [Np]
         x = self.patch_embed(pixel_values).float()[perm]  # [Np, C] window order
-        rot = rotary_pos.float()[perm]  # [Np, d/2]
-        emb = torch.cat([rot, rot], dim=-1)[:, None]  # [Np, 1, d]
-        cos, sin = emb.cos(), emb.sin()
+        cos, sin = vision_cos_sin(rotary_pos[perm])  # [Np, 1, d]
         dt = self.patch_embed.proj.weight.dtype
         # windowed blocks: a slot of the window table is a real patch where the patch sits in that very slot; the
         # padding is masked as keys, additive in the attention's dtype (every window holds a real patch)
@@ -401,14 +460,72 @@ class QwenVision(nn.Module):
 
 
 class QwenVL(nn.Module):
-    """All weights of a Qwen2.5-VL model: the ViT with its PatchMerger (`vision`), the Qwen2 decoder."""
+    """All weights of a Qwen2.5-VL model: the ViT with its PatchMerger (`vision`), the Qwen2 decoder; or of a
+    Qwen3-VL model, given its ViT (`Qwen3Vision`) and a recipe whose decoder has q/k norms."""
 
-    def __init__(self, recipe: Recipe) -> None:
+    def __init__(self, recipe: Recipe, vision: nn.Module | None = None) -> None:
         super().__init__()
         self.recipe = recipe
         t = recipe.text
-        self.vision = QwenVision(recipe.vision)
+        self.vision = vision if vision is not None else QwenVision(recipe.vision)
         self.embed_tokens = nn.Embedding(t.vocab_size, t.hidden_size)
         self.layers = nn.ModuleList(DecoderLayer(t) for _ in range(t.num_layers))
         self.norm = RMSNorm(t.hidden_size, t.rms_norm_eps)
         self.lm_head = nn.Linear(t.hidden_size, t.vocab_size, bias=False)  # tied checkpoints: a copy of embed_tokens
+
+
+# ----------------------------------------------------------------------------- Qwen3-VL vision tower
+# No windows: patches stay in processor order (merge units in raster order = LLM-token order) and every block attends
+# to the whole image. T = len(deepstack_visual_indexes) DeepStack taps.
+class Qwen3PatchMerger(Qwen3MLP):
+    """LayerNorm, then a merge unit's patches concatenated -> Linear, GELU, Linear (checkpoint names norm.*,
+    linear_fc1.*, linear_fc2.*). The main merger normalises each patch's C before the shuffle; a DeepStack merger
+    (`postshuffle`) normalises the concatenated unit*C after it."""
+
+    def __init__(self, cfg: VisionConfig, postshuffle: bool = False) -> None:
+        unit, c = cfg.spatial_merge_size**2, cfg.hidden_size
+        super().__init__(unit * c, unit * c, cfg.out_hidden_size, "gelu")
+        self.unit, self.postshuffle = unit, postshuffle
+        self.norm = LayerNorm(unit * c if postshuffle else c, eps=1e-6)  # eps fixed in transformers
+
+    def forward(self, groups: torch.Tensor) -> torch.Tensor:
+        """groups [..., unit*C] (a merge unit's patches concatenated, float32) -> [..., out]."""
+        x = self.norm(groups) if self.postshuffle else self.norm(groups.unflatten(-1, (self.unit, -1))).flatten(-2)
+        return super().forward(x.to(self.linear_fc1.weight.dtype))
+
+
+class Qwen3Vision(nn.Module):
+    """Qwen3-VL's ViT up to (not including) its mergers, as transformers runs it for one image: patch embedding plus
+    the learned position table resampled to the image's grid (host-computed bilinear taps), 2-D rotary, blocks
+    attending to the whole image. Returns each LLM token's pre-merger patches of the last block and of every
+    DeepStack tap; the mergers (`merger`, `deepstack_merger_list`) run on the kept tokens only."""
+
+    def __init__(self, cfg: VisionConfig) -> None:
+        super().__init__()
+        self.cfg, self.unit = cfg, cfg.spatial_merge_size**2
+        self.taps = tuple(cfg.deepstack_visual_indexes)
+        self.patch_embed = QwenPatchEmbed(cfg, bias=True)
+        self.pos_embed = nn.Embedding(cfg.num_position_embeddings, cfg.hidden_size)
+        self.blocks = nn.ModuleList(QwenVisionBlock(cfg, qwen3=True) for _ in range(cfg.num_layers))
+        self.merger = Qwen3PatchMerger(cfg)
+        self.deepstack_merger_list = nn.ModuleList(Qwen3PatchMerger(cfg, postshuffle=True) for _ in self.taps)
+
+    def forward(self, pixel_values: torch.Tensor, rotary_pos: torch.Tensor, interp_indices: torch.Tensor,
+                interp_weights: torch.Tensor) -> torch.Tensor:
+        """pixel_values [Np, 3*T*ps*ps], rotary_pos [Np, d/2], interp_indices [Np, 4] int64 and interp_weights [Np, 4]
+        (bilinear taps into the position table), all in processor order -> groups [1+T, N, unit*C] float32: the last
+        block's output, then each DeepStack tap's, per LLM token (raster order; N = Np / unit)."""
+        pos = (self.pos_embed(interp_indices).float() * interp_weights.float()[:, :, None]).sum(1)  # [Np, C]
+        x = self.patch_embed(pixel_values).float() + pos  # [Np, C] float32 residual stream
+        cos, sin = vision_cos_sin(rotary_pos)  # [Np, 1, d]
+        taps: list[torch.Tensor] = []
+        for i, blk in enumerate(self.blocks):
+            x = blk(x, cos, sin, None)  # one image: no mask
+            if i in self.taps:
+                taps.append(x)
+        n = x.shape[0] // self.unit
+        return torch.stack([x, *taps]).reshape(1 + len(taps), n, -1)  # [1+T, N, unit*C]
+
+    def deepstack(self, groups: torch.Tensor) -> torch.Tensor:
+        """Each tap's own merger on (kept) tokens' tap patches [T, ..., unit*C] -> [T, ..., out]."""
+        return torch.stack([m(g) for m, g in zip(self.deepstack_merger_list, groups.unbind(0))])

@@ -196,7 +196,7 @@ def recipe_from_config(cfg: dict[str, Any], config_dir: Path, name: str, family:
         max_position_embeddings=t.get("max_position_embeddings", 4096 * 32 if text_model == "mistral" else 2048),
         rms_norm_eps=t.get("rms_norm_eps", 1e-6),
         rope_theta=float(rope.get("rope_theta", t.get("rope_theta", 10000.0))),
-        head_size=0 if head_dim * heads == hidden else head_dim,
+        head_dim=0 if head_dim * heads == hidden else head_dim,
         tie_word_embeddings=bool(t.get("tie_word_embeddings", cfg.get("tie_word_embeddings", False))),
     )
     context = text.max_position_embeddings

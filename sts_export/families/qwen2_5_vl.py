@@ -71,7 +71,7 @@ def smart_resize(height: int, width: int, factor: int = 28, min_pixels: int = 56
         raise StsError(f"image is empty ({width}x{height})")
     if max(height, width) / min(height, width) > MAX_ASPECT:
         raise StsError(f"image aspect ratio {max(height, width) / min(height, width):.1f} is above {MAX_ASPECT}, "
-                       "which Qwen2.5-VL's processor refuses; crop the image")
+                       "which Qwen's image processor refuses; crop the image")
     h, w = round(height / factor) * factor, round(width / factor) * factor
     if h * w > max_pixels:
         scale = math.sqrt(height * width / max_pixels)  # shrink
@@ -446,22 +446,72 @@ DEFAULT_EXPORT_MAX_PIXELS = 1280 * 28 * 28  # an export's default --max-pixels: 
 VIDEO_TOKEN_ID = 151656  # <|video_pad|> of the published tokenizer (no video here; transformers' config wants one)
 CHAT_TEMPLATE = ("<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n<|im_start|>user\n"
                  "<|vision_start|><image><|vision_end|>{prompt}<|im_end|>\n<|im_start|>assistant\n")
-NO_CLS = ("Qwen2.5-VL's ViT has no [CLS] token, so method 'cls' (and anchor 'saliency') cannot run; "
-          "use sts, sts-s, divprune, fastv or none (anchor mean or first)")
 
 
-def _preprocessor_bounds(config_dir: Path) -> tuple[int, int]:
-    """(min_pixels, max_pixels) from a checkpoint's preprocessor_config.json (published values without one)."""
+def no_cls(model: str) -> str:
+    """The one-line refusal of `cls` / anchor `saliency` for a ViT without [CLS]."""
+    return (f"{model}'s ViT has no [CLS] token, so method 'cls' (and anchor 'saliency') cannot run; "
+            "use sts, sts-s, divprune, fastv or none (anchor mean or first)")
+
+
+NO_CLS = no_cls("Qwen2.5-VL")
+
+
+def preprocessor_bounds(config_dir: Path, default: tuple[int, int] = (MIN_PIXELS, MAX_PIXELS)) -> tuple[int, int]:
+    """(min_pixels, max_pixels) from a checkpoint's preprocessor_config.json (`default`, the published values,
+    without one)."""
     f = Path(config_dir) / "preprocessor_config.json"
     if not f.is_file():
-        return MIN_PIXELS, MAX_PIXELS
+        return default
     try:
         pp = json.loads(f.read_text())
     except json.JSONDecodeError as e:
         raise StsError(f"{f}: not valid JSON ({e})") from None
     size = pp.get("size") or {}
-    return (int(pp.get("min_pixels") or size.get("shortest_edge") or MIN_PIXELS),
-            int(pp.get("max_pixels") or size.get("longest_edge") or MAX_PIXELS))
+    return (int(pp.get("min_pixels") or size.get("shortest_edge") or default[0]),
+            int(pp.get("max_pixels") or size.get("longest_edge") or default[1]))
+
+
+def text_fields(cfg: dict[str, Any]) -> dict[str, Any]:
+    """The text model's fields of a Qwen config.json: the published flat layout and transformers-5's
+    `text_config` alike (text_config wins)."""
+    return {**{k: x for k, x in cfg.items() if k not in ("vision_config", "text_config")}, **(cfg.get("text_config") or {})}
+
+
+def derived_recipe(cfg: dict[str, Any], config_dir: Path, name: str, family: str, vision: VisionConfig,
+                   text: TextConfig, bounds: tuple[int, int], mean: Sequence[float], std: Sequence[float],
+                   template: str) -> Recipe:
+    """A Qwen recipe from a config.json's token ids (the published Qwen ids without them), generation_config.json's
+    stop ids, the pixel bounds and the family's template. Family defaults: prune_layer = L // 2, rho = 1/3."""
+    t = text_fields(cfg)
+    eos = t.get("eos_token_id", 151645)
+    eos_ids = list(eos) if isinstance(eos, (list, tuple)) else [eos]
+    gen = Path(config_dir) / "generation_config.json"
+    if gen.is_file():
+        g = json.loads(gen.read_text()).get("eos_token_id")
+        eos_ids += [x for x in (g if isinstance(g, list) else [g]) if x is not None and x not in eos_ids]
+    recipe = Recipe(
+        name=name,
+        family=family,
+        source=str(config_dir),
+        vision=vision,
+        text=text,
+        image_token_id=cfg.get("image_token_id", 151655),
+        vision_start_token_id=cfg.get("vision_start_token_id", 151652),
+        vision_end_token_id=cfg.get("vision_end_token_id", 151653),
+        image_token="<|image_pad|>",
+        stop_token_ids=tuple(eos_ids),
+        pad_token_id=t.get("pad_token_id") if t.get("pad_token_id") is not None else 151643,
+        bos_token_id=t.get("bos_token_id") if t.get("bos_token_id") is not None else 151643,
+        eos_token_id=eos_ids[0],
+        pruning=PruningConfig(prune_layer=max(1, text.num_layers // 2)),
+        image_processor=ImageProcessorConfig(min_pixels=bounds[0], max_pixels=bounds[1], image_mean=tuple(mean),
+                                             image_std=tuple(std)),
+        prompt_template=template,
+        description=f"derived from config.json with {family} family defaults",
+    )
+    recipe = fit_context(recipe, text.max_position_embeddings)  # N at max_pixels + text, within the context
+    return from_dict(Recipe, json.loads(json.dumps(recipe.to_dict())), "config.json")  # the recipe checks
 
 
 def recipe_from_config(cfg: dict[str, Any], config_dir: Path, name: str) -> Recipe:
@@ -469,7 +519,7 @@ def recipe_from_config(cfg: dict[str, Any], config_dir: Path, name: str) -> Reci
     transformers-5 layout (`text_config`, `rope_parameters`) alike. Family defaults: prune_layer = L // 2, rho = 1/3."""
     cfg_path = Path(config_dir) / "config.json"
     v = cfg.get("vision_config") or {}
-    t = {**{k: x for k, x in cfg.items() if k not in ("vision_config", "text_config")}, **(cfg.get("text_config") or {})}
+    t = text_fields(cfg)
     rope = t.get("rope_parameters") or t.get("rope_scaling") or {}
     if rope.get("rope_type", rope.get("type", "default")) not in ("default", "mrope"):
         raise StsError(f"{cfg_path}: only M-RoPE with default frequencies is supported, got {rope}")
@@ -509,37 +559,43 @@ def recipe_from_config(cfg: dict[str, Any], config_dir: Path, name: str) -> Reci
         attention_bias=True,  # transformers' Qwen2.5-VL always has q/k/v biases
         tie_word_embeddings=bool(cfg.get("tie_word_embeddings", t.get("tie_word_embeddings", False))),
     )
-    lo, hi = _preprocessor_bounds(config_dir)
-    eos = t.get("eos_token_id", 151645)
-    eos_ids = list(eos) if isinstance(eos, (list, tuple)) else [eos]
-    gen = Path(config_dir) / "generation_config.json"
-    if gen.is_file():
-        g = json.loads(gen.read_text()).get("eos_token_id")
-        eos_ids += [x for x in (g if isinstance(g, list) else [g]) if x is not None and x not in eos_ids]
-    recipe = Recipe(
-        name=name,
-        family=NAME,
-        source=str(config_dir),
-        vision=vision,
-        text=text,
-        image_token_id=cfg.get("image_token_id", 151655),
-        vision_start_token_id=cfg.get("vision_start_token_id", 151652),
-        vision_end_token_id=cfg.get("vision_end_token_id", 151653),
-        image_token="<|image_pad|>",
-        stop_token_ids=tuple(eos_ids),
-        pad_token_id=t.get("pad_token_id") if t.get("pad_token_id") is not None else 151643,
-        bos_token_id=t.get("bos_token_id") if t.get("bos_token_id") is not None else 151643,
-        eos_token_id=eos_ids[0],
-        pruning=PruningConfig(prune_layer=max(1, layers // 2)),
-        image_processor=ImageProcessorConfig(min_pixels=lo, max_pixels=hi, image_mean=CLIP_MEAN, image_std=CLIP_STD),
-        prompt_template=CHAT_TEMPLATE,
-        description=f"derived from config.json with {NAME} family defaults",
-    )
-    half = text.head_dim // 2
-    if sum(text.mrope_section) != half:
-        raise StsError(f"{cfg_path}: rope mrope_section {list(text.mrope_section)} must sum to head_dim / 2 = {half}")
-    recipe = fit_context(recipe, text.max_position_embeddings)  # N at max_pixels + text, within the context
-    return from_dict(Recipe, json.loads(json.dumps(recipe.to_dict())), cfg_path.name)  # the recipe checks
+    return derived_recipe(cfg, config_dir, name, NAME, vision, text, preprocessor_bounds(config_dir), CLIP_MEAN, CLIP_STD,
+                          CHAT_TEMPLATE)
+
+
+def qwen_hf_config(recipe: Recipe, architecture: str, model_type: str, vision: dict[str, Any],
+                   text: dict[str, Any]) -> dict[str, Any]:
+    """A transformers config dict (transformers-5 layout) of a Qwen VL model: the token ids (a video id no other token
+    uses: transformers' config wants one), the ViT and decoder fields every Qwen VL has, plus the family's own
+    `vision` / `text` fields."""
+    v, t = recipe.vision, recipe.text
+    used = {recipe.image_token_id, recipe.vision_start_token_id, recipe.vision_end_token_id, recipe.bos_token_id,
+            recipe.eos_token_id, recipe.pad_token_id}
+    video = VIDEO_TOKEN_ID if VIDEO_TOKEN_ID < t.vocab_size and VIDEO_TOKEN_ID not in used else max(used) + 1
+    return {
+        "architectures": [architecture],
+        "model_type": model_type,
+        "image_token_id": recipe.image_token_id,
+        "video_token_id": video,
+        "vision_start_token_id": recipe.vision_start_token_id,
+        "vision_end_token_id": recipe.vision_end_token_id,
+        "tie_word_embeddings": t.tie_word_embeddings,
+        "vision_config": {
+            "model_type": f"{model_type}_vision", "depth": v.num_layers, "hidden_size": v.hidden_size,
+            "intermediate_size": v.intermediate_size, "num_heads": v.num_heads, "hidden_act": v.hidden_act,
+            "patch_size": v.patch_size, "temporal_patch_size": v.temporal_patch_size, "in_channels": 3,
+            "spatial_merge_size": v.spatial_merge_size, "out_hidden_size": v.out_hidden_size,
+            "rope_parameters": {"rope_type": "axial", "rope_theta": v.rope_theta}, **vision,
+        },
+        "text_config": {
+            "model_type": f"{model_type}_text", "hidden_size": t.hidden_size, "intermediate_size": t.intermediate_size,
+            "num_hidden_layers": t.num_layers, "num_attention_heads": t.num_heads,
+            "num_key_value_heads": t.num_kv_heads, "vocab_size": t.vocab_size,
+            "max_position_embeddings": t.max_position_embeddings, "rms_norm_eps": t.rms_norm_eps,
+            "bos_token_id": recipe.bos_token_id, "eos_token_id": recipe.eos_token_id,
+            "pad_token_id": recipe.pad_token_id, "hidden_act": "silu", **text,
+        },
+    }
 
 
 def hf_config(recipe: Recipe) -> dict[str, Any]:
@@ -547,50 +603,30 @@ def hf_config(recipe: Recipe) -> dict[str, Any]:
     v, t = recipe.vision, recipe.text
     if not t.attention_bias:
         raise StsError(f"recipe '{recipe.name}': Qwen2.5-VL's q/k/v projections always have a bias (attention_bias: true)")
-    used = {recipe.image_token_id, recipe.vision_start_token_id, recipe.vision_end_token_id, recipe.bos_token_id,
-            recipe.eos_token_id, recipe.pad_token_id}
-    video = VIDEO_TOKEN_ID if VIDEO_TOKEN_ID < t.vocab_size and VIDEO_TOKEN_ID not in used else max(used) + 1
-    return {
-        "architectures": ["Qwen2_5_VLForConditionalGeneration"],
-        "model_type": "qwen2_5_vl",
-        "image_token_id": recipe.image_token_id,
-        "video_token_id": video,
-        "vision_start_token_id": recipe.vision_start_token_id,
-        "vision_end_token_id": recipe.vision_end_token_id,
-        "tie_word_embeddings": t.tie_word_embeddings,
-        "vision_config": {
-            "model_type": "qwen2_5_vl_vision", "depth": v.num_layers, "hidden_size": v.hidden_size,
-            "intermediate_size": v.intermediate_size, "num_heads": v.num_heads, "hidden_act": v.hidden_act,
-            "patch_size": v.patch_size, "temporal_patch_size": v.temporal_patch_size, "in_channels": 3,
-            "spatial_merge_size": v.spatial_merge_size, "window_size": v.window_size,
-            "fullatt_block_indexes": list(v.fullatt_block_indexes), "out_hidden_size": v.out_hidden_size,
-            "rope_parameters": {"rope_type": "axial", "rope_theta": v.rope_theta},
-        },
-        "text_config": {
-            "model_type": "qwen2_5_vl_text", "hidden_size": t.hidden_size, "intermediate_size": t.intermediate_size,
-            "num_hidden_layers": t.num_layers, "num_attention_heads": t.num_heads,
-            "num_key_value_heads": t.num_kv_heads, "vocab_size": t.vocab_size,
-            "max_position_embeddings": t.max_position_embeddings, "rms_norm_eps": t.rms_norm_eps,
-            "rope_parameters": {"rope_type": "default", "rope_theta": t.rope_theta,
-                                "mrope_section": list(t.mrope_section)},
-            "bos_token_id": recipe.bos_token_id, "eos_token_id": recipe.eos_token_id,
-            "pad_token_id": recipe.pad_token_id, "tie_word_embeddings": t.tie_word_embeddings, "hidden_act": "silu",
-            "use_sliding_window": False,
-        },
-    }
+    return qwen_hf_config(
+        recipe, "Qwen2_5_VLForConditionalGeneration", "qwen2_5_vl",
+        {"window_size": v.window_size, "fullatt_block_indexes": list(v.fullatt_block_indexes)},
+        {"rope_parameters": {"rope_type": "default", "rope_theta": t.rope_theta, "mrope_section": list(t.mrope_section)},
+         "tie_word_embeddings": t.tie_word_embeddings, "use_sliding_window": False})
 
 
-def preprocessor_config(recipe: Recipe) -> dict[str, Any]:
-    """preprocessor_config.json as the published checkpoints hold it (transformers builds its processor from it)."""
+def qwen_preprocessor_config(recipe: Recipe, processor_class: str) -> dict[str, Any]:
+    """preprocessor_config.json of a Qwen VL checkpoint (transformers builds its Qwen2VLImageProcessor from it)."""
     v, p = recipe.vision, recipe.image_processor
     return {
-        "image_processor_type": "Qwen2VLImageProcessor", "processor_class": "Qwen2_5_VLProcessor",
-        "min_pixels": p.min_pixels, "max_pixels": p.max_pixels,
+        "image_processor_type": "Qwen2VLImageProcessor", "processor_class": processor_class,
         "size": {"shortest_edge": p.min_pixels, "longest_edge": p.max_pixels},
         "patch_size": v.patch_size, "temporal_patch_size": v.temporal_patch_size, "merge_size": v.spatial_merge_size,
         "image_mean": list(p.image_mean), "image_std": list(p.image_std), "do_resize": True, "resample": 3,
         "do_rescale": True, "rescale_factor": 1 / 255, "do_normalize": True, "do_convert_rgb": True,
     }
+
+
+def preprocessor_config(recipe: Recipe) -> dict[str, Any]:
+    """preprocessor_config.json as the published checkpoints hold it (min_pixels / max_pixels beside `size`)."""
+    p = recipe.image_processor
+    return {**qwen_preprocessor_config(recipe, "Qwen2_5_VLProcessor"), "min_pixels": p.min_pixels,
+            "max_pixels": p.max_pixels}
 
 
 def _prepare(img: Image.Image, recipe: Recipe) -> QwenImage:

@@ -28,8 +28,15 @@ def check_method(method: str) -> str:
 
 
 def prune_layer_for(method: str, recipe: Recipe) -> int:
-    """Index of the first decoder layer that sees the Stage-2-pruned sequence."""
-    return FASTV_LAYER if method == "fastv" else recipe.pruning.prune_layer
+    """Index of the first decoder layer that sees the Stage-2-pruned sequence. With DeepStack (T taps added after
+    decoder layers 0..T-1) it must be at least T, so FastV's fixed layer 2 is refused on a 3-tap model."""
+    if method != "fastv":
+        return recipe.pruning.prune_layer
+    taps = len(recipe.vision.deepstack_visual_indexes)
+    if FASTV_LAYER < taps:
+        raise StsError(f"method 'fastv' prunes after decoder layer {FASTV_LAYER - 1}, but '{recipe.name}' still adds "
+                       f"DeepStack features up to layer {taps - 1}; use sts, sts-s, divprune or none")
+    return FASTV_LAYER
 
 
 def has_stage2(method: str, budget: int | str) -> bool:
