@@ -1,6 +1,6 @@
 """The one generation loop: prefill (vision, embed, segment1, prune, segment2), then greedy decode
-with per-segment KV caches, on any backend (`sts_export.backends`). Also the graphs' IO names
-(DESIGN.md's contract) and the Plan that tells the loop what an export configuration holds.
+with per-segment KV caches, on any backend (`sts_export.artifact.protocol.Backend`), driven by the export
+configuration's Plan (`sts_export.artifact.plan`, which also names the graphs' inputs and outputs).
 
 KV caches: one object per segment (`segment_cache`) gives each call its cache feeds and takes its
 outputs back. A backend may offer its own (`kv_cache`: preallocated to prompt + new tokens and

@@ -174,7 +174,7 @@ def test_engine_build_estimate_and_stale_partial_engines(scene, tmp_path: Path, 
     monkeypatch.delenv(memory.FAKE_ENV)
     est = memory.check_engine_memory(d, m, "fp16", 2 * 1024**3, progress=lambda s: None, unified=True)
     assert any(k.startswith("workspace") for k in est.parts) and est.need > 2 * 1024**3
-    # the 7B fp16 figures the README quotes
+    # the 7B fp16 figures docs/jetson.md quotes
     sizes = {k: v * 2 for k, v in graph_params(load_recipe("llava-1.5-7b"), "sts").items()}
     jetson = memory.engine_estimate(sizes, "fp16", "fp16", 2 * 1024**3, unified=True)
     x86 = memory.engine_estimate(sizes, "fp16", "fp16", None, unified=False)

@@ -17,7 +17,7 @@ Estimates (bytes; all resident host memory, checked before any weights are loade
                 limit itself when --workspace-gb is absent (`check_engine_memory`) and says so
 
 The constants are calibrated against `/usr/bin/time -v` runs on the development machine (see
-README, "Measured results"). `STS_FAKE_AVAILABLE_MEMORY=12G` (or monkeypatching `available_memory`)
+docs/results.md). `STS_FAKE_AVAILABLE_MEMORY=12G` (or monkeypatching `available_memory`)
 fakes what the machine has, for tests.
 
 Temporary directories: an export writes into `<parent>/.<name>.tmp-XXXXXXXX` with an owner record
@@ -51,7 +51,7 @@ MiB = 1024**2
 FAKE_ENV = "STS_FAKE_AVAILABLE_MEMORY"
 DTYPE_BYTES = {"fp32": 4, "fp16": 2, "bf16": 2, "float32": 4, "float16": 2, "bfloat16": 2}
 
-# ---- calibration (development machine, torch 2.13 CPU, onnxruntime 1.32; README "Measured results") ----
+# ---- calibration (development machine, torch 2.13 CPU, onnxruntime 1.32; docs/results.md) ----
 BASE_BYTES = 450 * MiB  # python + torch + onnx imported, the modules' own overhead
 LOAD_TEMP_BYTES = 4  # per parameter of the largest tensor: random init draws float32, then casts
 # torch.onnx transient, as a fraction of the largest graph's weight bytes. Measured: llava-1.5-7b fp16

@@ -25,7 +25,7 @@ from sts_export.cli.tools import check_and_exit
               help="onnx (= ort): ONNX graphs with their ONNX Runtime form; trt: + TensorRT engines; aoti: "
                    "AOTInductor packages (<graph>.pt2) built for this machine.")
 @OUT_DIR
-@click.option("--opset", default=None, type=int, help="ONNX opset, 18..25 [18; 22 for bf16].")
+@click.option("--opset", default=None, type=int, help="ONNX opset, 18..25 [18; 22 for bf16; 21 for int4, and for TensorRT's int8/int4 form].")
 @click.option("--no-validate", is_flag=True, help="Skip the ONNX Runtime vs torch validation.")
 @click.option("--force", is_flag=True, help="Replace an existing --out directory.")
 @click.option("--no-reuse", is_flag=True,

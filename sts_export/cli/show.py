@@ -1,7 +1,7 @@
 """`sts show`: pictures of what pruning does, from our torch modules on CPU (weights from the same sources as
 `Pipeline.from_pretrained`).
 
-    sts show compare --model tiny-llava --image cat.jpg --prompt "What is this?" --methods sts,divprune,cls,fastv \
+    sts show compare --model tiny-llava --image cat.jpg --prompt "What is this?" --methods sts,divprune,cls \
         --budget 64 --png compare.png                       # what each method keeps, side by side (paper Figs. 6-7)
     sts show consistency --model tiny-llava --image cat.jpg --out report/   # KNN consistency per CLIP layer (Fig. 2)
 """
@@ -14,8 +14,6 @@ import click
 from sts_export.cli.options import (ANCHOR, BUDGET, CONTEXT, INPUT_IDS, MODEL, OUT_DIR, PROMPT, RANDOM_WEIGHTS, RECIPE,
                                     image_option)
 from sts_export.errors import StsError, cli_errors
-from sts_export.show.compare import compare_methods, consistency
-from sts_export.show.diagnostics import write_report
 from sts_export.tokenizer import cli_input_ids
 
 
@@ -46,6 +44,9 @@ def consistency_cmd(model: str | None, recipe: str | None, random_weights: bool,
                     ks: str) -> None:
     """KNN consistency of CLS attention vs. patch features at every CLIP layer (paper Fig. 2): consistency.json and
     consistency.png in --out."""
+    from sts_export.show.compare import consistency  # torch: only when drawing (`sts` itself starts without it)
+    from sts_export.show.diagnostics import write_report
+
     with cli_errors():
         if not model or out is None:
             raise StsError("pass --model and --out (the directory for consistency.json and consistency.png)")
@@ -76,6 +77,8 @@ def compare_cmd(model: str | None, recipe: str | None, random_weights: bool, ima
                 input_ids: str | None, methods: str, budget: str, anchor: str | None, display_size: int | None,
                 png: Path) -> None:
     """Draw the tokens each method keeps at the same budget, side by side (paper Figs. 6-7)."""
+    from sts_export.show.compare import compare_methods  # torch: only when drawing
+
     with cli_errors():
         if not model:
             raise StsError("pass --model (a recipe name, a checkpoint directory or a cached HF id)")

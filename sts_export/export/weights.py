@@ -29,7 +29,7 @@ is quant_utils' symmetric quantization with positive scales, int4 and int8 alike
 blocks of INT4 only, in blocks of 64 or 128 (its "Working with Quantized Types" page; the static check's
 `_BLOCK_DQ_TYPES`): so TensorRT int8 is per output channel, and TensorRT int4 refuses `--block-size 32`. HQQ and
 GPTQ exist in this onnxruntime (HQQWeightOnlyQuantConfig, GPTQWeightOnlyQuantConfig) but write MatMulNBits only,
-with zero points (HQQ) or calibration data (GPTQ); RTN is the default here (see the README for what HQQ measured).
+with zero points (HQQ) or calibration data (GPTQ); RTN is the default here (docs/results.md has what HQQ measured).
 
 `check_weights` refuses, in one line and before any work, a combination that cannot be honoured; `quantize_export`
 does the work on an export's temporary directory; `weights_record` reads the scheme back from the written graphs

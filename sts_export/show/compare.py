@@ -2,7 +2,7 @@
 vision-encoder layer (paper Fig. 2).
 
     sts show compare --model tiny-llava --image cat.jpg --prompt "What is this?" \
-        --methods sts,divprune,cls,fastv --budget 64 --png compare.png
+        --methods sts,divprune,cls --budget 64 --png compare.png
     sts show consistency --model tiny-llava --image cat.jpg --out report/
 
 Both run our torch modules on CPU by default; weights come from the same sources as

@@ -17,7 +17,7 @@ MAX_MAJOR = 11  # the newest TensorRT major whose API this module was written ag
 _INSTALL_HINT = (
     "TensorRT is not installed (Python package `tensorrt` is needed for --target trt): on a Jetson it ships with "
     "JetPack (6.1/6.2: TensorRT 10.3; 7.2: TensorRT 10.16; 7.2.2+: TensorRT 11.4.1+, python3-libnvinfer), on x86-64 "
-    "with an NVIDIA driver run `pip install tensorrt` (TensorRT 11.x wheels); see README 'TensorRT and Jetson'; "
+    "with an NVIDIA driver run `pip install tensorrt` (TensorRT 11.x wheels); see docs/jetson.md; "
     "or export with --target onnx"
 )
 

@@ -17,7 +17,7 @@ value range 0 .. max_prompt (used only if TensorRT turns the input into a shape 
 
 A graph with a past ("P") input (`segment1`, `segment2`) gets two optimisation profiles: 0 = prefill
 (S in 1..max_prompt, P = 0) and 1 = decode (S = 1, P in 0..max_context-1); every other graph gets one.
-The runtime (`trt_runtime.TrtBackend`) picks the profile from the input shapes.
+The runtime (`backends.tensorrt.runtime.TrtBackend`) picks the profile from the input shapes.
 
 Precision. Every engine is built strongly typed (TensorRT 11 has no other mode; NVIDIA's "TensorRT 10.x to 11.x
 Python API" migration guide lists BuilderFlag.FP16/BF16/INT8, OBEY_PRECISION_CONSTRAINTS and the per-layer
