@@ -199,7 +199,7 @@ def test_bench_weights_column_and_fit(float_export: Path, root: Path) -> None:
     assert "int4-b128" in format_table(res)
     # the analytic fit on an 8 GB Orin Nano: the 7B fits with int4 weights only
     res = run_bench(BenchOptions(models=["llava-1.5-7b"], budgets=["full", 64], methods=["sts"], dtype="fp16",
-                                 weights=["fp16", "int8", "int4"], device="jetson-orin-nano-8gb", cost_only=True))
+                                 weights=["fp16", "int8", "int4"], roofline="jetson-orin-nano-8gb", cost_only=True))
     fit = {(r["weights"], r["budget"]): r["fits"] for r in res["rows"]}
     assert fit == {("fp16", "full"): False, ("fp16", 64): False, ("int8-ch-qdq", "full"): False,
                    ("int8-ch-qdq", 64): False, ("int4-b128-qdq", "full"): True, ("int4-b128-qdq", 64): True}

@@ -104,6 +104,7 @@ def ensure_onnx_export(model: str, recipe: Any, cfg: Config, opts: BenchOptions)
     _, secs = timed_call(lambda: export(model, budget=cfg.budget, method=cfg.method, out=out, dtype=opts.dtype,
                                         random_weights=opts.random_weights, validate=False, force=True,
                                         weights=q.weights if q else None, block_size=q.block_size if q else None,
+                                        accuracy_level=q.accuracy_level if q and q.encoding == "matmulnbits" else None,
                                         progress=lambda s: None))
     opts.progress(f"  exported in {secs:.0f} s")
     return out

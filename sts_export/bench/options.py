@@ -67,6 +67,7 @@ class BenchOptions:
     threads: int | None = None  # intra-op threads for torch and ONNX Runtime (None: their defaults)
     weights: list[str] = field(default_factory=list)  # int8 / int4 / the dtype (float); empty: the dtype
     block_size: int | None = None  # quantization block along K (None: the exporter's default, 128)
+    accuracy_level: int | None = None  # MatMulNBits' accuracy_level for ort int8/int4 (None: the exporter's, 4)
     ort_forms: list[str] = field(default_factory=list)  # ORT decoder-graph forms per configuration (ORT_FORMS)
     progress: Callable[[str], None] = lambda s: None
 
@@ -99,7 +100,8 @@ class BenchOptions:
 
         self.weights = _unique(self.weights or [self.dtype])
         for w in self.weights:
-            check_weights(w, self.block_size, dtype=self.dtype)  # one line for a bad --weights/--block-size
+            check_weights(w, self.block_size, dtype=self.dtype,  # one line for a bad --weights/--block-size
+                          accuracy_level=self.accuracy_level if w in ("int8", "int4") else None)
         if self.roofline is not None and self.roofline != HOST:  # host: measured by run_bench
             get_device(self.roofline, self.roofline_file)  # unknown name -> one-line error listing the valid ones
         self.ort_forms = _unique(self.ort_forms or ["auto"])
@@ -146,7 +148,8 @@ def configs_per_weights(configs: list[Config], opts: BenchOptions, backend: str,
                          f"weights are an export's: use --backends ort or trt)")
             continue
         try:
-            scheme = check_weights(w, opts.block_size, target=target, dtype=opts.dtype)
+            scheme = check_weights(w, opts.block_size, target=target, dtype=opts.dtype,
+                                   accuracy_level=opts.accuracy_level if w in ("int8", "int4") and target == "onnx" else None)
         except StsError as e:
             notes.append(f"{backend}: --weights {w} skipped: {e}")
             skipped.append({"backend": backend, "weights": w, "reason": str(e)})

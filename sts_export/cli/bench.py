@@ -12,7 +12,7 @@ import sys
 
 import click
 
-from sts_export.cli.options import (BLOCK_SIZE, CONTEXT, DEVICE, DTYPE, ENVIRONMENT, MAX_NEW_TOKENS_OPTION, MODEL, PROMPT,
+from sts_export.cli.options import (ACCURACY_LEVEL, BLOCK_SIZE, CONTEXT, DEVICE, DTYPE, ENVIRONMENT, MAX_NEW_TOKENS_OPTION, MODEL, PROMPT,
                                     RANDOM_WEIGHTS, THREADS, WEIGHTS, image_option, split_list)
 from sts_export.errors import StsError, cli_errors
 
@@ -23,6 +23,7 @@ from sts_export.errors import StsError, cli_errors
 @DTYPE
 @WEIGHTS
 @BLOCK_SIZE
+@ACCURACY_LEVEL
 @image_option()
 @PROMPT
 @MAX_NEW_TOKENS_OPTION
@@ -71,6 +72,7 @@ from sts_export.errors import StsError, cli_errors
               help="Write a PNG: latency vs budget per method, measured speedup vs FLOP ratio.")
 @click.option("-q", "--quiet", is_flag=True, help="No progress lines on stderr.")
 def main(model: str | None, random_weights: bool, dtype: str | None, weights: str | None, block_size: str | None,
+         accuracy_level: int | None,
          image: str | None, prompt: str | None, max_new_tokens: int, device: str, threads: int | None, budgets: str,
          methods: str, backends: str, repeats: int, warmup: int, roofline: str | None, roofline_file: str | None,
          on_device: bool, text_tokens: int | None, exports: str | None, interleave: bool | None, no_stage1_probe: bool,
@@ -91,6 +93,7 @@ def main(model: str | None, random_weights: bool, dtype: str | None, weights: st
             prompt=prompt or DEFAULT_PROMPT, text_tokens=text_tokens, image=image, exports=exports,
             stage1_probe=not no_stage1_probe, interleave=interleave, threads=threads, ignore_eos=not keep_eos, cost_only=cost_only,
             weights=split_list(weights), block_size=int(block_size) if block_size else None,
+            accuracy_level=accuracy_level,
             ort_forms=split_list(ort_forms),
             progress=(lambda s: None) if quiet else (lambda s: click.echo(s, err=True)),
         )

@@ -47,6 +47,7 @@ from sts_export.cli.tools import check_and_exit
                    "shared by methods and budgets) from this directory, and add new ones to it.")
 def main(model: str | None, recipe: str | None, random_weights: bool, max_pixels: int | None, method: str, budget: str,
          anchor: str | None, dtype: str | None, weights: str | None, block_size: str | None, quantize_vision: bool,
+         accuracy_level: int | None,
          target: str, out: Path | None, opset: int | None, no_validate: bool, force: bool, no_reuse: bool,
          onnx_dir: Path | None, check_only: bool, trt_version: str | None, precision: str | None, max_batch: int,
          opt_level: int, workspace_gb: float | None, aoti_device: str | None, aoti_cache: Path | None) -> None:
@@ -59,7 +60,7 @@ def main(model: str | None, recipe: str | None, random_weights: bool, max_pixels
             given = {"--onnx-dir": onnx_dir, "--check-only": check_only or None, "--trt-version": trt_version,
                      "--precision": precision, "--opset": opset, "--weights": weights, "--block-size": block_size,
                      "--quantize-vision": quantize_vision or None, "--workspace-gb": workspace_gb,
-                     "--no-reuse": no_reuse or None}
+                     "--no-reuse": no_reuse or None, "--accuracy-level": accuracy_level}
             if target != "aoti":
                 raise StsError("--aoti-device/--aoti-cache compile AOTInductor packages: use them with --target aoti")
             bad = [k for k, v in given.items() if v is not None]
@@ -86,8 +87,9 @@ def main(model: str | None, recipe: str | None, random_weights: bool, max_pixels
         block = int(block_size) if block_size is not None else None
         if onnx_dir is None:  # before the version parser: an old TensorRT gets the weights' own reason
             scheme = check_weights(weights, block, quantize_vision, target=target, trt_versions=trt_version,
-                                   dtype=dtype or precision or ("fp16" if target == "trt" else "fp32"))
-        elif weights is not None or block is not None or quantize_vision:
+                                   dtype=dtype or precision or ("fp16" if target == "trt" else "fp32"),
+                                   accuracy_level=accuracy_level)
+        elif weights is not None or block is not None or quantize_vision or accuracy_level is not None:
             raise StsError("--weights/--block-size/--quantize-vision apply to an export; --onnx-dir builds engines "
                            "from the weights its export already holds")
         if trt_version is not None:
@@ -129,7 +131,7 @@ def main(model: str | None, recipe: str | None, random_weights: bool, max_pixels
         path = export(model, budget=budget, method=method, out=out, recipe=recipe, dtype=dtype, anchor=anchor,
                       random_weights=random_weights, opset=opset, validate=not no_validate, force=force,
                       weights=weights, block_size=block, quantize_vision=quantize_vision, target=target,
-                      max_pixels=max_pixels, reuse=not no_reuse)
+                      max_pixels=max_pixels, reuse=not no_reuse, accuracy_level=accuracy_level)
         if target == "trt":
             from sts_export.export.tensorrt.engines import build_engines
 

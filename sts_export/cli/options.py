@@ -3,7 +3,7 @@ commands subscribe to the groups they need (as Polygraphy's tools do to its argu
 
     model       --model, --recipe, --random-weights, --max-pixels
     pruning     --method, --budget, --anchor
-    precision   --dtype, --weights, --block-size, --quantize-vision
+    precision   --dtype, --weights, --block-size, --quantize-vision, --accuracy-level
     inputs      --image, --prompt, --input-ids, --max-new-tokens
     runtime     --backend, --device, --threads
     tensorrt    --trt-version
@@ -91,7 +91,11 @@ WEIGHTS = click.option("--weights", default=None,
 BLOCK_SIZE = click.option("--block-size", type=click.Choice(["32", "128"]), default=None,
                           help="K elements per quantization scale with --weights int8/int4 [128].")
 QUANTIZE_VISION = click.option("--quantize-vision", is_flag=True, help="With --weights: the vision tower's linears too.")
-precision_options = group(DTYPE, WEIGHTS, BLOCK_SIZE, QUANTIZE_VISION)
+ACCURACY_LEVEL = click.option("--accuracy-level", type=click.IntRange(0, 4), default=None,
+                              help="ONNX Runtime's int8/int4 weights (MatMulNBits): the least precision the product may "
+                                   "be computed in, 0 unset, 1 fp32, 2 fp16, 3 bf16, 4 int8 [4: the CPU's int8 kernels; "
+                                   "CUDA ignores it].")
+precision_options = group(DTYPE, WEIGHTS, BLOCK_SIZE, QUANTIZE_VISION, ACCURACY_LEVEL)
 
 
 # ---- inputs

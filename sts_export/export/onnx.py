@@ -193,6 +193,7 @@ def export(
     weights: str | None = None,
     block_size: int | None = None,
     quantize_vision: bool = False,
+    accuracy_level: int | None = None,
     target: str = "onnx",
     max_pixels: int | None = None,
     ort_form: bool = True,
@@ -202,7 +203,8 @@ def export(
     """Export a model's pruned graphs to an ONNX directory; returns its path. Validates with ORT unless told not to.
 
     weights int8|int4 quantizes the linear weights after export (sts_export.export.quantize); `target` picks their
-    encoding: onnx -> MatMulNBits (ONNX Runtime), trt -> DequantizeLinear + MatMul (TensorRT).
+    encoding: onnx -> MatMulNBits (ONNX Runtime, `accuracy_level`: weights.ACCURACY_LEVELS, default 4 = int8
+    compute), trt -> DequantizeLinear + MatMul (TensorRT).
     max_pixels (dynamic-resolution models): the largest image the graphs serve (default: the recipe's, at most
     1280 * 28 * 28); recorded in the manifest's recipe and `max_pixels`.
     ort_form: also write the ORT form of segment1/segment2 (fused ONNX Runtime kernels, in-place KV cache;
@@ -213,7 +215,7 @@ def export(
     the same build key (`export/reuse.py`) instead of exporting it again."""
     check_method(method)
     budget = parse_budget(budget)
-    scheme = check_weights(weights, block_size, quantize_vision, target=target, dtype=dtype)
+    scheme = check_weights(weights, block_size, quantize_vision, target=target, dtype=dtype, accuracy_level=accuracy_level)
     opset = required_opset(scheme, opset)
     if dtype not in EXPORT_DTYPES:
         raise StsError(f"--dtype must be fp32, fp16 or bf16 for ONNX export, got '{dtype}'")

@@ -71,6 +71,13 @@ def quantized_graphs(scheme: Scheme) -> tuple[str, ...]:
     """The graphs `scheme` changes: the embedding only as GatherBlockQuantized (int4, ONNX Runtime)."""
     return tuple(g for g in QUANTIZED_GRAPHS if g != "embed" or scheme.bits == 4 and scheme.encoding == "matmulnbits")
 ALGORITHM = "rtn"  # onnxruntime.quantization's DEFAULT weight-only algorithm: blockwise round-to-nearest
+# MatMulNBits' accuracy_level: the minimum precision ONNX Runtime may compute the product in (0 unset = the input
+# dtype, 1 fp32, 2 fp16, 3 bf16, 4 int8: the activations quantized per block to int8, an int8 x int4 dot product).
+# CPU: 4 lets MLAS run its int8 kernels, where 0 dequantizes to fp32 and runs an fp32 GEMV (measured on
+# llava-1.5-7b-cpu int4: 21.9 -> 7.9 ms/token; docs/quantization.md has the fidelity per level). ONNX Runtime's CUDA
+# MatMulNBits ignores the attribute (it dequantizes to the activations' dtype), so one export serves both.
+ACCURACY_LEVELS = (0, 1, 2, 3, 4)
+DEFAULT_ACCURACY_LEVEL = 4
 TWO_GB = 2 * 1024**3
 
 
@@ -83,6 +90,7 @@ class Scheme:
     encoding: str  # matmulnbits (ONNX Runtime) | qdq (TensorRT)
     quantize_vision: bool = False
     algorithm: str = ALGORITHM  # rtn; "hqq" (int4 MatMulNBits only: asymmetric, float zero points) for comparisons
+    accuracy_level: int = 0  # MatMulNBits only (ACCURACY_LEVELS); 0 for the TensorRT form, which has no such attribute
 
     @property
     def bits(self) -> int:
@@ -90,9 +98,12 @@ class Scheme:
 
     @property
     def label(self) -> str:
-        """e.g. int4-b128, int8-ch (per channel); with -qdq for the TensorRT form, -vis with the vision tower."""
+        """e.g. int4-b128, int8-ch (per channel); with -qdq for the TensorRT form, -vis with the vision tower, -accN
+        for a MatMulNBits accuracy_level other than the default."""
         block = f"b{self.block_size}" if self.block_size else "ch"
-        return f"{self.weights}-{block}" + ("-qdq" if self.encoding == "qdq" else "") + ("-vis" if self.quantize_vision else "")
+        acc = f"-acc{self.accuracy_level}" if self.encoding == "matmulnbits" and self.accuracy_level != DEFAULT_ACCURACY_LEVEL else ""
+        return (f"{self.weights}-{block}" + ("-qdq" if self.encoding == "qdq" else "") + acc
+                + ("-vis" if self.quantize_vision else ""))
 
     def to_dict(self) -> dict[str, Any]:
         return {**asdict(self), "symmetric": self.algorithm == ALGORITHM}
@@ -104,12 +115,19 @@ def _trt_major_minor(text: str) -> tuple[int, int] | None:
 
 
 def check_weights(weights: str | None, block_size: int | None = None, quantize_vision: bool = False, *,
-                  target: str = "onnx", trt_versions: str | None = None, dtype: str = "fp32") -> Scheme | None:
+                  target: str = "onnx", trt_versions: str | None = None, dtype: str = "fp32",
+                  accuracy_level: int | None = None) -> Scheme | None:
     """The quantization an export is asked for (None: float weights), or one line saying why it cannot be had.
 
     `target` onnx -> MatMulNBits (ONNX Runtime); trt -> QDQ (TensorRT). `trt_versions` is --trt-version as given
     (comma-separated); checked here before the version parser so an old TensorRT gets the weights-specific reason.
     """
+    if accuracy_level is not None and (weights not in WEIGHTS or target == "trt"):
+        raise StsError(f"--accuracy-level {accuracy_level} applies to ONNX Runtime's quantized weights (MatMulNBits): "
+                       f"use it with --weights int8|int4 and --target onnx, or drop it")
+    if accuracy_level is not None and accuracy_level not in ACCURACY_LEVELS:
+        raise StsError(f"--accuracy-level must be one of {', '.join(map(str, ACCURACY_LEVELS))} (0 unset, 1 fp32, 2 fp16, "
+                       f"3 bf16, 4 int8), got {accuracy_level}")
     if weights is None or weights in FLOAT_WEIGHTS:
         if weights is not None and weights != dtype:
             raise StsError(f"--weights {weights} with --dtype {dtype}: unquantized weights are the ONNX dtype's; "
@@ -126,7 +144,8 @@ def check_weights(weights: str | None, block_size: int | None = None, quantize_v
         if dtype == "bf16":
             raise StsError("--weights with --dtype bf16 for ONNX Runtime: its CPU MatMulNBits has no bfloat16 "
                            "kernel; export --dtype fp16 or fp32, or --target trt")
-        return Scheme(weights, int(block_size or DEFAULT_BLOCK_SIZE), "matmulnbits", quantize_vision)
+        return Scheme(weights, int(block_size or DEFAULT_BLOCK_SIZE), "matmulnbits", quantize_vision,
+                      accuracy_level=DEFAULT_ACCURACY_LEVEL if accuracy_level is None else accuracy_level)
     for v in (trt_versions.split(",") if trt_versions else []):
         ver = _trt_major_minor(v)
         if ver is not None and ver < TRT_WOQ_SINCE:
@@ -322,6 +341,7 @@ def quantize_graph(src: Path, dst: Path, graph: str, scheme: Scheme) -> int:
 
                 algo = HQQWeightOnlyQuantConfig(block_size=scheme.block_size, bits=scheme.bits, op_types_to_quantize=ops)
             q = _quantizer()(model, bits=scheme.bits, block_size=scheme.block_size, is_symmetric=True,
+                             accuracy_level=scheme.accuracy_level or None,
                              nodes_to_exclude=leave, op_types_to_quantize=ops, algo_config=algo,
                              quant_format=QuantFormat.QOperator)
             q.process()
@@ -380,6 +400,7 @@ def graph_weights(path: Path) -> dict[str, Any]:
     m = onnx.load(str(path), load_external_data=False)
     inits = {t.name: t for t in m.graph.initializer}
     kinds: dict[str, int] = {}
+    levels: set[int] = set()  # MatMulNBits' accuracy_level (0 where the attribute is absent)
     float_mm = float_gather = zero_points = 0
 
     def add(key: str) -> None:
@@ -392,6 +413,7 @@ def graph_weights(path: Path) -> dict[str, Any]:
             zero_points += int(len(n.input) > zp and bool(n.input[zp]))
         if n.op_type == "MatMulNBits":
             add(f"MatMulNBits int{attrs.get('bits', 4)} b{attrs.get('block_size')}")
+            levels.add(int(attrs.get("accuracy_level", 0)))
         elif n.op_type == "GatherBlockQuantized":
             add(f"GatherBlockQuantized int{attrs.get('bits', 4)} b{attrs.get('block_size')}")
         elif n.op_type == "DequantizeLinear" and n.input[0] in inits:
@@ -405,7 +427,7 @@ def graph_weights(path: Path) -> dict[str, Any]:
             float_gather += 1
     files = [path] + ([path.with_name(path.name + ".data")] if path.with_name(path.name + ".data").exists() else [])
     return {"quantized": kinds, "float_matmuls": float_mm, "float_gathers": float_gather, "zero_points": zero_points,
-            "bytes": sum(f.stat().st_size for f in files)}
+            "accuracy_levels": sorted(levels), "bytes": sum(f.stat().st_size for f in files)}
 
 
 _SCHEME = re.compile(r"(MatMulNBits|GatherBlockQuantized|DequantizeLinear) int(\d) (b(\d+)|ch)")
@@ -429,9 +451,14 @@ def weights_record(export_dir: Path, graphs: list[str], scheme: Scheme | None) -
         raise StsError(f"{export_dir}: the graphs hold {sorted(found)}, not one {scheme.label} scheme: this is a bug, "
                        f"please report it")
     block = blocks.pop()
+    levels = {lv for r in per.values() for lv in r["accuracy_levels"]}
+    if levels and levels != {scheme.accuracy_level}:
+        raise StsError(f"{export_dir}: the MatMulNBits nodes hold accuracy_level {sorted(levels)}, not "
+                       f"{scheme.accuracy_level} as asked: this is a bug, please report it")
     return {
         "weights": f"int{bits.pop()}", "encoding": encodings.pop(), "block_size": None if block == "channel" else int(block),
         "symmetric": not any(r["zero_points"] for r in per.values()), "algorithm": scheme.algorithm, "quantize_vision": scheme.quantize_vision,
+        "accuracy_level": levels.pop() if levels else None,
         "label": scheme.label, "graphs": per, "total_bytes": sum(r["bytes"] for r in per.values()),
     }
 
