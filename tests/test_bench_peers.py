@@ -181,3 +181,39 @@ def test_failing_peer_keeps_our_rows(monkeypatch: pytest.MonkeyPatch) -> None:
     assert [(r["backend"], r["budget"]) for r in result["rows"]] == [("torch", "full")]
     assert [(f["backend"], f["error"]) for f in result["failures"]] == [("transformers", "RuntimeError: planted")]
     assert any(n.startswith("peer transformers FAILED on tiny-llava: RuntimeError: planted") for n in result["notes"])
+
+
+def test_ort_genai_quantized_peer_is_built_as_ours(tmp_path: Path) -> None:
+    """--weights int4 --block-size 32 --accuracy-level 1: ort-genai gets a second row built by its own builder with
+    that scheme (MatMulNBits read back from its graph: bits, block_size, accuracy_level), labelled as our rows, and
+    our quantized rows are read against it, our float rows against its float row; transformers runs float only."""
+    _require_genai()
+    import onnx
+
+    from sts_export.bench.peers import GenaiPeer, add_peer_ratios, peer_schemes
+
+    opts = _opts("tiny-llava", backends=["ort-genai"], weights=["fp32", "int4"], block_size=32, accuracy_level=1)
+    assert peer_schemes("transformers", opts) == [None]
+    float_, int4 = peer_schemes("ort-genai", opts)
+    assert float_ is None and (int4.weights, int4.block_size, int4.accuracy_level) == ("int4", 32, 1)
+    recipe = recipe_of("tiny-llava")
+    peer = GenaiPeer("tiny-llava", recipe, opts, default_image(recipe), cuda=False, root=tmp_path, scheme=int4)
+    nodes = [n for n in onnx.load(str(peer.dir / "model.onnx"), load_external_data=False).graph.node
+             if n.op_type == "MatMulNBits"]
+    assert nodes, "the builder wrote no MatMulNBits"
+    attrs = [{a.name: onnx.helper.get_attribute_value(a) for a in n.attribute} for n in nodes]
+    assert {(a["bits"], a["block_size"], a.get("accuracy_level", 0)) for a in attrs} == {(4, 32, 1)}
+    peer.run(record=True)
+    row = peer.row()
+    assert row["weights"] == int4.label == "int4-b32-acc1" and row["backend"] == "ort-genai"
+    peer.close()
+    genai_float = {**row, "weights": "fp32", "prefill_ms_median": 10.0, "decode_ms_median": 1.0}
+    genai_int4 = {**row, "prefill_ms_median": 6.0, "decode_ms_median": 0.5}
+    hf = {**genai_float, "backend": "transformers", "ttft_ms_median": 40.0}
+    ours = [{"model": "tiny-llava", "dtype": "fp32", "weights": w, "backend": "ort", "prefill_ms_median": 5.0,
+             "decode_ms_median": 0.25, "ttft_ms_median": 20.0} for w in ("fp32", "int4-b32-acc1", "int8-b32-acc1")]
+    add_peer_ratios(ours + [genai_float, genai_int4, hf])
+    assert ours[0]["speedup_decode_vs_ort_genai"] == pytest.approx(4.0)  # float against float
+    assert ours[1]["speedup_decode_vs_ort_genai"] == pytest.approx(2.0)  # int4 against its int4
+    assert "speedup_decode_vs_ort_genai" not in ours[2]  # no int8 peer row: no ratio
+    assert all(r["speedup_ttft_vs_transformers"] == pytest.approx(2.0) for r in ours)  # HF's float row for all

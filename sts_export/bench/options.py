@@ -99,9 +99,11 @@ class BenchOptions:
             raise StsError("--threads must be >= 1")
 
         self.weights = _unique(self.weights or [self.dtype])
-        for w in self.weights:
-            check_weights(w, self.block_size, dtype=self.dtype,  # one line for a bad --weights/--block-size
-                          accuracy_level=self.accuracy_level if w in ("int8", "int4") else None)
+        quant = [w for w in self.weights if w in ("int8", "int4")]
+        for w in self.weights:  # one line for a bad --weights/--block-size/--accuracy-level; the latter two apply
+            q = w in quant or not quant  # to the quantized entries (float ones beside them ignore them)
+            check_weights(w, self.block_size if q else None, dtype=self.dtype,
+                          accuracy_level=self.accuracy_level if w in quant or not quant else None)
         if self.roofline is not None and self.roofline != HOST:  # host: measured by run_bench
             get_device(self.roofline, self.roofline_file)  # unknown name -> one-line error listing the valid ones
         self.ort_forms = _unique(self.ort_forms or ["auto"])
@@ -148,7 +150,7 @@ def configs_per_weights(configs: list[Config], opts: BenchOptions, backend: str,
                          f"weights are an export's: use --backends ort or trt)")
             continue
         try:
-            scheme = check_weights(w, opts.block_size, target=target, dtype=opts.dtype,
+            scheme = check_weights(w, opts.block_size if w in ("int8", "int4") else None, target=target, dtype=opts.dtype,
                                    accuracy_level=opts.accuracy_level if w in ("int8", "int4") and target == "onnx" else None)
         except StsError as e:
             notes.append(f"{backend}: --weights {w} skipped: {e}")

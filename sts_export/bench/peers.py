@@ -10,7 +10,9 @@ read against them (bench.py --backends transformers,ort-genai,...).
   ort-genai     onnxruntime-genai's model builder (`python -m onnxruntime_genai.models.builder`) run on the recipe's
                 text decoder: a LlamaForCausalLM / Qwen2ForCausalLM directory with the recipe's text dimensions and
                 the checkpoint's language-model weights, built once per recipe, dtype and weights beside the
-                exports. Timed on S random ids, S = our full prefill length (`Generator.append_tokens`, the first
+                exports. With --weights int8/int4 it is built once more per scheme (`-p int4 --extra_options
+                block_size=<ours> accuracy_level=<ours>`: the same block size and compute as our MatMulNBits), and
+                our quantized rows are read against that row, our float rows against its float one. Timed on S random ids, S = our full prefill length (`Generator.append_tokens`, the first
                 token included), then `generate_next_token` steps. It has no vision: its rows are marked scope
                 "decoder only" and hold prefill and decode, no vision and no TTFT.
 
@@ -56,6 +58,18 @@ DECODERS = {"llava-1.5": ("LlamaForCausalLM", "llama"), "llava-next": ("LlamaFor
 # our rows' phases each peer is compared on: speedup_<phase>_vs_<peer> = peer median / our median
 RATIO_PHASES = {"transformers": ("ttft", "prefill", "decode"), "ort-genai": ("prefill", "decode")}
 TORCH_DTYPES = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16"}
+
+
+def peer_schemes(peer: str, opts: Any) -> list[Any]:
+    """The weights each peer runs, one row per entry: None (the dtype's float weights) for transformers; for
+    ort-genai also every --weights int8/int4 as our ONNX Runtime rows quantize them (export.weights.Scheme)."""
+    from sts_export.export.weights import check_weights
+
+    out: list[Any] = [None]
+    if peer == "ort-genai":
+        out += [check_weights(w, opts.block_size, dtype=opts.dtype, accuracy_level=opts.accuracy_level)
+                for w in opts.weights if w in ("int8", "int4")]
+    return out
 
 
 def peer_unavailable(peer: str, opts: Any, cuda: bool = False) -> str | None:
@@ -106,14 +120,15 @@ def peer_prompt(recipe: Any, opts: Any, path: Path | None, tokenized: bool) -> A
 
 # ----------------------------------------------------------------------------------------------- rows
 def _peer_row(peer: str, model: str, recipe: Any, opts: Any, device: str, text_tokens: int, n_full: int,
-              samples: dict[str, list[float]], mem: tuple[int, int, int | None], image_size: Any) -> dict[str, Any]:
+              samples: dict[str, list[float]], mem: tuple[int, int, int | None], image_size: Any,
+              weights: str | None = None) -> dict[str, Any]:
     """A peer's row: the schema's keys (runner.cost_fields at budget full, no pruning) and its timings."""
 
     s1 = text_tokens + n_full
     n_tok = opts.max_new_tokens
     row: dict[str, Any] = {
         "model": model, "recipe": recipe.name, "method": "none", "budget": "full", "backend": peer,
-        "scope": SCOPE[peer], "peer": True, "dtype": opts.dtype, "device": device, "weights": opts.dtype,
+        "scope": SCOPE[peer], "peer": True, "dtype": opts.dtype, "device": device, "weights": weights or opts.dtype,
         "k_pre": n_full, "k_post": n_full, "prune_layer": recipe.pruning.prune_layer, "text_tokens": text_tokens,
         "seq_len_stage1": s1, "seq_len_stage2": s1,
         "kv_cache_bytes": kv_cache_bytes(recipe, s1, s1, DTYPE_BYTES[opts.dtype]),
@@ -347,13 +362,23 @@ def decoder_state(model: str, recipe: Any, opts: Any, path: Path) -> dict[str, A
     return state
 
 
-def build_genai_decoder(model: str, recipe: Any, opts: Any, root: Path, cuda: bool) -> Path:
+def builder_precision(opts: Any, scheme: Any) -> list[str]:
+    """The builder's precision arguments: -p <dtype>, or -p int8|int4 with our scheme's block size and
+    accuracy_level (its MatMulNBits options; symmetric RTN is its default, as ours)."""
+    if scheme is None:
+        return ["-p", opts.dtype]
+    return ["-p", scheme.weights, "--extra_options", f"block_size={scheme.block_size}",
+            f"accuracy_level={scheme.accuracy_level}"]
+
+
+def build_genai_decoder(model: str, recipe: Any, opts: Any, root: Path, cuda: bool, scheme: Any = None) -> Path:
     """onnxruntime-genai's model builder on the recipe's text decoder, once: <root>/ort-genai/<recipe>-<digest>-
-    <dtype>-<ep>-<weights>/ (genai_config.json, model.onnx); reused when it is there."""
+    <dtype>[-<scheme>]-<ep>-<weights>/ (genai_config.json, model.onnx); reused when it is there."""
 
     path, _ = (None, False) if opts.random_weights else peer_source(model, recipe, opts)
     ep = "cuda" if cuda else "cpu"
-    out = root / "ort-genai" / (f"{recipe.name}-{_recipe_digest(recipe)}-{opts.dtype}-{ep}-"
+    quant = f"-{scheme.label}" if scheme is not None else ""
+    out = root / "ort-genai" / (f"{recipe.name}-{_recipe_digest(recipe)}-{opts.dtype}{quant}-{ep}-"
                                 f"{_weights_key(path, opts.random_weights) if path else 'rw'}")
     if (out / "genai_config.json").is_file() and (out / "model.onnx").is_file():
         opts.progress(f"  reusing ort-genai decoder {out}")
@@ -377,8 +402,9 @@ def build_genai_decoder(model: str, recipe: Any, opts: Any, root: Path, cuda: bo
         else:
             build_synthetic_tokenizer(recipe, hf_dir)
         cmd = [sys.executable, "-m", "onnxruntime_genai.models.builder", "-m", str(hf_dir), "-i", str(hf_dir),
-               "-o", str(onnx_dir), "-p", opts.dtype, "-e", ep, "-c", str(tmp / "cache")]
-        opts.progress(f"  building the ort-genai decoder ({' '.join(cmd[1:4])} ... -p {opts.dtype} -e {ep}) into {out}")
+               "-o", str(onnx_dir), "-e", ep, "-c", str(tmp / "cache")] + builder_precision(opts, scheme)
+        opts.progress(f"  building the ort-genai decoder ({' '.join(cmd[1:4])} ... "
+                      f"{' '.join(builder_precision(opts, scheme))} -e {ep}) into {out}")
         proc, secs = timed_call(lambda: subprocess.run(cmd, capture_output=True, text=True,
                                                        env={**os.environ, "HF_HUB_OFFLINE": "1"}))
         if proc.returncode != 0 or not (onnx_dir / "genai_config.json").is_file():
@@ -399,12 +425,14 @@ class GenaiPeer(_Peer):
 
     name = "ort-genai"
 
-    def __init__(self, model: str, recipe: Any, opts: Any, image: Any, cuda: bool, root: Path) -> None:
+    def __init__(self, model: str, recipe: Any, opts: Any, image: Any, cuda: bool, root: Path,
+                 scheme: Any = None) -> None:
         import onnxruntime_genai as og
 
 
         self.og, self.model, self.recipe, self.opts, self.cuda = og, model, recipe, opts, cuda
-        self.dir = build_genai_decoder(model, recipe, opts, root, cuda)
+        self.weights = scheme.label if scheme is not None else None
+        self.dir = build_genai_decoder(model, recipe, opts, root, cuda, scheme)
         path, tokenized = (None, False) if opts.random_weights else peer_source(model, recipe, opts)
         img = family_module(recipe.family).prepare_image(image, recipe)
         prompt = peer_prompt(recipe, opts, path, tokenized)  # only its length S1 is used: the ids are random
@@ -454,7 +482,7 @@ class GenaiPeer(_Peer):
 
     def row(self) -> dict[str, Any]:
         row = _peer_row(self.name, self.model, self.recipe, self.opts, "cuda" if self.cuda else "cpu",
-                        self.text_tokens, self.n_full, self.samples, self.mem.value(), self.size)
+                        self.text_tokens, self.n_full, self.samples, self.mem.value(), self.size, self.weights)
         row["ort_genai_dir"], row["ignore_eos"] = str(self.dir), True  # min_length masks EOS: S1 + max_new_tokens
         row["weight_bytes"] = int(sum(f.stat().st_size for f in self.dir.glob("model.onnx*")))
         row["weight_bytes_source"] = "export files"
@@ -464,24 +492,28 @@ class GenaiPeer(_Peer):
         self.og_model = None
 
 
-def load_peer(peer: str, model: str, recipe: Any, opts: Any, image: Any, cuda: bool, root: Path) -> Any:
-    """A loaded, Runner-like peer."""
+def load_peer(peer: str, model: str, recipe: Any, opts: Any, image: Any, cuda: bool, root: Path,
+              scheme: Any = None) -> Any:
+    """A loaded, Runner-like peer (`scheme`: quantized weights, ort-genai only; peer_schemes)."""
     if peer == "transformers":
         return TransformersPeer(model, recipe, opts, image, cuda)
-    return GenaiPeer(model, recipe, opts, image, cuda, root)
+    return GenaiPeer(model, recipe, opts, image, cuda, root, scheme)
 
 
 # ----------------------------------------------------------------------------------------------- ratios
 def add_peer_ratios(rows: list[dict[str, Any]]) -> None:
     """Every row of ours gets speedup_<phase>_vs_<peer> = the peer's median / ours (same model and dtype), for
-    transformers' ttft, prefill and decode and ort-genai's (decoder-only) prefill and decode; None without it."""
+    transformers' ttft, prefill and decode and ort-genai's (decoder-only) prefill and decode; None without it.
+    ort-genai's row must also hold the same weights (int4-b32 against int4-b32, float against float); transformers
+    runs float weights only, so our quantized rows are read against its float row (what a user would otherwise run)."""
     for row in rows:
         row.setdefault("scope", "full model")
         if row.get("peer"):
             continue
         for peer, phases in RATIO_PHASES.items():
             ref = next((r for r in rows if r.get("peer") and r["backend"] == peer and r["model"] == row["model"]
-                        and r["dtype"] == row["dtype"]), None)
+                        and r["dtype"] == row["dtype"]
+                        and (peer == "transformers" or r.get("weights") == row.get("weights"))), None)
             if ref is None:
                 continue
             for ph in phases:

@@ -38,7 +38,7 @@ from typing import Any, Callable, Iterable
 
 import numpy as np
 
-from sts_export.bench.peers import PEERS, add_peer_ratios, load_peer, peer_unavailable
+from sts_export.bench.peers import PEERS, add_peer_ratios, load_peer, peer_schemes, peer_unavailable
 from sts_export.bench.cost import DEFAULT_TEXT_TOKENS, DTYPE_BYTES, HOST, register_device
 from sts_export.artifact.params import param_counts
 from sts_export.bench.report import SCHEMA_VERSION
@@ -245,8 +245,9 @@ def measure_backend(model: str, recipe: Any, configs: list[Config], backend: str
         (f"{cfg.method} b={cfg.budget} (K={cfg.k_pre}, K'={cfg.k_post})" + (f" {cfg.form}" if cfg.form != "auto" else ""),
          None,
          lambda cfg=cfg: Runner(model, recipe, cfg, backend, opts, image)) for cfg in configs]
-    loaders += [(f"peer {p}", p, lambda p=p: load_peer(p, model, recipe, opts, image, cuda, _export_roots(opts)[0]))
-                for p in peers]
+    loaders += [(f"peer {p}" + (f" {sch.label}" if sch is not None else ""), p,
+                 lambda p=p, sch=sch: load_peer(p, model, recipe, opts, image, cuda, _export_roots(opts)[0], sch))
+                for p in peers for sch in peer_schemes(p, opts)]
 
     def guarded(peer: str | None, fn: Callable[[], Any]) -> tuple[bool, Any]:
         """(True, fn()); for a peer, (False, None) when fn raises (the error kept in peer_errors)."""
@@ -318,7 +319,7 @@ def _progress_row(opts: BenchOptions, row: dict[str, Any]) -> None:
         v = row[f"{ph}_ms_median"]
         return "-" if v is None else f"{v:.1f}"
 
-    who = f"peer {row['backend']} ({row['scope']})" if row.get("peer") else f"{row['method']} b={row['budget']}"
+    who = f"peer {row['backend']} {row['weights']} ({row['scope']})" if row.get("peer") else f"{row['method']} b={row['budget']}"
     opts.progress(f"  {who}: ttft {ms('ttft')} ms (vision {ms('vision')}, prefill {ms('prefill')}), decode "
                   f"{ms('decode')} ms/token")
 
