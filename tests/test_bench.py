@@ -116,6 +116,16 @@ def test_timed_run_table_and_plot(timed_run) -> None:
     assert "ort/concat" in out and "portable/concat" in out and "dec meas/bound" in out
     assert "TTFT speedup" in out and "Stage 1" in out  # the summary line per pruned row
     assert "note:" in out and "trt" in out
+    # where TTFT goes: one line per row, its parts (graph medians + the host's rest) adding up to the row's TTFT
+    from sts_export.bench.report import format_ttft_parts, ttft_parts
+
+    assert "where TTFT goes" in out
+    for r in result["rows"]:
+        parts = dict(ttft_parts(r))
+        assert format_ttft_parts(r) in out
+        assert sum(parts.values()) == pytest.approx(r["ttft_ms_median"])
+        assert parts["vision"] == pytest.approx(r["graph_ms_median"]["vision"]) and parts["host"] >= 0
+        assert ("Stage 2" in parts) == (r["budget"] != "full") and parts["segment1"] > 0 and parts["segment2"] > 0
     assert (tmp / "out.png").read_bytes()[:8] == PNG_MAGIC
     # the ORT export went to the cache (STS_CACHE), not into the working directory
     assert not (tmp / "exports").exists() and any((tmp / "cache" / "bench-exports").iterdir())

@@ -41,6 +41,38 @@ def _fmt(v: Any, spec: str = ".1f", scale: float = 1.0) -> str:
     return str(v)
 
 
+# the prefill graphs in the order they run, as TimedBackend labels them, and how the breakdown names them
+PREFILL_PARTS = (("embed_prefill", "embed"), ("segment1_prefill", "segment1"), ("prune_prefill", "Stage 2"),
+                 ("segment2_prefill", "segment2"))
+
+
+def ttft_parts(row: dict[str, Any]) -> list[tuple[str, float]] | None:
+    """Where a row's TTFT goes, in ms (medians): vision (Stage 1 runs inside it; the probe times it alone), each
+    prefill graph, and `host` = TTFT minus the graphs (preprocessing, feeds, copies). A peer: its vision and
+    prefill. None for an analytic row."""
+    if row.get("ttft_ms_median") is None:
+        return None
+    graphs = row.get("graph_ms_median") or {}
+    if not graphs:  # transformers: vision inside its forward, the rest of the forward
+        return [(k, row[f"{k}_ms_median"]) for k in ("vision", "prefill") if row.get(f"{k}_ms_median") is not None]
+    parts = [("vision", graphs.get("vision", 0.0))]
+    parts += [(name, graphs[key]) for key, name in PREFILL_PARTS if graphs.get(key) is not None]
+    return parts + [("host", row["ttft_ms_median"] - sum(v for _, v in parts))]
+
+
+def format_ttft_parts(row: dict[str, Any]) -> str | None:
+    """One line: `<model> <backend> <weights> <method> b=<budget>: TTFT 6.4 ms = vision 4.4 (69%; Stage 1 1.1) + ...`."""
+    parts = ttft_parts(row)
+    if not parts:
+        return None
+    ttft = row["ttft_ms_median"]
+    s1 = row.get("stage1_ms_median")
+    cells = [f"{name} {v:.1f} ({100 * v / ttft:.0f}%" + (f"; Stage 1 {s1:.1f}" if name == "vision" and s1 else "") + ")"
+             for name, v in parts]
+    return (f"{row['model']} {row['backend']} {row.get('weights') or row['dtype']} {row['method']} b={row['budget']}: "
+            f"TTFT {ttft:.1f} ms = " + " + ".join(cells))
+
+
 def format_table(result: dict[str, Any]) -> str:
     """The result as a text table (one line per row), a speedup summary per pruned row, and the notes."""
     rows = result["rows"]
@@ -122,6 +154,9 @@ def format_table(result: dict[str, Any]) -> str:
             summary.append(f"{r['model']} {r['backend']} {r['method']} b={r['budget']} vs peers: {', '.join(vs)}")
     if summary:
         out += "\n\n" + "\n".join(summary)
+    where = [line for r in rows if (line := format_ttft_parts(r))]
+    if where:  # what pruning can buy: Stage 2 shortens segment2, Stage 1 segment1 and segment2, neither vision
+        out += "\n\nwhere TTFT goes (medians, ms):\n" + "\n".join(where)
     if result.get("notes"):
         out += "\n\n" + "\n".join(f"note: {n}" for n in result["notes"])
     return out
