@@ -138,17 +138,25 @@ def test_qwen_vision_graph_attends_per_window_as_transformers(tmp_root: Path, ti
     from transformers import Qwen2_5_VLForConditionalGeneration
 
     d = exported(tmp_root, "tiny-qwen2.5-vl", "none", "full")
-    pipe = load_export_pipeline(d, backend="ort", form="portable")
     hf = Qwen2_5_VLForConditionalGeneration.from_pretrained(tiny_dir("tiny-qwen2.5-vl"), dtype=torch.float32,
                                                             attn_implementation="eager").eval()
-    inp = pipe.prepare_image(make_image(*size, seed=3))
-    table = inp.feeds["window_patches"]
-    assert table.shape[1] == 64 and (table.shape[0] > 1) == (size != (30, 20))
-    got = pipe.backend.run("vision", {n: inp.feeds[n] for n in pipe.plan.vision_inputs})
-    with torch.no_grad():
-        ref = hf.model.visual(torch.from_numpy(inp.feeds["pixel_values"]), grid_thw=torch.tensor([inp.grid]))
-    np.testing.assert_allclose(np.asarray(pipe.backend.to_numpy(got["image_embeds"]))[0], ref.pooler_output.numpy(),
-                               rtol=0, atol=1e-4)
+    # the ORT form's vision graph: the 2-D rotary as RotaryEmbedding on q and k, attention as MultiHeadAttention
+    # (every block: windows as a batch with an attention bias, full blocks over all patches)
+    form = onnx.load(str(d / "vision.ort.onnx"), load_external_data=False)
+    blocks = json.loads((d / "manifest.json").read_text())["recipe"]["vision"]["num_layers"]
+    ops = [n.op_type for n in form.graph.node]
+    assert ops.count("MultiHeadAttention") == blocks and ops.count("RotaryEmbedding") == 2 * blocks
+    assert "Softmax" not in ops
+    for graphs in ("portable", "ort"):
+        pipe = load_export_pipeline(d, backend="ort", form=graphs)
+        inp = pipe.prepare_image(make_image(*size, seed=3))
+        table = inp.feeds["window_patches"]
+        assert table.shape[1] == 64 and (table.shape[0] > 1) == (size != (30, 20))
+        got = pipe.backend.run("vision", {n: inp.feeds[n] for n in pipe.plan.vision_inputs})
+        with torch.no_grad():
+            ref = hf.model.visual(torch.from_numpy(inp.feeds["pixel_values"]), grid_thw=torch.tensor([inp.grid]))
+        np.testing.assert_allclose(np.asarray(pipe.backend.to_numpy(got["image_embeds"]))[0],
+                                   ref.pooler_output.numpy(), rtol=0, atol=1e-4, err_msg=graphs)
 
 
 def test_qwen_engine_profiles_span_the_patch_counts(tmp_root: Path, monkeypatch: pytest.MonkeyPatch) -> None:

@@ -20,8 +20,9 @@ IO: the portable segment's, plus `seqlens_k` [B] int32 (entries after this call 
 `total_sequence_length` [] int32 (entries after this call). past_*/present_* [B, kvh, C, dh] are one
 buffer when bound to the same OrtValue (C = the cache's capacity, updated in place; the backend's
 in-place cache), or past [.., P, ..] -> present [.., P+S, ..] when not (the same graph then concatenates).
-The causal mask is by cache order, as the portable graphs'. Stage 1 and Stage 2 are not here: vision,
-embed and prune stay portable (their float32 math and picks are the validated ones).
+The causal mask is by cache order, as the portable graphs'. Stage 1 and Stage 2 are not here: embed and prune
+stay portable (their float32 math and picks are the validated ones). The vision graph's ORT form (CLIP towers
+and the Qwen ViTs) swaps only its attention for fused kernels; Stage 1 inside it is the portable graph's ops.
 """
 import time
 from pathlib import Path
@@ -29,6 +30,7 @@ from typing import Any, Callable, Optional, Sequence
 
 import onnx
 import torch
+import torch.nn.functional as F
 from torch import nn
 from torch.export import Dim
 
@@ -41,7 +43,8 @@ from sts_export.export import reuse
 from sts_export.export.compare import compare_generations
 from sts_export.export.io import example_positions, export_graph, file_entry, onnx_export
 from sts_export.export.validate import sample_inputs
-from sts_export.families.layers import ClipAttention, apply_rope, attend_sdpa, repeat_kv, rope_angles
+from sts_export.families.layers import (ClipAttention, QwenVisionAttention, apply_rope, attend_sdpa, repeat_kv, rope_angles,
+                                        split_heads)
 from sts_export.generate import generate
 from sts_export.graphs import build_graphs
 
@@ -189,6 +192,27 @@ def _(q, k, v, num_heads):
     return torch.empty_like(q)
 
 
+@torch.library.custom_op("sts_ort::mha_bias", mutates_args=())
+def mha_bias(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: torch.Tensor, num_heads: int) -> torch.Tensor:
+    """`mha` with an additive attention bias [B, 1, T, T] (Qwen2.5-VL's windows: the padding masked as keys)
+    -> MultiHeadAttention's attention_bias."""
+    o = F.scaled_dot_product_attention(split_heads(q, num_heads), split_heads(k, num_heads),
+                                       split_heads(v, num_heads), attn_mask=bias)
+    return o.transpose(1, 2).reshape(q.shape)
+
+
+@mha_bias.register_fake
+def _(q, k, v, bias, num_heads):
+    return torch.empty_like(q)
+
+
+def _qwen_attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, num_heads: int,
+                 bias: torch.Tensor | None) -> torch.Tensor:
+    """QwenVisionAttention's `attend` in the ORT form."""
+    ops = torch.ops.sts_ort
+    return ops.mha(q, k, v, num_heads) if bias is None else ops.mha_bias(q, k, v, bias, num_heads)
+
+
 _TRANSLATIONS: Optional[dict] = None
 
 
@@ -201,6 +225,7 @@ def translation_table() -> dict:
     ops = torch.ops.sts_ort
     return {ops.rms_norm.default: _TRANSLATIONS["rms_norm"], ops.skip_rms_norm.default: _TRANSLATIONS["skip_rms_norm"],
             ops.gqa.default: _TRANSLATIONS["gqa"], ops.mha.default: _TRANSLATIONS["mha"],
+            ops.mha_bias.default: _TRANSLATIONS["mha_bias"],
             ops.rotary.default: _TRANSLATIONS["rotary"], ops.gqa_plain.default: _TRANSLATIONS["gqa_plain"]}
 
 
@@ -315,25 +340,33 @@ def _fix_cache_dims(path: Path) -> None:
     onnx.save(m, str(path))
 
 
-def _clip_attention(module: nn.Module) -> list[ClipAttention]:
-    return [m for m in module.modules() if isinstance(m, ClipAttention)]
-
-
-def export_vision_form(vision: nn.Module, plan: Any, recipe: Any, dtype: torch.dtype, path: Path, opset: int) -> bool:
-    """Write the vision graph's ORT form: the same module and IO, the CLIP tower's attention as ONNX Runtime's
-    fused MultiHeadAttention (no head reshapes/transposes, no separate softmax). -> False (nothing written) when
-    the tower has no CLIP attention (Qwen2.5-VL's windowed ViT keeps its portable graph)."""
-    attention = _clip_attention(vision)
-    if not attention:
-        return False
-    for a in attention:
+def export_vision_form(vision: nn.Module, plan: Any, recipe: Any, dtype: torch.dtype, path: Path, opset: int) -> list[str]:
+    """Write the vision graph's ORT form: the same module and IO, its attention as ONNX Runtime's fused kernels:
+    CLIP's as MultiHeadAttention (no head reshapes/transposes, no separate softmax); the Qwen ViT's 2-D rotary as
+    RotaryEmbedding on q and k and its attention as MultiHeadAttention (the windows as a batch, the padding as an
+    attention_bias). -> the contrib ops it holds ([]: nothing written, the tower has neither)."""
+    clip = [m for m in vision.modules() if isinstance(m, ClipAttention)]
+    qwen = [m for m in vision.modules() if isinstance(m, QwenVisionAttention)]
+    if not clip and not qwen:
+        return []
+    for a in clip:
         a.attend = torch.ops.sts_ort.mha
+    for a in qwen:
+        a.rotate, a.attend = torch.ops.sts_ort.rotary, _qwen_attend
     try:
         export_graph(vision, "vision", plan, recipe, dtype, path, opset, translation_table())
     finally:
-        for a in attention:
+        for a in clip:
             a.attend = attend_sdpa
-    return True
+        for a in qwen:
+            a.rotate = a.attend = None
+    return ["com.microsoft.MultiHeadAttention"] + (["com.microsoft.RotaryEmbedding"] if qwen else [])
+
+
+def _vision_form_ops(path: Path) -> list[str]:
+    """The contrib ops a written vision form holds, read off the graph."""
+    m = onnx.load(str(path), load_external_data=False)
+    return sorted({f"com.microsoft.{n.op_type}" for n in m.graph.node if n.domain == "com.microsoft"})
 
 
 def export_ort_form(graphs: dict[str, nn.Module], plan: Any, recipe: Any, dtype: torch.dtype, out: Path,
@@ -360,9 +393,11 @@ def export_ort_form(graphs: dict[str, nn.Module], plan: Any, recipe: Any, dtype:
                 progress(f"ORT form of {g}: copied from the sibling export {hit[0].name}")
         return hit is not None
 
-    if not copied("vision") and export_vision_form(graphs["vision"], plan, recipe, dtype, out / ort_file("vision"),
-                                                   opset):
-        record("vision")
+    vision_ops: list[str] = []
+    if not copied("vision"):
+        vision_ops = export_vision_form(graphs["vision"], plan, recipe, dtype, out / ort_file("vision"), opset)
+        if vision_ops:
+            record("vision")
     for g in FORM_GRAPHS:
         if copied(g):
             continue
@@ -378,8 +413,10 @@ def export_ort_form(graphs: dict[str, nn.Module], plan: Any, recipe: Any, dtype:
                       "rotary": rotary,
                       "ops": ["SimplifiedLayerNormalization", "com.microsoft.SkipSimplifiedLayerNormalization",
                               "com.microsoft.GroupQueryAttention"] + (
-                                  ["com.microsoft.RotaryEmbedding"] if rotary == "ops" else []) + (
-                                  ["com.microsoft.MultiHeadAttention"] if "vision" in entry else [])}
+                                  ["com.microsoft.RotaryEmbedding"] if rotary == "ops" else [])}
+    if "vision" in entry:  # a copied vision form holds what its tower's kernels are
+        ops = entry["cache"]["ops"]
+        ops += [o for o in vision_ops or _vision_form_ops(out / ort_file("vision")) if o not in ops]
     return entry
 
 

@@ -54,5 +54,11 @@ def ort_mha(q: T, k: T, v: T, num_heads: int) -> T:
     return o
 
 
-TRANSLATIONS = {"rms_norm": ort_rms_norm, "skip_rms_norm": ort_skip_rms_norm, "gqa": ort_gqa, "mha": ort_mha,
+@script(default_opset=op)
+def ort_mha_bias(q: T, k: T, v: T, bias: T, num_heads: int) -> T:
+    o = ms.MultiHeadAttention(q, k, v, None, None, bias, num_heads=num_heads)
+    return o
+
+
+TRANSLATIONS = {"rms_norm": ort_rms_norm, "skip_rms_norm": ort_skip_rms_norm, "gqa": ort_gqa, "mha": ort_mha, "mha_bias": ort_mha_bias,
                 "rotary": ort_rotary, "gqa_plain": ort_gqa_plain}

@@ -11,6 +11,7 @@ the ids have gaps. Nothing here selects tokens (that is `sts_export.pruning`).
 from __future__ import annotations
 
 import math
+from typing import Callable
 
 import torch
 import torch.nn.functional as F
@@ -335,11 +336,16 @@ class QwenVisionAttention(nn.Module):
         self.num_heads, self.head_dim = cfg.num_heads, c // cfg.num_heads
         self.qkv = nn.Linear(c, 3 * c)
         self.proj = nn.Linear(c, c)
+        # the ORT form's kernels (export/ort_form.py sets both; None: the portable graph's ops below)
+        self.rotate: Callable[..., torch.Tensor] | None = None  # (x [1, T, C], ids [1, T], cos/sin [T, d/2]) -> RotaryEmbedding
+        self.attend: Callable[..., torch.Tensor] | None = None  # (q, k, v [B, T, C], heads, bias [B, 1, T, T] | None) -> MHA
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
                 windows: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
         """x [Np, C], cos/sin [Np, 1, d] float32; windows (None: full attention): (window_patches [W, P],
         patch_slot [Np], key bias [W, 1, 1, P] in x's dtype: 0 valid, dtype-min padding) -> [Np, C]."""
+        if self.attend is not None:
+            return self.proj(self._fused(x, cos, sin, windows))
         n = x.shape[0]
         q, k, v = self.qkv(x).view(n, 3, self.num_heads, self.head_dim).unbind(1)  # [Np, h, d] each
         q, k = apply_rope(q.float(), cos, sin).to(x.dtype), apply_rope(k.float(), cos, sin).to(x.dtype)  # fp32, as HF
@@ -354,6 +360,23 @@ class QwenVisionAttention(nn.Module):
         o = F.scaled_dot_product_attention(q, k, v, attn_mask=bias)  # [W, h, P, d]
         o = o.transpose(1, 2).reshape(w * p, -1)[slot]  # [Np, C] window order
         return self.proj(o)
+
+    def _fused(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+               windows: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None) -> torch.Tensor:
+        """The same attention on [B, T, C] tensors through `rotate` and `attend` (one kernel each, no head
+        transposes): the ORT form's graph. -> [Np, C] before proj."""
+        n, half = x.shape[0], cos.shape[-1] // 2
+        q, k, v = self.qkv(x).view(n, 3, -1).unbind(1)  # [Np, C] each
+        ids = torch.arange(n, device=x.device)[None]  # row t of the tables is patch t's angles
+        c, s = cos[:, 0, :half], sin[:, 0, :half]  # [Np, d/2]: the angles, as cos/sin = cat(a, a)
+        q, k = self.rotate(q[None], ids, c, s)[0], self.rotate(k[None], ids, c, s)[0]
+        if windows is None:
+            return self.attend(q[None], k[None], v[None], self.num_heads, None)[0]
+        table, slot, bias = windows
+        w, p = table.shape
+        q, k, v = (t[table.reshape(-1)].view(w, p, -1) for t in (q, k, v))  # [W, P, C]
+        o = self.attend(q, k, v, self.num_heads, bias.expand(w, 1, p, p))  # [W, P, C]
+        return o.reshape(w * p, -1)[slot]  # [Np, C] window order
 
 
 class LayerNorm(nn.LayerNorm):
