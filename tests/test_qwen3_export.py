@@ -177,6 +177,27 @@ def test_deepstack_mergers_quantize_with_the_projector(root: Path) -> None:
                 assert all(r.ok for r in check_dir(q, trt_version=version).values())
 
 
+def test_run_show_kept_draws_32px_cells(root: Path, tmp_path: Path) -> None:
+    """`sts run --show-kept` on a Qwen3-VL export: the kept tokens as their 32-px cells of the resized image, mapped
+    onto the original (500 x 400 -> 512 x 384: 12 x 16 cells of 31.25 x 33.3 px)."""
+    from click.testing import CliRunner
+    from PIL import Image
+
+    from sts_export.cli.main import main
+
+    d = exported(root, "sts", "20%")
+    img, out = tmp_path / "in.png", tmp_path / "kept.png"
+    make_image(500, 400, seed=3).save(img)
+    r = CliRunner().invoke(main, ["run", str(d), "--image", str(img), "--prompt", PROMPT, "--max-new-tokens", "2",
+                                  "--show-kept", str(out)])
+    assert r.exit_code == 0, r.output[-2000:]
+    boxes = load_export_pipeline(d, backend="onnxruntime").prepare_image(Image.open(img)).boxes
+    assert boxes.shape == (192, 4)
+    np.testing.assert_allclose(boxes[:, 2] - boxes[:, 0], 32 * 500 / 512)
+    np.testing.assert_allclose(boxes[:, 3] - boxes[:, 1], 32 * 400 / 384)
+    assert Image.open(out).width >= 500
+
+
 def test_cls_refused_before_any_work(tmp_path: Path) -> None:
     with pytest.raises(StsError, match=r"no \[CLS\] token"):
         export(NAME, budget="10%", method="cls", out=tmp_path / "c", progress=lambda s: None)
