@@ -6,9 +6,10 @@ share one package cache for the session: graphs that are the same (code, dynamic
 The set below covers every method on the fixed-N family (tiny-llava: prune_layer == FastV's layer, so one embed
 and one segment pair serve all) and Stage 1's custom-op greedy + Stage 2 with length-only inputs on the
 image-dependent families (NeXT: anyres; Qwen2.5-VL: M-RoPE ids), with sts-s reusing every sts package there
-(same K_max), plus NeXT's unpruned vision graph and Qwen's divprune greedy: 20 compiles in all. Not compiled
-here: FastV on the image-dependent families (its prune graph is Stage 2's, run above with their length inputs;
-it would add a prune graph and a segment pair at layer 2 per family).
+(same K_max), plus NeXT's unpruned vision graph and Qwen's divprune greedy, and Qwen3-VL's sts (DeepStack planes
+from vision into segment1): 25 compiles in all. Not compiled here: FastV on the image-dependent families (its prune
+graph is Stage 2's, run above with their length inputs; it would add a prune graph and a segment pair at layer 2 per
+family).
 """
 from __future__ import annotations
 
@@ -52,9 +53,11 @@ CASES = [
     ("tiny-qwen2.5-vl", "sts", "20%"),  # the same on M-RoPE [3, B, S] position ids
     ("tiny-qwen2.5-vl", "sts-s", _sts_k("tiny-qwen2.5-vl", "20%")),
     ("tiny-qwen2.5-vl", "divprune", "10%"),  # + sts::divprune_picks
+    ("tiny-qwen3-vl", "sts", "20%"),  # DeepStack planes out of vision, into segment1 (5 compiles)
 ]
 IMAGES = {"tiny-llava": [(500, 400, 21)], "tiny-llava-next": [(640, 480, 5), (350, 700, 3)],
-          "tiny-qwen2.5-vl": [(500, 400, 3), (300, 200, 4)]}  # image-dependent N: two sizes through one export
+          "tiny-qwen2.5-vl": [(500, 400, 3), (300, 200, 4)],  # image-dependent N: two sizes through one export
+          "tiny-qwen3-vl": [(500, 400, 3), (300, 200, 4)]}
 _EXPORTS: dict[tuple, Path] = {}
 
 

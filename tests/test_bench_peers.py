@@ -39,7 +39,7 @@ def _require_genai() -> None:
         "onnxruntime-genai is not installed: pip install -e '.[dev]' (it includes the bench peers)")
 
 
-@pytest.mark.parametrize("model", ["tiny-llava", "tiny-llava-next", "tiny-qwen2.5-vl"])
+@pytest.mark.parametrize("model", ["tiny-llava", "tiny-llava-next", "tiny-qwen2.5-vl", "tiny-qwen3-vl"])
 def test_transformers_peer_matches_our_torch_backend(model: str) -> None:
     """transformers' class on the peer's checkpoint (the synthetic one for --random-weights) gives our torch rows'
     first logits (1e-4) and greedy tokens on the same image and ids: same weights, same inputs."""
@@ -66,11 +66,11 @@ def test_transformers_peer_matches_our_torch_backend(model: str) -> None:
     peer.close()
 
 
-@pytest.mark.parametrize("model", ["tiny-llava", "tiny-qwen2.5-vl"])
+@pytest.mark.parametrize("model", ["tiny-llava", "tiny-qwen2.5-vl", "tiny-qwen3-vl"])
 def test_ort_genai_decoder_matches_transformers(model: str, tmp_path: Path) -> None:
     """The decoder ort-genai's builder makes from the checkpoint's language model (LlamaForCausalLM /
-    Qwen2ForCausalLM) gives transformers' own VLM class's logits on the same ids (text only), is timed on S1 = our
-    full prefill length ids, and is cached (a second peer reuses it)."""
+    Qwen2ForCausalLM / Qwen3ForCausalLM) gives transformers' own VLM class's logits on the same ids (text only), is
+    timed on S1 = our full prefill length ids, and is cached (a second peer reuses it)."""
     _require_genai()
     import torch
     import transformers

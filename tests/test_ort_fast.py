@@ -27,6 +27,8 @@ METHODS = {  # family's tiny model -> (method, budget) for every method (budgets
     "tiny-llava": [("none", "full"), ("sts", 64), ("sts-s", 64), ("fastv", 300), ("divprune", 64)],
     "tiny-llava-next": [("none", "full"), ("sts", 320), ("sts-s", 320), ("fastv", 2000), ("divprune", 320)],
     "tiny-qwen2.5-vl": [("none", "full"), ("sts", "20%"), ("sts-s", "10%"), ("fastv", "60%"), ("divprune", "10%")],
+    # q/k RMSNorm before GroupQueryAttention's rotary, interleaved M-RoPE, DeepStack rows per prefill chunk
+    "tiny-qwen3-vl": [("none", "full"), ("sts", "20%"), ("sts-s", "10%"), ("fastv", "60%"), ("divprune", "10%")],
 }
 # (form, in place, prefill chunk): chunks of 16 split every prefill here (pruned ones too: S2 > 16 for every method),
 # None runs each prefill as one call

@@ -163,9 +163,10 @@ def kv_cache_bytes(
 
 
 def _decoder_layer_flops(t: TextConfig, s: int, past: int) -> tuple[float, float]:
-    """(linear, attention) FLOPs of one Llama layer for s new tokens after `past` cached ones."""
-    h, kvd = t.hidden_size, t.num_kv_heads * t.head_dim
-    linear = 2.0 * s * h * (2 * h + 2 * kvd) + 2.0 * s * h * t.intermediate_size * 3  # q,o,k,v + gate,up,down
+    """(linear, attention) FLOPs of one Llama layer for s new tokens after `past` cached ones (q/o are heads * head_dim
+    wide: 4096 on Qwen3-VL-4B's 2560-wide decoder)."""
+    h, kvd, qd = t.hidden_size, t.num_kv_heads * t.head_dim, t.num_heads * t.head_dim
+    linear = 2.0 * s * h * (2 * qd + 2 * kvd) + 2.0 * s * h * t.intermediate_size * 3  # q,o,k,v + gate,up,down
     keys = s * past + s * (s + 1) / 2  # causal: query j sees past + j + 1 keys
     attention = 2 * 2.0 * t.num_heads * t.head_dim * keys  # QK^T and PV
     return linear, attention
@@ -193,7 +194,7 @@ def _stage1_flops(method: str, n: int, c: int, h: int, k: int, anchor: str) -> f
 def _stage2_flops(t: TextConfig, s1: int, k: int) -> tuple[float, float]:
     """(model-dtype, float32) FLOPs of Stage 2 relevance at prune_layer for one sequence."""
     h, kvd, nh, dh = t.hidden_size, t.num_kv_heads * t.head_dim, t.num_heads, t.head_dim
-    proj = 2.0 * s1 * h * kvd + 2.0 * h * h  # k_proj on all S1 tokens, q_proj on the last one
+    proj = 2.0 * s1 * h * kvd + 2.0 * h * nh * dh  # k_proj on all S1 tokens, q_proj on the last one
     scores = 2.0 * nh * dh * s1  # q_last . K^T for every head [1,dh]x[dh,S1]
     fp32 = scores + SOFTMAX_OPS * nh * s1 + nh * s1 + 2 * _sort_ops(k)  # + softmax, head mean, top-K', sort
     return proj, fp32
@@ -270,10 +271,51 @@ def _qwen_vision_cost(recipe: Recipe, seq: Sequence, method: str, selecting: boo
     return _phase(dtype, detail, batch * stage1, weight, 0.0, batch * act)
 
 
+def _qwen3_vision_cost(recipe: Recipe, seq: Sequence, method: str, selecting: bool, anchor: str, batch: int,
+                       dtype: str, grid: tuple[int, int]) -> PhaseCost:
+    """Qwen3-VL's vision graph on one image of `grid` LLM tokens: patch embedding (a Conv3d with bias, as a linear
+    over the 1536 pixels of each of the Np = 4N patches), the learned position table resampled per patch (four rows
+    weighted and summed: 8 C per patch), the blocks (LayerNorm, qkv, proj, two-matrix GELU MLP; full attention over
+    all Np patches in every block: 2 * 2 * Np^2 * C each), Stage 1 on the N 2x2-mean features, then on the kept
+    tokens (all N without Stage 1, and for `divprune`, which selects on merged embeddings) the merger and the T
+    DeepStack mergers, each Linear 4C->4C, Linear 4C->Hd."""
+    v, h, db = recipe.vision, recipe.text.hidden_size, DTYPE_BYTES[dtype]
+    u, c, taps = v.spatial_merge_size**2, v.hidden_size, len(v.deepstack_visual_indexes)
+    rows, cols = grid
+    n = rows * cols
+    np_ = n * u
+    pixels = 3 * v.temporal_patch_size * v.patch_size**2
+    patch = 2.0 * np_ * pixels * c + 8.0 * np_ * c  # Conv3d as a linear; position table: 4 rows weighted and summed
+    linear = 2.0 * np_ * (3 * c * c + c * c + 2 * c * v.intermediate_size)  # qkv, proj, fc1, fc2
+    attention = 2 * 2.0 * v.hidden_size * float(np_) * np_ * v.num_layers  # every block attends to the whole image
+    n_proj = n if (method == "divprune" and selecting) or not selecting else seq.k_pre
+    stage1 = _stage1_flops(method, n, c, h, seq.k_pre, anchor) if selecting else 0.0
+    merger = 2.0 * n_proj * (u * c * u * c + u * c * h)  # one merger's two linears on n_proj tokens
+    detail = {
+        "encoder": batch * (patch + v.num_layers * linear + attention),
+        "stage1": batch * stage1,
+        "projector": batch * merger,
+        "deepstack": batch * taps * merger,  # the DeepStack mergers on the same tokens
+    }
+    params = param_counts(recipe)
+    weight = (params["vision"] + params["projector"]) * db
+    act = np_ * pixels * db  # pixel_values in
+    act += np_ * (c // v.num_heads // 2 + 4) * FP32_BYTES + np_ * 4 * INDEX_BYTES  # rotary, interp weights, indices
+    act += v.num_layers * 2 * np_ * c * FP32_BYTES  # residual stream in/out per block (kept fp32, see layers.py)
+    act += (1 + taps) * n_proj * u * c * FP32_BYTES  # the mergers' inputs: last block and each tap
+    act += (1 + taps) * seq.k_pre * h * db + seq.k_pre * INDEX_BYTES  # image_embeds, deepstack_embeds, keep_pre
+    if selecting and method in ("sts", "sts-s", "divprune"):
+        feat_dim = h if method == "divprune" else c
+        act += n * feat_dim * db + 2 * n * n * FP32_BYTES  # features read; D [N,N] fp32 written + read
+    return _phase(dtype, detail, batch * stage1, weight, 0.0, batch * act)
+
+
 def _vision_cost(
     recipe: Recipe, seq: Sequence, method: str, selecting: bool, anchor: str, batch: int, dtype: str,
     grid: tuple[int, int] | None = None,
 ) -> PhaseCost:
+    if grid is not None and recipe.vision.deepstack_visual_indexes:
+        return _qwen3_vision_cost(recipe, seq, method, selecting, anchor, batch, dtype, grid)
     if grid is not None:
         return _qwen_vision_cost(recipe, seq, method, selecting, anchor, batch, dtype, grid)
     v, h = recipe.vision, recipe.text.hidden_size
@@ -308,19 +350,22 @@ def _prefill_cost(recipe: Recipe, seq: Sequence, stage2: bool, batch: int, dtype
     lin1, att1 = _decoder_layer_flops(t, seq.s1, 0)
     lin2, att2 = _decoder_layer_flops(t, seq.s2, 0)
     s2_proj, s2_fp32 = _stage2_flops(t, seq.s1, seq.k_post) if stage2 else (0.0, 0.0)
+    taps = len(recipe.vision.deepstack_visual_indexes)
     detail = {
         "segment1": batch * pl * (lin1 + att1),
         "stage2": batch * (s2_proj + s2_fp32),
         "segment2": batch * (layers - pl) * (lin2 + att2),
         "lm_head": batch * 2.0 * h * t.vocab_size,  # last position only
     }
+    if taps:  # DeepStack: segment1 adds T planes of the K image rows (elementwise; the planes read once)
+        detail["deepstack"] = batch * float(taps * seq.k_pre * h)
     params = param_counts(recipe)
     weight = (params["decoder"] + params["lm_head"]) * db
-    act = seq.s1 * (h * db + INDEX_BYTES)  # inputs_embeds + position_ids in
+    act = seq.s1 * (h * db + INDEX_BYTES) + taps * seq.k_pre * h * db  # inputs_embeds, position_ids, deepstack in
     act += (pl * seq.s1 + (layers - pl) * seq.s2) * 2 * h * db  # residual stream in/out per layer
     act += t.vocab_size * db  # logits out
     if stage2:
-        weight += (h * h + h * t.num_kv_heads * t.head_dim + h) * db  # q_proj, k_proj, input_layernorm again
+        weight += (h * t.num_heads * t.head_dim + h * t.num_kv_heads * t.head_dim + h) * db  # q_proj, k_proj, norm
         act += (seq.s1 + seq.s2) * h * db + (seq.s1 + seq.s2 + seq.k_post) * INDEX_BYTES
     kv = kv_cache_bytes(recipe, seq.s1, seq.s2, db, prune_layer=pl)  # written
     return _phase(dtype, detail, batch * s2_fp32, weight, batch * kv, batch * act)
@@ -521,15 +566,20 @@ def _linear_params(recipe: Recipe) -> dict[str, int]:
     """Parameters that sit in linear layers (what weight-only quantization re-encodes), per part."""
     v, t = recipe.vision, recipe.text
     c, ic, h = v.hidden_size, v.intermediate_size, t.hidden_size
-    kvd = t.num_kv_heads * t.head_dim
-    if recipe.image_processor.max_pixels:  # Qwen2.5-VL: qkv + proj + SwiGLU per ViT block; the PatchMerger
+    kvd, qd = t.num_kv_heads * t.head_dim, t.num_heads * t.head_dim
+    taps = len(v.deepstack_visual_indexes)
+    if taps:  # Qwen3-VL: qkv + proj + two-matrix MLP per ViT block; the merger and the T DeepStack mergers
+        u = v.spatial_merge_size**2
+        vision = v.num_layers * (4 * c * c + 2 * c * ic)
+        projector = (1 + taps) * ((u * c) ** 2 + u * c * v.out_hidden_size)
+    elif recipe.image_processor.max_pixels:  # Qwen2.5-VL: qkv + proj + SwiGLU per ViT block; the PatchMerger
         u = v.spatial_merge_size**2
         vision, projector = v.num_layers * (4 * c * c + 3 * c * ic), (u * c) ** 2 + u * c * v.out_hidden_size
     else:
         vision, projector = v.layers_used * (4 * c * c + 2 * c * ic), c * h + h * h
     return {"vision": vision, "projector": projector,
-            "decoder": t.num_layers * (2 * h * h + 2 * h * kvd + 3 * h * t.intermediate_size), "lm_head": t.vocab_size * h,
-            "embed": t.vocab_size * h}
+            "decoder": t.num_layers * (2 * h * qd + 2 * h * kvd + 3 * h * t.intermediate_size),
+            "lm_head": t.vocab_size * h, "embed": t.vocab_size * h}
 
 
 def weight_bytes_by_part(recipe: Recipe, dtype: str, weights: str | None = None, block_size: int | None = None,
@@ -542,7 +592,7 @@ def weight_bytes_by_part(recipe: Recipe, dtype: str, weights: str | None = None,
     params, linear = param_counts(recipe), _linear_params(recipe)
     t = recipe.text
     out = {part: float(params[part] * db) for part in ("vision", "projector", "decoder", "lm_head", "embed")}
-    out["prune"] = float((t.hidden_size * t.hidden_size + t.hidden_size * t.num_kv_heads * t.head_dim) * db)
+    out["prune"] = float(t.hidden_size * (t.num_heads + t.num_kv_heads) * t.head_dim * db)  # q_proj, k_proj
     if weights in (None, "fp32", "fp16", "bf16"):
         return out
     bits = {"int8": 8, "int4": 4}[weights]
@@ -567,13 +617,17 @@ def with_weight_bytes(costs: Mapping[str, PhaseCost], parts: Mapping[str, float]
             for ph, c in costs.items()}
 
 
-def activation_bytes(recipe: Recipe, seq: Sequence, dtype: str, batch: int = 1) -> float:
+def activation_bytes(recipe: Recipe, seq: Sequence, dtype: str, batch: int = 1,
+                     grid: tuple[int, int] | None = None) -> float:
     """A peak-activation estimate: the larger of the vision graph's live set (one crop's residual stream, MLP hidden
     and attention scores, and Stage 1's N x N float32 distances) and the prefill's (hidden states, q/k/v, MLP
-    hidden, the attention scores of one layer, the logits)."""
+    hidden, the attention scores of one layer, the logits). Qwen3-VL (`grid`: the image's LLM-token grid): the ViT's
+    live set is that of its Np = 4N patches, every block attending to all of them."""
     db = _dtype_bytes(dtype)
     v, t = recipe.vision, recipe.text
     tv = v.num_patches + 1
+    if grid is not None and v.deepstack_visual_indexes:
+        tv = grid[0] * grid[1] * v.spatial_merge_size**2
     vision = (3 * tv * v.hidden_size + tv * v.intermediate_size + v.num_heads * tv * tv) * db
     vision += recipe.num_image_tokens**2 * FP32_BYTES
     s1 = seq.s1
@@ -582,12 +636,12 @@ def activation_bytes(recipe: Recipe, seq: Sequence, dtype: str, batch: int = 1) 
 
 
 def memory_fit(recipe: Recipe, seq: Sequence, dtype: str, parts: Mapping[str, float], new_tokens: int,
-               device: Device | None, batch: int = 1) -> dict[str, Any]:
+               device: Device | None, batch: int = 1, grid: tuple[int, int] | None = None) -> dict[str, Any]:
     """What one configuration needs resident: weights (every graph) + KV cache after `new_tokens` decode steps +
     activations + RUNTIME_OVERHEAD_BYTES, and with a device whether that fits its memory less the system's share."""
     kv = batch * kv_cache_bytes(recipe, seq.s1 + new_tokens, seq.s2 + new_tokens, _dtype_bytes(dtype),
                                 prune_layer=seq.prune_layer)
-    w, act = float(sum(parts.values())), activation_bytes(recipe, seq, dtype, batch)
+    w, act = float(sum(parts.values())), activation_bytes(recipe, seq, dtype, batch, grid)
     need = w + kv + act + RUNTIME_OVERHEAD_BYTES
     out: dict[str, Any] = {"mem_weights_bytes": w, "mem_kv_bytes": float(kv), "mem_activation_bytes": act,
                            "mem_runtime_bytes": RUNTIME_OVERHEAD_BYTES, "mem_need_bytes": need}

@@ -2,19 +2,21 @@
 read against them (bench.py --backends transformers,ort-genai,...).
 
   transformers  the family's own transformers class (LlavaForConditionalGeneration,
-                LlavaNextForConditionalGeneration, Qwen2_5_VLForConditionalGeneration; sdpa attention) loaded from
-                the checkpoint our rows use (--random-weights: the same seeded weights, which the synthetic
-                checkpoint of the recipe holds, written once into the cache). One forward with the image and the
-                prompt is its TTFT: vision is the time spent inside its `get_image_features` during that forward,
-                prefill the rest. Decode: greedy, one forward per token on the KV cache that forward returned.
+                LlavaNextForConditionalGeneration, Qwen2_5_VLForConditionalGeneration,
+                Qwen3VLForConditionalGeneration; sdpa attention) loaded from the checkpoint our rows use
+                (--random-weights: the same seeded weights, which the synthetic checkpoint of the recipe holds,
+                written once into the cache). One forward with the image and the prompt is its TTFT: vision is the
+                time spent inside its `get_image_features` during that forward, prefill the rest. Decode: greedy,
+                one forward per token on the KV cache that forward returned.
   ort-genai     onnxruntime-genai's model builder (`python -m onnxruntime_genai.models.builder`) run on the recipe's
-                text decoder: a LlamaForCausalLM / Qwen2ForCausalLM directory with the recipe's text dimensions and
-                the checkpoint's language-model weights, built once per recipe, dtype and weights beside the
-                exports. With --weights int8/int4 it is built once more per scheme (`-p int4 --extra_options
-                block_size=<ours> accuracy_level=<ours>`: the same block size and compute as our MatMulNBits), and
-                our quantized rows are read against that row, our float rows against its float one. Timed on S random ids, S = our full prefill length (`Generator.append_tokens`, the first
-                token included), then `generate_next_token` steps. It has no vision: its rows are marked scope
-                "decoder only" and hold prefill and decode, no vision and no TTFT.
+                text decoder: a LlamaForCausalLM / Qwen2ForCausalLM / Qwen3ForCausalLM directory with the recipe's
+                text dimensions and the checkpoint's language-model weights, built once per recipe, dtype and
+                weights beside the exports. With --weights int8/int4 it is built once more per scheme (`-p int4
+                --extra_options block_size=<ours> accuracy_level=<ours>`: the same block size and compute as our
+                MatMulNBits), and our quantized rows are read against that row, our float rows against its float
+                one. Timed on S random ids, S = our full prefill length (`Generator.append_tokens`, the first token
+                included), then `generate_next_token` steps. It has no vision: its rows are marked scope "decoder
+                only" and hold prefill and decode, no vision and no TTFT.
 
 Both decode max_new_tokens tokens per run with EOS masked (as our rows with --keep-eos off), and time their phases
 with sts_export.bench.timing's `timed_call` / `stats_ms`. Each peer is Runner-like (`run(record)`, `row()`,
@@ -51,10 +53,11 @@ from sts_export.tokenizer import TextTokenizer, build_synthetic_tokenizer, split
 PEERS = ("transformers", "ort-genai")  # canonical names (options.BACKENDS maps the CLI's aliases onto them)
 SCOPE = {"transformers": "full model", "ort-genai": "decoder only"}
 HF_CLASSES = {"llava-1.5": "LlavaForConditionalGeneration", "llava-next": "LlavaNextForConditionalGeneration",
-              "qwen2.5-vl": "Qwen2_5_VLForConditionalGeneration"}
-# the text decoder ort-genai's builder gets, per family: (architecture, model_type)
+              "qwen2.5-vl": "Qwen2_5_VLForConditionalGeneration", "qwen3-vl": "Qwen3VLForConditionalGeneration"}
+# the text decoder ort-genai's builder gets, per family: (architecture, model_type). Qwen3-VL's text model is a
+# Qwen3 decoder (q/k RMSNorm, explicit head_dim) whose M-RoPE is plain RoPE on text ids: Qwen3ForCausalLM
 DECODERS = {"llava-1.5": ("LlamaForCausalLM", "llama"), "llava-next": ("LlamaForCausalLM", "llama"),
-            "qwen2.5-vl": ("Qwen2ForCausalLM", "qwen2")}
+            "qwen2.5-vl": ("Qwen2ForCausalLM", "qwen2"), "qwen3-vl": ("Qwen3ForCausalLM", "qwen3")}
 # our rows' phases each peer is compared on: speedup_<phase>_vs_<peer> = peer median / our median
 RATIO_PHASES = {"transformers": ("ttft", "prefill", "decode"), "ort-genai": ("prefill", "decode")}
 TORCH_DTYPES = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16"}
@@ -294,7 +297,7 @@ def hf_inputs(recipe: Any, image: Any, prompt: Any, device: Any) -> dict[str, An
     px = torch.from_numpy(image.feeds["pixel_values"]).to(device)
     if recipe.family == "llava-next":  # [T, 3, H, W] tiles of one image; image_sizes (height, width)
         out.update(pixel_values=px[None], image_sizes=torch.tensor([[image.size[1], image.size[0]]], device=device))
-    elif recipe.family == "qwen2.5-vl":  # patches [Np, 1176], grid_thw
+    elif recipe.family in ("qwen2.5-vl", "qwen3-vl"):  # patches [Np, 1176 | 1536], grid_thw, M-RoPE's token types
         out.update(pixel_values=px, image_grid_thw=torch.tensor([list(image.grid)], device=device),
                    mm_token_type_ids=(input_ids == recipe.image_token_id).int())
     else:
@@ -326,7 +329,7 @@ def decoder_config(recipe: Any) -> dict[str, Any]:
         "tie_word_embeddings": t.tie_word_embeddings, "bos_token_id": recipe.bos_token_id,
         "eos_token_id": recipe.eos_token_id, "pad_token_id": recipe.pad_token_id, "torch_dtype": "float32",
     }
-    if model_type == "llama":
+    if model_type in ("llama", "qwen3"):
         cfg["attention_bias"] = t.attention_bias
     return cfg
 

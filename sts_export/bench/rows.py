@@ -40,7 +40,7 @@ def cost_fields(recipe: Any, method: str, budget: int | str, dtype: str, text_to
     out["weight_bytes_analytic"] = float(sum(parts.values()))
     dev = get_device(device, devices_file) if device is not None else None
     seq = sequence_lengths(recipe, budget, method, text_tokens, image_size)
-    out.update(memory_fit(recipe, seq, dtype, parts, new_tokens, dev))
+    out.update(memory_fit(recipe, seq, dtype, parts, new_tokens, dev, grid=token_grid(recipe, image_size)))
     if device is not None:
         terms = roofline_terms(costs, dev)
         out["roofline_device"] = device

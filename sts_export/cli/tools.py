@@ -40,8 +40,8 @@ def check(paths: tuple[Path, ...], trt_version: str | None) -> None:
 
 
 @click.command("selftest", context_settings=CONTEXT)
-@click.option("--families", default="tiny-llava,tiny-llava-gqa,tiny-llava-next,tiny-qwen2.5-vl", show_default=True,
-              help="Comma-separated tiny families.")
+@click.option("--families", default="tiny-llava,tiny-llava-gqa,tiny-llava-next,tiny-qwen2.5-vl,tiny-qwen3-vl",
+              show_default=True, help="Comma-separated tiny families.")
 @click.option("--dtypes", default="fp32,fp16", show_default=True, help="fp32, fp16 or both.")
 @click.option("--work", type=click.Path(path_type=Path), default=None,
               help="Where exports and engines go (default: a temporary directory, removed afterwards).")

@@ -68,10 +68,24 @@ def example_inputs(graph: str, plan: Plan, recipe: Recipe, dtype: torch.dtype) -
     # a distinct tensor per past slot: aliased example inputs would be merged into one graph input
     kv = tuple(torch.randn(b, t.num_kv_heads, p, t.head_dim, dtype=dtype) for _ in range(2 * len(layers)))
     pos, pos_shape = example_positions(plan, b, p, s, batch, seq)
-    args = (torch.randn(b, s, t.hidden_size, dtype=dtype), pos, *kv)
-    # forward(hidden, position_ids, *past): torch.export sees *past as one nested argument
-    shapes = ({0: batch, 1: seq}, pos_shape, tuple([{0: batch, 2: past}] * (2 * len(layers))))
+    # forward(hidden, position_ids, [deepstack_embeds, image_start,] *past): torch.export sees *past (and the
+    # DeepStack pair) as one nested argument
+    deep, deep_shapes = deepstack_example(graph, plan, recipe, dtype, b, s, batch)
+    args = (torch.randn(b, s, t.hidden_size, dtype=dtype), pos, *deep, *kv)
+    shapes = ({0: batch, 1: seq}, pos_shape, (*deep_shapes, *[{0: batch, 2: past}] * (2 * len(layers))))
     return args, shapes
+
+
+def deepstack_example(graph: str, plan: Plan, recipe: Recipe, dtype: torch.dtype, b: int, s: int, batch: Any
+                      ) -> tuple[tuple, tuple]:
+    """segment1's DeepStack inputs (a family with T taps; none elsewhere): deepstack_embeds [T, B, K, Hd] with a
+    dynamic K (the kept image rows of this call: 1..K_max at prefill, one zero row at decode) and image_start []
+    int64. The example's K (3) is below its S (5), as at prefill, and image_start 1 places it inside."""
+    if graph != "segment1" or not plan.deepstack:
+        return (), ()
+    k = Dim("K", min=1, max=recipe.max_image_span)  # the kept rows (K) or, unpruned, the span: method-free
+    planes = torch.randn(plan.deepstack, b, min(3, s - 1), recipe.text.hidden_size, dtype=dtype)
+    return (planes, torch.tensor(1, dtype=torch.int64)), ({1: batch, 2: k}, None)
 
 
 def io_spec(path: Path) -> dict[str, list[dict[str, Any]]]:

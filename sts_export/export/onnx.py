@@ -153,9 +153,6 @@ def prepare_export(model: str, *, method: str, budget: int | str, dtype: str, ou
     # dynamic resolution: the export's pixel cap (N, K_max, profiles); the modules carry it too
     src = dataclasses.replace(src, recipe=with_max_pixels(src.recipe, max_pixels))
     rec = src.recipe
-    if rec.vision.deepstack_visual_indexes:  # the DeepStack IO is in graphs.py / generate.py, not in export/ yet
-        raise StsError(f"exporting {rec.family} graphs (DeepStack inputs and outputs) is not supported yet; run "
-                       f"'{rec.name}' with the torch backend (Pipeline.from_pretrained(..., backend='torch'))")
     split_budget(budget, rec, method)  # range check before any heavy work
     return Prepared(src=src, recipe=rec, plan=Plan.create(rec, method, budget, NP_DTYPES[dtype]),
                     torch_dtype=getattr(torch, TORCH_DTYPES[dtype]), anchor=anchor or rec.pruning.anchor, out=out)

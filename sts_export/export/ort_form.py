@@ -41,12 +41,12 @@ from sts_export.checkpoint import Source, ensure_synthetic, load_model
 from sts_export.errors import StsError
 from sts_export.export import reuse
 from sts_export.export.compare import compare_generations
-from sts_export.export.io import example_positions, export_graph, file_entry, onnx_export
+from sts_export.export.io import deepstack_example, example_positions, export_graph, file_entry, onnx_export
 from sts_export.export.validate import sample_inputs
 from sts_export.families.layers import (ClipAttention, QwenVisionAttention, apply_rope, attend_sdpa, repeat_kv, rope_angles,
                                         split_heads)
 from sts_export.generate import generate
-from sts_export.graphs import build_graphs
+from sts_export.graphs import build_graphs, image_rows
 
 FORM_GRAPHS = ("segment1", "segment2")
 CACHE_INPUTS = ("seqlens_k", "total_sequence_length")
@@ -155,6 +155,21 @@ def _(qkv, cos, sin, ids, query_seqlens, past_k, past_v, seqlens_k, total, num_h
     return qkv.new_empty(b, s, num_heads * past_k.shape[-1]), torch.empty_like(past_k), torch.empty_like(past_v)
 
 
+@torch.library.custom_op("sts_ort::gqa_qkv", mutates_args=())
+def gqa_qkv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, ids: torch.Tensor,
+            query_seqlens: torch.Tensor, past_k: torch.Tensor, past_v: torch.Tensor, seqlens_k: torch.Tensor,
+            total: torch.Tensor, num_heads: int, kv_num_heads: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """`gqa` with q [B,S,h*d], k, v [B,S,kvh*d] apart (GroupQueryAttention's unpacked inputs): what a decoder with
+    q/k RMSNorm (Qwen3) feeds it, the norms having run on the q and k of the packed projection."""
+    return _attend_cache(_rope_rows(q, ids, cos, sin), _rope_rows(k, ids, cos, sin), v, past_k, past_v, total,
+                         num_heads, kv_num_heads)
+
+
+@gqa_qkv.register_fake
+def _(q, k, v, cos, sin, ids, query_seqlens, past_k, past_v, seqlens_k, total, num_heads, kv_num_heads):
+    return torch.empty_like(q), torch.empty_like(past_k), torch.empty_like(past_v)
+
+
 @torch.library.custom_op("sts_ort::rotary", mutates_args=())
 def rotary(x: torch.Tensor, ids: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     """`_rope_rows` -> RotaryEmbedding (the `rotary="ops"` layout: every onnxruntime with GroupQueryAttention
@@ -224,8 +239,8 @@ def translation_table() -> dict:
         _TRANSLATIONS = TRANSLATIONS
     ops = torch.ops.sts_ort
     return {ops.rms_norm.default: _TRANSLATIONS["rms_norm"], ops.skip_rms_norm.default: _TRANSLATIONS["skip_rms_norm"],
-            ops.gqa.default: _TRANSLATIONS["gqa"], ops.mha.default: _TRANSLATIONS["mha"],
-            ops.mha_bias.default: _TRANSLATIONS["mha_bias"],
+            ops.gqa.default: _TRANSLATIONS["gqa"], ops.gqa_qkv.default: _TRANSLATIONS["gqa_qkv"],
+            ops.mha.default: _TRANSLATIONS["mha"], ops.mha_bias.default: _TRANSLATIONS["mha_bias"],
             ops.rotary.default: _TRANSLATIONS["rotary"], ops.gqa_plain.default: _TRANSLATIONS["gqa_plain"]}
 
 
@@ -238,7 +253,13 @@ class FusedSegment(nn.Module):
     stay two MatMuls: a packed gate|up would add two Slices per layer, one kernel more than the second MatMul).
 
     forward(hidden [B,S,Hd], position_ids [B,S] | [3,B,S], seqlens_k [B] int32, total_sequence_length [] int32,
-            past_key_i, past_value_i, ...) -> (hidden_out [B,S,Hd] | logits [B,V], present_key_i, present_value_i, ...)
+            [deepstack_embeds [T,B,K,Hd], image_start [] int64,] past_key_i, past_value_i, ...)
+      -> (hidden_out [B,S,Hd] | logits [B,V], present_key_i, present_value_i, ...)
+
+    Qwen3 (q/k RMSNorm): the packed projection is split, q and k normed per head (SimplifiedLayerNormalization over
+    d) and GroupQueryAttention takes q, k, v apart, rotating them itself. DeepStack (segment1 of a family with T
+    taps): after layer t < T the residual stream is (x + mlp) + plane t at the image rows, added in the portable
+    graph's order (the layer's own sum first), so the sums are the portable graph's bit for bit.
     """
 
     def __init__(self, seg: nn.Module, cfg: Any, rotary: str = "kernel") -> None:
@@ -257,6 +278,11 @@ class FusedSegment(nn.Module):
         self.act = layers[0].mlp.act if len(layers) else torch.nn.functional.silu
         self.in_norm = nn.ParameterList(l.input_layernorm.weight for l in layers)
         self.post_norm = nn.ParameterList(l.post_attention_layernorm.weight for l in layers)
+        self.qk_norm = bool(cfg.qk_norm)
+        if self.qk_norm:  # Qwen3: RMSNorm over each head's d, before the rotary
+            self.q_norm = nn.ParameterList(l.self_attn.q_norm.weight for l in layers)
+            self.k_norm = nn.ParameterList(l.self_attn.k_norm.weight for l in layers)
+        self.taps = seg.taps  # DeepStack planes this segment adds (segment1 of a family with taps), else 0
         self.eps = cfg.rms_norm_eps
         if self.final:
             self.norm, self.lm_head = seg.norm, seg.lm_head
@@ -270,15 +296,28 @@ class FusedSegment(nn.Module):
             out.bias = nn.Parameter(torch.cat([l.bias for l in linears], 0), requires_grad=False)
         return out
 
+    def _normed(self, i: int, qkv: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Split the packed projection [B,S,(h+2kvh)*d] into q, k, v; q and k RMS-normed per head (Qwen3)."""
+        c = self.cfg
+        b, s, _ = qkv.shape
+        h, kvh, d = c.num_heads, c.num_kv_heads, c.head_dim
+        q, k, v = qkv.split([h * d, kvh * d, kvh * d], dim=-1)
+        if self.qk_norm:
+            ops = torch.ops.sts_ort
+            q = ops.rms_norm(q.reshape(b, s, h, d), self.q_norm[i], self.eps).reshape(b, s, h * d)
+            k = ops.rms_norm(k.reshape(b, s, kvh, d), self.k_norm[i], self.eps).reshape(b, s, kvh * d)
+        return q, k, v
+
     def forward(self, hidden: torch.Tensor, position_ids: torch.Tensor, seqlens_k: torch.Tensor, total: torch.Tensor,
-                *past: torch.Tensor) -> tuple[torch.Tensor, ...]:
+                *rest: torch.Tensor) -> tuple[torch.Tensor, ...]:
         c = self.cfg
         b, s, _ = hidden.shape
         h, kvh, d = c.num_heads, c.num_kv_heads, c.head_dim
+        deep, image_start, past = (rest[0], rest[1], rest[2:]) if self.taps else (None, None, rest)
         # GroupQueryAttention's rotary reads row ids[b, s] of the tables for token (b, s) and asks for at least
         # total_sequence_length rows: our B*S rows, then as many rows as the cache's length C (>= total in place;
         # P = total - S when concatenating), never read: shapes only, nothing data-dependent
-        ang = rope_angles(position_ids, d, c.rope_theta, c.mrope_section).reshape(b * s, d // 2)  # [B*S, d/2]
+        ang = rope_angles(position_ids, d, c.rope_theta, c.mrope_section, c.mrope_interleaved).reshape(b * s, d // 2)
         ang = torch.cat([ang, ang.new_zeros(past[0].shape[2] if past else 0, d // 2)])  # [B*S + C, d/2]
         cos, sin = ang.cos().to(hidden.dtype), ang.sin().to(hidden.dtype)  # the portable graphs' float32 angles
         ids = torch.arange(b * s, device=hidden.device).view(b, s)  # [B, S]
@@ -288,16 +327,22 @@ class FusedSegment(nn.Module):
         n = len(self.qkv)
         y = ops.rms_norm(x, self.in_norm[0], self.eps) if n else x
         for i in range(n):
-            if self.rotary == "kernel":  # GroupQueryAttention rotates q and k itself
+            if self.rotary == "kernel" and not self.qk_norm:  # GroupQueryAttention rotates packed q and k itself
                 o, pk, pv = ops.gqa(self.qkv[i](y), cos, sin, ids, query_seqlens, past[2 * i], past[2 * i + 1],
                                     seqlens_k, total, h, kvh)
+            elif self.rotary == "kernel":  # q/k normed apart, then GroupQueryAttention rotates them
+                q, k, v = self._normed(i, self.qkv[i](y))
+                o, pk, pv = ops.gqa_qkv(q, k, v, cos, sin, ids, query_seqlens, past[2 * i], past[2 * i + 1],
+                                        seqlens_k, total, h, kvh)
             else:  # Split, RotaryEmbedding on q and on k, GroupQueryAttention without rotary
-                q, k, v = self.qkv[i](y).split([h * d, kvh * d, kvh * d], dim=-1)
+                q, k, v = self._normed(i, self.qkv[i](y))
                 q, k = ops.rotary(q, ids, cos, sin), ops.rotary(k, ids, cos, sin)
                 o, pk, pv = ops.gqa_plain(q, k, v, past[2 * i], past[2 * i + 1], seqlens_k, total, h, kvh)
             presents += [pk, pv]
             y, x = ops.skip_rms_norm(self.o_proj[i](o), x, self.post_norm[i], self.eps)
             m = self.down[i](self.act(self.gate[i](y)) * self.up[i](y))
+            if deep is not None and i < self.taps:  # DeepStack: (x + m) + plane i at the image rows, in that order
+                x, m = x + m, image_rows(deep[i].to(x.dtype), image_start, s)
             if i + 1 < n:
                 y, x = ops.skip_rms_norm(m, x, self.in_norm[i + 1], self.eps)
             elif self.final:  # final norm + lm_head on the last position only
@@ -310,8 +355,8 @@ class FusedSegment(nn.Module):
         return (x, *presents)
 
 
-def form_io(graph: str, layers: list[int]) -> tuple[list[str], list[str]]:
-    inputs, outputs = graph_io(graph, layers)
+def form_io(graph: str, layers: list[int], deepstack: bool = False) -> tuple[list[str], list[str]]:
+    inputs, outputs = graph_io(graph, layers, deepstack=deepstack)
     return [*inputs[:2], *CACHE_INPUTS, *inputs[2:]], outputs
 
 
@@ -324,9 +369,11 @@ def _example(plan: Any, recipe: Any, graph: str, dtype: torch.dtype) -> tuple[tu
     layers = plan.segment_layers[graph]
     kv = tuple(torch.randn(b, t.num_kv_heads, p + s + 4, t.head_dim, dtype=dtype) for _ in range(2 * len(layers)))
     pos, pos_shape = example_positions(plan, b, p, s, batch, seq)
+    deep, deep_shapes = deepstack_example(graph, plan, recipe, dtype, b, s, batch)  # segment1 of a DeepStack family
     args = (torch.randn(b, s, t.hidden_size, dtype=dtype), pos, torch.full((b,), p + s - 1, dtype=torch.int32),
-            torch.tensor(p + s, dtype=torch.int32), *kv)
-    shapes = ({0: batch, 1: seq}, pos_shape, {0: batch}, None, tuple([{0: batch, 2: cap}] * (2 * len(layers))))
+            torch.tensor(p + s, dtype=torch.int32), *deep, *kv)
+    past_shapes = [{0: batch, 2: cap}] * (2 * len(layers))
+    shapes = ({0: batch, 1: seq}, pos_shape, {0: batch}, None, (*deep_shapes, *past_shapes))
     return args, shapes
 
 
@@ -403,7 +450,7 @@ def export_ort_form(graphs: dict[str, nn.Module], plan: Any, recipe: Any, dtype:
             continue
         fused = FusedSegment(graphs[g], recipe.text, rotary).eval()
         args, shapes = _example(plan, recipe, g, dtype)
-        inputs, outputs = form_io(g, plan.segment_layers[g])
+        inputs, outputs = form_io(g, plan.segment_layers[g], plan.deepstack > 0)
         path = out / ort_file(g)
         onnx_export(fused, args, shapes, inputs, outputs, path, opset, translation_table())
         del fused

@@ -35,6 +35,16 @@ def ort_gqa(qkv: T, cos: T, sin: T, ids, query_seqlens, past_k: T, past_v: T, se
 
 
 @script(default_opset=op)
+def ort_gqa_qkv(q: T, k: T, v: T, cos: T, sin: T, ids, query_seqlens, past_k: T, past_v: T, seqlens_k, total,
+                num_heads: int, kv_num_heads: int) -> tuple[T, T, T]:
+    # as ort_gqa, with the query, key and value apart (q/k RMSNorm ran on them)
+    o, pk, pv = ms.GroupQueryAttention(q, k, v, past_k, past_v, seqlens_k, total, cos, sin, ids,
+                                       None, None, None, None, None, None, query_seqlens,
+                                       num_heads=num_heads, kv_num_heads=kv_num_heads, do_rotary=1)
+    return o, pk, pv
+
+
+@script(default_opset=op)
 def ort_rotary(x: T, ids, cos: T, sin: T) -> T:
     y = ms.RotaryEmbedding(x, ids, cos, sin)
     return y
@@ -60,5 +70,5 @@ def ort_mha_bias(q: T, k: T, v: T, bias: T, num_heads: int) -> T:
     return o
 
 
-TRANSLATIONS = {"rms_norm": ort_rms_norm, "skip_rms_norm": ort_skip_rms_norm, "gqa": ort_gqa, "mha": ort_mha, "mha_bias": ort_mha_bias,
-                "rotary": ort_rotary, "gqa_plain": ort_gqa_plain}
+TRANSLATIONS = {"rms_norm": ort_rms_norm, "skip_rms_norm": ort_skip_rms_norm, "gqa": ort_gqa, "gqa_qkv": ort_gqa_qkv,
+                "mha": ort_mha, "mha_bias": ort_mha_bias, "rotary": ort_rotary, "gqa_plain": ort_gqa_plain}

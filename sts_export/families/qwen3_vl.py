@@ -37,10 +37,10 @@ from PIL import Image
 
 from sts_export.errors import StsError
 from sts_export.families import ImageInput
-from sts_export.families.qwen2_5_vl import (  # noqa: F401  (position_ids: this family's too)
+from sts_export.families.qwen2_5_vl import (  # noqa: F401  (position_ids, raw_prompt_ids: this family's too)
     QwenLayout, _grid, derived_recipe, load_image, min_llm_tokens, no_cls, position_ids, preprocess_qwen,
-    preprocessor_bounds, qwen_hf_config, qwen_preprocessor_config, rotary_pos, text_fields, token_layout,
-    vision_position_ids,
+    preprocessor_bounds, qwen_hf_config, qwen_preprocessor_config, raw_prompt_ids, rotary_pos, text_fields,
+    token_layout, vision_position_ids,
 )
 from sts_export.recipe import Recipe, TextConfig, VisionConfig
 
@@ -168,14 +168,15 @@ def vision_inputs(pruned: bool) -> list[str]:
 
 
 def vision_example(recipe: Recipe, pruned: bool) -> tuple[tuple, tuple]:
-    """Example vision inputs (a 6 x 8-token image) and their dynamic axes: N LLM tokens in [min, max] of the recipe's
-    pixel bounds, Np = merge**2 * N patches."""
+    """Example vision inputs (an r x (r+1)-token image just above the smallest N) and their dynamic axes: N LLM tokens
+    in [min, max] of the recipe's pixel bounds, Np = merge**2 * N patches."""
     import torch
     from torch.export import Dim
 
     v = recipe.vision
     unit = v.spatial_merge_size**2
-    grid = (1, 6 * v.spatial_merge_size, 8 * v.spatial_merge_size)
+    r = math.isqrt(min_llm_tokens(recipe)) + 1  # N = r * (r + 1) > min, not square (rows != cols)
+    grid = (1, r * v.spatial_merge_size, (r + 1) * v.spatial_merge_size)
     host = vision_host_inputs(grid, v)
     n = Dim("tokens", min=min_llm_tokens(recipe), max=recipe.num_image_tokens)  # not "N": sympy reads that as N()
     args = (torch.randn(grid[1] * grid[2], 3 * v.temporal_patch_size * v.patch_size**2),

@@ -1,7 +1,8 @@
 """Field check for users who have TensorRT: `sts selftest`.
 
-Builds the tiny models' engines for every family (tiny-llava, tiny-llava-gqa, tiny-llava-next, tiny-qwen2.5-vl; STS
-at a budget that runs both stages; fp32 and fp16) on this machine's TensorRT and GPU with the package's own export
+Builds the tiny models' engines for every family (tiny-llava, tiny-llava-gqa, tiny-llava-next, tiny-qwen2.5-vl,
+tiny-qwen3-vl; STS at a budget that runs both stages; fp32 and fp16) on this machine's TensorRT and GPU with the
+package's own export
 and build (`export.onnx.export`, `engines.build_engines`: the static check, the memory estimate, the profiles, the
 strongly typed build), runs each engine set and ONNX Runtime (CPU, the same portable graphs) on the same feeds, and
 prints ONE report to paste into an issue: TensorRT version, GPU, compute capability, driver and CUDA, then per
@@ -43,7 +44,7 @@ from sts_export.errors import StsError
 
 FAMILIES = {  # family -> (method, budget): STS with both stages, the budgets test_export.py exports
     "tiny-llava": ("sts", 64), "tiny-llava-gqa": ("sts", 32), "tiny-llava-next": ("sts", 320),
-    "tiny-qwen2.5-vl": ("sts", "20%")}
+    "tiny-qwen2.5-vl": ("sts", "20%"), "tiny-qwen3-vl": ("sts", "20%")}
 DTYPES = ("fp32", "fp16")
 PROMPT = "What is shown in this image?"
 REPORT_START = "=== sts-export TensorRT self-test"

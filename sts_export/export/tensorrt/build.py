@@ -16,7 +16,9 @@ Output dims may be expressions ("P+S"); they are not read. Rank-0 integer inputs
 value range 0 .. max_prompt (used only if TensorRT turns the input into a shape tensor).
 
 A graph with a past ("P") input (`segment1`, `segment2`) gets two optimisation profiles: 0 = prefill
-(S in 1..max_prompt, P = 0) and 1 = decode (S = 1, P in 0..max_context-1); every other graph gets one.
+(S in 1..max_prompt, P = 0) and 1 = decode (S = 1, P in 0..max_context-1); every other graph gets one. A segment's
+"K" (Qwen3-VL's segment1: `deepstack_embeds` [T, B, K, Hd], the image rows its DeepStack planes cover) spans
+1..K_max at prefill and is 1 at decode (the loop feeds one zero row).
 The runtime (`backends.tensorrt.runtime.TrtBackend`) picks the profile from the input shapes.
 
 Precision. Every engine is built strongly typed (TensorRT 11 has no other mode; NVIDIA's "TensorRT 10.x to 11.x
@@ -115,9 +117,12 @@ def profiles_for_graph(graph_name: str, io_spec: dict[str, Any], *, max_batch: i
     for k in scaled:  # c*N: c times the token range (Qwen: 4 patches per LLM token)
         c, base = k.split("*")
         tokens[k] = tuple(int(c) * x for x in tokens[base])
+    # a segment's K (DeepStack planes, segment1 of Qwen3-VL): this prefill's image rows, one zero row at decode
+    decode_rows = {"K": (1, 1, 1)} if "K" in tokens else {}
     ranges = {  # kind -> (min, opt, max) per phase
         "prefill": {"batch": (1, opt_b, max_batch), "seq": (min_prompt, opt_s, max_prompt), "past": (0, 0, 0), **tokens},
-        "decode": {"batch": (1, opt_b, max_batch), "seq": (1, 1, 1), "past": (0, opt_p, max_context - 1), **tokens},
+        "decode": {"batch": (1, opt_b, max_batch), "seq": (1, 1, 1), "past": (0, opt_p, max_context - 1), **tokens,
+                   **decode_rows},
     }
     profiles = []
     for phase in (("prefill", "decode") if has_past else ("prefill",)):
