@@ -19,7 +19,8 @@ from sts_export.artifact.plan import NP_DTYPES, Plan
 # the layout of an export's ORT form (manifest "ort_form" -> "cache" -> "form_version", `export/ort_form.py`); an
 # export whose form is older runs its portable graphs until `sts ort-form DIR` rewrites it
 # 1: RotaryEmbedding per q/k + GroupQueryAttention; 2: GroupQueryAttention's own rotary on packed q|k|v, separate
-# gate/up MatMuls, and the CLIP towers' vision graph with MultiHeadAttention
+# gate/up MatMuls, and a vision graph with MultiHeadAttention (CLIP towers; Qwen ViTs also RotaryEmbedding, written
+# by later 2's: an export without it runs its portable vision graph)
 ORT_FORM_VERSION = 2
 
 

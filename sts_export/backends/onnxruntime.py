@@ -1,7 +1,7 @@
 """The ONNX Runtime backend: the ONNX graphs of an export directory, run through I/O binding.
 
-    form      the graphs it runs: "ort" (the export's ORT form of the decoder segments, and of the vision graph
-              for CLIP towers: fused attention/rotary/norm kernels, `export/ort_form.py`), "portable" (the graphs
+    form      the graphs it runs: "ort" (the export's ORT form of the decoder segments and of the vision graph:
+              fused attention/rotary/norm kernels, `export/ort_form.py`), "portable" (the graphs
               TensorRT reads), "auto" (ORT form when the export has a current one and the provider runs it, else
               portable)
     inplace   ORT form only: KV caches preallocated to prompt + new tokens and updated in place (past and

@@ -419,7 +419,7 @@ def _vision_form_ops(path: Path) -> list[str]:
 def export_ort_form(graphs: dict[str, nn.Module], plan: Any, recipe: Any, dtype: torch.dtype, out: Path,
                     opset: int, keys: dict[str, str] | None = None, near: Sequence[tuple[Path, dict]] = (),
                     progress: Callable[[str], None] | None = None, rotary: str = "kernel") -> dict[str, Any]:
-    """Write segment1/segment2 (and, for CLIP towers, vision) in the ORT form next to the portable graphs;
+    """Write segment1/segment2 and vision (CLIP towers, Qwen ViTs) in the ORT form next to the portable graphs;
     -> the manifest's "ort_form" entry.
 
     `graphs` are the export's torch modules (their SegmentGraphs' layers are reused, q|k|v packed).
