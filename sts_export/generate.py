@@ -11,15 +11,17 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any, Callable, Sequence
 
 import numpy as np
 
 from sts_export.artifact.plan import Plan
 from sts_export.artifact.protocol import Backend, KVCache
+from sts_export.errors import StsError
 from sts_export.families import ImageInput
-from sts_export.tokenizer import Prompt, check_prompt_fits
 from sts_export.families.llava import pixel_input
+from sts_export.tokenizer import Prompt, check_prompt_fits
+
 
 @dataclass
 class Generation:
@@ -111,21 +113,33 @@ def generate(
     backend: Backend,
     plan: Plan,
     image: ImageInput | np.ndarray,
-    prompt: Prompt,
+    prompt: Prompt | Sequence[Prompt],
     max_new_tokens: int = 32,
-    on_token: Callable[[np.ndarray], None] | None = None,
+    on_token: Callable[[np.ndarray], np.ndarray | None] | None = None,
     sync: Callable[[], None] | None = None,
+    timings: dict[str, float] | None = None,
 ) -> Generation:
     """Prefill (vision, embed, segment1, prune, segment2) then greedy decode with per-segment KV caches.
 
-    `image` is a family's ImageInput (or pixel_values [B,3,H,W] for fixed-N families).
+    `image` is a family's ImageInput (or pixel_values [B,3,H,W] for fixed-N families). `prompt`: one Prompt
+    for every row, or one per row; the graphs take no attention mask, so the rows' prompts must be of equal
+    lengths (prefix and suffix). `on_token(next ids [B])` may return a [B] bool mask of rows to end now (a
+    caller's own per-row limit, a client gone); the loop stops when every row has ended. `timings`: a dict
+    the loop fills as the stages end (vision, prefill, ttft before the first on_token; decode at the end),
+    the Generation's own.
     """
     sync = sync or (lambda: None)
     if isinstance(image, np.ndarray):
-
         assert plan.recipe is not None
         image = pixel_input(image, plan.recipe)
     b = image.batch
+    prompts = [prompt] * b if isinstance(prompt, Prompt) else list(prompt)
+    if len(prompts) != b or len({(len(p.prefix), len(p.suffix)) for p in prompts}) != 1:
+        raise StsError(f"{len(prompts)} prompts for {b} image rows: pass one prompt, or one per row with equal "
+                       "token lengths (the graphs take no attention mask)")
+    prompt = prompts[0]  # lengths and positions: the same for every row
+    prefix = np.stack([p.prefix for p in prompts])  # [B, P]
+    suffix = np.stack([p.suffix for p in prompts])  # [B, T]
     k_pre, k_post = plan.image_split(image)  # K: the image tokens entering the decoder (its whole span without Stage 1)
     if plan.recipe is not None:
         check_prompt_fits(plan.recipe, prompt, k_pre, max_new_tokens)  # one line before any graph runs
@@ -137,11 +151,11 @@ def generate(
     sync()
     t_vis = time.perf_counter()
 
-    def embeds(ids: np.ndarray) -> Any:
-        return backend.run("embed", {"input_ids": backend.from_numpy(np.tile(ids, (b, 1)))})["inputs_embeds"]
+    def embeds(ids: np.ndarray) -> Any:  # [B, n] -> [B, n, Hd]
+        return backend.run("embed", {"input_ids": backend.from_numpy(ids)})["inputs_embeds"]
 
-    pieces = [embeds(prompt.prefix)] if len(prompt.prefix) else []  # prefix ids + image + suffix ids
-    pieces += [vis["image_embeds"]] + ([embeds(prompt.suffix)] if len(prompt.suffix) else [])
+    pieces = [embeds(prefix)] if len(prompt.prefix) else []  # prefix ids + image + suffix ids
+    pieces += [vis["image_embeds"]] + ([embeds(suffix)] if len(prompt.suffix) else [])
     hidden = backend.concat(pieces, axis=1)  # [B, S1, Hd]
     k_img = keep_pre.shape[1]  # image tokens entering the decoder (K; the whole span without Stage 1)
     s1 = len(prompt.prefix) + k_img + len(prompt.suffix)
@@ -166,6 +180,8 @@ def generate(
     o2 = run_segment(backend, "segment2", hidden, pos, cache2, s2)
     logits = backend.to_numpy(o2["logits"]).astype(np.float32)  # [B, V]
     t_first = time.perf_counter()
+    timings = {} if timings is None else timings
+    timings.update(vision=t_vis - t0, prefill=t_first - t_vis, ttft=t_first - t0)
     # entries each segment's KV cache holds after prefill
     lengths = {name: c.length for name, c in (("segment1", cache1), ("segment2", cache2)) if plan.segment_layers[name]}
 
@@ -177,9 +193,8 @@ def generate(
     for t in range(max_new_tokens):
         nxt = np.where(done, plan.eos_token_id, step_logits.argmax(-1)).astype(np.int64)  # [B]
         tokens = np.concatenate([tokens, nxt[:, None]], axis=1)
-        if on_token is not None:
-            on_token(nxt)
-        done |= np.isin(nxt, stops)
+        ended = on_token(nxt) if on_token is not None else None
+        done |= np.isin(nxt, stops) | (False if ended is None else np.asarray(ended, dtype=bool))
         if done.all() or t == max_new_tokens - 1:
             break
         h = backend.run("embed", {"input_ids": backend.from_numpy(nxt[:, None])})["inputs_embeds"]
@@ -190,9 +205,6 @@ def generate(
         cache2.update(o2, 1)
         step_logits = backend.to_numpy(o2["logits"]).astype(np.float32, copy=False)
     t_end = time.perf_counter()
-    n_dec = max(tokens.shape[1] - 1, 1)
-    return Generation(
-        tokens=tokens, keep_pre=keep_pre, keep_post=keep_post, first_logits=logits,
-        s1=s1, s2=s2, cache_lengths=lengths,
-        timings={"vision": t_vis - t0, "prefill": t_first - t_vis, "ttft": t_first - t0, "decode": (t_end - t_first) / n_dec},
-    )
+    timings["decode"] = (t_end - t_first) / max(tokens.shape[1] - 1, 1)  # per token
+    return Generation(tokens=tokens, keep_pre=keep_pre, keep_post=keep_post, first_logits=logits,
+                      s1=s1, s2=s2, cache_lengths=lengths, timings=timings)

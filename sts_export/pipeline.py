@@ -18,7 +18,7 @@ from sts_export.artifact.protocol import Backend
 from sts_export.backends.open import backend_name, open_export
 from sts_export.artifact.plan import NP_DTYPES, TORCH_DTYPES, Plan
 from sts_export.generate import Generation, generate
-from sts_export.tokenizer import Prompt, TextTokenizer, raw_prompt_note, split_ids
+from sts_export.tokenizer import Prompt, TextTokenizer, check_prompt_fits, raw_prompt_note, split_ids
 
 if TYPE_CHECKING:
     from sts_export.families.layers import Llava
@@ -124,7 +124,7 @@ class Pipeline:
         *,
         input_ids: Sequence[int] | None = None,
         max_new_tokens: int = 32,
-        on_token: Callable[[np.ndarray], None] | None = None,
+        on_token: Callable[[np.ndarray], np.ndarray | None] | None = None,
     ) -> Generation:
         """Prefill + greedy decode. `image`: a path, PIL image(s), an ImageInput, or pixel_values [B,3,H,W] (LLaVA-1.5)."""
         if isinstance(image, ImageInput):
@@ -135,11 +135,24 @@ class Pipeline:
             inp = pixel_input(image.astype(np.float32), self.recipe)
         else:
             inp = self.prepare_image(image)
+        return self.generate_prepared(inp, self.encode(prompt, input_ids), max_new_tokens, on_token)
+
+    def generate_prepared(self, inp: ImageInput, prompts: Prompt | Sequence[Prompt], max_new_tokens: int = 32,
+                          on_token: Callable[[np.ndarray], np.ndarray | None] | None = None,
+                          timings: dict[str, float] | None = None) -> Generation:
+        """Prefill + greedy decode of prepared inputs: one ImageInput (B images for fixed-N families) and one Prompt
+        for every row or one per row, of equal token lengths (`sts_export.generate.generate`, which refuses a prompt
+        that does not fit with its image and fills `timings`)."""
         if max_new_tokens < 0:
             raise StsError("max_new_tokens must be >= 0")
-        pr = self.encode(prompt, input_ids)  # generate() refuses a prompt that does not fit with its image
         sync = getattr(self.backend, "synchronize", None)
-        return generate(self.backend, self.plan, inp, pr, max_new_tokens, on_token, sync)
+        return generate(self.backend, self.plan, inp, prompts, max_new_tokens, on_token, sync, timings)
+
+    def check_context(self, inp: ImageInput, prompt: Prompt, max_new_tokens: int) -> None:
+        """Refuse in one line a prompt that does not fit with this image (its K tokens entering the decoder) and
+        `max_new_tokens` new ones (`tokenizer.check_prompt_fits`), before it is queued or run."""
+        k_pre, _ = self.plan.image_split(inp)
+        check_prompt_fits(self.recipe, prompt, k_pre, max_new_tokens)
 
     def decode(self, ids: Sequence[int] | np.ndarray) -> str:
         if self.tokenizer is None:

@@ -50,6 +50,8 @@ def imports(path: Path) -> set[str]:
 
 
 def layer_of(module: str) -> int:
+    if module.endswith(".__main__"):  # `python -m sts_export.X` is a command line wherever it sits
+        return LAYER["cli"]
     top = module.split(".")[1] if module.count(".") else "__init__"
     return LAYER[top]
 

@@ -8,6 +8,7 @@ from sts_export.cli.bench import main as bench
 from sts_export.cli.export import main as export
 from sts_export.cli.options import CONTEXT, ENVIRONMENT
 from sts_export.cli.run import main as run
+from sts_export.cli.serve import main as serve
 from sts_export.cli.show import main as show
 from sts_export.cli.tools import check, ort_form, selftest
 
@@ -19,5 +20,5 @@ def main() -> None:
     graphs. `sts COMMAND --help` for each command."""
 
 
-for command in (export, run, bench, show, check, selftest, ort_form):
+for command in (export, run, bench, show, serve, check, selftest, ort_form):
     main.add_command(command)
