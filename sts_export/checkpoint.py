@@ -4,6 +4,8 @@ safetensors only: pickled checkpoints (*.bin, *.pt) are refused, and no remote c
 """
 from __future__ import annotations
 
+import difflib
+
 import functools
 import hashlib
 import json
@@ -206,8 +208,11 @@ def resolve(model: str, recipe: str | None = None, random_weights: bool = False)
         if named:
             check_matches_config(named, snap)
         return Source(rec, snap, "main")
+    names = available_recipes()
+    close = difflib.get_close_matches(model, names, n=3, cutoff=0.5)
+    known = f"closest: {', '.join(close)}" if close else f"the recipes: {', '.join(n for n in names if not n.startswith('tiny-'))}, tiny-*"
     raise StsError(
-        f"unknown model '{model}': not a recipe ({', '.join(available_recipes())}), a local checkpoint "
+        f"unknown model '{model}': not a recipe ({known}), a local checkpoint "
         "directory or an HF id (owner/name) in the local cache"
     )
 
