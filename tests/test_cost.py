@@ -8,17 +8,13 @@ import pytest
 from sts_export.bench.cost import (
     DEFAULT_TEXT_TOKENS,
     STS_LOOP_OPS,
-    Device,
     PhaseCost,
     cost_summary,
-    get_device,
     kv_cache_bytes,
-    load_devices,
     phase_costs,
-    roofline,
-    roofline_terms,
     sequence_lengths,
 )
+from sts_export.bench.devices import Device, get_device, load_devices, roofline, roofline_terms
 from sts_export.errors import StsError
 from sts_export.recipe import load_recipe
 

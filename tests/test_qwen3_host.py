@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 
 from sts_export.errors import StsError
-from sts_export.families import qwen2_5_vl as q25
+from sts_export.families import qwen_host as q25
 from sts_export.families import qwen3_vl as q3
 from sts_export.recipe import RECIPE_DIR, load_recipe
 

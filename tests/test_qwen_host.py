@@ -14,7 +14,7 @@ import yaml
 from PIL import Image
 
 from sts_export.errors import StsError
-from sts_export.families import qwen2_5_vl as q
+from sts_export.families import qwen_host as q
 from sts_export.recipe import RECIPE_DIR
 
 from .conftest import make_image

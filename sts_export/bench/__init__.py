@@ -1,7 +1,8 @@
 """Benchmarks: timing of the generation loop per phase, analytic cost model and roofline, reports.
 
     options  what a run measures: BenchOptions, backend names, configurations, inputs
-    cost     the analytic FLOPs/bytes/KV model and the roofline
+    cost     the analytic FLOPs/bytes/KV model
+    devices  roofline profiles (data/devices.yaml, or this machine measured) and the roofline bound
     timing   measuring: repeat and per-graph-call timing, statistics, peak memory, system info
     exports  the exports measured (found or made) and the pipelines opened on them
     probe    Stage 1 timed on its own

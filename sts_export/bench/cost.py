@@ -39,17 +39,16 @@ Counting conventions:
 from __future__ import annotations
 
 import math
-import os
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any, Mapping, NamedTuple
 
 
 from sts_export.artifact.params import param_counts
+from sts_export.bench.devices import Device, get_device, roofline_terms
 from sts_export.pruning.budget import check_method, has_stage2, parse_budget, prune_layer_for, split_budget
 from sts_export.errors import StsError
-from sts_export.recipe import Recipe, TextConfig, from_dict, read_yaml
-from sts_export.families.qwen2_5_vl import token_layout, window_layout
+from sts_export.recipe import Recipe, TextConfig
+from sts_export.families.qwen_host import token_layout, window_layout
 
 DTYPE_BYTES: dict[str, int] = {"fp32": 4, "fp16": 2, "bf16": 2}
 PHASES = ("vision", "prefill", "decode")
@@ -63,7 +62,6 @@ STS_LOOP_OPS = 7  # per token per Stage 1 pick: mask-select, argmin, ==, |, +eps
 DIVPRUNE_LOOP_OPS = 5  # per token per pick: mask-select, argmax, ==, |, minimum
 SOFTMAX_OPS = 5  # per score: max, subtract, exp, sum, divide
 STAGE1_METHODS = ("sts", "sts-s", "divprune", "cls")
-DEVICES_PATH = Path(os.environ.get("STS_DEVICES", Path(__file__).resolve().parent / "data" / "devices.yaml"))
 
 
 class Sequence(NamedTuple):
@@ -217,17 +215,17 @@ def _phase(dtype: str, detail: dict[str, float], fp32_flops: float, weight: floa
 
 
 def vit_attention_flops(recipe: Recipe, grid: tuple[int, int], windowed: bool = False) -> float:
-    """QK^T and PV FLOPs of all Qwen2.5-VL ViT blocks on an image of `grid` LLM tokens: dense (every block
-    Np^2, what the exported graph computes) or `windowed` (the windowed blocks only within their windows)."""
+    """QK^T and PV FLOPs of all Qwen2.5-VL ViT blocks on an image of `grid` LLM tokens: as the exported graph
+    computes them (full blocks Np^2; windowed blocks W windows x P^2, each window padded to P = 64 patches), or
+    `windowed` (the windowed blocks over each window's own patches only: transformers' varlen kernels)."""
 
     v = recipe.vision
     m, u = v.spatial_merge_size, v.spatial_merge_size**2
     np_ = grid[0] * grid[1] * u
     n_full = len(v.fullatt_block_indexes)
-    keys = float(np_) * np_
-    if windowed:
-        _, win = window_layout((1, grid[0] * m, grid[1] * m), m, v.window_size, v.patch_size)  # units per window
-        keys = float(((win * u) ** 2).sum())
+    _, win = window_layout((1, grid[0] * m, grid[1] * m), m, v.window_size, v.patch_size)  # units per window
+    slots = (v.window_size // v.patch_size) ** 2  # P: patches a window holds (the graph's padded window)
+    keys = float(((win * u) ** 2).sum()) if windowed else float(len(win)) * slots * slots
     return 2 * 2.0 * v.hidden_size * (n_full * float(np_) * np_ + (v.num_layers - n_full) * keys)
 
 
@@ -238,11 +236,10 @@ def _qwen_vision_cost(recipe: Recipe, seq: Sequence, method: str, selecting: boo
     PatchMerger (Linear 4C->4C, Linear 4C->Hd) on the kept tokens (on all N for `divprune`, which selects on
     merged embeddings, and without Stage 1).
 
-    Attention is counted as the exported graph computes it: windowed blocks attend within their 112-px
-    window through a dense [Np, Np] equality mask (no data-dependent shapes), so every block does Np^2 work
-    on kernels that do not skip masked tiles (ONNX Runtime, TensorRT's fused MHA). A windowed / varlen kernel
-    (transformers with FlashAttention) would do sum over windows of (patches in it)^2 in the windowed
-    blocks instead: `vit_attention_flops(..., windowed=True)`."""
+    Attention is counted as the exported graph computes it: a windowed block gathers its W windows, each padded to
+    P = 64 patches, and attends within each (W x P^2, the padding masked as keys); a full block attends over all
+    Np^2. A varlen kernel (transformers with FlashAttention) does sum over windows of (patches in it)^2 in the
+    windowed blocks instead: `vit_attention_flops(..., windowed=True)`."""
     v, h, db = recipe.vision, recipe.text.hidden_size, DTYPE_BYTES[dtype]
     u, c = v.spatial_merge_size**2, v.hidden_size
     rows, cols = grid
@@ -262,7 +259,10 @@ def _qwen_vision_cost(recipe: Recipe, seq: Sequence, method: str, selecting: boo
     weight = (params["vision"] + params["projector"]) * db
     act = np_ * 3 * v.temporal_patch_size * v.patch_size**2 * db  # pixel_values in
     act += np_ * (v.hidden_size // v.num_heads // 2) * FP32_BYTES + (n + np_) * INDEX_BYTES  # rotary, window ids
-    act += np_ * np_ * FP32_BYTES  # the windowed blocks' equality mask, built once
+    w = len(window_layout((1, rows * v.spatial_merge_size, cols * v.spatial_merge_size), v.spatial_merge_size,
+                          v.window_size, v.patch_size)[1])
+    p = (v.window_size // v.patch_size) ** 2
+    act += w * p * (INDEX_BYTES + db)  # the window table and the padding's key bias, built once
     act += v.num_layers * 2 * np_ * c * FP32_BYTES  # residual stream in/out per block (kept fp32, see layers.py)
     act += n_proj * u * c * FP32_BYTES + seq.k_pre * (h * db + INDEX_BYTES)  # merger input, image_embeds + keep_pre
     if selecting and method in ("sts", "sts-s", "divprune"):
@@ -432,87 +432,6 @@ def phase_costs(
         "prefill": _prefill_cost(recipe, seq, has_stage2(method, budget), batch, dtype),
         "decode": _decode_cost(recipe, seq, step, batch, dtype),
     }
-
-
-# --------------------------------------------------------------------------- devices and roofline
-
-
-@dataclass(frozen=True)
-class Device:
-    """Peak figures of one accelerator (vendor datasheets; see data/devices.yaml)."""
-
-    name: str
-    title: str
-    fp16_tflops: float  # dense FP16 tensor-core throughput (no 2:4 sparsity); also used for bf16
-    fp32_tflops: float  # FP32 on CUDA cores (non-tensor)
-    bandwidth_gbs: float  # peak DRAM bandwidth, GB/s (1e9 bytes/s)
-    memory_gb: float  # device memory (shared with the CPU on Jetson)
-    source: str  # vendor document title/URL the figures come from
-    system_reserve_gb: float = 0.0  # what the OS keeps of memory_gb (Jetson: shared with Linux), for memory_fit
-
-
-def load_devices(path: str | os.PathLike | None = None) -> dict[str, Device]:
-    """Device profiles from data/devices.yaml (or `path`): {name: Device}. Unknown keys are errors."""
-    path = Path(DEVICES_PATH if path is None else path)
-    data = read_yaml(path)
-    if not isinstance(data, dict) or not data:
-        raise StsError(f"{path.name}: expected a mapping of device name -> profile")
-    devices: dict[str, Device] = {}
-    for name, spec in data.items():
-        where = f"{path.name}:{name}"
-        if isinstance(spec, dict) and "name" in spec:
-            raise StsError(f"{where}: 'name' comes from the mapping key, not a field")
-        dev = from_dict(Device, {"name": str(name), **spec} if isinstance(spec, dict) else spec, where)
-        for key in ("fp16_tflops", "fp32_tflops", "bandwidth_gbs", "memory_gb"):
-            value = getattr(dev, key)
-            if isinstance(value, bool) or not isinstance(value, (int, float)) or value <= 0:
-                raise StsError(f"{where}.{key} must be a positive number, got {value!r}")
-        if not str(dev.source).strip():
-            raise StsError(f"{where}.source must cite the vendor document")
-        devices[str(name)] = dev
-    return devices
-
-
-HOST = "host"  # --roofline host: this machine, measured at the start of the run (timing.measure_host)
-_MEASURED: dict[str, Device] = {}
-
-
-def register_device(dev: Device) -> None:
-    """Make a measured profile (`--roofline host`) known to get_device for the rest of the process."""
-    _MEASURED[dev.name] = dev
-
-
-def get_device(name: str, path: str | os.PathLike | None = None) -> Device:
-    """One device profile by name; an unknown name is an error that lists the valid ones."""
-    if name in _MEASURED:
-        return _MEASURED[name]
-    devices = load_devices(path)
-    if name not in devices:
-        raise StsError(f"unknown device '{name}'; choose one of {', '.join(devices)}, or {HOST} (this machine, "
-                       "measured by the run)")
-    return devices[name]
-
-
-def roofline_terms(costs: Mapping[str, PhaseCost], device: Device | str) -> dict[str, dict[str, Any]]:
-    """Per phase: compute_ms, memory_ms, bound_ms = max of the two, and which one binds."""
-    dev = device if isinstance(device, Device) else get_device(device)
-    out: dict[str, dict[str, Any]] = {}
-    for phase, c in costs.items():
-        peak = dev.fp32_tflops if c.dtype == "fp32" else dev.fp16_tflops
-        compute_s = (c.flops - c.fp32_flops) / (peak * 1e12) + c.fp32_flops / (dev.fp32_tflops * 1e12)
-        memory_s = c.bytes / (dev.bandwidth_gbs * 1e9)
-        out[phase] = {
-            "compute_ms": compute_s * 1e3,
-            "memory_ms": memory_s * 1e3,
-            "bound_ms": max(compute_s, memory_s) * 1e3,
-            "bound": "compute" if compute_s >= memory_s else "memory",
-        }
-    return out
-
-
-def roofline(costs: Mapping[str, PhaseCost], device: Device | str) -> dict[str, float]:
-    """Per-phase lower bound in ms: max(flops / peak, bytes / bandwidth) on `device` (a Device or a name)."""
-    return {phase: t["bound_ms"] for phase, t in roofline_terms(costs, device).items()}
 
 
 def cost_summary(

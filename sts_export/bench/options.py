@@ -9,7 +9,8 @@ from typing import Any, Callable, Iterable
 
 import numpy as np
 
-from sts_export.bench.cost import DEFAULT_TEXT_TOKENS, DTYPE_BYTES, HOST, get_device
+from sts_export.bench.cost import DEFAULT_TEXT_TOKENS, DTYPE_BYTES
+from sts_export.bench.devices import HOST, get_device
 from sts_export.errors import StsError
 from sts_export.pruning.budget import METHODS, check_method, parse_budget, split_budget
 from sts_export.checkpoint import resolve
@@ -52,7 +53,7 @@ class BenchOptions:
     max_new_tokens: int = 8
     dtype: str = "fp32"
     device: str = "auto"  # the accelerator: auto (cuda when torch sees one), cpu, cuda
-    roofline: str | None = None  # roofline profile (cost.load_devices), or "host" (measured)
+    roofline: str | None = None  # roofline profile (devices.load_devices), or "host" (measured)
     roofline_file: str | None = None
     on_device: bool = False  # the --roofline profile is the hardware running the benchmark: report measured/bound
     random_weights: bool = False

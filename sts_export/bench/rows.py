@@ -6,7 +6,9 @@ from pathlib import Path
 from typing import Any
 
 
-from sts_export.bench.cost import (DTYPE_BYTES, get_device, kv_cache_bytes, memory_fit, phase_costs, roofline_terms, sequence_lengths, token_grid, weight_bytes_by_part, with_weight_bytes)
+from sts_export.bench.cost import (DTYPE_BYTES, kv_cache_bytes, memory_fit, phase_costs, sequence_lengths, token_grid,
+                                   weight_bytes_by_part, with_weight_bytes)
+from sts_export.bench.devices import get_device, roofline_terms
 from sts_export.bench.timing import STAT_KEYS
 from sts_export.bench.options import PHASES, BenchOptions, Config, default_image
 from sts_export.errors import StsError

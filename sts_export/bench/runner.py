@@ -39,7 +39,8 @@ from typing import Any, Callable, Iterable
 import numpy as np
 
 from sts_export.bench.peers import PEERS, add_peer_ratios, load_peer, peer_schemes, peer_unavailable
-from sts_export.bench.cost import DEFAULT_TEXT_TOKENS, DTYPE_BYTES, HOST, register_device
+from sts_export.bench.cost import DEFAULT_TEXT_TOKENS, DTYPE_BYTES
+from sts_export.bench.devices import HOST, register_device
 from sts_export.artifact.params import param_counts
 from sts_export.bench.report import SCHEMA_VERSION
 from sts_export.bench.timing import (PeakMemory, TimedBackend, cpu_model, current_memory, detect_device_profile, free_memory, gpu_info, load_average, measure_host, release_memory, stats_ms, system_info)

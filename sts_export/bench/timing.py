@@ -33,7 +33,7 @@ import numpy as np
 from sts_export.artifact.protocol import Wrapped
 
 if TYPE_CHECKING:
-    from sts_export.bench.cost import Device
+    from sts_export.bench.devices import Device
 
 STAT_KEYS = ("median", "iqr", "p25", "p75", "min", "max")
 
@@ -344,7 +344,7 @@ HOST_GEMM = (512, 4096, 4096)  # [M, K] x [K, N] fp32
 
 
 def measure_host(threads: int | None = None, repeats: int = 10) -> Device:
-    """This machine as a roofline profile (`--roofline host`, cost.Device named "host"), measured now:
+    """This machine as a roofline profile (`--roofline host`, devices.Device named "host"), measured now:
 
     bandwidth_gbs  the best of `repeats` runs of two readers that stream a 512 MiB fp32 weight once: ONNX
                    Runtime's CPU MatMul as a GEMV [1, 8192] x [8192, 16384] (the kernel a decode step runs) and
@@ -358,7 +358,7 @@ def measure_host(threads: int | None = None, repeats: int = 10) -> Device:
     import torch
     from onnx import TensorProto, helper, numpy_helper
 
-    from sts_export.bench.cost import HOST, Device  # noqa: F811 - the class, at run time
+    from sts_export.bench.devices import HOST, Device  # noqa: F811 - the class, at run time
 
     def session(m: int, k: int, n: int, w: np.ndarray) -> Any:
         g = helper.make_graph([helper.make_node("MatMul", ["x", "w"], ["y"])], "g",

@@ -460,7 +460,7 @@ class QwenVision(nn.Module):
     def forward(self, pixel_values: torch.Tensor, rotary_pos: torch.Tensor, window_index: torch.Tensor,
                 window_patches: torch.Tensor, patch_slot: torch.Tensor) -> torch.Tensor:
         """pixel_values [Np, 1176], rotary_pos [Np, d/2] (processor order), window_index [N] (window order ->
-        raster unit), window_patches [W, P] and patch_slot [Np] (window order: `qwen2_5_vl.window_patch_table`)
+        raster unit), window_patches [W, P] and patch_slot [Np] (window order: `qwen_host.window_patch_table`)
         -> groups [N, unit*C] float32: each LLM token's pre-merger patches concatenated, raster order."""
         unit, n = self.unit, window_index.shape[0]
         perm = (window_index[:, None] * unit + torch.arange(unit, device=window_index.device)).reshape(-1)  # [Np]

@@ -37,11 +37,13 @@ from PIL import Image
 
 from sts_export.errors import StsError
 from sts_export.families import ImageInput
+from sts_export.families.llava import load_image
 from sts_export.families.qwen2_5_vl import (  # noqa: F401  (position_ids, raw_prompt_ids: this family's too)
-    QwenLayout, _grid, derived_recipe, load_image, min_llm_tokens, no_cls, position_ids, preprocess_qwen,
-    preprocessor_bounds, qwen_hf_config, qwen_preprocessor_config, raw_prompt_ids, rotary_pos, text_fields,
-    token_layout, vision_position_ids,
+    derived_recipe, min_llm_tokens, no_cls, position_ids, preprocessor_bounds, qwen_hf_config,
+    qwen_preprocessor_config, raw_prompt_ids, text_fields,
 )
+from sts_export.families.qwen_host import (QwenLayout, _grid, preprocess_qwen, rotary_pos, token_layout,
+                                           vision_position_ids)
 from sts_export.recipe import Recipe, TextConfig, VisionConfig
 
 if TYPE_CHECKING:
