@@ -60,6 +60,9 @@ def test_scheme_quantizes_validates_and_runs(float_export: Path, root: Path, wei
         assert e2e["greedy_agreement"] >= 0.9
     assert {"segment1/prefill", "segment1/decode", "segment2/prefill", "vision/prefill"} <= set(report["graphs"])
     assert "prune/prefill" not in report["graphs"]  # Stage 2 stays float: nothing to compare
+    for key in ("segment1/prefill", "segment2/prefill", "segment2/decode"):  # the graphs' raw outputs (EOS unmasked)
+        out = "logits" if key.startswith("segment2") else "hidden_out"
+        assert 0.9 < report["graphs"][key][out]["cosine"] <= 1.0 + 1e-9, (key, report["graphs"][key][out])
     # the manifest's scheme is read back from the written graphs, and every file still matches its sha256
     m = read_manifest(d)
     w = m["weights"]

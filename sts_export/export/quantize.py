@@ -45,13 +45,13 @@ class _Recorder(Wrapped):
             feeds = {"input_ids": self.forced[:, self.step:self.step + 1]}
             self.step += 1
         out = dict(self.inner.run(graph, feeds))
+        key = f"{graph}/{'decode' if decode else 'prefill'}"
+        if key not in self.calls:  # the graph's own outputs (EOS not masked: the per-graph rows compare raw logits)
+            self.calls[key] = {k: np.array(v, copy=True) for k, v in feeds.items()}
+            self.outputs[key] = {k: np.array(v, copy=True) for k, v in out.items()}
         if graph == "segment2":
             out["logits"] = np.array(out["logits"], copy=True)
             out["logits"][:, self.eos] = -np.inf
-        key = f"{graph}/{'decode' if decode else 'prefill'}"
-        if key not in self.calls:
-            self.calls[key] = {k: np.array(v, copy=True) for k, v in feeds.items()}
-            self.outputs[key] = {k: np.array(v, copy=True) for k, v in out.items()}
         if graph == "segment2":
             self.logits.append(np.asarray(out["logits"], dtype=np.float32))
         return out
