@@ -10,7 +10,7 @@ import numpy as np
 from sts_export.bench.timing import time_repeats
 from sts_export.bench.exports import _cache_root, _want_cuda
 from sts_export.bench.options import BenchOptions, Config
-from sts_export.pruning.loop import keep_first_k, translation_table
+from sts_export.pruning.loop import keep_first_k
 
 
 # ----------------------------------------------------------------------------------------------- Stage 1 probe
@@ -58,20 +58,14 @@ def stage1_probe(pipe: Any, cfg: Config, backend: str, opts: BenchOptions) -> tu
 
         d = _cache_root() / "bench-exports" / "stage1"
         d.mkdir(parents=True, exist_ok=True)
-        # "loop2": the batched Loop (GatherND rows); files named "-loop" / "-unrolled" hold earlier forms
-        path = d / f"{cfg.method}-n{x.shape[1]}-c{x.shape[2]}-k{cfg.k_pre}-{anchor}-loop2.onnx"
+        # "loop3": the batched Loop with its explicit cond; "-loop", "-loop2", "-unrolled" files hold earlier forms
+        path = d / f"{cfg.method}-n{x.shape[1]}-c{x.shape[2]}-k{cfg.k_pre}-{anchor}-loop3.onnx"
         if not path.is_file():
-            import warnings
+            from sts_export.export.io import onnx_export  # the project's one torch.onnx.export call
 
-            with warnings.catch_warnings(), torch.no_grad():
-                warnings.simplefilter("ignore")
-
-                prog = torch.onnx.export(mod, (torch.from_numpy(x), torch.from_numpy(cls_att)), dynamo=True,
-                                         custom_translation_table=translation_table(),
-                                         input_names=["features", "cls_attention"], output_names=["keep_pre"],
-                                         opset_version=18, optimize=True, verbose=False)
             tmp = path.with_suffix(f".tmp{os.getpid()}")
-            prog.save(str(tmp))
+            onnx_export(mod, (torch.from_numpy(x), torch.from_numpy(cls_att)), None, ["features", "cls_attention"],
+                        ["keep_pre"], tmp, 18)
             os.replace(tmp, path)
         inner = getattr(pipe.backend, "inner", pipe.backend)
         sess = ort.InferenceSession(str(path), getattr(inner, "opts", None),
