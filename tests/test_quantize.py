@@ -8,6 +8,7 @@ import shutil
 from pathlib import Path
 
 import numpy as np
+import onnx
 import pytest
 
 from sts_export import StsError
@@ -73,6 +74,14 @@ def test_scheme_quantizes_validates_and_runs(float_export: Path, root: Path, wei
     embed_q = w["graphs"]["embed"]["quantized"]
     assert embed_q == ({"GatherBlockQuantized int4 b32": 1} if (weights, target) == ("int4", "onnx") else {})
     assert w["graphs"]["segment1"]["bytes"] < (float_export / "segment1.onnx").stat().st_size  # + graph overhead
+    # MatMulNBits computes in int8 on the CPU by default (accuracy_level 4, as GenAI's builder writes it): every node
+    # holds it, the manifest reads it back from them, validation.json's scheme names it; the QDQ form has none
+    level = 4 if encoding == "MatMulNBits" else None
+    assert w["accuracy_level"] == level and report["scheme"]["accuracy_level"] == (level or 0)
+    nbits = [n for g in ("segment1", "segment2") for n in onnx.load(str(d / f"{g}.onnx"), load_external_data=False)
+             .graph.node if n.op_type == "MatMulNBits"]
+    assert (len(nbits) > 0) == (level is not None)
+    assert all(onnx.helper.get_node_attr_value(n, "accuracy_level") == 4 for n in nbits)
     # it runs: the ONNX Runtime pipeline over the quantized export
     pipe = load_export_pipeline(d, backend="onnxruntime", device="cpu")
     out = pipe.generate(make_image(seed=3), PROMPT, max_new_tokens=4)
@@ -146,6 +155,8 @@ BAD = [
     (["--quantize-vision"], "--quantize-vision applies to quantized weights"),
     (["--weights", "fp16"], "--weights fp16 with --dtype fp32"),
     (["--weights", "int4", "--dtype", "bf16", "--no-validate"], "no bfloat16 kernel"),
+    (["--weights", "int4", "--target", "trt", "--accuracy-level", "4"], "--accuracy-level 4 applies to ONNX Runtime's"),
+    (["--accuracy-level", "4"], "--accuracy-level 4 applies to ONNX Runtime's"),
 ]
 
 
