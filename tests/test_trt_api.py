@@ -542,8 +542,8 @@ def test_selftest_report_on_the_stand_in(exports: dict, tmp_path: Path, monkeypa
     from sts_export.show import selftest
 
     fake = install(monkeypatch, "11")
-    rc = _selftest(["--work", str(tmp_path / "w"), "--exports", f"tiny-llava:fp32={exports['tiny-llava-fp32']}",
-                        "--exports", f"tiny-llava-gqa:fp16={exports['tiny-llava-gqa-fp16']}",
+    rc = _selftest(["--work", str(tmp_path / "w"), "--use-export", f"tiny-llava:fp32={exports['tiny-llava-fp32']}",
+                        "--use-export", f"tiny-llava-gqa:fp16={exports['tiny-llava-gqa-fp16']}",
                         "--max-new-tokens", "6"])
     assert sum(c.startswith("context.execute_async_v3") for c in fake.calls) >= 2 * 5  # the engines ran
     out = capsys.readouterr().out
@@ -564,7 +564,7 @@ def test_selftest_reports_a_failed_build(exports: dict, tmp_path: Path, monkeypa
                                          capsys: pytest.CaptureFixture) -> None:
     fake = install(monkeypatch, "10.3")
     fake.fail_build = "Could not find any implementation for node /Loop."
-    rc = _selftest(["--work", str(tmp_path / "w"), "--exports", f"tiny-llava:fp32={exports['tiny-llava-fp32']}"])
+    rc = _selftest(["--work", str(tmp_path / "w"), "--use-export", f"tiny-llava:fp32={exports['tiny-llava-fp32']}"])
     report = capsys.readouterr().out
     assert rc == 1
     row = [r for r in report.splitlines() if r.startswith("tiny-llava ")][0]
@@ -577,7 +577,7 @@ def test_selftest_sees_a_difference(exports: dict, tmp_path: Path, monkeypatch: 
     """The comparison is real: engines whose logits are off by 0.01 (above fp32's 1e-4) are DIFFERS, with the figure."""
     fake = install(monkeypatch, "11")
     fake.perturb = {"logits": 0.01}
-    rc = _selftest(["--work", str(tmp_path / "w"), "--exports", f"tiny-llava:fp32={exports['tiny-llava-fp32']}",
+    rc = _selftest(["--work", str(tmp_path / "w"), "--use-export", f"tiny-llava:fp32={exports['tiny-llava-fp32']}",
                         "--max-new-tokens", "4"])
     report = capsys.readouterr().out
     row = [r for r in report.splitlines() if r.startswith("tiny-llava ")][0]

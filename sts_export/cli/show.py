@@ -11,7 +11,7 @@ from pathlib import Path
 
 import click
 
-from sts_export.cli.options import (ANCHOR, BUDGET, CONTEXT, INPUT_IDS, MODEL, OUT_DIR, PROMPT, RANDOM_WEIGHTS, RECIPE,
+from sts_export.cli.options import (ANCHOR, BUDGET, CONTEXT, ENVIRONMENT, INPUT_IDS, MODEL, OUT_DIR, PROMPT, RANDOM_WEIGHTS, RECIPE,
                                     image_option)
 from sts_export.errors import StsError, cli_errors
 from sts_export.tokenizer import cli_input_ids
@@ -28,12 +28,12 @@ def ks_list(value: str) -> list[int]:
     return ks
 
 
-@click.group("show", context_settings=CONTEXT)
+@click.group("show", context_settings=CONTEXT, epilog=ENVIRONMENT)
 def main() -> None:
     """Pictures of visual-token pruning: methods side by side, KNN consistency per CLIP layer."""
 
 
-@main.command("consistency", context_settings=CONTEXT)
+@main.command("consistency", context_settings=CONTEXT, epilog=ENVIRONMENT)
 @MODEL
 @RECIPE
 @RANDOM_WEIGHTS
@@ -61,7 +61,7 @@ def consistency_cmd(model: str | None, recipe: str | None, random_weights: bool,
         click.echo(f"wrote {out / 'consistency.json'} and {out / 'consistency.png'}", err=True)
 
 
-@main.command("compare", context_settings=CONTEXT)
+@main.command("compare", context_settings=CONTEXT, epilog=ENVIRONMENT)
 @MODEL
 @RECIPE
 @RANDOM_WEIGHTS

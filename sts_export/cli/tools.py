@@ -7,7 +7,7 @@ from pathlib import Path
 
 import click
 
-from sts_export.cli.options import CONTEXT, MAX_NEW_TOKENS_OPTION, TRT_VERSION
+from sts_export.cli.options import CONTEXT, ENVIRONMENT, MAX_NEW_TOKENS_OPTION, TRT_VERSION
 from sts_export.errors import cli_errors
 
 
@@ -29,7 +29,7 @@ def check_and_exit(paths: list[Path], trt_version: str | None) -> None:
     sys.exit(0 if all(ok for _, ok, _ in results) else 1)
 
 
-@click.command("check", context_settings=CONTEXT)
+@click.command("check", context_settings=CONTEXT, epilog=ENVIRONMENT)
 @click.argument("paths", nargs=-1, required=True, type=click.Path(path_type=Path))
 @TRT_VERSION
 def check(paths: tuple[Path, ...], trt_version: str | None) -> None:
@@ -39,14 +39,15 @@ def check(paths: tuple[Path, ...], trt_version: str | None) -> None:
         check_and_exit(list(paths), trt_version)
 
 
-@click.command("selftest", context_settings=CONTEXT)
+@click.command("selftest", context_settings=CONTEXT, epilog=ENVIRONMENT)
 @click.option("--families", default="tiny-llava,tiny-llava-gqa,tiny-llava-next,tiny-qwen2.5-vl,tiny-qwen3-vl",
               show_default=True, help="Comma-separated tiny families.")
 @click.option("--dtypes", default="fp32,fp16", show_default=True, help="fp32, fp16 or both.")
 @click.option("--work", type=click.Path(path_type=Path), default=None,
               help="Where exports and engines go (default: a temporary directory, removed afterwards).")
-@click.option("--exports", multiple=True, help="FAMILY:DTYPE=DIR: use this export (copied) instead of making one; "
-                                               "repeatable; then only the given ones run.")
+@click.option("--use-export", "exports", multiple=True,
+              help="FAMILY:DTYPE=DIR: use this export (copied) instead of making one; repeatable; then only the given "
+                   "ones run.")
 @click.option("--exports-dir", type=click.Path(path_type=Path), default=None,
               help="A --work directory of an --export-only run: use its FAMILY-DTYPE exports.")
 @click.option("--export-only", is_flag=True, help="Only make the exports in --work (needs torch; no TensorRT).")
@@ -63,7 +64,7 @@ def selftest(families: str, dtypes: str, work: Path | None, exports: tuple[str, 
         sys.exit(run_selftest(families, dtypes, work, exports, exports_dir, export_only, max_new_tokens, report_file))
 
 
-@click.command("ort-form", context_settings=CONTEXT)
+@click.command("ort-form", context_settings=CONTEXT, epilog=ENVIRONMENT)
 @click.argument("export_dirs", nargs=-1, required=True, type=click.Path(path_type=Path))
 def ort_form(export_dirs: tuple[Path, ...]) -> None:
     """Add the fused ONNX Runtime form of the decoder segments to fp32 exports (or rewrite an older one), checked

@@ -248,10 +248,10 @@ def _given(exports: tuple[str, ...]) -> dict[tuple[str, str], Path]:
     for item in exports:
         m = re.fullmatch(r"([\w.\-]+):(fp32|fp16)=(.+)", item)
         if not m or m.group(1) not in FAMILIES:
-            raise StsError(f"--exports '{item}': expected FAMILY:DTYPE=DIR with FAMILY one of {', '.join(FAMILIES)} "
+            raise StsError(f"--use-export '{item}': expected FAMILY:DTYPE=DIR with FAMILY one of {', '.join(FAMILIES)} "
                            f"and DTYPE fp32 or fp16")
         if not (Path(m.group(3)) / "manifest.json").is_file():
-            raise StsError(f"--exports '{item}': {m.group(3)} is not an export directory (no manifest.json)")
+            raise StsError(f"--use-export '{item}': {m.group(3)} is not an export directory (no manifest.json)")
         out[m.group(1), m.group(2)] = Path(m.group(3))
     return out
 
