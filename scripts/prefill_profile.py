@@ -14,6 +14,7 @@ import argparse
 import collections
 import json
 import os
+import shutil
 import sys
 import tempfile
 import time
@@ -62,6 +63,7 @@ def profile_ours(export_dir: Path, image: object, rounds: int, threads: int | No
             print(f"  {path}: {total / rounds / 1e3:.0f} ms per generation")
             for op, us in per_op.most_common(6):
                 print(f"    {op:34s} {us / rounds / 1e3:8.1f} ms  {100 * us / total:5.1f}%  calls {calls[op] // rounds}")
+    shutil.rmtree(out, ignore_errors=True)  # the profiles were read above
     return int(g.s1)
 
 

@@ -48,6 +48,25 @@ def exported(tmp_root: Path, name: str, method: str, budget: int | str) -> Path:
     return _EXPORTS[key]
 
 
+def build_with_stubbed_trt(export_dir: Path, work: Path, monkeypatch: pytest.MonkeyPatch) -> tuple[list, dict]:
+    """Copy `export_dir` to `work` and run build_engines there with TensorRT 10.3 discovered and each engine build
+    stubbed: [(graph stem, build_engine's keyword arguments)] in call order, and the manifest build_engines wrote."""
+    from sts_export.export.tensorrt.engines import build_engines
+
+    calls: list[tuple[str, dict]] = []
+    monkeypatch.setattr(trt_discovery, "require_tensorrt", lambda *a, **k: type("trt", (), {"__version__": "10.3.0"}))
+    monkeypatch.setattr(trt_discovery, "device_info", lambda *a, **k: {"gpu": "stand-in", "compute_capability": "8.7"})
+
+    def fake_build(onnx_path, engine_path, **kw):
+        calls.append((Path(engine_path).stem, kw))
+        Path(engine_path).write_bytes(b"engine")
+        return {"profiles": [], "build_seconds": 0.0, "size_bytes": 6, "precision": "fp32", "io_dtypes": {}}
+
+    monkeypatch.setattr(trt_build, "build_engine", fake_build)
+    shutil.copytree(export_dir, work)
+    return calls, build_engines(work, progress=lambda s: None)
+
+
 @pytest.fixture(scope="module")
 def tmp_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return tmp_path_factory.mktemp("exports")
@@ -162,24 +181,12 @@ def test_qwen_vision_graph_attends_per_window_as_transformers(tmp_root: Path, ti
 def test_qwen_engine_profiles_span_the_patch_counts(tmp_root: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """The TensorRT profiles of a Qwen export span 1..N_max LLM tokens (4 patches each), 1..K_max, 1..K'_max, and
     1..W_max windows of the windowed ViT blocks."""
-    from sts_export.export.tensorrt.engines import build_engines
     from sts_export.families.qwen2_5_vl import max_windows
     from sts_export.recipe import load_recipe
 
     d = exported(tmp_root, "tiny-qwen2.5-vl", "sts", "20%")
-    seen: dict[str, list] = {}
-    monkeypatch.setattr(trt_discovery, "require_tensorrt", lambda *a, **k: type("trt", (), {"__version__": "10.3.0"}))
-    monkeypatch.setattr(trt_discovery, "device_info", lambda *a, **k: {"gpu": "stand-in", "compute_capability": "8.7"})
-
-    def fake_build(onnx_path, engine_path, **kw):
-        seen[Path(engine_path).stem] = kw["profiles"]
-        Path(engine_path).write_bytes(b"engine")
-        return {"profiles": [], "build_seconds": 0.0, "size_bytes": 6, "precision": "fp32", "io_dtypes": {}}
-
-    monkeypatch.setattr(trt_build, "build_engine", fake_build)
-    work = tmp_root / "qwen-profiles"
-    shutil.copytree(d, work)
-    build_engines(work, progress=lambda s: None)
+    calls, _ = build_with_stubbed_trt(d, tmp_root / "qwen-profiles", monkeypatch)
+    seen = {stem: kw["profiles"] for stem, kw in calls}
     m = json.loads((d / "manifest.json").read_text())
     n_max = m["recipe"]["image_processor"]["max_pixels"] // 28**2
     (vis,) = seen["vision"]
@@ -415,7 +422,7 @@ def test_trt_check_only_cli(tmp_root: Path) -> None:
 
 def test_engine_build_modes(tmp_root: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """Engines are strongly typed: their precision is the graphs' dtype, read from the files; another is refused."""
-    from sts_export.export.tensorrt.engines import build_engines, engine_precision
+    from sts_export.export.tensorrt.engines import engine_precision
     from sts_export.artifact.manifest import read_manifest
 
     d = exported(tmp_root, "tiny-llava", "sts", 64)
@@ -424,18 +431,9 @@ def test_engine_build_modes(tmp_root: Path, monkeypatch: pytest.MonkeyPatch) -> 
     with pytest.raises(StsError, match="re-export with --dtype bf16"):
         engine_precision(d, m, "bf16")
 
-    calls = []
-    monkeypatch.setattr(trt_discovery, "require_tensorrt", lambda *a, **k: type("trt", (), {"__version__": "10.3.0"}))
-    monkeypatch.setattr(trt_discovery, "device_info", lambda *a, **k: {"gpu": "stand-in", "compute_capability": "8.7"})
-    def fake_build(onnx_path, engine_path, **kw):
-        calls.append(kw)
-        Path(engine_path).write_bytes(b"engine")
-        return {"profiles": [], "build_seconds": 0.0, "size_bytes": 6, "precision": "fp32", "io_dtypes": {}}
-    monkeypatch.setattr(trt_build, "build_engine", fake_build)
     work = tmp_root / "modes"
-    shutil.copytree(d, work)
-    m = build_engines(work, progress=lambda s: None)
-    assert {c["precision"] for c in calls} == {"fp32"} and not any("fp32_layers_pattern" in c for c in calls)
+    calls, m = build_with_stubbed_trt(d, work, monkeypatch)
+    assert {c["precision"] for _, c in calls} == {"fp32"} and not any("fp32_layers_pattern" in c for _, c in calls)
     assert m["tensorrt"]["precision"] == "fp32" and m["tensorrt"]["strongly_typed"]
     assert all(g["engine_sha256"] for g in m["graphs"].values())
     assert read_manifest(work)["graphs"]["vision"]["engine"] == "vision.engine"  # still readable with engines listed

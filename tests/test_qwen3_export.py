@@ -19,13 +19,11 @@ import onnx
 import pytest
 
 from sts_export import Pipeline, StsError
-from sts_export.backends.tensorrt import discovery as trt_discovery
 from sts_export.export.onnx import export
-from sts_export.export.tensorrt import build as trt_build
 from sts_export.pipeline import load_export_pipeline
 from sts_export.recipe import load_recipe
 from tests.conftest import make_image
-from tests.test_export import PROMPT
+from tests.test_export import PROMPT, build_with_stubbed_trt
 
 NAME = "tiny-qwen3-vl"
 RECIPE = load_recipe(NAME)
@@ -115,22 +113,9 @@ def test_static_trt_check_passes(root: Path, method: str, budget: str) -> None:
 def test_engine_profiles_cover_the_deepstack_rows(root: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """TensorRT profiles: vision spans 1..N_max LLM tokens (4 patches each) and 1..K_max; segment1's DeepStack K
     spans 1..K_max at prefill and is the one zero row at decode."""
-    from sts_export.export.tensorrt.engines import build_engines
-
     d = exported(root, "sts", "20%")
-    seen: dict[str, list] = {}
-    monkeypatch.setattr(trt_discovery, "require_tensorrt", lambda *a, **k: type("trt", (), {"__version__": "10.3.0"}))
-    monkeypatch.setattr(trt_discovery, "device_info", lambda *a, **k: {"gpu": "stand-in", "compute_capability": "8.7"})
-
-    def fake_build(onnx_path, engine_path, **kw):
-        seen[Path(engine_path).stem] = kw["profiles"]
-        Path(engine_path).write_bytes(b"engine")
-        return {"profiles": [], "build_seconds": 0.0, "size_bytes": 6, "precision": "fp32", "io_dtypes": {}}
-
-    monkeypatch.setattr(trt_build, "build_engine", fake_build)
-    work = root / "profiles"
-    shutil.copytree(d, work)
-    build_engines(work, progress=lambda s: None)
+    calls, _ = build_with_stubbed_trt(d, root / "profiles", monkeypatch)
+    seen = {stem: kw["profiles"] for stem, kw in calls}
     m = json.loads((d / "manifest.json").read_text())
     n_max, k_max = RECIPE.num_image_tokens, m["k_pre"]
     (vis,) = seen["vision"]
