@@ -181,7 +181,7 @@ def _hf_snapshot(repo_id: str, revision: str) -> Path:
 
 
 def resolve(model: str, recipe: str | None = None, random_weights: bool = False) -> Source:
-    """Resolve --model (recipe name, local dir or HF id) and --recipe into a Source."""
+    """Resolve --model (recipe name or YAML file, local dir or HF id) and --recipe into a Source."""
     named = load_recipe(recipe) if recipe else None
     path = Path(model).expanduser()
     if path.is_dir():
@@ -189,8 +189,9 @@ def resolve(model: str, recipe: str | None = None, random_weights: bool = False)
         if named:
             check_matches_config(named, path)
         return Source(rec, None if random_weights else path)
-    if named is None and model in available_recipes():
-        named = load_recipe(model)
+    recipe_file = path.suffix in (".yaml", ".yml") and path.is_file()
+    if named is None and (model in available_recipes() or recipe_file):
+        named = load_recipe(path if recipe_file else model)
         if named.synthetic:
             return Source(named, None if random_weights else ensure_synthetic(named))
         if random_weights:
@@ -212,7 +213,7 @@ def resolve(model: str, recipe: str | None = None, random_weights: bool = False)
     close = difflib.get_close_matches(model, names, n=3, cutoff=0.5)
     known = f"closest: {', '.join(close)}" if close else f"the recipes: {', '.join(n for n in names if not n.startswith('tiny-'))}, tiny-*"
     raise StsError(
-        f"unknown model '{model}': not a recipe ({known}), a local checkpoint "
+        f"unknown model '{model}': not a recipe ({known}) or recipe YAML file, a local checkpoint "
         "directory or an HF id (owner/name) in the local cache"
     )
 

@@ -18,7 +18,7 @@ import pytest
 import torch
 
 from sts_export import Pipeline
-from sts_export.backends.onnxruntime import OrtBackend
+from sts_export.backends.onnxruntime import OrtBackend, prefill_chunk
 from sts_export.generate import generate
 from tests.conftest import make_image
 
@@ -276,6 +276,12 @@ def test_bad_tuning_variables_are_one_line(segments: Any, monkeypatch: pytest.Mo
         OrtBackend(d, m, device="cpu")
     monkeypatch.setenv("STS_ORT_PREFILL_CHUNK", "0")
     assert OrtBackend(d, m, device="cpu").prefill_chunk is None
+    monkeypatch.setenv("STS_ORT_PREFILL_CHUNK", "48")
+    assert OrtBackend(d, m, device="cpu").prefill_chunk == 48
+    monkeypatch.delenv("STS_ORT_PREFILL_CHUNK")  # unset: the size follows the decoder's heads
+    be = OrtBackend(d, m, device="cpu")
+    assert be.text["head_dim"] == 16 and be.prefill_chunk == prefill_chunk(16) == 256
+    assert prefill_chunk(128) == 512
 
 
 def _gqa_session(with_query_seqlens: bool, heads: int, kv_heads: int, d: int) -> Any:

@@ -105,3 +105,21 @@ def test_out_of_range_budget_names_range() -> None:
         split_budget("lots", r)
     with pytest.raises(StsError, match="unknown method 'foo'"):
         split_budget(64, r, "foo")
+
+
+def test_model_may_be_a_recipe_file(tmp_path) -> None:
+    """--model takes a recipe YAML file as it takes a recipe name: a user's variant of a shipped architecture."""
+    from sts_export.checkpoint import resolve
+
+    text = (RECIPE_DIR / "tiny-llava.yaml").read_text()
+    assert "name: tiny-llava\n" in text and "num_heads: 4" in text
+    (tmp_path / "variant.yaml").write_text(text.replace("name: tiny-llava\n", "name: tiny-llava-variant\n")
+                                           .replace("num_heads: 4", "num_heads: 2", 1))
+    src = resolve(str(tmp_path / "variant.yaml"), random_weights=True)
+    assert src.recipe.name == "tiny-llava-variant" and src.path is None
+    assert (src.recipe.vision.num_heads, load_recipe("tiny-llava").vision.num_heads) == (2, 4)
+    (tmp_path / "bad.yaml").write_text(text.replace("seed: 1234", "seed: 1234\nsede: 3"))
+    with pytest.raises(StsError, match="unknown key.*sede"):
+        resolve(str(tmp_path / "bad.yaml"), random_weights=True)
+    with pytest.raises(StsError, match="not a recipe .* or recipe YAML file"):
+        resolve(str(tmp_path / "missing.yaml"), random_weights=True)

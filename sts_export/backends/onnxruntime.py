@@ -34,7 +34,17 @@ from sts_export.errors import StsError
 CACHE_DIR = "ort_cache"
 SPIN_MODES = {"run": {"session.intra_op.allow_spinning": "1", "session.force_spinning_stop": "1"},
               "0": {"session.intra_op.allow_spinning": "0"}, "1": {"session.intra_op.allow_spinning": "1"}}
-PREFILL_CHUNK = 256  # tokens per prefill call of the ORT form on CPU (see OrtBackend.prefill_chunk)
+
+
+def prefill_chunk(head_dim: int) -> int:
+    """Tokens per prefill call of the ORT form on CPU (OrtBackend.prefill_chunk) for the decoder's head size.
+
+    GroupQueryAttention's CPU kernel writes a chunk's [heads, chunk, T] scores before its softmax. With narrow heads
+    (the -cpu recipes' 16) that score pass is the cost and 256 rows keep it in cache; with a real model's 128 the
+    GEMMs are, and 512 rows re-read the weights half as often. `scripts/prefill_chunks.py`, llava-next at S = 2964:
+    head 128 prefill 4869 ms at 512 vs 5196 at 256; head 16 7457 vs 7452; llava-1.5 (S = 612, head 16) 900 vs 846.
+    """
+    return 512 if head_dim >= 64 else 256
 
 
 @functools.lru_cache(maxsize=1)
@@ -139,18 +149,18 @@ class OrtBackend:
         self.load_seconds: dict[str, float] = {}
         self._concat: dict[tuple[int, str, int, int], Any] = {}  # concat(): one session per signature
         self.resident, self.inplace, self.cache = resident, inplace, cache
-        # CPU: long prefills run in chunks (generate.run_segment); GroupQueryAttention's CPU kernel writes the whole
-        # [heads, S, T] score matrix, which at S in the thousands outgrows the caches (STS_ORT_PREFILL_CHUNK=0: off)
-        raw = os.environ.get("STS_ORT_PREFILL_CHUNK", str(PREFILL_CHUNK))
-        if not raw.strip().isdigit():
-            raise StsError(f"STS_ORT_PREFILL_CHUNK must be a whole number of tokens (0: no chunks), got '{raw}'")
-        chunk = int(raw)
-        # (chunks of a batch of several rows need GroupQueryAttention with query_seqlens: onnxruntime 1.32+)
-        self.prefill_chunk = chunk if chunk > 0 and self.device_type == "cpu" and gqa_takes_query_seqlens() else None
         from sts_export.artifact.manifest import manifest_recipe
 
         t = manifest_recipe(manifest).text
         self.text = {"num_kv_heads": t.num_kv_heads, "head_dim": t.head_dim}
+        # CPU: long prefills run in chunks (generate.run_segment); GroupQueryAttention's CPU kernel writes the whole
+        # [heads, S, T] score matrix, which at S in the thousands outgrows the caches (STS_ORT_PREFILL_CHUNK=0: off)
+        raw = os.environ.get("STS_ORT_PREFILL_CHUNK", "").strip() or str(prefill_chunk(t.head_dim))
+        if not raw.isdigit():
+            raise StsError(f"STS_ORT_PREFILL_CHUNK must be a whole number of tokens (0: no chunks), got '{raw}'")
+        chunk = int(raw)
+        # (chunks of a batch of several rows need GroupQueryAttention with query_seqlens: onnxruntime 1.32+)
+        self.prefill_chunk = chunk if chunk > 0 and self.device_type == "cpu" and gqa_takes_query_seqlens() else None
         from sts_export.artifact.plan import NP_DTYPES
 
         self.np_dtype = np.dtype(NP_DTYPES[manifest.get("dtype", "fp32")])

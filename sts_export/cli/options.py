@@ -33,7 +33,7 @@ Environment:
   STS_RECIPES                the recipes directory [the package's recipes/]
   STS_DEVICES                the bench's roofline profiles (YAML) [sts_export/bench/data/devices.yaml]
   STS_ORT_SPIN               ONNX Runtime thread spinning: run (spin within a run), 0, 1 [run]
-  STS_ORT_PREFILL_CHUNK      prefill tokens per ONNX Runtime call on CPU, 0 = one call [256]
+  STS_ORT_PREFILL_CHUNK      prefill tokens per ONNX Runtime call on CPU, 0 = one call [256; 512 for heads of 64+]
   STS_ORT_CACHE              0: do not save or reuse optimized ONNX Runtime sessions (<export>/ort_cache) [1]
   STS_FAKE_AVAILABLE_MEMORY  pretend this machine has that much free memory, e.g. 12G (tests)
   HF_HUB_CACHE, HF_HOME      where cached Hugging Face models are looked up (nothing is downloaded)"""
@@ -62,7 +62,8 @@ def choice_of(name: str, value: str, allowed: tuple[str, ...]) -> str:
 
 # ---- model
 MODEL = click.option("--model", "--models", "model", default=None,
-                     help="A recipe name (see recipes/), a local checkpoint directory or an HF id in the local cache; "
+                     help="A recipe name (see recipes/) or recipe YAML file, a local checkpoint directory or an HF id in the "
+                          "local cache; "
                           "bench: several, comma-separated.")
 RECIPE = click.option("--recipe", default=None, help="Recipe name or YAML path for the architecture and pruning "
                                                      "defaults [derived from the checkpoint's config.json].")
