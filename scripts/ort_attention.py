@@ -18,10 +18,13 @@ from typing import Any, Callable
 import numpy as np
 
 
-def _session(ort: Any, node: Any, inputs: list, outputs: list, opsets: list[tuple[str, int]], threads: int) -> Any:
+def _session(ort: Any, nodes: Any, inputs: list, outputs: list, opsets: list[tuple[str, int]], threads: int,
+             initializers: tuple = ()) -> Any:
+    """A CPU session of one node (or a list of nodes) with `threads` intra-op threads, spinning off."""
     from onnx import helper
 
-    g = helper.make_graph([node], "g", inputs, outputs)
+    g = helper.make_graph(nodes if isinstance(nodes, list) else [nodes], "g", inputs, outputs,
+                          initializer=list(initializers))
     m = helper.make_model(g, opset_imports=[helper.make_opsetid(d, v) for d, v in opsets])
     o = ort.SessionOptions()
     o.intra_op_num_threads = threads
@@ -110,13 +113,8 @@ def main() -> None:
            helper.make_node("Add", ["s1", "mask"], ["s2"]), helper.make_node("Softmax", ["s2"], ["p"], axis=-1),
            helper.make_node("MatMul", ["p", "vh"], ["oh"]), helper.make_node("Transpose", ["oh"], ["o4"], perm=[0, 2, 1, 3]),
            helper.make_node("Reshape", ["o4", "flat"], ["o"])]
-    g = helper.make_graph(ops, "g", [vi("q", [1, "c", h * d]), vi("k", [1, "t", h * d]), vi("v", [1, "t", h * d]),
-                                     vi("mask", ["c", "t"])], [vi("o", [1, "c", h * d])], initializer=consts)
-    o = ort.SessionOptions()
-    o.intra_op_num_threads = a.threads
-    o.add_session_config_entry("session.intra_op.allow_spinning", "0")
-    plain = ort.InferenceSession(helper.make_model(g, opset_imports=[helper.make_opsetid("", 18)]).SerializeToString(),
-                                 o, providers=["CPUExecutionProvider"])
+    plain = _session(ort, ops, [vi("q", [1, "c", h * d]), vi("k", [1, "t", h * d]), vi("v", [1, "t", h * d]),
+                                vi("mask", ["c", "t"])], [vi("o", [1, "c", h * d])], [("", 18)], a.threads, consts)
 
     def plain_chunked(chunk: int) -> np.ndarray:
         outs = []

@@ -23,7 +23,7 @@ from safetensors.torch import save_file
 
 from sts_export.errors import StsError
 from sts_export.families import check_matches_config, family_module, recipe_from_hf_config
-from sts_export.recipe import Recipe, available_recipes, load_recipe
+from sts_export.recipe import Recipe, available_recipes, is_recipe_file, load_recipe
 
 # Checkpoint keys -> our parameter names, in two steps.
 #  1. transformers' own key conversion, the one `from_pretrained` applies: the WeightRenaming list of
@@ -189,9 +189,8 @@ def resolve(model: str, recipe: str | None = None, random_weights: bool = False)
         if named:
             check_matches_config(named, path)
         return Source(rec, None if random_weights else path)
-    recipe_file = path.suffix in (".yaml", ".yml") and path.is_file()
-    if named is None and (model in available_recipes() or recipe_file):
-        named = load_recipe(path if recipe_file else model)
+    if named is None and (model in available_recipes() or is_recipe_file(path)):
+        named = load_recipe(path if is_recipe_file(path) else model)
         if named.synthetic:
             return Source(named, None if random_weights else ensure_synthetic(named))
         if random_weights:

@@ -300,10 +300,16 @@ def available_recipes() -> list[str]:
     return sorted(p.stem for p in RECIPE_DIR.glob("*.yaml"))
 
 
+def is_recipe_file(path: str | os.PathLike) -> bool:
+    """Whether `path` names an existing recipe YAML file (rather than a recipe name)."""
+    p = Path(path).expanduser()
+    return p.suffix in (".yaml", ".yml") and p.is_file()
+
+
 def load_recipe(name_or_path: str | os.PathLike) -> Recipe:
     """Load a recipe by name (a file in recipes/) or from a path to a YAML file."""
-    path = Path(name_or_path)
-    if not (path.suffix in (".yaml", ".yml") and path.is_file()):
+    path = Path(name_or_path).expanduser()
+    if not is_recipe_file(path):
         path = RECIPE_DIR / f"{name_or_path}.yaml"
         if not path.is_file():
             raise StsError(

@@ -62,9 +62,8 @@ def choice_of(name: str, value: str, allowed: tuple[str, ...]) -> str:
 
 # ---- model
 MODEL = click.option("--model", "--models", "model", default=None,
-                     help="A recipe name (see recipes/) or recipe YAML file, a local checkpoint directory or an HF id in the "
-                          "local cache; "
-                          "bench: several, comma-separated.")
+                     help="A recipe name (see recipes/) or recipe YAML file, a local checkpoint directory or an HF id "
+                          "in the local cache; bench: several, comma-separated.")
 RECIPE = click.option("--recipe", default=None, help="Recipe name or YAML path for the architecture and pruning "
                                                      "defaults [derived from the checkpoint's config.json].")
 RANDOM_WEIGHTS = click.option("--random-weights", is_flag=True,

@@ -11,8 +11,8 @@ from pathlib import Path
 
 import click
 
-from sts_export.cli.options import (ANCHOR, BUDGET, CONTEXT, ENVIRONMENT, INPUT_IDS, MODEL, OUT_DIR, PROMPT, RANDOM_WEIGHTS, RECIPE,
-                                    image_option)
+from sts_export.cli.options import (ANCHOR, BUDGET, CONTEXT, ENVIRONMENT, INPUT_IDS, MODEL, OUT_DIR, PROMPT,
+                                    RANDOM_WEIGHTS, RECIPE, image_option)
 from sts_export.errors import StsError, cli_errors
 from sts_export.tokenizer import cli_input_ids
 

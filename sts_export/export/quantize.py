@@ -52,7 +52,6 @@ class _Recorder(Wrapped):
         if graph == "segment2":
             out["logits"] = np.array(out["logits"], copy=True)
             out["logits"][:, self.eos] = -np.inf
-        if graph == "segment2":
             self.logits.append(np.asarray(out["logits"], dtype=np.float32))
         return out
 
